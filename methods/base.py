@@ -1,0 +1,317 @@
+"""What every adapter method shares: its config, the wrapper around one frozen Linear/Conv2d, and DoRA.
+
+A method file subclasses :class:`AdapterConfig` (its options) and :class:`AdapterModule` (its wrapper) and
+decorates the wrapper with :func:`methods.registry.register`. The wrapper never replaces the base layer: it
+attaches a forward hook to it, so the base keeps its name and state-dict keys, several adapters can be stacked
+on one layer, and removing an adapter is removing its hook.
+
+Shapes follow torch: Linear ``W (out, in)``, Conv2d ``W (out, in/groups, kh, kw)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WRAPPABLE = (nn.Linear, nn.Conv2d)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the key and what is allowed."""
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Options every method understands. Method files add their own fields in a subclass."""
+
+    module_dropout: float = 0.0  # training only: probability of skipping the whole adapter for a step
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None, *, where: str = "network") -> AdapterConfig:
+        """Build from TOML/UI values, naming any unknown key and the allowed ones."""
+        options = dict(options or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown option(s) {', '.join(unknown)} for this method; allowed: {', '.join(sorted(fields))}"
+            )
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if not 0.0 <= float(self.module_dropout) < 1.0:
+            raise ConfigError(f"network.module_dropout must be in [0, 1), got {self.module_dropout!r}")
+
+    def wants(self, base: nn.Module) -> bool:
+        """Whether this config puts an adapter on ``base`` (grouped convs never: no consumer handles them)."""
+        return isinstance(base, nn.Linear) or (isinstance(base, nn.Conv2d) and base.groups == 1)
+
+
+@dataclasses.dataclass
+class LowRankConfig(AdapterConfig):
+    """Rank and alpha, with the kohya split between Linear/1×1 conv (rank) and k×k conv (conv_rank)."""
+
+    rank: int = 16
+    alpha: float | None = None  # None or 0 → alpha = rank (scale 1), as kohya and LyCORIS read it
+    conv_rank: int | None = None  # rank for k×k convs; None → rank; 0 → k×k convs get no adapter
+    conv_alpha: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if int(self.rank) < 1:
+            raise ConfigError(f"network.rank must be a positive integer, got {self.rank!r}")
+        if self.conv_rank is not None and int(self.conv_rank) < 0:
+            raise ConfigError(f"network.conv_rank must be ≥ 0 (0 disables k×k convs), got {self.conv_rank!r}")
+
+    def rank_and_alpha_for(self, base: nn.Module) -> tuple[int, float]:
+        """Rank and effective alpha for one base layer: k×k convs use conv_rank/conv_alpha."""
+        if is_kxk_conv(base) and self.conv_rank is not None:
+            rank = int(self.conv_rank)
+            alpha = self.conv_alpha if self.conv_alpha is not None else self.alpha
+        else:
+            rank, alpha = int(self.rank), self.alpha
+        if rank == 0:
+            return 0, 0.0
+        return rank, float(alpha) if alpha else float(rank)
+
+    def wants(self, base: nn.Module) -> bool:
+        return super().wants(base) and self.rank_and_alpha_for(base)[0] > 0
+
+
+@dataclasses.dataclass
+class DoRAConfigMixin:
+    """Weight-decomposed adaptation (DoRA) for additive methods: ``W' = m · (W+ΔW)/‖W+ΔW‖`` per output row."""
+
+    dora: bool = False
+
+
+def parameter_factory(base: nn.Module) -> dict[str, Any]:
+    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is half precision."""
+    weight = base.weight
+    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    return {"device": weight.device, "dtype": dtype}
+
+
+def is_kxk_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def conv_kwargs(base: nn.Module) -> dict[str, Any]:
+    """The stride/padding/dilation/groups of a conv base, so a bypass conv sees the same windows."""
+    if not isinstance(base, nn.Conv2d):
+        return {}
+    return {"stride": base.stride, "padding": base.padding, "dilation": base.dilation, "groups": base.groups}
+
+
+def apply_weight(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Run ``x`` through ``base``'s operation with another weight (and no bias unless given)."""
+    if isinstance(base, nn.Conv2d):
+        if base.padding_mode != "zeros":
+            x = F.pad(x, base._reversed_padding_repeated_twice, mode=base.padding_mode)
+            return F.conv2d(x, weight, bias, base.stride, 0, base.dilation, base.groups)
+        return F.conv2d(x, weight, bias, **conv_kwargs(base))
+    return F.linear(x, weight, bias)
+
+
+def channel_view(t: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """Reshape a per-output-channel vector so it broadcasts against the base layer's output."""
+    return t.view(-1, 1, 1) if isinstance(base, nn.Conv2d) else t
+
+
+class AdapterModule(nn.Module):
+    """One adapter on one frozen base layer.
+
+    Subclasses implement :meth:`delta_weight` (the pure ΔW at strength 1, alpha/rank applied once),
+    :meth:`export_tensors` / :meth:`from_tensors` (the file layout), and may override :meth:`bypass`
+    (``ΔW·x`` without building ΔW) or :meth:`transform_output` (multiplicative methods such as OFT).
+    """
+
+    method: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    file_keys: ClassVar[frozenset[str]] = frozenset()  # tensor suffixes that identify the method in a file
+    multiplicative: ClassVar[bool] = False  # True for rotations (OFT/BOFT): strength blends W and R·W
+
+    def __init__(self, name: str, base: nn.Module, config: AdapterConfig):
+        super().__init__()
+        if not isinstance(base, WRAPPABLE):
+            raise TypeError(f"{name}: {type(base).__name__} cannot take an adapter (only Linear and Conv2d)")
+        self.name = name
+        self.config = config
+        # Not a submodule: the base belongs to the model, and must not appear in the adapter's state dict.
+        object.__setattr__(self, "base", base)
+        self.multiplier = 1.0
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._merged: tuple[float, torch.Tensor] | None = None
+        self.use_dora = bool(getattr(config, "dora", False))
+        if self.use_dora:
+            self.dora_scale = nn.Parameter(self._row_norm(self.base.weight.detach().float()))
+
+    # ----- shapes ---------------------------------------------------------------------------------------
+    @property
+    def weight_shape(self) -> torch.Size:
+        return self.base.weight.shape
+
+    @property
+    def out_dim(self) -> int:
+        return self.base.weight.shape[0]
+
+    @property
+    def in_dim(self) -> int:
+        """Input width of the flattened weight (``in·kh·kw`` for convs)."""
+        return self.base.weight[0].numel()
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base, nn.Conv2d)
+
+    # ----- the method's math -------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW with the method's own scale applied once, shaped like the base weight, in fp32 or param dtype."""
+        raise NotImplementedError
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW·x`` (no bias). The default builds ΔW; methods override it where a factored product is cheaper."""
+        return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+
+    def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
+        """The layer's adapted output given the frozen output. Additive methods add ``strength·ΔW·x``."""
+        if self.use_dora:
+            return self._dora_output(x, base_out, strength)
+        return base_out + self.bypass(x) * strength
+
+    # ----- file layout -----------------------------------------------------------------------------------
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors to store under ``<name>.<suffix>``; includes ``alpha`` and ``dora_scale``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterModule:
+        """Rebuild a module from a file's tensors (suffix → tensor), inferring rank and variant from shapes."""
+        raise NotImplementedError
+
+    @classmethod
+    def claims(cls, suffixes: set[str]) -> bool:
+        """Whether a file module with these tensor suffixes is written in this method's layout."""
+        return bool(cls.file_keys & suffixes)
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ----- DoRA (shared by LoRA, LoHa, LoKr) ---------------------------------------------------------------
+    def _row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖·‖ over everything but the output axis, shaped like ``dora_scale`` in files: (out, 1[, 1, 1])."""
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1)
+        return norm.view(weight.shape[0], *([1] * (weight.dim() - 1)))
+
+    def _dora_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
+        weight = self.base.weight
+        delta = self.delta_weight()
+        adapted = weight.to(delta.dtype) + delta
+        # Detached norm, as in the DoRA paper §4.3 and PEFT: the magnitude learns scale, ΔW learns direction.
+        ratio = (self.dora_scale.to(delta.dtype) / self._row_norm(adapted).detach()).flatten()
+        bias = self.base.bias
+        frozen = base_out if bias is None else base_out - channel_view(bias, self.base).to(base_out.dtype)
+        adapted_out = frozen + apply_weight(self.base, x, delta.to(x.dtype))
+        adapted_out = adapted_out * channel_view(ratio, self.base).to(x.dtype)
+        return base_out + (adapted_out - frozen) * strength
+
+    def _dora_merged(self, delta: torch.Tensor) -> torch.Tensor:
+        weight = self.base.weight.to(delta.dtype)
+        adapted = weight + delta
+        return adapted * (self.dora_scale.to(delta.dtype) / self._row_norm(adapted)) - weight
+
+    def _dora_export(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.use_dora:
+            tensors["dora_scale"] = self.dora_scale.detach()
+        return tensors
+
+    def _dora_import(self, tensors: dict[str, torch.Tensor]) -> None:
+        scale = tensors.get("dora_scale")
+        if scale is None:
+            return
+        if scale.shape[0] != self.out_dim:
+            raise ValueError(
+                f"{self.name}: dora_scale {tuple(scale.shape)} is on the input axis (old LyCORIS/A1111 layout); "
+                "only the output-axis layout (out, 1[, 1, 1]) is supported"
+            )
+        self.use_dora = True
+        self.dora_scale = nn.Parameter(scale.detach().float().reshape(self._row_norm(self.base.weight).shape).clone())
+
+    def merged_delta(self) -> torch.Tensor:
+        """What merging at strength 1 adds to the base weight (ΔW, or the DoRA-rescaled difference)."""
+        delta = self.delta_weight()
+        return self._dora_merged(delta) if self.use_dora else delta
+
+    # ----- attach / merge ----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._hook is None:
+            self._hook = self.base.register_forward_hook(self._forward_hook)
+
+    def detach_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    @property
+    def attached(self) -> bool:
+        return self._hook is not None
+
+    def _forward_hook(self, base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        strength = float(self.multiplier)
+        if strength == 0.0 or self._merged is not None:
+            return output
+        if self.training and self.config.module_dropout and torch.rand(()) < self.config.module_dropout:
+            return output
+        return self.transform_output(args[0], output, strength)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted layer as a standalone function (base output plus adapter), for tests and tools."""
+        base_out = self.base.forward(x)  # .forward, not __call__: skips the hooks, including this adapter's
+        if self.multiplier == 0.0:
+            return base_out
+        return self.transform_output(x, base_out, float(self.multiplier))
+
+    @torch.no_grad()
+    def merge(self, strength: float | None = None) -> None:
+        """Add ``strength·ΔW`` into the base weight; :meth:`unmerge` restores the exact original."""
+        if self._merged is not None:
+            raise RuntimeError(f"{self.name} is already merged")
+        strength = float(self.multiplier if strength is None else strength)
+        weight = self.base.weight
+        original = weight.detach().clone()
+        delta = self.merged_delta().float()
+        weight.copy_((original.float() + strength * delta).to(weight.dtype))
+        self._merged = (strength, original)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged is None:
+            return
+        self.base.weight.copy_(self._merged[1])
+        self._merged = None
+
+    @property
+    def merged(self) -> bool:
+        return self._merged is not None
+
+
+def default_alpha_tensor(alpha: float) -> torch.Tensor:
+    return torch.tensor(float(alpha))
+
+
+def read_alpha(tensors: dict[str, torch.Tensor], rank: int) -> float:
+    """Effective alpha from a file: missing or 0 means alpha = rank, as kohya/LyCORIS read it."""
+    alpha = tensors.get("alpha")
+    value = float(alpha.item()) if alpha is not None else 0.0
+    return value if value and math.isfinite(value) else float(rank)

@@ -1,0 +1,144 @@
+"""LoRA / LoCon: ``ΔW = (alpha/r) · up @ down``, with an optional Tucker core for k×k convs.
+
+File keys (kohya/LyCORIS): ``lora_down.weight (r, in[, kh, kw])``, ``lora_up.weight (out, r[, 1, 1])``,
+``alpha`` (0-dim), Tucker ``lora_mid.weight (r, r, kh, kw)`` with a 1×1 down; optional ``dora_scale``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (
+    AdapterModule,
+    ConfigError,
+    DoRAConfigMixin,
+    LowRankConfig,
+    conv_kwargs,
+    is_kxk_conv,
+    parameter_factory,
+    read_alpha,
+)
+from .registry import register
+
+
+@dataclasses.dataclass
+class LoRAConfig(DoRAConfigMixin, LowRankConfig):
+    use_tucker: bool = False  # k×k convs: 1×1 down, (r, r, kh, kw) mid, 1×1 up
+    dropout: float = 0.0  # dropout on the rank-r activations (kohya "network_dropout")
+    rank_dropout: float = 0.0  # drops whole rank channels per sample
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("dropout", "rank_dropout"):
+            value = float(getattr(self, key))
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"network.{key} must be in [0, 1), got {value!r}")
+
+
+def lora_delta(up: torch.Tensor, down: torch.Tensor, shape: torch.Size, scale: float,
+               mid: torch.Tensor | None = None) -> torch.Tensor:
+    """The pure ΔW of LoRA/LoCon (Tucker when ``mid`` is given)."""
+    if mid is None:
+        return (up.flatten(1) @ down.flatten(1)).reshape(shape) * scale
+    return torch.einsum("m n h w, i m, n j -> i j h w", mid, up.flatten(1), down.flatten(1)) * scale
+
+
+def fold_tucker_down(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Fold ``lora_mid`` into ``lora_down``: ``down'[m, j] = Σ_n mid[m, n] · down[n, j]`` (ΔW unchanged)."""
+    return torch.einsum("m n h w, n j -> m j h w", mid, down.flatten(1))
+
+
+@register(aliases=("locon",))
+class LoRAModule(AdapterModule):
+    method = "lora"
+    description = "Low-rank update up·down; the standard, smallest files, loads everywhere including diffusers."
+    config_class = LoRAConfig
+    file_keys = frozenset({"lora_up.weight", "lora_down.weight", "lora_mid.weight"})
+
+    def __init__(self, name: str, base: nn.Module, config: LoRAConfig, *, tucker: bool | None = None):
+        super().__init__(name, base, config)
+        rank, alpha = config.rank_and_alpha_for(base)
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.tucker = config.use_tucker and is_kxk_conv(base) if tucker is None else tucker
+        factory = parameter_factory(base)
+        if isinstance(base, nn.Conv2d):
+            kernel = tuple(base.kernel_size)
+            down_kernel = (1, 1) if self.tucker else kernel
+            self.lora_down = nn.Parameter(torch.empty(rank, base.in_channels, *down_kernel, **factory))
+            if self.tucker:
+                self.lora_mid = nn.Parameter(torch.empty(rank, rank, *kernel, **factory))
+            self.lora_up = nn.Parameter(torch.zeros(base.out_channels, rank, 1, 1, **factory))
+        else:
+            self.lora_down = nn.Parameter(torch.empty(rank, base.in_features, **factory))
+            self.lora_up = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_down, a=math.sqrt(5))
+        if self.tucker:
+            nn.init.kaiming_uniform_(self.lora_mid, a=math.sqrt(5))
+
+    # ----- math ---------------------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        return lora_delta(self.lora_up, self.lora_down, self.weight_shape, self.scale,
+                          self.lora_mid if self.tucker else None)
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.is_conv:
+            if self.tucker:
+                hidden = F.conv2d(x, self.lora_down.to(dtype))
+                hidden = F.conv2d(hidden, self.lora_mid.to(dtype), **conv_kwargs(self.base))
+            else:
+                hidden = F.conv2d(x, self.lora_down.to(dtype), **conv_kwargs(self.base))
+        else:
+            hidden = F.linear(x, self.lora_down.to(dtype))
+        if self.training:
+            hidden = self._regularise(hidden)
+        if self.is_conv:
+            return F.conv2d(hidden, self.lora_up.to(dtype) * self.scale)
+        return F.linear(hidden, self.lora_up.to(dtype) * self.scale)
+
+    def _regularise(self, hidden: torch.Tensor) -> torch.Tensor:
+        config: LoRAConfig = self.config
+        if config.dropout:
+            hidden = F.dropout(hidden, p=config.dropout)
+        if config.rank_dropout:
+            rank_axis = 1 if self.is_conv else -1
+            mask_shape = [hidden.shape[0]] + [1] * (hidden.dim() - 1)
+            mask_shape[rank_axis] = self.rank
+            keep = (torch.rand(mask_shape, device=hidden.device) >= config.rank_dropout).to(hidden.dtype)
+            hidden = hidden * keep / (1.0 - config.rank_dropout)
+        return hidden
+
+    # ----- file layout -------------------------------------------------------------------------------------
+    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+        """``portable`` folds the Tucker core into ``lora_down`` so diffusers can load the file (ΔW unchanged)."""
+        down, up = self.lora_down.detach(), self.lora_up.detach()
+        tensors = {}
+        if self.tucker and portable:
+            down = fold_tucker_down(self.lora_mid.detach(), down)
+        elif self.tucker:
+            tensors["lora_mid.weight"] = self.lora_mid.detach()
+        tensors.update({"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(self.alpha)})
+        return self._dora_export(tensors)
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoRAModule:
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        mid = tensors.get("lora_mid.weight")
+        rank = down.shape[0]
+        alpha = read_alpha(tensors, rank)
+        config = LoRAConfig(rank=rank, alpha=alpha, conv_rank=rank, conv_alpha=alpha)
+        module = cls(name, base, config, tucker=mid is not None)
+        with torch.no_grad():
+            module.lora_down.copy_(down.reshape(module.lora_down.shape))
+            module.lora_up.copy_(up.reshape(module.lora_up.shape))
+            if mid is not None:
+                module.lora_mid.copy_(mid)
+        module._dora_import(tensors)
+        return module
