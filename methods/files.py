@@ -1,0 +1,161 @@
+"""Reading and writing Civitai-style ``.safetensors`` adapter files (format spec §0, §3, §6).
+
+Writes are atomic (temporary file in the same folder, then rename) and never replace an existing file unless
+asked. Metadata values are strings; ``sshs_model_hash``/``sshs_legacy_hash`` follow kohya's algorithm and
+``modelspec.hash_sha256`` the ModelSpec definition.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as serialize
+
+SAVE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+               "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                          "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
+KOHYA_NATIVE_METHODS = {"lora"}
+
+
+class AdapterFileError(ValueError):
+    """A file that cannot be read as an adapter; the message names the file and what to do."""
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in SAVE_DTYPES:
+        raise ValueError(f"save dtype {name!r} is not one of {', '.join(sorted(set(SAVE_DTYPES)))}")
+    return SAVE_DTYPES[name]
+
+
+def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) exactly as kohya's ``precalculate_safetensors_hashes``."""
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = serialize(tensors, ss_only)
+    header_length = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_length:]).hexdigest()
+    legacy_hash = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def build_metadata(
+    *,
+    method: str,
+    arch: str,
+    options: dict[str, Any],
+    title: str,
+    rank: int | None = None,
+    alpha: float | None = None,
+    prediction_type: str = "epsilon",
+    resolution: int | tuple[int, int] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """The §3.4 block of kohya ``ss_*`` and ``modelspec.*`` keys (values stringified as kohya does).
+
+    ``arch`` is sd1, sd2 or sdxl; v-prediction SD2 is told by ``prediction_type``. ``extra`` adds or overrides
+    keys (training details: ``ss_steps``, ``ss_tag_frequency`` as a dict, …; dicts/lists become JSON).
+    """
+    version_key = "sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch
+    size = resolution or DEFAULT_RESOLUTION[version_key]
+    width, height = (size, size) if isinstance(size, int) else size
+    network_args = {"algo": method}
+    network_args.update({k: v for k, v in options.items() if k not in ("rank", "alpha") and v is not None})
+    if options.get("dora"):
+        network_args.update(dora_wd=True, wd_on_output=True)
+    now = time.time()
+    metadata: dict[str, Any] = {
+        "ss_network_module": "networks.lora" if method in KOHYA_NATIVE_METHODS and not options.get("dora")
+        else "lycoris.kohya",
+        "ss_network_dim": rank if rank is not None else options.get("rank", "None"),
+        "ss_network_alpha": float(alpha) if alpha is not None else "None",
+        "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
+        "ss_base_model_version": BASE_MODEL_VERSION[version_key],
+        "ss_v2": arch == "sd2",
+        "ss_v_parameterization": prediction_type == "v_prediction",
+        "ss_output_name": title,
+        "ss_resolution": str((width, height)),
+        "ss_training_started_at": now,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[version_key]}/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+        else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{width}x{height}",
+        "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.implementation_version": "rankwright/0.1.0",
+    }
+    metadata.update(extra or {})
+    return {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict | list) else str(v)
+            for k, v in metadata.items() if v is not None}
+
+
+def save_adapter_file(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    dtype: str | torch.dtype = "fp16",
+    overwrite: bool = False,
+) -> Path:
+    """Write tensors (all cast to one dtype) with string metadata and kohya/ModelSpec hashes, atomically."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: adapter files must end in .safetensors")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True to replace it")
+    target_dtype = resolve_dtype(dtype)
+    tensors = {key: tensor.detach().to("cpu", target_dtype).contiguous() for key, tensor in state_dict.items()}
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    model_hash, legacy_hash = kohya_hashes(tensors, metadata)
+    metadata["sshs_model_hash"] = model_hash
+    metadata["sshs_legacy_hash"] = legacy_hash
+    metadata["modelspec.hash_sha256"] = "0x" + model_hash  # same bytes: the data region after the header
+    data = serialize(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (as stored) and metadata of an adapter file, with one clear error for anything unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"{path}: no such file; give the path of a .safetensors adapter")
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFileError(f"{path}: not a readable .safetensors file ({error})") from error
+    if not tensors:
+        raise AdapterFileError(f"{path}: the file holds no tensors")
+    return tensors, metadata

@@ -1,0 +1,237 @@
+"""A set of adapters on a UNet and its text encoder(s): build, attach, merge, export, and rebuild from a file."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import naming, targets
+from .base import AdapterConfig, AdapterModule, ConfigError
+from .registry import get_method, method_for_file_module
+
+ARCHITECTURES = ("sd1", "sd2", "sdxl")
+
+
+@dataclasses.dataclass
+class ModelPart:
+    """One model of a pipeline that takes adapters, with the file prefix and naming of its modules."""
+
+    prefix: str  # lora_unet, lora_te, lora_te1, lora_te2
+    model: nn.Module
+    targets_of: Callable[[nn.Module, str], dict[str, nn.Module]]
+    file_name: Callable[[str], str]
+    accepted_names: Callable[[str], list[str]]
+
+    @property
+    def is_unet(self) -> bool:
+        return self.prefix == naming.UNET_PREFIX
+
+
+def detect_architecture(pipe_or_unet: Any) -> str:
+    """sd1, sd2 or sdxl, from the pipeline's components or the UNet's config."""
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    if getattr(pipe_or_unet, "text_encoder_2", None) is not None:
+        return "sdxl"
+    config = getattr(unet, "config", None)
+    if config is not None and getattr(config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    if config is not None and getattr(config, "use_linear_projection", False):
+        return "sd2"
+    return "sd1"
+
+
+def model_parts(unet: nn.Module | None, text_encoders: list[nn.Module], arch: str) -> list[ModelPart]:
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+    parts = []
+    if unet is not None:
+        unet_naming = naming.UNetNaming(unet, sgm_style=arch == "sdxl")
+        parts.append(ModelPart(naming.UNET_PREFIX, unet, targets.unet_targets, unet_naming.file_name,
+                               unet_naming.accepted_names))
+    encoders = [te for te in text_encoders if te is not None]
+    prefixes = ["lora_te"] if len(encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(encoders))]
+    for prefix, encoder in zip(prefixes, encoders):
+        # SDXL files written by some tools use lora_te_ for CLIP-L (ComfyUI reads it so); accept that spelling.
+        accepted_prefixes = (prefix, "lora_te") if prefix == "lora_te1" else (prefix,)
+        parts.append(ModelPart(
+            prefix, encoder, targets.text_encoder_targets,
+            lambda path, p=prefix: naming.text_encoder_file_name(p, path),
+            lambda path, ps=accepted_prefixes: naming.text_encoder_accepted_names(ps, path),
+        ))
+    return parts
+
+
+def pipeline_parts(pipe: Any, arch: str | None = None) -> tuple[list[ModelPart], str]:
+    arch = arch or detect_architecture(pipe)
+    encoders = [getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
+    return model_parts(getattr(pipe, "unet", None), encoders, arch), arch
+
+
+class AdapterNetwork(nn.Module):
+    """All adapters of one method on one pipeline, keyed by file module name (``lora_unet_..._to_q``)."""
+
+    def __init__(self, adapters: dict[str, AdapterModule], arch: str, method: str, config: AdapterConfig | None,
+                 target_config: targets.TargetConfig | None = None):
+        super().__init__()
+        self.adapters = nn.ModuleDict(adapters)
+        self.arch = arch
+        self.method = method
+        self.config = config
+        self.target_config = target_config
+
+    # ----- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, parts: list[ModelPart], arch: str, method: str, options: dict[str, Any] | None = None,
+               target_config: targets.TargetConfig | None = None) -> AdapterNetwork:
+        method_class = get_method(method)
+        config = method_class.config_class.from_dict(options)
+        target_config = target_config or targets.TargetConfig()
+        target_config.validate()
+        adapters: dict[str, AdapterModule] = {}
+        for part in parts:
+            preset = target_config.preset
+            if not part.is_unet:
+                preset = target_config.text_encoder_preset or preset
+            chosen = targets.select(part.model, preset, part.targets_of, _safe(part.file_name), target_config)
+            for path, module in chosen.items():
+                if not config.wants(module):
+                    continue
+                name = part.file_name(path)
+                if name in adapters:
+                    raise ValueError(f"two modules map to the same file name {name}")
+                adapters[name] = method_class(name, module, config)
+        return cls(adapters, arch, method_class.method, config, target_config)
+
+    @classmethod
+    def from_state_dict(cls, parts: list[ModelPart], arch: str, state_dict: dict[str, torch.Tensor],
+                        source: str = "file") -> tuple[AdapterNetwork, list[str]]:
+        """Rebuild adapters from file tensors. Returns the network and the file modules that matched no layer."""
+        lookup = name_lookup(parts)
+        grouped = group_by_module(state_dict)
+        adapters: dict[str, AdapterModule] = {}
+        unmatched: list[str] = []
+        methods: set[str] = set()
+        for file_name, tensors in grouped.items():
+            target = lookup.get(file_name)
+            if target is None:
+                unmatched.append(file_name)
+                continue
+            canonical, module = target
+            try:
+                method_class = method_for_file_module(set(tensors))
+                adapter = method_class.from_tensors(canonical, module, tensors)
+            except (ValueError, KeyError, RuntimeError) as error:
+                raise ValueError(f"{source}: module {file_name} cannot be read: {error}") from error
+            adapters[canonical] = adapter
+            methods.add(method_class.method)
+        method = methods.pop() if len(methods) == 1 else "+".join(sorted(methods)) or "none"
+        return cls(adapters, arch, method, None), unmatched
+
+    # ----- use ---------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[AdapterModule]:
+        return iter(self.adapters.values())
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def attach(self) -> AdapterNetwork:
+        for adapter in self:
+            adapter.attach()
+        return self
+
+    def detach(self) -> None:
+        for adapter in self:
+            adapter.unmerge()
+            adapter.detach_hook()
+
+    def set_multiplier(self, strength: float) -> None:
+        for adapter in self:
+            adapter.multiplier = float(strength)
+
+    def merge(self, strength: float | None = None) -> None:
+        for adapter in self:
+            adapter.merge(strength)
+
+    def unmerge(self) -> None:
+        for adapter in self:
+            adapter.unmerge()
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by file prefix (lora_unet, lora_te, lora_te1, lora_te2), for per-part learning rates."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, adapter in self.adapters.items():
+            prefix = part_prefix(name)
+            groups.setdefault(prefix, []).extend(p for p in adapter.parameters() if p.requires_grad)
+        return groups
+
+    def trainable_parameter_count(self) -> int:
+        return sum(adapter.trainable_parameter_count() for adapter in self)
+
+    def counts(self) -> dict[str, int]:
+        """Number of adapted modules per file prefix."""
+        result: dict[str, int] = {}
+        for name in self.adapters:
+            prefix = part_prefix(name)
+            result[prefix] = result.get(prefix, 0) + 1
+        return result
+
+    def export_state_dict(self, portable: bool = True) -> dict[str, torch.Tensor]:
+        """File keys → tensors (fp32, contiguous); ``portable`` picks the layout every consumer reads."""
+        state: dict[str, torch.Tensor] = {}
+        for name, adapter in self.adapters.items():
+            for suffix, tensor in adapter.export_tensors(portable=portable).items():
+                state[f"{name}.{suffix}"] = tensor.detach().float().contiguous().cpu()
+        return state
+
+    def merged_deltas(self) -> dict[str, torch.Tensor]:
+        """What each module adds to its base weight at strength 1 (for checks and conversions)."""
+        with torch.no_grad():
+            return {name: adapter.merged_delta().float() for name, adapter in self.adapters.items()}
+
+
+def part_prefix(file_name: str) -> str:
+    for prefix in ("lora_unet", "lora_te1", "lora_te2", "lora_te"):
+        if file_name.startswith(prefix + "_"):
+            return prefix
+    return file_name.split("_", 2)[0]
+
+
+def group_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"name.suffix": t}`` → ``{"name": {"suffix": t}}``; names never contain a dot (spec §0)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = tensor
+    return grouped
+
+
+def name_lookup(parts: list[ModelPart]) -> dict[str, tuple[str, nn.Module]]:
+    """Every accepted file spelling of every wrappable layer → (the name we write, the layer)."""
+    lookup: dict[str, tuple[str, nn.Module]] = {}
+    from .base import WRAPPABLE
+
+    for part in parts:
+        for path, module in part.model.named_modules():
+            if not isinstance(module, WRAPPABLE):
+                continue
+            try:
+                canonical = part.file_name(path)
+            except ValueError:
+                canonical = naming.flat(part.prefix, path)
+            for name in part.accepted_names(path):
+                lookup.setdefault(name, (canonical, module))
+    return lookup
+
+
+def _safe(file_name: Callable[[str], str]) -> Callable[[str], str]:
+    def name_or_empty(path: str) -> str:
+        try:
+            return file_name(path)
+        except ValueError:
+            return ""
+
+    return name_or_empty

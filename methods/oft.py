@@ -1,0 +1,301 @@
+"""OFT (LyCORIS "diag-oft"): a block-diagonal Cayley rotation of the base layer's output channels.
+
+``Q = B − Bᵀ`` per block (COFT: ``Q ← Q·c·out/‖Q‖_F`` when ``‖Q‖_F > c·out``, norm over all blocks),
+``R = (I + Q)(I − Q)⁻¹`` (inverse in fp32), ``W' = rescale ⊙ blockdiag(R)ᵀ·W`` on the output rows, ``ΔW = W' − W``.
+Strength ``s`` blends linearly: ``W + s·ΔW`` (LyCORIS and A1111).
+
+File keys (LyCORIS): ``oft_blocks (n_blocks, b, b)`` with ``n_blocks·b = out``, ``alpha`` (0-dim, the COFT constraint
+``c``; 0 = none, *not* a LoRA alpha), optional ``rescale (out, 1[, 1, 1])``. BOFT (:mod:`methods.boft`) stores 4-D
+``oft_blocks`` under the same suffix; a file's suffixes cannot tell them apart, so this module claims ``oft_blocks``
+and :meth:`OFTModule.from_tensors` hands 4-D blocks to :class:`methods.boft.BOFTModule`.
+
+The forward never builds ``W'``: :meth:`OrthogonalModule.transform_output` rotates the frozen layer's output
+(bias removed first, added back after), which costs ``O(out·b)`` per token instead of a second matmul with ``W'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .base import AdapterConfig, AdapterModule, ConfigError, is_kxk_conv, parameter_factory
+from .registry import register
+
+COFT_EPS = 1e-8  # LyCORIS adds this to ‖Q‖ before comparing and dividing (functional/diag_oft.py get_r)
+
+
+# ----- factorisations (same results as lycoris.functional.general) ---------------------------------------------
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """``(small, large)`` with ``small·large = dimension``, ``small`` as close to ``factor`` as LyCORIS picks it.
+
+    If ``factor`` divides ``dimension`` the pair is ``(factor, dimension/factor)`` sorted. Otherwise ``small`` is the
+    last divisor reached walking the divisors upward while ``small < dimension/small`` and ``divisor ≤ factor``
+    (``factor < 0`` means no limit). OFT uses ``small`` as the block size and ``large`` as the block count.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return tuple(sorted((factor, dimension // factor)))
+    limit = dimension if factor < 0 else factor
+    small = 1
+    divisor = 1
+    while small < dimension // small:
+        divisor += 1
+        while dimension % divisor:
+            divisor += 1
+        if divisor > limit:
+            break
+        small = divisor
+    return tuple(sorted((small, dimension // small)))
+
+
+def is_power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def power2factorization(dimension: int, factor: int = -1) -> tuple[int | None, int]:
+    """BOFT's ``(block_size, n_blocks)``: the largest even ``b ≤ factor`` dividing ``dimension`` with
+    ``dimension/b`` a power of two (``factor == -1`` means no limit); ``(None, 0)`` when there is none."""
+    limit = dimension if factor == -1 else factor
+    best = 0
+    for size in range(2, min(limit, dimension) + 1, 2):
+        if dimension % size == 0 and is_power_of_two(dimension // size):
+            best = size
+    return (best, dimension // best) if best else (None, 0)
+
+
+# ----- the pure math ---------------------------------------------------------------------------------------------
+def skew(blocks: torch.Tensor) -> torch.Tensor:
+    """``Q = B − Bᵀ`` over the last two axes."""
+    return blocks - blocks.transpose(-1, -2)
+
+
+def constraint_scale(blocks: torch.Tensor, threshold: float) -> torch.Tensor | float:
+    """The factor COFT applies to ``Q``: ``threshold/(‖Q‖_F + 1e-8)`` when that norm exceeds ``threshold``, else 1.
+
+    ``threshold`` is absolute (``c·out``); the norm runs over every block (and every BOFT stage) at once.
+    """
+    if not threshold or threshold <= 0:
+        return 1.0
+    norm = torch.linalg.vector_norm(skew(blocks).float()) + COFT_EPS
+    return torch.where(norm > threshold, threshold / norm, torch.ones_like(norm))
+
+
+def cayley(blocks: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Per-block rotations ``R = (I + Q)(I − Q)⁻¹`` of ``blocks (..., b, b)``, constrained by ``threshold``, in fp32."""
+    q = skew(blocks.float())
+    q = q * constraint_scale(blocks, threshold)
+    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def oft_channel_delta(values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``(Rᵀ − I)·v`` per block on the last axis of ``values`` (``..., n_blocks·b``), in ``values``' dtype.
+
+    ``R − I`` is formed in fp32 before the cast, so small rotations survive a half-precision activation.
+    """
+    n_blocks, size, _ = rotation.shape
+    eye = torch.eye(size, device=rotation.device, dtype=rotation.dtype)
+    shift = (rotation - eye).to(values.dtype)
+    blocked = values.unflatten(-1, (n_blocks, size))
+    return torch.einsum("k n m, ... k n -> ... k m", shift, blocked).flatten(-2)
+
+
+def rows_as_channels(weight: torch.Tensor) -> torch.Tensor:
+    """``W (out, ...)`` as ``(in·kh·kw, out)``: the rows become the last (channel) axis, a view."""
+    return weight.flatten(1).transpose(0, 1)
+
+
+def rescaled_delta(delta: torch.Tensor, values: torch.Tensor, rescale: torch.Tensor | None) -> torch.Tensor:
+    """``rescale ⊙ (v + Δ) − v`` from the rotation's ``Δ`` (channels on the last axis)."""
+    if rescale is None:
+        return delta
+    gain = rescale.flatten().to(values.dtype)
+    return gain * delta + (gain - 1) * values
+
+
+def oft_delta_weight(weight: torch.Tensor, blocks: torch.Tensor, threshold: float = 0.0,
+                     rescale: torch.Tensor | None = None) -> torch.Tensor:
+    """The pure ΔW of diag-OFT: ``rescale ⊙ blockdiag(R)ᵀ·W − W`` on the output rows, in fp32."""
+    values = rows_as_channels(weight.float())
+    delta = rescaled_delta(oft_channel_delta(values, cayley(blocks, threshold)), values, rescale)
+    return delta.transpose(0, 1).reshape(weight.shape)
+
+
+# ----- config ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class OFTConfig(AdapterConfig):
+    """Diag-OFT options. Give ``block_size`` or ``block_count`` (not both); neither → ``default_block_size``."""
+
+    default_block_size: ClassVar[int] = 32  # OneTrainer's OFT default; SD widths 320·2ᵏ → b = 10, 20 or 32
+    min_block_size: ClassVar[int] = 1
+
+    block_size: int | None = None  # requested b; LyCORIS factorisation keeps b ≤ n_blocks (see block_factor)
+    block_count: int | None = None  # requested number of blocks; same as block_size = out // block_count
+    constraint: float = 0.0  # COFT: ‖Q‖_F ≤ constraint·out; 0 = unconstrained
+    rescale: bool = False  # learn a per-output-channel gain (stored as `rescale`; ComfyUI ignores it for OFT)
+    include_conv: bool = True  # k×k convs get adapters too (1×1 convs always do)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.block_size is not None and self.block_count is not None:
+            raise ConfigError("network: give either block_size or block_count, not both")
+        if self.block_size is not None and int(self.block_size) < self.min_block_size:
+            raise ConfigError(f"network.block_size must be ≥ {self.min_block_size}, got {self.block_size!r}")
+        if self.block_count is not None and int(self.block_count) < 1:
+            raise ConfigError(f"network.block_count must be a positive integer, got {self.block_count!r}")
+        if not (math.isfinite(float(self.constraint)) and float(self.constraint) >= 0.0):
+            raise ConfigError(f"network.constraint must be ≥ 0 (0 disables COFT), got {self.constraint!r}")
+
+    def block_factor(self, out_dim: int) -> int:
+        """The ``lora_dim`` LyCORIS would be given: the requested block size."""
+        if self.block_size is not None:
+            return int(self.block_size)
+        if self.block_count is not None:
+            return out_dim // int(self.block_count)
+        return self.default_block_size
+
+    def block_shape(self, out_dim: int) -> tuple[int, ...]:
+        """``(n_blocks, b, b)`` for one layer, as ``DiagOFTModule`` factors ``out``."""
+        size, count = factorization(out_dim, self.block_factor(out_dim))
+        return (count, size, size)
+
+    def wants(self, base: nn.Module) -> bool:
+        return super().wants(base) and (self.include_conv or not is_kxk_conv(base))
+
+
+# ----- the shared wrapper ------------------------------------------------------------------------------------------
+class OrthogonalModule(AdapterModule):
+    """What OFT and BOFT share: blocks, COFT constraint, rescale, output rotation, export. Not registered."""
+
+    multiplicative = True
+    config_class = OFTConfig
+    file_keys = frozenset({"oft_blocks"})
+
+    def __init__(self, name: str, base: nn.Module, config: OFTConfig, *, block_shape: tuple[int, ...] | None = None):
+        super().__init__(name, base, config)
+        out = self.out_dim
+        shape = tuple(block_shape) if block_shape is not None else config.block_shape(out)
+        self._check_shape(shape)
+        self.constraint = float(config.constraint)
+        factory = parameter_factory(base)
+        self.oft_blocks = nn.Parameter(torch.zeros(*shape, **factory))  # B = 0 → R = I, like LyCORIS
+        self.rescaled = bool(config.rescale)
+        if self.rescaled:
+            self.rescale = nn.Parameter(torch.ones(out, *([1] * (base.weight.dim() - 1)), **factory))
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        raise NotImplementedError
+
+    @property
+    def threshold(self) -> float:
+        """The absolute COFT bound on ``‖Q‖_F``: ``constraint·out`` (LyCORIS, A1111, kohya)."""
+        return self.constraint * self.out_dim
+
+    @property
+    def block_size(self) -> int:
+        return self.oft_blocks.shape[-1]
+
+    @property
+    def block_count(self) -> int:
+        return self.oft_blocks.shape[-3]
+
+    def rotation(self) -> torch.Tensor:
+        """The constrained per-block rotations, fp32."""
+        return cayley(self.oft_blocks, self.threshold)
+
+    def channel_delta(self, values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """``rotated(v) − v`` on the last axis, before rescale."""
+        raise NotImplementedError
+
+    def _rescale_or_none(self) -> torch.Tensor | None:
+        return self.rescale if self.rescaled else None
+
+    # ----- math ---------------------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        values = rows_as_channels(self.base.weight.float())
+        delta = self.channel_delta(values, self.rotation())
+        delta = rescaled_delta(delta, values, self._rescale_or_none())
+        return delta.transpose(0, 1).reshape(self.weight_shape)
+
+    def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
+        """``base + s·(rotated − base)``: rotate the bias-free output channels; ``W'`` is never built."""
+        if strength == 0.0:
+            return base_out
+        bias = self.base.bias
+        channels = base_out.movedim(1, -1) if self.is_conv else base_out
+        if bias is not None:
+            channels = channels - bias.to(channels.dtype)
+        delta = self.channel_delta(channels, self.rotation())
+        delta = rescaled_delta(delta, channels, self._rescale_or_none())
+        if self.is_conv:
+            delta = delta.movedim(-1, 1)
+        return base_out + delta * strength
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW·x`` (no bias) through the output rotation, for callers that want the additive form."""
+        base_out = self.base.forward(x)
+        return self.transform_output(x, base_out, 1.0) - base_out
+
+    # ----- file layout -----------------------------------------------------------------------------------------
+    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+        """``portable`` bakes COFT into the blocks and writes ``alpha = 0`` (every consumer then agrees, ComfyUI
+        included, which compares ‖Q‖ with the raw alpha); otherwise the raw blocks and ``alpha = constraint``
+        (LyCORIS's own layout, which training can resume from)."""
+        blocks = self.oft_blocks.detach()
+        alpha = self.constraint
+        if portable and self.constraint > 0:
+            blocks = blocks * constraint_scale(blocks, self.threshold)
+            alpha = 0.0
+        tensors = {"oft_blocks": blocks.to(self.oft_blocks.dtype), "alpha": torch.tensor(alpha)}
+        if self.rescaled:
+            tensors["rescale"] = self.rescale.detach()
+        return tensors
+
+    @classmethod
+    def _config_from_tensors(cls, tensors: dict[str, torch.Tensor]) -> dict:
+        alpha = tensors.get("alpha")
+        constraint = float(alpha.float().item()) if alpha is not None else 0.0
+        if not math.isfinite(constraint) or constraint < 0:
+            constraint = 0.0
+        return {"constraint": constraint, "rescale": tensors.get("rescale") is not None, "include_conv": True}
+
+    @classmethod
+    def _load(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor], config: OFTConfig):
+        blocks = tensors["oft_blocks"]
+        module = cls(name, base, config, block_shape=tuple(blocks.shape))
+        with torch.no_grad():
+            module.oft_blocks.copy_(blocks)
+            if module.rescaled:
+                module.rescale.copy_(tensors["rescale"].reshape(module.rescale.shape))
+        return module
+
+
+@register(aliases=("diag-oft", "diag_oft"))
+class OFTModule(OrthogonalModule):
+    method = "oft"
+    description = ("Orthogonal fine-tuning: rotates output channels in blocks; keeps the base's geometry, "
+                   "small files (LyCORIS diag-oft; not Forge or diffusers).")
+    config_class = OFTConfig
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if len(shape) != 3 or shape[1] != shape[2] or shape[0] * shape[1] != self.out_dim:
+            raise ValueError(f"{self.name}: oft_blocks {shape} do not tile {self.out_dim} output channels")
+
+    def channel_delta(self, values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        return oft_channel_delta(values, rotation)
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> OrthogonalModule:
+        """3-D ``oft_blocks`` → OFT; 4-D → BOFT (both use the suffix ``oft_blocks``; only the rank differs)."""
+        blocks = tensors["oft_blocks"]
+        if blocks.dim() == 4:
+            from .boft import BOFTModule
+
+            return BOFTModule.from_tensors(name, base, tensors)
+        if blocks.dim() != 3:
+            raise ValueError(f"{name}: oft_blocks must be 3-D (OFT) or 4-D (BOFT), got {tuple(blocks.shape)}")
+        config = OFTConfig(block_size=blocks.shape[-1], **cls._config_from_tensors(tensors))
+        return cls._load(name, base, tensors, config)
