@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +25,54 @@ WRAPPABLE = (nn.Linear, nn.Conv2d)
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message names the key and what is allowed."""
+
+
+def coerce_value(key: str, hint: Any, value: Any) -> Any:
+    """Check (and gently convert, e.g. 1 → 1.0) a value against its annotated type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return coerce_value(key, option, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {hint})")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float) and isinstance(value, str):
+        try:
+            value = float(value) if hint is float else int(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
 
 
 @dataclasses.dataclass
@@ -41,7 +91,8 @@ class AdapterConfig:
             raise ConfigError(
                 f"{where}: unknown option(s) {', '.join(unknown)} for this method; allowed: {', '.join(sorted(fields))}"
             )
-        config = cls(**options)
+        hints = typing.get_type_hints(cls)
+        config = cls(**{key: coerce_value(f"{where}.{key}", hints[key], value) for key, value in options.items()})
         config.validate()
         return config
 
@@ -49,8 +100,7 @@ class AdapterConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if not 0.0 <= float(self.module_dropout) < 1.0:
-            raise ConfigError(f"network.module_dropout must be in [0, 1), got {self.module_dropout!r}")
+        check_fraction(self.module_dropout, "module_dropout")
 
     def wants(self, base: nn.Module) -> bool:
         """Whether this config puts an adapter on ``base`` (grouped convs never: no consumer handles them)."""
@@ -68,9 +118,9 @@ class LowRankConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if int(self.rank) < 1:
+        if not _is_whole(self.rank) or int(self.rank) < 1:
             raise ConfigError(f"network.rank must be a positive integer, got {self.rank!r}")
-        if self.conv_rank is not None and int(self.conv_rank) < 0:
+        if self.conv_rank is not None and (not _is_whole(self.conv_rank) or int(self.conv_rank) < 0):
             raise ConfigError(f"network.conv_rank must be ≥ 0 (0 disables k×k convs), got {self.conv_rank!r}")
 
     def rank_and_alpha_for(self, base: nn.Module) -> tuple[int, float]:
@@ -93,6 +143,25 @@ class DoRAConfigMixin:
     """Weight-decomposed adaptation (DoRA) for additive methods: ``W' = m · (W+ΔW)/‖W+ΔW‖`` per output row."""
 
     dora: bool = False
+
+
+def check_fraction(value: Any, key: str) -> float:
+    """A probability option (dropouts): a number in [0, 1), else a ConfigError naming ``network.<key>``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 <= number < 1.0:
+        raise ConfigError(f"network.{key} must be a number in [0, 1), got {value!r}")
+    return number
+
+
+def _is_whole(value: Any) -> bool:
+    """An integer, or a float/string holding one (UI number fields give 16.0); not a bool."""
+    try:
+        return not isinstance(value, bool) and float(value) == int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def parameter_factory(base: nn.Module) -> dict[str, Any]:
@@ -240,13 +309,15 @@ class AdapterModule(nn.Module):
         scale = tensors.get("dora_scale")
         if scale is None:
             return
-        if scale.shape[0] != self.out_dim:
+        expected = self._row_norm(self.base.weight).shape
+        if scale.shape[0] != self.out_dim or scale.numel() != self.out_dim:
             raise ValueError(
-                f"{self.name}: dora_scale {tuple(scale.shape)} is on the input axis (old LyCORIS/A1111 layout); "
-                "only the output-axis layout (out, 1[, 1, 1]) is supported"
+                f"{self.name}: dora_scale {tuple(scale.shape)} does not fit the output-axis layout "
+                f"{tuple(expected)}; input-axis files (1, in[, 1, 1]) from old LyCORIS/A1111 are not supported"
             )
         self.use_dora = True
-        self.dora_scale = nn.Parameter(scale.detach().float().reshape(self._row_norm(self.base.weight).shape).clone())
+        scale = scale.detach().to(device=self.base.weight.device, dtype=torch.float32)
+        self.dora_scale = nn.Parameter(scale.reshape(expected).clone())
 
     def merged_delta(self) -> torch.Tensor:
         """What merging at strength 1 adds to the base weight (ΔW, or the DoRA-rescaled difference)."""
@@ -278,9 +349,9 @@ class AdapterModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapted layer as a standalone function (base output plus adapter), for tests and tools."""
         base_out = self.base.forward(x)  # .forward, not __call__: skips the hooks, including this adapter's
-        if self.multiplier == 0.0:
-            return base_out
-        return self.transform_output(x, base_out, float(self.multiplier))
+        # Exactly what the attached hook does: nothing when merged (the base weight already holds it) or at
+        # strength 0, module dropout in training.
+        return self._forward_hook(self.base, (x,), base_out)
 
     @torch.no_grad()
     def merge(self, strength: float | None = None) -> None:
