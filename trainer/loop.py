@@ -1,0 +1,681 @@
+"""The training engine: load → prepare → loop → save, under Accelerate.
+
+``train(config, on_event=...)`` is the public entry point used by the CLI and the web UI. Everything the run
+decides (paths, counts, memory, losses, previews, saves, errors) is emitted as events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from methods.apply import save_network
+from methods.base import ConfigError
+from methods.files import load_adapter_file
+from methods.network import AdapterNetwork, pipeline_parts
+
+from .conditioning import Conditioning, encode_captions, sdxl_time_ids
+from .config import TrainerConfig
+from .events import EventCallback, EventLog, StopSignal, log
+
+STATE_FILE = "state.pt"
+STATE_WEIGHTS = "adapter.safetensors"
+
+
+class TrainingError(RuntimeError):
+    """The run could not continue (NaN loss, unusable data); the message says what was kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_file: Path | None
+    steps: int
+    losses: list[float]
+    saves: list[Path]
+    stopped_early: bool = False
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run is; saved in resumable state."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed (for exact resume)
+    micro_step: int = 0
+
+
+def train(config: TrainerConfig, on_event: EventCallback | None = None, stop: StopSignal | None = None,
+          resume: str | Path | None = None) -> TrainResult:
+    """Train an adapter as configured; ``stop.request()`` from another thread ends it with a save."""
+    return Trainer(config, on_event=on_event, stop=stop, resume=resume).run()
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig, on_event: EventCallback | None = None,
+                 stop: StopSignal | None = None, resume: str | Path | None = None):
+        from accelerate import Accelerator
+
+        self.config = config
+        train = config.train
+        self.accelerator = Accelerator(mixed_precision=train.mixed_precision,
+                                       gradient_accumulation_steps=train.gradient_accumulation)
+        self.main = self.accelerator.is_main_process
+        self.output_dir = Path(config.output.dir)
+        self.output_file = self.output_dir / f"{config.output.name}.safetensors"
+        self.stop = stop or StopSignal()
+        self.stop.stop_file = self.output_dir / "STOP"
+        self.resume_from = Path(resume) if resume else None
+        self.events = EventLog(self.output_dir, [on_event] if on_event else [], tensorboard=config.output.tensorboard,
+                               enabled=self.main)
+        self.progress = Progress()
+        self.losses: list[float] = []
+        self.saves: list[Path] = []
+        self.last_good_save: Path | None = None
+
+    # ================================================================================================ run
+    def run(self) -> TrainResult:
+        started = time.time()
+        restore_signals = self._install_signal_handlers()
+        try:
+            self._check_outputs()
+            self.events.emit("start", config=self.config.to_dict(), processes=self.accelerator.num_processes)
+            self._load()
+            self._prepare()
+            self.events.emit("ready", seconds=round(time.time() - started, 2), **self.summary)
+            self._loop()
+            return self._finish()
+        except Exception as error:
+            self.events.emit("error", message=str(error), kind=type(error).__name__,
+                             last_good_save=str(self.last_good_save) if self.last_good_save else None)
+            raise
+        finally:
+            restore_signals()
+            self.events.close()
+
+    # ================================================================================================ load
+    def _load(self) -> None:
+        from .models import load_pipeline
+
+        config = self.config
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.train.mixed_precision,
+                                                                            torch.float32)
+        arch = None if config.model.arch == "auto" else config.model.arch
+        prediction = None if config.model.prediction_type == "auto" else config.model.prediction_type
+        self.pipe, self.model_info = load_pipeline(config.model.base, arch=arch, prediction_type=prediction,
+                                                   vae=config.model.vae or None)
+        self.arch = self.model_info.arch
+        self.prediction_type = self.model_info.prediction_type
+        self.is_sdxl = self.arch == "sdxl"
+        device = self.accelerator.device
+        pipe = self.pipe
+        for model in self._text_encoders() + [pipe.unet, pipe.vae]:
+            model.requires_grad_(False)
+        pipe.unet.to(device, weight_dtype)
+        for encoder in self._text_encoders():
+            encoder.to(device, weight_dtype)
+        self.vae_dtype = torch.float32 if config.model.vae_fp32 else weight_dtype
+        pipe.vae.to(device, self.vae_dtype)
+        self.weight_dtype = weight_dtype
+        if not config.train.sdpa:
+            from diffusers.models.attention_processor import AttnProcessor
+
+            pipe.unet.set_attn_processor(AttnProcessor())
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=self.prediction_type)
+        self.events.emit("model", arch=self.arch, prediction_type=self.prediction_type,
+                         source=self.model_info.source_kind, base=config.model.base)
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [te for te in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+                if te is not None]
+
+    # ================================================================================================ prepare
+    def _prepare(self) -> None:
+        from .cache import LatentCache, TextEmbeddingCache
+        from .dataset import BucketBatchSampler, TrainingDataset, collate, scan_dataset
+
+        config, accelerator = self.config, self.accelerator
+        torch.manual_seed(config.train.seed)
+        random.seed(config.train.seed)
+        np.random.seed(config.train.seed % 2**32)
+
+        # ---- data
+        self.scan = scan_dataset(config.dataset, seed=config.train.seed)
+        for path, reason in self.scan.skipped:
+            self.events.emit("skipped_image", path=str(path), reason=reason)
+        self.dataset = TrainingDataset(self.scan.train_items, config.dataset, seed=config.train.seed)
+        needed = config.train.batch_size * accelerator.num_processes * config.train.gradient_accumulation
+        samples = self.dataset.samples_per_epoch()
+        if samples < needed:
+            raise ConfigError(
+                f"the dataset gives {samples} sample(s) per epoch ({len(self.scan.train_items)} image(s) with repeats) "
+                f"but one optimizer step needs batch_size {config.train.batch_size} × {accelerator.num_processes} "
+                f"process(es) × gradient_accumulation {config.train.gradient_accumulation} = {needed}; "
+                "add images or repeats, or lower batch_size/gradient_accumulation")
+
+        # ---- adapters
+        parts, _ = pipeline_parts(self.pipe, self.arch)
+        self.network = AdapterNetwork.create(parts, self.arch, config.network.method, config.network.options,
+                                             config.target_config())
+        if config.network.init_from:
+            self._init_from_file(Path(config.network.init_from))
+        self.network.to(accelerator.device)
+        self.network.attach()
+        self.network.train()
+        self.train_text_encoder = config.train.train_text_encoder and any(
+            not name.startswith("lora_unet") for name in self.network.adapters)
+        if config.train.gradient_checkpointing:
+            self.pipe.unet.enable_gradient_checkpointing()
+            self.pipe.unet.train()  # diffusers only checkpoints in training mode
+            if self.train_text_encoder:
+                for encoder in self._text_encoders():
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    encoder.train()
+
+        # ---- caches
+        self.latent_cache = LatentCache(config.dataset.latent_cache, self.output_dir / "cache" / "latents",
+                                        vae_id=self._vae_id())
+        if self.latent_cache.enabled:
+            reason = self.latent_cache.encode_all(self.dataset, self._encode_pixels, progress=self._progress_bar)
+            if reason:
+                self.events.emit("warning", message=f"latent cache off: {reason}")
+        self.text_cache = None
+        if config.dataset.cache_text_encoder_outputs and not self.train_text_encoder:
+            self.text_cache = TextEmbeddingCache(encoder_id=config.model.base, clip_skip=config.train.clip_skip)
+
+        # ---- optimizer and schedule
+        from .optim import build_optimizer, build_scheduler
+
+        self.optimizer = build_optimizer(config.train, self._parameter_groups())
+        self.sampler = BucketBatchSampler(self.dataset, config.train.batch_size, seed=config.train.seed,
+                                          num_replicas=accelerator.num_processes,
+                                          rank=accelerator.process_index)
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate,
+                                                  num_workers=config.dataset.num_workers)
+        steps_per_epoch = max(1, len(self.sampler) // config.train.gradient_accumulation)
+        self.total_steps = (config.train.epochs * steps_per_epoch if config.train.epochs > 0
+                            else config.train.max_steps)
+        self.steps_per_epoch = steps_per_epoch
+        self.lr_scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
+        self.ema = [p.detach().clone() for p in self.network.parameters()] if config.train.ema_decay else None
+        self.validation = self._validation_batches() if self.scan.validation_items else []
+        if self.resume_from:
+            self._load_state(self.resume_from)
+        self.summary = {
+            "method": self.network.method, "modules": self.network.counts(),
+            "trainable_parameters": self.network.trainable_parameter_count(),
+            "images": len(self.scan.train_items), "samples_per_epoch": samples,
+            "batches_per_epoch": len(self.sampler), "total_steps": self.total_steps,
+            "skipped_images": len(self.scan.skipped), "device": str(accelerator.device),
+        }
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        train = self.config.train
+        rates = {"lora_unet": train.unet_lr or train.learning_rate,
+                 "lora_te": train.text_encoder_lr or train.learning_rate,
+                 "lora_te1": train.text_encoder_lr or train.learning_rate,
+                 "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate}
+        return [{"params": params, "lr": rates[prefix], "name": prefix}
+                for prefix, params in self.network.parameter_groups().items() if params]
+
+    def _init_from_file(self, path: Path) -> None:
+        tensors, _ = load_adapter_file(path)
+        parts, _ = pipeline_parts(self.pipe, self.arch)
+        loaded, unmatched = AdapterNetwork.from_state_dict(parts, self.arch, tensors, source=str(path))
+        missing = [name for name in self.network.adapters if name not in loaded.adapters]
+        if missing or unmatched:
+            raise ConfigError(f"{path}: does not fit this network ({len(missing)} module(s) missing, "
+                              f"{len(unmatched)} unmatched); use the same method, targets and base model")
+        with torch.no_grad():
+            for name, adapter in self.network.adapters.items():
+                source = loaded.adapters[name].state_dict()
+                adapter.load_state_dict({k: v.to(adapter.state_dict()[k]) for k, v in source.items()})
+
+    def _vae_id(self) -> str:
+        return f"{self.config.model.base}|{self.config.model.vae}|{self.vae_dtype}"
+
+    # ================================================================================================ loop
+    def _loop(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        bar = self._progress_bar(total=self.total_steps, initial=self.progress.step, desc="training")
+        window_start, window_steps = time.time(), 0
+        while self.progress.step < self.total_steps:
+            self.sampler.set_epoch(self.progress.epoch)
+            self.sampler.skip_batches = self.progress.batch_in_epoch
+            self.dataset.set_epoch(self.progress.epoch)
+            for batch in self.loader:
+                self.progress.batch_in_epoch += 1
+                with accelerator.accumulate(self.network):
+                    loss = self._training_loss(batch)
+                    accelerator.backward(loss)
+                self.progress.micro_step += 1
+                if not accelerator.sync_gradients and self.progress.micro_step % config.train.gradient_accumulation:
+                    continue
+                loss_value = self._reduce_and_step(loss)
+                self.progress.step += 1
+                window_steps += 1
+                self.losses.append(loss_value)
+                elapsed = time.time() - window_start
+                its = window_steps / elapsed if elapsed > 0 else 0.0
+                remaining = (self.total_steps - self.progress.step) / its if its else None
+                lr = self.lr_scheduler.get_last_lr()[0]
+                self.events.emit("step", step=self.progress.step, total=self.total_steps, loss=loss_value, lr=lr,
+                                 epoch=self.progress.epoch, its=round(its, 4),
+                                 eta_seconds=round(remaining, 1) if remaining is not None else None)
+                self.events.scalars(self.progress.step, {"loss": loss_value, "lr": lr, **self._norms()})
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                self._periodic()
+                if self.progress.step >= self.total_steps or self.stop.requested():
+                    break
+            else:
+                self._end_of_epoch()
+                continue
+            if self.stop.requested() or self.progress.step >= self.total_steps:
+                break
+        bar.close()
+
+    def _end_of_epoch(self) -> None:
+        self.progress.epoch += 1
+        self.progress.batch_in_epoch = 0
+        every = self.config.output.save_every_n_epochs
+        if every and self.progress.epoch % every == 0 and self.progress.step < self.total_steps:
+            self._save(final=False)
+
+    def _periodic(self) -> None:
+        config, step = self.config, self.progress.step
+        if config.train.validation_every_n_steps and step % config.train.validation_every_n_steps == 0:
+            self._validate()
+        if config.sample.every_n_steps and step % config.sample.every_n_steps == 0 and step < self.total_steps:
+            self._sample()
+        if config.output.save_every_n_steps and step % config.output.save_every_n_steps == 0 \
+                and step < self.total_steps:
+            self._save(final=False)
+        if step % 50 == 0 or step == 1:
+            self.events.emit("memory", step=step, peak_mb=round(peak_memory_mb(self.accelerator.device), 1))
+
+    def _reduce_and_step(self, loss: torch.Tensor) -> float:
+        """All-reduce gradients (adapters are not DDP-wrapped: they live in hooks), clip, step, check for NaN."""
+        accelerator = self.accelerator
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if accelerator.num_processes > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.flatten() for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= accelerator.num_processes
+            offset = 0
+            for param in params:
+                count = param.numel()
+                param.grad = flat[offset:offset + count].view_as(param).clone()
+                offset += count
+        loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
+        if not math.isfinite(loss_value):
+            kept = f"the last good save is {self.last_good_save}" if self.last_good_save else "nothing was saved yet"
+            raise TrainingError(f"the loss became {loss_value} at step {self.progress.step + 1}; training stopped "
+                                f"and {kept}. Lower the learning rate or use bf16/fp32 mixed precision.")
+        if self.config.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            decay = self.config.train.ema_decay
+            with torch.no_grad():
+                for shadow, param in zip(self.ema, self.network.parameters()):
+                    shadow.lerp_(param.detach(), 1 - decay)
+        return loss_value
+
+    # ================================================================================================ loss
+    def _training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        config, device = self.config, self.accelerator.device
+        latents = self._latents(batch).to(device, torch.float32)
+        batch_size = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        if config.train.noise_offset:
+            offset = torch.randn((batch_size, latents.shape[1], 1, 1), generator=generator, device=latents.device)
+            noise = noise + config.train.noise_offset * offset
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
+                                  generator=generator, device=latents.device).long()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        conditioning = self._conditioning(batch["captions"]).to(device, self.weight_dtype)
+        extra = {}
+        if self.is_sdxl:
+            time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"],
+                                     device, self.weight_dtype)
+            extra["added_cond_kwargs"] = {"text_embeds": conditioning.pooled, "time_ids": time_ids}
+        with self.accelerator.autocast():
+            prediction = self.pipe.unet(noisy.to(self.weight_dtype), timesteps, conditioning.hidden_states,
+                                        **extra).sample
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        if batch.get("masks") is not None:
+            mask = F.interpolate(batch["masks"].to(device, torch.float32), size=loss.shape[-2:], mode="area")
+            loss = loss * mask
+        loss = loss.mean(dim=(1, 2, 3))
+        if config.train.min_snr_gamma:
+            loss = loss * self._min_snr_weights(timesteps)
+        loss = loss * batch["loss_weights"].to(device, torch.float32)
+        return loss.mean()
+
+    def _min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """min(SNR, γ)/SNR for epsilon targets, min(SNR, γ)/(SNR+1) for v targets (Hang et al. 2023)."""
+        alphas = self.noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+        snr = alphas / (1 - alphas)
+        clipped = torch.clamp(snr, max=self.config.train.min_snr_gamma)
+        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if batch.get("latents") is not None:
+            return batch["latents"]
+        return self._encode_pixels(batch["pixels"])
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        latents = vae.encode(pixels.to(vae.device, self.vae_dtype)).latent_dist.mean
+        if not torch.isfinite(latents).all() and self.vae_dtype != torch.float32:
+            log.warning("the VAE produced NaN in %s; encoding in fp32 from now on", self.vae_dtype)
+            self.vae_dtype = torch.float32
+            vae.to(torch.float32)
+            latents = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents.float() - shift) * vae.config.scaling_factor).cpu()
+
+    def _conditioning(self, captions: list[str]) -> Conditioning:
+        clip_skip = self.config.train.clip_skip
+        if self.text_cache is None:
+            with torch.set_grad_enabled(self.train_text_encoder):
+                return encode_captions(self.pipe, captions, clip_skip, self.is_sdxl)
+        with torch.no_grad():
+            return self.text_cache.get_or_compute(
+                captions, lambda missing: encode_captions(self.pipe, missing, clip_skip, self.is_sdxl))
+
+    # ================================================================================================ checks
+    def _validation_batches(self) -> list[dict[str, Any]]:
+        from .dataset import TrainingDataset, collate
+
+        dataset = TrainingDataset(self.scan.validation_items, self.config.dataset, seed=self.config.train.seed,
+                                  augment=False)
+        batches = []
+        for start in range(0, len(dataset), self.config.train.batch_size):
+            items = [dataset[i] for i in range(start, min(len(dataset), start + self.config.train.batch_size))]
+            by_size: dict[tuple, list] = {}
+            for item in items:
+                by_size.setdefault(tuple(item["pixels"].shape), []).append(item)
+            batches.extend(collate(group) for group in by_size.values())
+        return batches
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        """Loss on held-out images with fixed noise and timesteps, so values are comparable across steps."""
+        if not self.validation:
+            return
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(self.config.train.seed)
+        self.network.eval()
+        losses = [float(self._training_loss(batch, generator)) for batch in self.validation]
+        self.network.train()
+        value = sum(losses) / len(losses)
+        self.events.emit("validation", step=self.progress.step, loss=value)
+        self.events.scalars(self.progress.step, {"validation_loss": value})
+
+    def _norms(self) -> dict[str, float]:
+        with torch.no_grad():
+            norms = [float(p.detach().float().norm()) for p in self.network.parameters()]
+        return {"adapter_norm/mean": sum(norms) / max(1, len(norms)), "adapter_norm/max": max(norms, default=0.0)}
+
+    # ================================================================================================ previews
+    def _sample(self) -> None:
+        if not self.main or not self.config.sample.prompts:
+            self.accelerator.wait_for_everyone()
+            return
+        from .sampling import render_previews, save_previews
+
+        sample = self.config.sample
+        resolution = self.config.dataset.resolution
+        with self._ema_weights():
+            self.network.eval()
+            images = render_previews(self.pipe, sample.prompts, sampler=sample.sampler, steps=sample.steps,
+                                     guidance_scale=sample.guidance_scale, seed=sample.seed,
+                                     width=sample.width or resolution, height=sample.height or resolution,
+                                     negative_prompt=sample.negative_prompt)
+            self.network.train()
+        paths = save_previews(images, self.output_dir / "samples", self.progress.step, sample.prompts)
+        self.events.emit("preview", step=self.progress.step, paths=[str(p) for p in paths],
+                         prompts=list(sample.prompts))
+        self.accelerator.wait_for_everyone()
+
+    # ================================================================================================ saving
+    def _check_outputs(self) -> None:
+        if self.output_file.exists() and not self.config.output.overwrite and not self.resume_from:
+            raise ConfigError(f"{self.output_file} already exists; change output.name or set output.overwrite = true")
+        if self.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.stop.stop_file.unlink(missing_ok=True)
+            write_text_atomic(self.output_dir / f"{self.config.output.name}.toml", self.config.to_toml())
+
+    def _metadata(self) -> dict[str, Any]:
+        config, scan = self.config, self.scan
+        return {
+            "ss_steps": self.progress.step, "ss_epoch": self.progress.epoch, "ss_max_train_steps": self.total_steps,
+            "ss_learning_rate": config.train.learning_rate, "ss_unet_lr": config.train.unet_lr or None,
+            "ss_text_encoder_lr": config.train.text_encoder_lr or None, "ss_lr_scheduler": config.train.scheduler,
+            "ss_lr_warmup_steps": config.train.warmup_steps, "ss_optimizer": config.train.optimizer,
+            "ss_mixed_precision": config.train.mixed_precision, "ss_seed": config.train.seed,
+            "ss_batch_size_per_device": config.train.batch_size,
+            "ss_total_batch_size": config.train.batch_size * self.accelerator.num_processes
+            * config.train.gradient_accumulation,
+            "ss_gradient_accumulation_steps": config.train.gradient_accumulation,
+            "ss_gradient_checkpointing": config.train.gradient_checkpointing,
+            "ss_clip_skip": config.train.clip_skip, "ss_noise_offset": config.train.noise_offset,
+            "ss_min_snr_gamma": config.train.min_snr_gamma or None,
+            "ss_num_train_images": len(scan.train_items), "ss_num_reg_images": sum(i.is_reg for i in scan.train_items),
+            "ss_num_batches_per_epoch": len(self.sampler), "ss_cache_latents": self.latent_cache.enabled,
+            "ss_shuffle_caption": config.dataset.shuffle_caption, "ss_keep_tokens": config.dataset.keep_tokens,
+            "ss_caption_dropout_rate": config.dataset.caption_dropout, "ss_flip_aug": config.dataset.flip,
+            "ss_enable_bucket": config.dataset.enable_buckets, "ss_min_bucket_reso": config.dataset.min_bucket_side,
+            "ss_max_bucket_reso": config.dataset.max_bucket_side, "ss_sd_model_name": Path(config.model.base).name,
+            "ss_tag_frequency": scan.tag_frequency, "ss_dataset_dirs": scan.dataset_dirs,
+            "ss_bucket_info": self.dataset.bucket_info(), "ss_training_finished_at": time.time(),
+            "modelspec.trigger_phrase": config.dataset.trigger_word or None,
+            "modelspec.author": config.output.author or None,
+            "modelspec.description": config.output.description or None,
+            "modelspec.encoder_layer": config.train.clip_skip if config.train.clip_skip > 1 else None,
+        }
+
+    def _save(self, final: bool) -> Path | None:
+        """Write the adapter (and resumable state), then reload the file and compare it with the live weights."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.main:
+            name = self.config.output.name
+            step_file = self.output_dir / f"{name}-step{self.progress.step:06d}.safetensors"
+            path = self.output_file if final else unique_path(step_file)
+            with self._ema_weights():
+                save_network(self.network, path, title=self.config.output.title or name,
+                             dtype=self.config.output.save_dtype, prediction_type=self.prediction_type,
+                             extra_metadata=self._metadata(), overwrite=final and (self.config.output.overwrite
+                                                                                   or self.resume_from is not None))
+                check = self._verify_file(path)
+            if self.config.output.save_state:
+                self._save_state(path.with_suffix("").with_name(path.stem + "-state"))
+            self.saves.append(path)
+            self.last_good_save = path
+            self.events.emit("save", step=self.progress.step, path=str(path), final=final,
+                             size_bytes=path.stat().st_size, **check)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _verify_file(self, path: Path) -> dict[str, Any]:
+        """Reload a written file into fresh adapters and compare merged weights with the live network."""
+        tensors, _ = load_adapter_file(path)
+        parts, _ = pipeline_parts(self.pipe, self.arch)
+        reloaded, unmatched = AdapterNetwork.from_state_dict(parts, self.arch, tensors, source=str(path))
+        live = self.network.merged_deltas()
+        again = reloaded.merged_deltas()
+        worst, worst_relative = 0.0, 0.0
+        missing = [name for name in live if name not in again]
+        for name, delta in live.items():
+            if name in again:
+                difference = float((delta.cpu() - again[name].cpu()).abs().max())
+                scale = float(delta.abs().max()) or 1.0
+                worst = max(worst, difference)
+                worst_relative = max(worst_relative, difference / scale)
+        tolerance = {"fp32": 1e-5, "bf16": 2e-2}.get(self.config.output.save_dtype, 2e-3)
+        ok = not missing and not unmatched and worst_relative <= tolerance
+        result = {"check_modules": len(again), "check_max_difference": worst,
+                  "check_max_relative_difference": worst_relative, "check_ok": ok}
+        if not ok:
+            log.warning("self-check of %s failed: %s", path, result)
+        return result
+
+    def _save_state(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        temporary = folder.with_name(folder.name + ".tmp")
+        temporary.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()},
+                  str(temporary / STATE_WEIGHTS))
+        state = {
+            "progress": dataclasses.asdict(self.progress), "losses": self.losses,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
+            "rng": rng_state(), "ema": self.ema, "config": self.config.to_dict(),
+        }
+        torch.save(state, temporary / STATE_FILE)
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(temporary, folder)
+
+    def _load_state(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        if not (folder / STATE_FILE).is_file():
+            raise ConfigError(f"{folder}: not a resumable state folder (no {STATE_FILE}); pass a *-state folder")
+        self.network.load_state_dict(load_file(str(folder / STATE_WEIGHTS), device=str(self.accelerator.device)))
+        state = torch.load(folder / STATE_FILE, map_location=self.accelerator.device, weights_only=False)
+        self.progress = Progress(**state["progress"])
+        self.losses = list(state["losses"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        if state.get("ema") is not None and self.ema is not None:
+            self.ema = [t.to(self.accelerator.device) for t in state["ema"]]
+        set_rng_state(state["rng"])
+        self.events.emit("resumed", step=self.progress.step, epoch=self.progress.epoch, path=str(folder))
+
+    def _ema_weights(self):
+        """Context: swap the EMA weights in (for saves and previews) and the live ones back afterwards."""
+        trainer = self
+
+        class Swap:
+            def __enter__(self):
+                if trainer.ema is not None:
+                    self.live = [p.detach().clone() for p in trainer.network.parameters()]
+                    with torch.no_grad():
+                        for param, shadow in zip(trainer.network.parameters(), trainer.ema):
+                            param.copy_(shadow)
+
+            def __exit__(self, *exc):
+                if trainer.ema is not None:
+                    with torch.no_grad():
+                        for param, live in zip(trainer.network.parameters(), self.live):
+                            param.copy_(live)
+
+        return Swap()
+
+    def _finish(self) -> TrainResult:
+        stopped = self.stop.requested() and self.progress.step < self.total_steps
+        if stopped:
+            self.events.emit("stopping", step=self.progress.step, reason=self.stop.reason)
+            path = self._save(final=False)
+        else:
+            if self.config.train.validation_every_n_steps:
+                self._validate()
+            if self.config.sample.prompts:
+                self._sample()
+            path = self._save(final=True)
+        self.events.emit("done", step=self.progress.step, output=str(path) if path else None, stopped=stopped,
+                         peak_mb=round(peak_memory_mb(self.accelerator.device), 1))
+        return TrainResult(path, self.progress.step, self.losses, self.saves, stopped, self.stop.reason)
+
+    # ================================================================================================ plumbing
+    def _progress_bar(self, total: int | None = None, initial: int = 0, desc: str = ""):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.main, dynamic_ncols=True)
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum, frame):
+            self.stop.request(f"signal {signal.Signals(signum).name}")
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+
+        def restore():
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+
+# ==================================================================================================== helpers
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unique_path(path: Path) -> Path:
+    """``path`` or, if taken, ``stem-1``, ``stem-2``… — outputs never overwrite a user's file silently."""
+    candidate, index = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
+        index += 1
+    return candidate
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    from methods.files import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+__all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
