@@ -15,9 +15,9 @@ from torch import nn
 
 from .base import (
     AdapterModule,
-    ConfigError,
     DoRAConfigMixin,
     LowRankConfig,
+    check_fraction,
     conv_kwargs,
     is_kxk_conv,
     parameter_factory,
@@ -35,9 +35,7 @@ class LoRAConfig(DoRAConfigMixin, LowRankConfig):
     def validate(self) -> None:
         super().validate()
         for key in ("dropout", "rank_dropout"):
-            value = float(getattr(self, key))
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"network.{key} must be in [0, 1), got {value!r}")
+            check_fraction(getattr(self, key), key)
 
 
 def lora_delta(up: torch.Tensor, down: torch.Tensor, shape: torch.Size, scale: float,
@@ -90,11 +88,15 @@ class LoRAModule(AdapterModule):
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if self.is_conv:
-            if self.tucker:
+            window = conv_kwargs(self.base)
+            if self.base.padding_mode != "zeros":  # pad as the base does (reflect/replicate/circular), then none
+                x = F.pad(x, self.base._reversed_padding_repeated_twice, mode=self.base.padding_mode)
+                window["padding"] = 0
+            if self.tucker:  # the 1×1 down is pointwise, so padding before it equals padding after it
                 hidden = F.conv2d(x, self.lora_down.to(dtype))
-                hidden = F.conv2d(hidden, self.lora_mid.to(dtype), **conv_kwargs(self.base))
+                hidden = F.conv2d(hidden, self.lora_mid.to(dtype), **window)
             else:
-                hidden = F.conv2d(x, self.lora_down.to(dtype), **conv_kwargs(self.base))
+                hidden = F.conv2d(x, self.lora_down.to(dtype), **window)
         else:
             hidden = F.linear(x, self.lora_down.to(dtype))
         if self.training:
