@@ -32,10 +32,10 @@ def _load_all() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     package_dir = Path(__file__).parent
     for info in pkgutil.iter_modules([str(package_dir)]):
-        importlib.import_module(f"{__package__}.{info.name}")
+        importlib.import_module(f"{__package__}.{info.name}")  # a broken method file fails loudly, every time
+    _loaded = True
 
 
 def available_methods() -> list[str]:
