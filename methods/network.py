@@ -127,7 +127,7 @@ class AdapterNetwork(nn.Module):
             except (ValueError, KeyError, RuntimeError) as error:
                 raise ValueError(f"{source}: module {file_name} cannot be read: {error}") from error
             adapters[canonical] = adapter
-            methods.add(method_class.method)
+            methods.add(adapter.method)
         method = methods.pop() if len(methods) == 1 else "+".join(sorted(methods)) or "none"
         return cls(adapters, arch, method, None), unmatched
 
