@@ -146,7 +146,8 @@ def build_tiny_pipeline(arch: str, tokenizer_dir: Path, seed: int = 0, predictio
     from transformers import CLIPTokenizer
 
     torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))
+    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                              model_max_length=77)
     encoders = build_text_encoders(arch, tiny=True, vocab_size=len(tokenizer))
     unet = build_unet(arch, tiny=True)
     vae = AutoencoderKL(**TINY_VAE)
