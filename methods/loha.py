@@ -1,0 +1,168 @@
+"""LoHa: ``ΔW = (alpha/r) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)``, with an optional Tucker core per pair for k×k convs.
+
+File keys (LyCORIS, spec §2.2): ``hada_w1_a``/``hada_w2_a (out, r)``, ``hada_w1_b``/``hada_w2_b (r, in·kh·kw)``
+(2-D even for convs), ``alpha`` (0-dim), optional ``dora_scale``. Tucker (``hada_t1`` present): ``hada_t1``/``hada_t2
+(r, r, kh, kw)``, and the a-matrices flip to ``(r, out)`` while the b-matrices become ``(r, in)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (
+    AdapterModule,
+    ConfigError,
+    DoRAConfigMixin,
+    LowRankConfig,
+    apply_weight,
+    check_fraction,
+    is_kxk_conv,
+    parameter_factory,
+    read_alpha,
+)
+from .registry import register
+
+
+def validate_dropouts(config) -> None:
+    """Shared by LoHa and LoKr: both dropouts in [0, 1), and neither with DoRA (its path never sees them)."""
+    for key in ("dropout", "rank_dropout"):
+        check_fraction(getattr(config, key), key)
+    if config.dora and (config.dropout or config.rank_dropout):
+        raise ConfigError("network.dropout and network.rank_dropout are not applied with dora = true; set them to 0")
+
+
+def regularise_output(out: torch.Tensor, config, is_conv: bool) -> torch.Tensor:
+    """Training-only dropouts on ``ΔW·x``, as LyCORIS defines them for LoHa/LoKr.
+
+    ``rank_dropout`` drops whole output rows of ΔW (one mask per step, like LyCORIS's rebuild path), rescaled by
+    ``1/(1-p)``; ``dropout`` is elementwise dropout on ``ΔW·x`` (LyCORIS's bypass path).
+    """
+    if config.rank_dropout:
+        channels = out.shape[1] if is_conv else out.shape[-1]
+        keep = (torch.rand(channels, device=out.device) >= config.rank_dropout).to(out.dtype)
+        keep = keep / (1.0 - config.rank_dropout)
+        out = out * (keep.view(-1, 1, 1) if is_conv else keep)
+    if config.dropout:
+        out = F.dropout(out, p=config.dropout)
+    return out
+
+
+@dataclasses.dataclass
+class LoHaConfig(DoRAConfigMixin, LowRankConfig):
+    use_tucker: bool = False  # k×k convs: each pair gets a (r, r, kh, kw) core; a/b become (r, out)/(r, in)
+    dropout: float = 0.0  # training only: elementwise dropout on ΔW·x
+    rank_dropout: float = 0.0  # training only: drops whole output rows of ΔW each step
+
+    def validate(self) -> None:
+        super().validate()
+        validate_dropouts(self)
+
+
+def tucker_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """``M[p, q, h, w] = Σ_ij wa[i, p] · t[i, j, h, w] · wb[j, q]`` with ``wa (r, out)``, ``wb (r, in)``."""
+    return torch.einsum("i j h w, i p, j q -> p q h w", t, wa, wb)
+
+
+def loha_delta(w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor, shape: torch.Size,
+               scale: float, t1: torch.Tensor | None = None, t2: torch.Tensor | None = None) -> torch.Tensor:
+    """The pure ΔW of LoHa (Tucker when ``t1``/``t2`` are given), scaled once."""
+    if t1 is not None:
+        return (tucker_rebuild(t1, w1_a, w1_b) * tucker_rebuild(t2, w2_a, w2_b) * scale).reshape(shape)
+    return ((w1_a @ w1_b.flatten(1)) * (w2_a @ w2_b.flatten(1)) * scale).reshape(shape)
+
+
+@register
+class LoHaModule(AdapterModule):
+    method = "loha"
+    description = ("Hadamard product of two low-rank pairs: rank r² expressiveness for 2× LoRA's size; "
+                   "A1111/Forge/ComfyUI, not diffusers.")
+    config_class = LoHaConfig
+    file_keys = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"})
+
+    def __init__(self, name: str, base: nn.Module, config: LoHaConfig, *, tucker: bool | None = None):
+        super().__init__(name, base, config)
+        rank, alpha = config.rank_and_alpha_for(base)
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+        self.tucker = bool(config.use_tucker and is_kxk_conv(base)) if tucker is None else tucker
+        factory = parameter_factory(base)
+        out_dim = self.out_dim
+        if self.tucker:
+            kernel = tuple(self.weight_shape[2:])
+            in_channels = self.weight_shape[1]
+            self.hada_t1 = nn.Parameter(torch.empty(rank, rank, *kernel, **factory))
+            self.hada_w1_a = nn.Parameter(torch.empty(rank, out_dim, **factory))
+            self.hada_w1_b = nn.Parameter(torch.empty(rank, in_channels, **factory))
+            self.hada_t2 = nn.Parameter(torch.empty(rank, rank, *kernel, **factory))
+            self.hada_w2_a = nn.Parameter(torch.zeros(rank, out_dim, **factory))
+            self.hada_w2_b = nn.Parameter(torch.empty(rank, in_channels, **factory))
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+        else:
+            self.hada_w1_a = nn.Parameter(torch.empty(out_dim, rank, **factory))
+            self.hada_w1_b = nn.Parameter(torch.empty(rank, self.in_dim, **factory))
+            self.hada_w2_a = nn.Parameter(torch.zeros(out_dim, rank, **factory))
+            self.hada_w2_b = nn.Parameter(torch.empty(rank, self.in_dim, **factory))
+        # LyCORIS's init: w2_a = 0 so ΔW starts at 0 while w1 and w2_b get gradients from the first step.
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+
+    # ----- math ---------------------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        t1, t2 = (self.hada_t1, self.hada_t2) if self.tucker else (None, None)
+        return loha_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.weight_shape,
+                          self.scale, t1, t2)
+
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        # Building ΔW is the cheap way: the Hadamard product has no factored form narrower than rank r².
+        out = apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+        return regularise_output(out, self.config, self.is_conv) if self.training else out
+
+    # ----- file layout -------------------------------------------------------------------------------------
+    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+        """Every consumer reads both layouts (Tucker included), so ``portable`` changes nothing here."""
+        tensors = {
+            "hada_w1_a": self.hada_w1_a.detach(),
+            "hada_w1_b": self.hada_w1_b.detach(),
+            "hada_w2_a": self.hada_w2_a.detach(),
+            "hada_w2_b": self.hada_w2_b.detach(),
+        }
+        if self.tucker:
+            tensors["hada_t1"] = self.hada_t1.detach()
+            tensors["hada_t2"] = self.hada_t2.detach()
+        tensors["alpha"] = torch.tensor(float(self.alpha))
+        return self._dora_export(tensors)
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoHaModule:
+        missing = [k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if k not in tensors]
+        tucker = "hada_t1" in tensors or "hada_t2" in tensors
+        if tucker and not ("hada_t1" in tensors and "hada_t2" in tensors):
+            missing.append("hada_t2" if "hada_t1" in tensors else "hada_t1")
+        if missing:
+            raise ValueError(f"{name}: LoHa module lacks {', '.join(missing)}")
+        rank = tensors["hada_w1_b"].shape[0]  # as A1111, ComfyUI and LyCORIS read it
+        if tensors["hada_w2_b"].shape[0] != rank:
+            raise ValueError(f"{name}: hada_w1_b and hada_w2_b disagree on the rank "
+                             f"({rank} vs {tensors['hada_w2_b'].shape[0]})")
+        if tucker and not is_kxk_conv(base):
+            raise ValueError(f"{name}: hada_t1/hada_t2 (Tucker LoHa) on a {type(base).__name__} that is not a k×k conv")
+        alpha = read_alpha(tensors, rank)
+        config = LoHaConfig(rank=rank, alpha=alpha, conv_rank=rank, conv_alpha=alpha)
+        module = cls(name, base, config, tucker=tucker)
+        keys = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + (["hada_t1", "hada_t2"] if tucker else [])
+        with torch.no_grad():
+            for key in keys:
+                param, value = getattr(module, key), tensors[key]
+                if value.numel() != param.numel() or value.shape[0] != param.shape[0]:
+                    raise ValueError(f"{name}: {key} {tuple(value.shape)} does not fit a {tuple(module.weight_shape)} "
+                                     f"weight at rank {rank} (expected {tuple(param.shape)})")
+                param.copy_(value.reshape(param.shape))
+        module._dora_import(tensors)
+        return module
