@@ -62,7 +62,7 @@ def _final_layer_norm(encoder: Any):
     return model.final_layer_norm
 
 
-def sdxl_time_ids(original_sizes: list, crop_top_lefts: list, target_sizes: list, device, dtype) -> torch.Tensor:
-    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per sample."""
-    rows = [list(o) + list(c) + list(t) for o, c, t in zip(original_sizes, crop_top_lefts, target_sizes)]
-    return torch.tensor(rows, device=device, dtype=dtype)
+def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, target_sizes: torch.Tensor,
+                  device, dtype) -> torch.Tensor:
+    """SDXL micro-conditioning: (original h, w, crop top, left, target h, w) per sample, each input (B, 2)."""
+    return torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).to(device, dtype)

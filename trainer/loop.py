@@ -114,8 +114,9 @@ class Trainer:
                                                                             torch.float32)
         arch = None if config.model.arch == "auto" else config.model.arch
         prediction = None if config.model.prediction_type == "auto" else config.model.prediction_type
-        self.pipe, self.model_info = load_pipeline(config.model.base, arch=arch, prediction_type=prediction,
-                                                   vae=config.model.vae or None)
+        self.pipe, self.model_info = load_pipeline(config.model.base, arch=arch, prediction_type=prediction)
+        if config.model.vae:
+            self.pipe.vae = load_vae(config.model.vae, self.pipe.vae)
         self.arch = self.model_info.arch
         self.prediction_type = self.model_info.prediction_type
         self.is_sdxl = self.arch == "sdxl"
@@ -146,7 +147,7 @@ class Trainer:
     # ================================================================================================ prepare
     def _prepare(self) -> None:
         from .cache import LatentCache, TextEmbeddingCache
-        from .dataset import BucketBatchSampler, TrainingDataset, collate, scan_dataset
+        from .dataset import BucketBatchSampler, load_datasets, make_dataloader
 
         config, accelerator = self.config, self.accelerator
         torch.manual_seed(config.train.seed)
@@ -154,18 +155,18 @@ class Trainer:
         np.random.seed(config.train.seed % 2**32)
 
         # ---- data
-        self.scan = scan_dataset(config.dataset, seed=config.train.seed)
+        self.dataset, self.validation_dataset, self.scan = load_datasets(config.dataset, seed=config.train.seed)
         for path, reason in self.scan.skipped:
             self.events.emit("skipped_image", path=str(path), reason=reason)
-        self.dataset = TrainingDataset(self.scan.train_items, config.dataset, seed=config.train.seed)
         needed = config.train.batch_size * accelerator.num_processes * config.train.gradient_accumulation
-        samples = self.dataset.samples_per_epoch()
+        samples = len(self.dataset)
         if samples < needed:
             raise ConfigError(
-                f"the dataset gives {samples} sample(s) per epoch ({len(self.scan.train_items)} image(s) with repeats) "
-                f"but one optimizer step needs batch_size {config.train.batch_size} × {accelerator.num_processes} "
-                f"process(es) × gradient_accumulation {config.train.gradient_accumulation} = {needed}; "
-                "add images or repeats, or lower batch_size/gradient_accumulation")
+                f"the dataset gives {samples} sample(s) per epoch ({self.scan.num_train_images} image(s) with "
+                f"repeats) but one optimizer step needs batch_size {config.train.batch_size} × "
+                f"{accelerator.num_processes} process(es) × gradient_accumulation "
+                f"{config.train.gradient_accumulation} = {needed}; add images or repeats, or lower batch_size or "
+                "gradient_accumulation")
 
         # ---- adapters
         parts, _ = pipeline_parts(self.pipe, self.arch)
@@ -189,10 +190,18 @@ class Trainer:
         # ---- caches
         self.latent_cache = LatentCache(config.dataset.latent_cache, self.output_dir / "cache" / "latents",
                                         vae_id=self._vae_id())
-        if self.latent_cache.enabled:
-            reason = self.latent_cache.encode_all(self.dataset, self._encode_pixels, progress=self._progress_bar)
-            if reason:
-                self.events.emit("warning", message=f"latent cache off: {reason}")
+        cached = True
+        for dataset in (self.dataset, self.validation_dataset):
+            if dataset is None:
+                continue
+            report = self.latent_cache.encode_all(dataset, self._encode_pixels, batch_size=config.train.batch_size,
+                                                  process_index=accelerator.process_index,
+                                                  num_processes=accelerator.num_processes)
+            cached = cached and report.active
+            if not report.active and config.dataset.latent_cache != "off":
+                self.events.emit("warning", message=f"latent cache off: {report.reason}")
+        self.latents_cached = cached and config.dataset.latent_cache != "off"
+        accelerator.wait_for_everyone()
         self.text_cache = None
         if config.dataset.cache_text_encoder_outputs and not self.train_text_encoder:
             self.text_cache = TextEmbeddingCache(encoder_id=config.model.base, clip_skip=config.train.clip_skip)
@@ -201,25 +210,25 @@ class Trainer:
         from .optim import build_optimizer, build_scheduler
 
         self.optimizer = build_optimizer(config.train, self._parameter_groups())
-        self.sampler = BucketBatchSampler(self.dataset, config.train.batch_size, seed=config.train.seed,
-                                          num_replicas=accelerator.num_processes,
-                                          rank=accelerator.process_index)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=collate,
-                                                  num_workers=config.dataset.num_workers)
-        steps_per_epoch = max(1, len(self.sampler) // config.train.gradient_accumulation)
+        self.sampler = BucketBatchSampler(self.dataset, config.train.batch_size, seed=config.train.seed)
+        self.loader = accelerator.prepare(make_dataloader(self.dataset, self.sampler, config.dataset.num_workers))
+        self.batches_per_epoch = len(self.sampler) // accelerator.num_processes
+        steps_per_epoch = max(1, self.batches_per_epoch // config.train.gradient_accumulation)
         self.total_steps = (config.train.epochs * steps_per_epoch if config.train.epochs > 0
                             else config.train.max_steps)
         self.steps_per_epoch = steps_per_epoch
         self.lr_scheduler = build_scheduler(self.optimizer, config.train, self.total_steps)
         self.ema = [p.detach().clone() for p in self.network.parameters()] if config.train.ema_decay else None
-        self.validation = self._validation_batches() if self.scan.validation_items else []
+        self.scaler = torch.amp.GradScaler(enabled=config.train.mixed_precision == "fp16"
+                                           and accelerator.device.type == "cuda")
         if self.resume_from:
             self._load_state(self.resume_from)
         self.summary = {
             "method": self.network.method, "modules": self.network.counts(),
             "trainable_parameters": self.network.trainable_parameter_count(),
-            "images": len(self.scan.train_items), "samples_per_epoch": samples,
-            "batches_per_epoch": len(self.sampler), "total_steps": self.total_steps,
+            "images": self.scan.num_train_images, "samples_per_epoch": samples,
+            "batches_per_epoch": self.batches_per_epoch, "total_steps": self.total_steps,
+            "latents_cached": self.latents_cached,
             "skipped_images": len(self.scan.skipped), "device": str(accelerator.device),
         }
 
@@ -253,17 +262,17 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         bar = self._progress_bar(total=self.total_steps, initial=self.progress.step, desc="training")
         window_start, window_steps = time.time(), 0
+        accumulation = config.train.gradient_accumulation
         while self.progress.step < self.total_steps:
-            self.sampler.set_epoch(self.progress.epoch)
-            self.sampler.skip_batches = self.progress.batch_in_epoch
-            self.dataset.set_epoch(self.progress.epoch)
+            # Batches are counted before sharding: each process consumed batch_in_epoch of its own.
+            self.sampler.resume(self.progress.epoch, self.progress.batch_in_epoch * accelerator.num_processes)
+            self.loader.set_epoch(self.progress.epoch)
             for batch in self.loader:
                 self.progress.batch_in_epoch += 1
-                with accelerator.accumulate(self.network):
-                    loss = self._training_loss(batch)
-                    accelerator.backward(loss)
+                loss = self._training_loss(batch)
+                self.scaler.scale(loss / accumulation).backward()
                 self.progress.micro_step += 1
-                if not accelerator.sync_gradients and self.progress.micro_step % config.train.gradient_accumulation:
+                if self.progress.micro_step % accumulation:
                     continue
                 loss_value = self._reduce_and_step(loss)
                 self.progress.step += 1
@@ -285,8 +294,7 @@ class Trainer:
             else:
                 self._end_of_epoch()
                 continue
-            if self.stop.requested() or self.progress.step >= self.total_steps:
-                break
+            break
         bar.close()
 
     def _end_of_epoch(self) -> None:
@@ -327,9 +335,11 @@ class Trainer:
             kept = f"the last good save is {self.last_good_save}" if self.last_good_save else "nothing was saved yet"
             raise TrainingError(f"the loss became {loss_value} at step {self.progress.step + 1}; training stopped "
                                 f"and {kept}. Lower the learning rate or use bf16/fp32 mixed precision.")
+        self.scaler.unscale_(self.optimizer)
         if self.config.train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -403,33 +413,25 @@ class Trainer:
         if self.text_cache is None:
             with torch.set_grad_enabled(self.train_text_encoder):
                 return encode_captions(self.pipe, captions, clip_skip, self.is_sdxl)
-        with torch.no_grad():
-            return self.text_cache.get_or_compute(
-                captions, lambda missing: encode_captions(self.pipe, missing, clip_skip, self.is_sdxl))
+        def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            conditioning = encode_captions(self.pipe, texts, clip_skip, self.is_sdxl)
+            return conditioning.hidden_states, conditioning.pooled
+
+        hidden, pooled = self.text_cache(captions, encode)
+        return Conditioning(hidden, pooled)
 
     # ================================================================================================ checks
-    def _validation_batches(self) -> list[dict[str, Any]]:
-        from .dataset import TrainingDataset, collate
-
-        dataset = TrainingDataset(self.scan.validation_items, self.config.dataset, seed=self.config.train.seed,
-                                  augment=False)
-        batches = []
-        for start in range(0, len(dataset), self.config.train.batch_size):
-            items = [dataset[i] for i in range(start, min(len(dataset), start + self.config.train.batch_size))]
-            by_size: dict[tuple, list] = {}
-            for item in items:
-                by_size.setdefault(tuple(item["pixels"].shape), []).append(item)
-            batches.extend(collate(group) for group in by_size.values())
-        return batches
-
     @torch.no_grad()
     def _validate(self) -> None:
         """Loss on held-out images with fixed noise and timesteps, so values are comparable across steps."""
-        if not self.validation:
+        from .dataset import collate_batch
+
+        if self.validation_dataset is None or not self.main:
             return
         generator = torch.Generator(device=self.accelerator.device).manual_seed(self.config.train.seed)
         self.network.eval()
-        losses = [float(self._training_loss(batch, generator)) for batch in self.validation]
+        losses = [float(self._training_loss(collate_batch([self.validation_dataset[i]]), generator))
+                  for i in range(len(self.validation_dataset))]
         self.network.train()
         value = sum(losses) / len(losses)
         self.events.emit("validation", step=self.progress.step, loss=value)
@@ -485,13 +487,14 @@ class Trainer:
             "ss_gradient_checkpointing": config.train.gradient_checkpointing,
             "ss_clip_skip": config.train.clip_skip, "ss_noise_offset": config.train.noise_offset,
             "ss_min_snr_gamma": config.train.min_snr_gamma or None,
-            "ss_num_train_images": len(scan.train_items), "ss_num_reg_images": sum(i.is_reg for i in scan.train_items),
-            "ss_num_batches_per_epoch": len(self.sampler), "ss_cache_latents": self.latent_cache.enabled,
+            "ss_num_train_images": scan.num_train_images, "ss_num_reg_images": scan.num_reg_images,
+            "ss_num_batches_per_epoch": self.batches_per_epoch, "ss_cache_latents": self.latents_cached,
             "ss_shuffle_caption": config.dataset.shuffle_caption, "ss_keep_tokens": config.dataset.keep_tokens,
             "ss_caption_dropout_rate": config.dataset.caption_dropout, "ss_flip_aug": config.dataset.flip,
             "ss_enable_bucket": config.dataset.enable_buckets, "ss_min_bucket_reso": config.dataset.min_bucket_side,
             "ss_max_bucket_reso": config.dataset.max_bucket_side, "ss_sd_model_name": Path(config.model.base).name,
             "ss_tag_frequency": scan.tag_frequency, "ss_dataset_dirs": scan.dataset_dirs,
+            "ss_reg_dataset_dirs": scan.reg_dataset_dirs or None,
             "ss_bucket_info": self.dataset.bucket_info(), "ss_training_finished_at": time.time(),
             "modelspec.trigger_phrase": config.dataset.trigger_word or None,
             "modelspec.author": config.output.author or None,
@@ -646,6 +649,23 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_vae(source: str, current: Any):
+    """A replacement VAE from a diffusers folder (with or without a ``vae`` sub-folder) or a single file."""
+    from diffusers import AutoencoderKL
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+        return AutoencoderKL.from_pretrained(str(folder))
+    if path.is_file():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as config_dir:
+            current.save_config(config_dir)
+            return AutoencoderKL.from_single_file(str(path), config=config_dir)
+    raise ConfigError(f"model.vae = {source!r}: no such file or folder")
 
 
 def rng_state() -> dict[str, Any]:
