@@ -260,8 +260,12 @@ class AdapterModule(nn.Module):
         return base_out + self.bypass(x) * strength
 
     # ----- file layout -----------------------------------------------------------------------------------
-    def export_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors to store under ``<name>.<suffix>``; includes ``alpha`` and ``dora_scale``."""
+    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors to store under ``<name>.<suffix>``, including ``alpha`` and ``dora_scale``.
+
+        ``portable`` picks the layout every consumer reads (Tucker cores folded, OFT constraint baked in);
+        ``False`` keeps the trainable layout, for resuming with another tool.
+        """
         raise NotImplementedError
 
     @classmethod
@@ -375,10 +379,6 @@ class AdapterModule(nn.Module):
     @property
     def merged(self) -> bool:
         return self._merged is not None
-
-
-def default_alpha_tensor(alpha: float) -> torch.Tensor:
-    return torch.tensor(float(alpha))
 
 
 def read_alpha(tensors: dict[str, torch.Tensor], rank: int) -> float:
