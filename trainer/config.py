@@ -34,6 +34,7 @@ class ModelSection:
     prediction_type: str = "auto"
     vae: str = ""  # optional separate VAE (folder or file)
     vae_fp32: bool = True  # run the VAE in fp32 (the SDXL VAE gives NaN/black images in fp16)
+    tokenizer: str = ""  # folder with vocab.json/merges.txt, for single-file checkpoints (they carry none)
 
 
 @dataclasses.dataclass
@@ -102,6 +103,9 @@ class TrainSection:
     ema_decay: float = 0.0  # > 0: keep an EMA of the adapter weights and save it
     validation_every_n_steps: int = 0
     sdpa: bool = True
+    # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
+    # fixed batch the loss measures pure fitting and must fall; never for real training.
+    fixed_noise: bool = False
 
 
 @dataclasses.dataclass
@@ -213,6 +217,15 @@ class TrainerConfig:
             raise ConfigError("set train.max_steps or train.epochs to a positive number")
         if self.dataset.resolution % 8:
             raise ConfigError(f"dataset.resolution must be a multiple of 8, got {self.dataset.resolution}")
+        if self.dataset.enable_buckets:
+            data = self.dataset
+            if data.resolution < data.bucket_step:
+                raise ConfigError(f"dataset.resolution {data.resolution} is smaller than dataset.bucket_step "
+                                  f"{data.bucket_step}: no bucket fits; lower dataset.bucket_step or set "
+                                  "dataset.enable_buckets = false")
+            if data.min_bucket_side > data.max_bucket_side:
+                raise ConfigError(f"dataset.min_bucket_side {data.min_bucket_side} is larger than "
+                                  f"dataset.max_bucket_side {data.max_bucket_side}")
         for key, value in (("dataset.caption_dropout", self.dataset.caption_dropout),
                            ("dataset.validation_split", self.dataset.validation_split),
                            ("train.ema_decay", self.train.ema_decay)):

@@ -70,6 +70,10 @@ class EventLog:
                 log.exception("event callback failed for %s", kind)
         return event
 
+    @property
+    def has_tensorboard(self) -> bool:
+        return self._writer is not None and self.enabled
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None and self.enabled:
             for name, value in values.items():
@@ -77,6 +81,7 @@ class EventLog:
 
     def close(self) -> None:
         if self._writer is not None:
+            self._writer.flush()
             self._writer.close()
             self._writer = None
 

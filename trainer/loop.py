@@ -1,12 +1,24 @@
-"""The training engine: load → prepare → loop → save, under Accelerate.
+"""The training engine: scan data → load → prepare → loop → save, under Accelerate.
 
 ``train(config, on_event=...)`` is the public entry point used by the CLI and the web UI. Everything the run
 decides (paths, counts, memory, losses, previews, saves, errors) is emitted as events.
+
+Determinism (what makes resuming exact and a multi-process run equal to a single-process one with the same
+global batch): batch order comes from the bucket sampler (seeded by (seed, epoch)); the noise, timestep and noise
+offset of each sample come from their own generator seeded by (seed, epoch, global batch index, position in the
+batch) — not from global RNG state — so they do not depend on how batches are spread over processes, on
+previews or validation in between, or on where a run was resumed. ``train.fixed_noise`` (a debug option) keys them
+by the sample alone, so every step sees the same noise. Resumable state is taken at optimizer-step boundaries:
+adapter weights, optimizer, scheduler, EMA, GradScaler, RNG states and the data position of that boundary.
+
+Processes: adapters live in forward hooks, so they are not DDP-wrapped; gradients are all-reduced by hand before
+each optimizer step, stop requests are agreed on by all processes, and only the main process writes files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -31,6 +43,8 @@ from .events import EventCallback, EventLog, StopSignal, log
 
 STATE_FILE = "state.pt"
 STATE_WEIGHTS = "adapter.safetensors"
+NORM_EVERY = 10  # adapter-norm scalars for TensorBoard every N steps (a pass over every adapter parameter)
+MEMORY_EVERY = 50  # "memory" events every N steps (and at step 1)
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +59,7 @@ class TrainResult:
     saves: list[Path]
     stopped_early: bool = False
     reason: str = ""
+    state_dir: Path | None = None  # resumable state of the last save (output.save_state)
 
 
 @dataclasses.dataclass
@@ -53,8 +68,8 @@ class Progress:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches of the current epoch already consumed (for exact resume)
-    micro_step: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch this process consumed (for exact resume)
+    micro_step: int = 0  # batches consumed in all (forward/backward passes)
 
 
 def train(config: TrainerConfig, on_event: EventCallback | None = None, stop: StopSignal | None = None,
@@ -63,15 +78,28 @@ def train(config: TrainerConfig, on_event: EventCallback | None = None, stop: St
     return Trainer(config, on_event=on_event, stop=stop, resume=resume).run()
 
 
+def make_accelerator(mixed_precision: str):
+    """An Accelerator for this run. Accelerate keeps its settings in a process-wide singleton that refuses a
+    second mixed-precision setting, so a single-process host (tests, the web UI) resets it between runs."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state.get("num_processes", 1) <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def stable_seed(*key: Any) -> int:
+    """A 63-bit seed from a tuple of plain values, the same in every process and Python session."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 class Trainer:
     def __init__(self, config: TrainerConfig, on_event: EventCallback | None = None,
                  stop: StopSignal | None = None, resume: str | Path | None = None):
-        from accelerate import Accelerator
-
         self.config = config
-        train = config.train
-        self.accelerator = Accelerator(mixed_precision=train.mixed_precision,
-                                       gradient_accumulation_steps=train.gradient_accumulation)
+        self.accelerator = make_accelerator(config.train.mixed_precision)
         self.main = self.accelerator.is_main_process
         self.output_dir = Path(config.output.dir)
         self.output_file = self.output_dir / f"{config.output.name}.safetensors"
@@ -81,9 +109,12 @@ class Trainer:
         self.events = EventLog(self.output_dir, [on_event] if on_event else [], tensorboard=config.output.tensorboard,
                                enabled=self.main)
         self.progress = Progress()
+        self.boundary = Progress()  # the progress at the last optimizer step (what resumable state records)
         self.losses: list[float] = []
         self.saves: list[Path] = []
         self.last_good_save: Path | None = None
+        self.last_state: Path | None = None
+        self.timings: dict[str, float] = {}
 
     # ================================================================================================ run
     def run(self) -> TrainResult:
@@ -91,10 +122,13 @@ class Trainer:
         restore_signals = self._install_signal_handlers()
         try:
             self._check_outputs()
-            self.events.emit("start", config=self.config.to_dict(), processes=self.accelerator.num_processes)
+            self.events.emit("start", config=self.config.to_dict(), processes=self.accelerator.num_processes,
+                             resume=str(self.resume_from) if self.resume_from else None)
+            self._prepare_data()  # first: a dataset problem is reported before minutes of model loading
             self._load()
             self._prepare()
-            self.events.emit("ready", seconds=round(time.time() - started, 2), **self.summary)
+            self.timings["ready"] = time.time() - started
+            self.events.emit("ready", seconds=round(self.timings["ready"], 2), **self.summary)
             self._loop()
             return self._finish()
         except Exception as error:
@@ -105,6 +139,28 @@ class Trainer:
             restore_signals()
             self.events.close()
 
+    # ================================================================================================ data
+    def _prepare_data(self) -> None:
+        from .dataset import load_datasets
+
+        config, accelerator = self.config, self.accelerator
+        try:
+            self.dataset, self.validation_dataset, self.scan = load_datasets(config.dataset, seed=config.train.seed)
+        except ValueError as error:  # missing folder, no usable image: the message names the key
+            raise ConfigError(str(error)) from error
+        for path, reason in self.scan.skipped:
+            self.events.emit("skipped_image", path=str(path), reason=reason)
+        train = config.train
+        needed = train.batch_size * accelerator.num_processes * train.gradient_accumulation
+        samples = len(self.dataset)
+        if samples < needed:
+            raise ConfigError(
+                f"the dataset gives {samples} sample(s) per epoch ({self.scan.num_train_images} image(s) × repeats"
+                f"{f', {len(self.scan.reg_items)} regularisation image(s)' if self.scan.reg_items else ''}) but "
+                f"one optimizer step needs train.batch_size {train.batch_size} × {accelerator.num_processes} "
+                f"process(es) × train.gradient_accumulation {train.gradient_accumulation} = {needed}; add images "
+                "or repeats (the N_ prefix of a folder name), or lower batch_size or gradient_accumulation")
+
     # ================================================================================================ load
     def _load(self) -> None:
         from .models import load_pipeline
@@ -114,7 +170,14 @@ class Trainer:
                                                                             torch.float32)
         arch = None if config.model.arch == "auto" else config.model.arch
         prediction = None if config.model.prediction_type == "auto" else config.model.prediction_type
-        self.pipe, self.model_info = load_pipeline(config.model.base, arch=arch, prediction_type=prediction)
+        self.pipe, self.model_info = load_pipeline(config.model.base, arch=arch, prediction_type=prediction,
+                                                   tokenizer=config.model.tokenizer or None)
+        missing = [name for name in ("tokenizer", "tokenizer_2") if hasattr(self.pipe, name)
+                   and getattr(self.pipe, name) is None]
+        if missing:
+            raise ConfigError(f"model.base = {config.model.base!r} comes without a {missing[0]} (single-file "
+                              "checkpoints carry none); set model.tokenizer to a folder with vocab.json and "
+                              "merges.txt, or use a diffusers folder")
         if config.model.vae:
             self.pipe.vae = load_vae(config.model.vae, self.pipe.vae)
         self.arch = self.model_info.arch
@@ -124,12 +187,15 @@ class Trainer:
         pipe = self.pipe
         for model in self._text_encoders() + [pipe.unet, pipe.vae]:
             model.requires_grad_(False)
+            model.eval()
         pipe.unet.to(device, weight_dtype)
         for encoder in self._text_encoders():
             encoder.to(device, weight_dtype)
         self.vae_dtype = torch.float32 if config.model.vae_fp32 else weight_dtype
         pipe.vae.to(device, self.vae_dtype)
         self.weight_dtype = weight_dtype
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
         if not config.train.sdpa:
             from diffusers.models.attention_processor import AttnProcessor
 
@@ -147,41 +213,29 @@ class Trainer:
     # ================================================================================================ prepare
     def _prepare(self) -> None:
         from .cache import LatentCache, TextEmbeddingCache
-        from .dataset import BucketBatchSampler, load_datasets, make_dataloader
+        from .dataset import BucketBatchSampler, make_dataloader
 
         config, accelerator = self.config, self.accelerator
         torch.manual_seed(config.train.seed)
         random.seed(config.train.seed)
         np.random.seed(config.train.seed % 2**32)
 
-        # ---- data
-        self.dataset, self.validation_dataset, self.scan = load_datasets(config.dataset, seed=config.train.seed)
-        for path, reason in self.scan.skipped:
-            self.events.emit("skipped_image", path=str(path), reason=reason)
-        needed = config.train.batch_size * accelerator.num_processes * config.train.gradient_accumulation
-        samples = len(self.dataset)
-        if samples < needed:
-            raise ConfigError(
-                f"the dataset gives {samples} sample(s) per epoch ({self.scan.num_train_images} image(s) with "
-                f"repeats) but one optimizer step needs batch_size {config.train.batch_size} × "
-                f"{accelerator.num_processes} process(es) × gradient_accumulation "
-                f"{config.train.gradient_accumulation} = {needed}; add images or repeats, or lower batch_size or "
-                "gradient_accumulation")
-
         # ---- adapters
         parts, _ = pipeline_parts(self.pipe, self.arch)
         self.network = AdapterNetwork.create(parts, self.arch, config.network.method, config.network.options,
                                              config.target_config())
+        if not len(self.network):
+            raise ConfigError(f"network.preset = {config.network.preset!r} with include/exclude "
+                              f"{config.network.include}/{config.network.exclude} selects no layer of this model")
         if config.network.init_from:
             self._init_from_file(Path(config.network.init_from))
         self.network.to(accelerator.device)
         self.network.attach()
         self.network.train()
-        self.train_text_encoder = config.train.train_text_encoder and any(
-            not name.startswith("lora_unet") for name in self.network.adapters)
+        self.train_text_encoder = any(not name.startswith("lora_unet") for name in self.network.adapters)
         if config.train.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
-            self.pipe.unet.train()  # diffusers only checkpoints in training mode
+            self.pipe.unet.train()  # diffusers only checkpoints in training mode (the UNet has no dropout)
             if self.train_text_encoder:
                 for encoder in self._text_encoders():
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -190,28 +244,31 @@ class Trainer:
         # ---- caches
         self.latent_cache = LatentCache(config.dataset.latent_cache, self.output_dir / "cache" / "latents",
                                         vae_id=self._vae_id())
-        cached = True
+        cached = config.dataset.latent_cache != "off"
+        self.cache_report = None
         for dataset in (self.dataset, self.validation_dataset):
             if dataset is None:
                 continue
             report = self.latent_cache.encode_all(dataset, self._encode_pixels, batch_size=config.train.batch_size,
                                                   process_index=accelerator.process_index,
                                                   num_processes=accelerator.num_processes)
+            self.cache_report = self.cache_report or report
             cached = cached and report.active
             if not report.active and config.dataset.latent_cache != "off":
                 self.events.emit("warning", message=f"latent cache off: {report.reason}")
-        self.latents_cached = cached and config.dataset.latent_cache != "off"
+        self.latents_cached = cached
         accelerator.wait_for_everyone()
         self.text_cache = None
         if config.dataset.cache_text_encoder_outputs and not self.train_text_encoder:
             self.text_cache = TextEmbeddingCache(encoder_id=config.model.base, clip_skip=config.train.clip_skip)
 
-        # ---- optimizer and schedule
+        # ---- optimizer, data order and schedule
         from .optim import build_optimizer, build_scheduler
 
         self.optimizer = build_optimizer(config.train, self._parameter_groups())
         self.sampler = BucketBatchSampler(self.dataset, config.train.batch_size, seed=config.train.seed)
         self.loader = accelerator.prepare(make_dataloader(self.dataset, self.sampler, config.dataset.num_workers))
+        # Whole rounds only: accelerate would pad the last round by repeating an epoch's first batches.
         self.batches_per_epoch = len(self.sampler) // accelerator.num_processes
         steps_per_epoch = max(1, self.batches_per_epoch // config.train.gradient_accumulation)
         self.total_steps = (config.train.epochs * steps_per_epoch if config.train.epochs > 0
@@ -223,13 +280,21 @@ class Trainer:
                                            and accelerator.device.type == "cuda")
         if self.resume_from:
             self._load_state(self.resume_from)
+        samples = len(self.dataset)
         self.summary = {
             "method": self.network.method, "modules": self.network.counts(),
             "trainable_parameters": self.network.trainable_parameter_count(),
+            "parameter_groups": [{"name": g["name"], "lr": g["lr"], "tensors": len(g["params"])}
+                                 for g in self.optimizer.param_groups],
+            "train_text_encoder": self.train_text_encoder,
             "images": self.scan.num_train_images, "samples_per_epoch": samples,
-            "batches_per_epoch": self.batches_per_epoch, "total_steps": self.total_steps,
-            "latents_cached": self.latents_cached,
+            "batches_per_epoch": self.batches_per_epoch, "steps_per_epoch": steps_per_epoch,
+            "total_steps": self.total_steps, "global_batch_size": config.train.batch_size
+            * accelerator.num_processes * config.train.gradient_accumulation,
+            "latents_cached": self.latents_cached, "text_embeddings_cached": self.text_cache is not None,
+            "buckets": self.dataset.bucket_info()["buckets"],
             "skipped_images": len(self.scan.skipped), "device": str(accelerator.device),
+            "processes": accelerator.num_processes, "start_step": self.progress.step,
         }
 
     def _parameter_groups(self) -> list[dict[str, Any]]:
@@ -247,8 +312,8 @@ class Trainer:
         loaded, unmatched = AdapterNetwork.from_state_dict(parts, self.arch, tensors, source=str(path))
         missing = [name for name in self.network.adapters if name not in loaded.adapters]
         if missing or unmatched:
-            raise ConfigError(f"{path}: does not fit this network ({len(missing)} module(s) missing, "
-                              f"{len(unmatched)} unmatched); use the same method, targets and base model")
+            raise ConfigError(f"network.init_from = {str(path)!r} does not fit this network ({len(missing)} module(s) "
+                              f"missing, {len(unmatched)} unmatched); use the same method, targets and base model")
         with torch.no_grad():
             for name, adapter in self.network.adapters.items():
                 source = loaded.adapters[name].state_dict()
@@ -260,22 +325,37 @@ class Trainer:
     # ================================================================================================ loop
     def _loop(self) -> None:
         config, accelerator = self.config, self.accelerator
+        processes, rank = accelerator.num_processes, accelerator.process_index
+        accumulation = config.train.gradient_accumulation
         bar = self._progress_bar(total=self.total_steps, initial=self.progress.step, desc="training")
         window_start, window_steps = time.time(), 0
-        accumulation = config.train.gradient_accumulation
-        while self.progress.step < self.total_steps:
+        pending: list[torch.Tensor] = []  # micro-batch losses of the current optimizer step
+        self.boundary = dataclasses.replace(self.progress)
+        finished = self.progress.step >= self.total_steps or self._stop_agreed()
+        while not finished:
+            if self.progress.batch_in_epoch >= self.batches_per_epoch:
+                self._end_of_epoch()
+                continue
             # Batches are counted before sharding: each process consumed batch_in_epoch of its own.
-            self.sampler.resume(self.progress.epoch, self.progress.batch_in_epoch * accelerator.num_processes)
+            self.sampler.resume(self.progress.epoch, self.progress.batch_in_epoch * processes)
             self.loader.set_epoch(self.progress.epoch)
             for batch in self.loader:
+                if self.progress.batch_in_epoch >= self.batches_per_epoch:
+                    break  # accelerate's padding of the last round
+                global_batch = self.progress.batch_in_epoch * processes + rank
                 self.progress.batch_in_epoch += 1
-                loss = self._training_loss(batch)
+                loss = self._training_loss(batch, self._noise_keys(batch, global_batch))
                 self.scaler.scale(loss / accumulation).backward()
+                pending.append(loss.detach())
                 self.progress.micro_step += 1
                 if self.progress.micro_step % accumulation:
                     continue
-                loss_value = self._reduce_and_step(loss)
+                loss_value, grad_norm = self._reduce_and_step(torch.stack(pending).mean())
+                pending.clear()
                 self.progress.step += 1
+                self.boundary = dataclasses.replace(self.progress)
+                if "first_step" not in self.timings:
+                    self.timings["first_step"] = time.time() - window_start
                 window_steps += 1
                 self.losses.append(loss_value)
                 elapsed = time.time() - window_start
@@ -283,40 +363,75 @@ class Trainer:
                 remaining = (self.total_steps - self.progress.step) / its if its else None
                 lr = self.lr_scheduler.get_last_lr()[0]
                 self.events.emit("step", step=self.progress.step, total=self.total_steps, loss=loss_value, lr=lr,
-                                 epoch=self.progress.epoch, its=round(its, 4),
+                                 epoch=self.progress.epoch, grad_norm=grad_norm, its=round(its, 4),
                                  eta_seconds=round(remaining, 1) if remaining is not None else None)
-                self.events.scalars(self.progress.step, {"loss": loss_value, "lr": lr, **self._norms()})
+                self._log_scalars(loss_value, grad_norm)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 self._periodic()
-                if self.progress.step >= self.total_steps or self.stop.requested():
+                if self.progress.step >= self.total_steps or self._stop_agreed():
+                    finished = True
                     break
             else:
                 self._end_of_epoch()
-                continue
-            break
         bar.close()
+
+    def _noise_keys(self, batch: dict[str, Any], global_batch: int) -> list[tuple]:
+        seed = self.config.train.seed
+        if self.config.train.fixed_noise:  # debug: the same draw whenever a sample comes back
+            seen: dict[int, int] = {}
+            keys = []
+            for index in batch["indices"]:
+                seen[index] = seen.get(index, -1) + 1
+                keys.append(("fixed", seed, int(index), seen[index]))
+            return keys
+        return [("train", seed, self.progress.epoch, global_batch, position)
+                for position in range(len(batch["indices"]))]
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes must leave the loop at the same step)."""
+        requested = self.stop.requested()
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if requested else 0.0], device=self.accelerator.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not requested:
+                self.stop.request("another process was asked to stop")
+            requested = bool(flag.item())
+        return requested
 
     def _end_of_epoch(self) -> None:
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
+        if self.progress.micro_step % self.config.train.gradient_accumulation == 0:
+            self.boundary = dataclasses.replace(self.progress)
         every = self.config.output.save_every_n_epochs
         if every and self.progress.epoch % every == 0 and self.progress.step < self.total_steps:
             self._save(final=False)
 
     def _periodic(self) -> None:
         config, step = self.config, self.progress.step
-        if config.train.validation_every_n_steps and step % config.train.validation_every_n_steps == 0:
+        last = step >= self.total_steps
+        if config.train.validation_every_n_steps and step % config.train.validation_every_n_steps == 0 and not last:
             self._validate()
-        if config.sample.every_n_steps and step % config.sample.every_n_steps == 0 and step < self.total_steps:
+        if config.sample.every_n_steps and step % config.sample.every_n_steps == 0 and not last:
             self._sample()
-        if config.output.save_every_n_steps and step % config.output.save_every_n_steps == 0 \
-                and step < self.total_steps:
+        if config.output.save_every_n_steps and step % config.output.save_every_n_steps == 0 and not last:
             self._save(final=False)
-        if step % 50 == 0 or step == 1:
+        if step % MEMORY_EVERY == 0 or step == 1:
             self.events.emit("memory", step=step, peak_mb=round(peak_memory_mb(self.accelerator.device), 1))
 
-    def _reduce_and_step(self, loss: torch.Tensor) -> float:
+    def _log_scalars(self, loss_value: float, grad_norm: float) -> None:
+        if not self.events.has_tensorboard:
+            return
+        step = self.progress.step
+        values = {"loss": loss_value, "grad_norm": grad_norm}
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            values[f"lr/{group.get('name', 'group')}"] = lr
+        if step % NORM_EVERY == 0 or step == 1 or step == self.total_steps:
+            values.update(self._norms())
+        self.events.scalars(step, values)
+
+    def _reduce_and_step(self, loss: torch.Tensor) -> tuple[float, float]:
         """All-reduce gradients (adapters are not DDP-wrapped: they live in hooks), clip, step, check for NaN."""
         accelerator = self.accelerator
         params = [p for p in self.network.parameters() if p.requires_grad]
@@ -332,12 +447,12 @@ class Trainer:
                 offset += count
         loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(loss_value):
-            kept = f"the last good save is {self.last_good_save}" if self.last_good_save else "nothing was saved yet"
-            raise TrainingError(f"the loss became {loss_value} at step {self.progress.step + 1}; training stopped "
-                                f"and {kept}. Lower the learning rate or use bf16/fp32 mixed precision.")
+            self._diverged(f"the loss became {loss_value}")
         self.scaler.unscale_(self.optimizer)
-        if self.config.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm)
+        max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: GradScaler skips the step
+            self._diverged(f"the gradient norm became {grad_norm}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
@@ -347,19 +462,19 @@ class Trainer:
             with torch.no_grad():
                 for shadow, param in zip(self.ema, self.network.parameters()):
                     shadow.lerp_(param.detach(), 1 - decay)
-        return loss_value
+        return loss_value, grad_norm
+
+    def _diverged(self, what: str) -> None:
+        kept = (f"the last good save is {self.last_good_save}" if self.last_good_save
+                else "nothing was saved yet (set output.save_every_n_steps to keep intermediate files)")
+        raise TrainingError(f"{what} at step {self.progress.step + 1}; training stopped and {kept}. Lower "
+                            "train.learning_rate, keep train.max_grad_norm > 0, or use bf16/no mixed precision.")
 
     # ================================================================================================ loss
-    def _training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    def _training_loss(self, batch: dict[str, Any], noise_keys: list[tuple]) -> torch.Tensor:
         config, device = self.config, self.accelerator.device
         latents = self._latents(batch).to(device, torch.float32)
-        batch_size = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-        if config.train.noise_offset:
-            offset = torch.randn((batch_size, latents.shape[1], 1, 1), generator=generator, device=latents.device)
-            noise = noise + config.train.noise_offset * offset
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch_size,),
-                                  generator=generator, device=latents.device).long()
+        noise, timesteps = self._noise(latents, noise_keys)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         conditioning = self._conditioning(batch["captions"]).to(device, self.weight_dtype)
         extra = {}
@@ -383,6 +498,24 @@ class Trainer:
             loss = loss * self._min_snr_weights(timesteps)
         loss = loss * batch["loss_weights"].to(device, torch.float32)
         return loss.mean()
+
+    def _noise(self, latents: torch.Tensor, keys: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise (with the noise offset) and timesteps, one generator per sample seeded by its key."""
+        if len(keys) != latents.shape[0]:
+            raise ValueError(f"{len(keys)} noise keys for a batch of {latents.shape[0]}")
+        shape, channels = latents.shape[1:], latents.shape[1]
+        offset_scale = self.config.train.noise_offset
+        steps = self.noise_scheduler.config.num_train_timesteps
+        noises, timesteps = [], []
+        for key in keys:
+            generator = torch.Generator().manual_seed(stable_seed(*key))
+            timesteps.append(int(torch.randint(0, steps, (1,), generator=generator)))
+            sample = torch.randn(shape, generator=generator)
+            if offset_scale:
+                sample = sample + offset_scale * torch.randn((channels, 1, 1), generator=generator)
+            noises.append(sample)
+        noise = torch.stack(noises).to(latents.device)
+        return noise, torch.tensor(timesteps, dtype=torch.long, device=latents.device)
 
     def _min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """min(SNR, γ)/SNR for epsilon targets, min(SNR, γ)/(SNR+1) for v targets (Hang et al. 2023)."""
@@ -411,10 +544,14 @@ class Trainer:
     def _conditioning(self, captions: list[str]) -> Conditioning:
         clip_skip = self.config.train.clip_skip
         if self.text_cache is None:
-            with torch.set_grad_enabled(self.train_text_encoder):
+            with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
                 return encode_captions(self.pipe, captions, clip_skip, self.is_sdxl)
+
         def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-            conditioning = encode_captions(self.pipe, texts, clip_skip, self.is_sdxl)
+            # One caption at a time: an entry must not depend on which captions it was first batched with
+            # (CPU kernels may round differently per batch size), or a resumed run would drift from the original.
+            parts = [encode_captions(self.pipe, [text], clip_skip, self.is_sdxl) for text in texts]
+            conditioning = Conditioning.stack(parts)
             return conditioning.hidden_states, conditioning.pooled
 
         hidden, pooled = self.text_cache(captions, encode)
@@ -428,9 +565,9 @@ class Trainer:
 
         if self.validation_dataset is None or not self.main:
             return
-        generator = torch.Generator(device=self.accelerator.device).manual_seed(self.config.train.seed)
         self.network.eval()
-        losses = [float(self._training_loss(collate_batch([self.validation_dataset[i]]), generator))
+        seed = self.config.train.seed
+        losses = [float(self._training_loss(collate_batch([self.validation_dataset[i]]), [("validation", seed, i)]))
                   for i in range(len(self.validation_dataset))]
         self.network.train()
         value = sum(losses) / len(losses)
@@ -439,25 +576,24 @@ class Trainer:
 
     def _norms(self) -> dict[str, float]:
         with torch.no_grad():
-            norms = [float(p.detach().float().norm()) for p in self.network.parameters()]
-        return {"adapter_norm/mean": sum(norms) / max(1, len(norms)), "adapter_norm/max": max(norms, default=0.0)}
+            params = [p.detach() for p in self.network.parameters()]
+            if not params:
+                return {}
+            norms = torch.stack(torch._foreach_norm(params)).float()
+        return {"adapter_norm/mean": float(norms.mean()), "adapter_norm/max": float(norms.max())}
 
     # ================================================================================================ previews
     def _sample(self) -> None:
         if not self.main or not self.config.sample.prompts:
             self.accelerator.wait_for_everyone()
             return
-        from .sampling import render_previews, save_previews
+        from .sampling import preview_options, render_previews, save_previews
 
         sample = self.config.sample
-        resolution = self.config.dataset.resolution
         with self._ema_weights():
-            self.network.eval()
-            images = render_previews(self.pipe, sample.prompts, sampler=sample.sampler, steps=sample.steps,
-                                     guidance_scale=sample.guidance_scale, seed=sample.seed,
-                                     width=sample.width or resolution, height=sample.height or resolution,
-                                     negative_prompt=sample.negative_prompt)
-            self.network.train()
+            images = render_previews(self.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
+                                     extra_modules=[self.network],
+                                     **preview_options(sample, self.config.dataset.resolution))
         paths = save_previews(images, self.output_dir / "samples", self.progress.step, sample.prompts)
         self.events.emit("preview", step=self.progress.step, paths=[str(p) for p in paths],
                          prompts=list(sample.prompts))
@@ -465,12 +601,26 @@ class Trainer:
 
     # ================================================================================================ saving
     def _check_outputs(self) -> None:
-        if self.output_file.exists() and not self.config.output.overwrite and not self.resume_from:
-            raise ConfigError(f"{self.output_file} already exists; change output.name or set output.overwrite = true")
+        if not self.config.output.overwrite:
+            taken = [path for path in (self.output_file, self._state_dir(self.output_file)) if path.exists()
+                     and (path == self.output_file or self.config.output.save_state)]
+            if taken:
+                raise ConfigError(f"{taken[0]} already exists; change output.name or output.dir, or set "
+                                  "output.overwrite = true")
+        if self.resume_from is not None and not (self.resume_from / STATE_FILE).is_file():
+            raise ConfigError(f"resume: {self.resume_from} is not a resumable state folder (no {STATE_FILE}); pass "
+                              "a *-state folder written next to a save (output.save_state)")
         if self.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.stop.stop_file.unlink(missing_ok=True)
-            write_text_atomic(self.output_dir / f"{self.config.output.name}.toml", self.config.to_toml())
+            toml_path = self.output_dir / f"{self.config.output.name}.toml"
+            if toml_path.exists() and not self.config.output.overwrite:
+                toml_path = unique_path(toml_path)
+            write_text_atomic(toml_path, self.config.to_toml())
+
+    @staticmethod
+    def _state_dir(adapter_file: Path) -> Path:
+        return adapter_file.with_name(adapter_file.stem + "-state")
 
     def _metadata(self) -> dict[str, Any]:
         config, scan = self.config, self.scan
@@ -496,6 +646,7 @@ class Trainer:
             "ss_tag_frequency": scan.tag_frequency, "ss_dataset_dirs": scan.dataset_dirs,
             "ss_reg_dataset_dirs": scan.reg_dataset_dirs or None,
             "ss_bucket_info": self.dataset.bucket_info(), "ss_training_finished_at": time.time(),
+            "ss_ema_decay": config.train.ema_decay or None,
             "modelspec.trigger_phrase": config.dataset.trigger_word or None,
             "modelspec.author": config.output.author or None,
             "modelspec.description": config.output.description or None,
@@ -507,21 +658,25 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         path = None
         if self.main:
+            started = time.time()
             name = self.config.output.name
             step_file = self.output_dir / f"{name}-step{self.progress.step:06d}.safetensors"
             path = self.output_file if final else unique_path(step_file)
             with self._ema_weights():
                 save_network(self.network, path, title=self.config.output.title or name,
                              dtype=self.config.output.save_dtype, prediction_type=self.prediction_type,
-                             extra_metadata=self._metadata(), overwrite=final and (self.config.output.overwrite
-                                                                                   or self.resume_from is not None))
+                             extra_metadata=self._metadata(), overwrite=final and self.config.output.overwrite)
                 check = self._verify_file(path)
+            state = None
             if self.config.output.save_state:
-                self._save_state(path.with_suffix("").with_name(path.stem + "-state"))
+                state = self._state_dir(path)
+                self._save_state(state)
+                self.last_state = state
             self.saves.append(path)
             self.last_good_save = path
             self.events.emit("save", step=self.progress.step, path=str(path), final=final,
-                             size_bytes=path.stat().st_size, **check)
+                             state=str(state) if state else None, size_bytes=path.stat().st_size,
+                             seconds=round(time.time() - started, 3), ema=self.ema is not None, **check)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -542,23 +697,34 @@ class Trainer:
                 worst_relative = max(worst_relative, difference / scale)
         tolerance = {"fp32": 1e-5, "bf16": 2e-2}.get(self.config.output.save_dtype, 2e-3)
         ok = not missing and not unmatched and worst_relative <= tolerance
-        result = {"check_modules": len(again), "check_max_difference": worst,
-                  "check_max_relative_difference": worst_relative, "check_ok": ok}
+        result = {"check_modules": len(again), "check_missing": len(missing), "check_unmatched": len(unmatched),
+                  "check_max_difference": worst, "check_max_relative_difference": worst_relative,
+                  "check_tolerance": tolerance, "check_ok": ok}
         if not ok:
             log.warning("self-check of %s failed: %s", path, result)
+            self.events.emit("warning", message=f"self-check of {path.name} failed: {len(missing)} module(s) "
+                             f"missing, {len(unmatched)} unmatched, max relative difference {worst_relative:.2e} "
+                             f"(tolerance {tolerance:.0e})")
         return result
 
     def _save_state(self, folder: Path) -> None:
+        """Adapter weights, optimizer, scheduler, EMA, scaler, RNG and the data position of the last optimizer step."""
         from safetensors.torch import save_file
 
         temporary = folder.with_name(folder.name + ".tmp")
-        temporary.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            import shutil
+
+            shutil.rmtree(temporary)
+        temporary.mkdir(parents=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()},
                   str(temporary / STATE_WEIGHTS))
         state = {
-            "progress": dataclasses.asdict(self.progress), "losses": self.losses,
+            "progress": dataclasses.asdict(self.boundary), "losses": self.losses[:self.boundary.step],
             "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-            "rng": rng_state(), "ema": self.ema, "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": rng_state(), "ema": [t.cpu() for t in self.ema] if self.ema is not None else None,
+            "config": self.config.to_dict(), "processes": self.accelerator.num_processes,
         }
         torch.save(state, temporary / STATE_FILE)
         if folder.exists():
@@ -570,18 +736,35 @@ class Trainer:
     def _load_state(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        if not (folder / STATE_FILE).is_file():
-            raise ConfigError(f"{folder}: not a resumable state folder (no {STATE_FILE}); pass a *-state folder")
-        self.network.load_state_dict(load_file(str(folder / STATE_WEIGHTS), device=str(self.accelerator.device)))
-        state = torch.load(folder / STATE_FILE, map_location=self.accelerator.device, weights_only=False)
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        saved = state.get("config", {})
+        if saved.get("network") != self.config.to_dict()["network"]:
+            raise ConfigError(f"resume: {folder} was trained with another [network] section "
+                              f"({saved.get('network')}); resume with the same method, options and targets")
+        changed = [f"{section}.{key}" for section in ("dataset", "train") for key, value in
+                   self.config.to_dict()[section].items() if saved.get(section, {}).get(key, value) != value]
+        if state.get("processes", 1) != self.accelerator.num_processes:
+            changed.append(f"processes ({state.get('processes')} → {self.accelerator.num_processes})")
+        if changed:
+            self.events.emit("warning", message=f"resuming with changed settings: {', '.join(changed)}; the run "
+                             "will not match an uninterrupted one exactly")
+        weights = load_file(str(folder / STATE_WEIGHTS), device=str(self.accelerator.device))
+        try:
+            self.network.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ConfigError(f"resume: {folder} does not fit this network ({str(error).splitlines()[0]})") from error
         self.progress = Progress(**state["progress"])
+        self.boundary = dataclasses.replace(self.progress)
         self.losses = list(state["losses"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         if state.get("ema") is not None and self.ema is not None:
             self.ema = [t.to(self.accelerator.device) for t in state["ema"]]
         set_rng_state(state["rng"])
-        self.events.emit("resumed", step=self.progress.step, epoch=self.progress.epoch, path=str(folder))
+        self.events.emit("resumed", step=self.progress.step, epoch=self.progress.epoch,
+                         batch_in_epoch=self.progress.batch_in_epoch, path=str(folder))
 
     def _ema_weights(self):
         """Context: swap the EMA weights in (for saves and previews) and the live ones back afterwards."""
@@ -615,8 +798,12 @@ class Trainer:
                 self._sample()
             path = self._save(final=True)
         self.events.emit("done", step=self.progress.step, output=str(path) if path else None, stopped=stopped,
-                         peak_mb=round(peak_memory_mb(self.accelerator.device), 1))
-        return TrainResult(path, self.progress.step, self.losses, self.saves, stopped, self.stop.reason)
+                         reason=self.stop.reason if stopped else "", state=str(self.last_state) if self.last_state
+                         else None, peak_mb=round(peak_memory_mb(self.accelerator.device), 1),
+                         seconds_to_ready=round(self.timings.get("ready", 0.0), 2),
+                         seconds_to_first_step=round(self.timings.get("first_step", 0.0), 2))
+        return TrainResult(path, self.progress.step, self.losses, self.saves, stopped,
+                           self.stop.reason if stopped else "", self.last_state)
 
     # ================================================================================================ plumbing
     def _progress_bar(self, total: int | None = None, initial: int = 0, desc: str = ""):
@@ -625,12 +812,16 @@ class Trainer:
         return tqdm(total=total, initial=initial, desc=desc, disable=not self.main, dynamic_ncols=True)
 
     def _install_signal_handlers(self):
+        """SIGINT/SIGTERM ask for a stop with a save; a second SIGINT interrupts at once."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {}
 
         def handler(signum, frame):
+            if self.stop.requested() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
             self.stop.request(f"signal {signal.Signals(signum).name}")
+            log.warning("%s: stopping after the current step (with a save)", signal.Signals(signum).name)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
@@ -644,6 +835,7 @@ class Trainer:
 
 # ==================================================================================================== helpers
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated by torch, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
@@ -680,13 +872,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def unique_path(path: Path) -> Path:
     """``path`` or, if taken, ``stem-1``, ``stem-2``… — outputs never overwrite a user's file silently."""
     candidate, index = path, 1
-    while candidate.exists():
+    while candidate.exists() or candidate.with_name(candidate.stem + "-state").exists():
         candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
         index += 1
     return candidate
@@ -698,4 +890,4 @@ def write_text_atomic(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-__all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
+__all__ = ["STATE_FILE", "Progress", "TrainResult", "Trainer", "TrainingError", "stable_seed", "train"]
