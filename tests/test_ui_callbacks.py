@@ -1,0 +1,695 @@
+"""The web UI's callbacks without a browser: uploads, captions, config ↔ form, estimates, the job runner."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from methods.base import ConfigError
+from trainer.config import TrainerConfig
+from ui import form, pipelines, workspace
+from ui.app import RankwrightUI, progress_html
+from ui.jobs import JobBusy, JobError, JobRunner
+from ui.workspace import Workspace, WorkspaceError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning/gr.Info outside a request
+
+
+def png_bytes(colour: str = "red", size: tuple[int, int] = (48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    return Workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def ui(ws) -> RankwrightUI:
+    return RankwrightUI(ws, preset_dirs=[ws.presets])
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+# ================================================================================================ uploads
+@pytest.mark.parametrize(("name", "expected"), [
+    ("../../etc/passwd.png", "passwd.png"),
+    ("..\\..\\windows\\evil.PNG", "evil.png"),
+    ("/abs/path/cat.jpg", "cat.jpg"),
+    (".hidden.png", "hidden.png"),
+    ("a b?<>|:*.png", "a b.png"),
+    ("a?b.png", "a_b.png"),
+    ("CON.png", "_CON.png"),
+    ("", "file"),
+    ("..", "file"),
+    ("x" * 300 + ".png", "x" * 96 + ".png"),
+    ("café\x00.png", "café.png"),
+])
+def test_sanitize_name(name, expected):
+    assert workspace.sanitize_name(name) == expected
+
+
+def test_uploads_never_overwrite_and_captions_follow_their_image(tmp_path):
+    src = tmp_path / "src"
+    first = write(src / "a" / "cat.png", png_bytes("red"))
+    write(src / "a" / "cat.txt", "a red cat")
+    second = write(src / "b" / "cat.png", png_bytes("blue"))
+    write(src / "b" / "cat.txt", "a blue cat")
+    jpg = tmp_path / "src" / "c" / "cat.jpg"
+    jpg.parent.mkdir(parents=True)
+    Image.new("RGB", (30, 30), "green").save(jpg)
+    target = tmp_path / "data" / "1_cat"
+
+    report = workspace.add_uploads([first, src / "a" / "cat.txt"], target)
+    assert [p.name for p in report.added] == ["cat.png"] and not report.rejected
+    report = workspace.add_uploads([second, src / "b" / "cat.txt"], target)
+    assert [p.name for p in report.added] == ["cat-1.png"]
+    assert report.renamed == [("cat.png", "cat-1.png")]
+    report = workspace.add_uploads([jpg], target)  # same stem, other extension: would share cat.txt
+    assert [p.name for p in report.added] == ["cat-2.jpg"]
+
+    assert tree(target) == ["cat-1.png", "cat-1.txt", "cat-2.jpg", "cat.png", "cat.txt"]
+    assert (target / "cat.png").read_bytes() == first.read_bytes()  # the first upload is untouched
+    assert (target / "cat.txt").read_text().strip() == "a red cat"
+    assert (target / "cat-1.txt").read_text().strip() == "a blue cat"
+    assert not [p for p in target.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_names_with_folders_stay_inside_the_target(tmp_path):
+    target = tmp_path / "data" / "1_x"
+    report = workspace.UploadReport()
+    workspace.store([workspace._Incoming("../../evil.png", png_bytes()),
+                     workspace._Incoming("/etc/evil2.png", png_bytes()),
+                     workspace._Incoming("..", png_bytes())], target, report)
+    assert sorted(p.name for p in report.added) == ["evil.png", "evil2.png"]
+    assert report.rejected == [("..", report.rejected[0][1])]
+    assert tree(tmp_path) == ["data/1_x/evil.png", "data/1_x/evil2.png"]
+
+
+def make_zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+    return path
+
+
+def test_zip_members_cannot_escape(tmp_path):
+    archive = make_zip(tmp_path / "upload.zip", {
+        "../../escaped.png": png_bytes("red"),
+        "/absolute.png": png_bytes("green"),
+        "sub/../../../up.png": png_bytes("blue"),
+        "set/img.png": png_bytes("white"),
+        "set/img.txt": b"a white square",
+        "__MACOSX/set/._img.png": b"resource fork",
+        "set/.DS_Store": b"junk",
+        "notes.md": b"# not an image",
+    })
+    target = tmp_path / "ws" / "data" / "1_x"
+    report = workspace.add_uploads([archive], target)
+    assert sorted(p.name for p in report.added) == ["absolute.png", "escaped.png", "img.png", "up.png"]
+    assert [name for name, _ in report.rejected] == ["notes.md"]
+    assert tree(tmp_path) == ["upload.zip", *(f"ws/data/1_x/{n}" for n in
+                                             ["absolute.png", "escaped.png", "img.png", "img.txt", "up.png"])]
+    assert (target / "img.txt").read_text().strip() == "a white square"
+
+
+def test_zip_bombs_and_symlinks_are_refused(tmp_path, monkeypatch):
+    target = tmp_path / "data" / "1_x"
+    bomb = make_zip(tmp_path / "bomb.zip", {"zeros.png": b"\0" * (20 * 2**20)})
+    report = workspace.add_uploads([bomb], target)
+    assert not report.added and "zip bomb" in report.rejected[0][1]
+
+    link = make_zip(tmp_path / "link.zip", {"ok.png": png_bytes()}, symlink="passwd.png")
+    report = workspace.add_uploads([link], target)
+    assert not report.added and "symbolic link" in report.rejected[0][1]
+
+    monkeypatch.setattr(workspace, "MAX_ZIP_MEMBERS", 3)
+    many = make_zip(tmp_path / "many.zip", {f"{i}.png": png_bytes() for i in range(5)})
+    report = workspace.add_uploads([many], target)
+    assert not report.added and "too many files" in report.rejected[0][1]
+
+    monkeypatch.setattr(workspace, "MAX_ZIP_TOTAL_BYTES", 1000)
+    big = make_zip(tmp_path / "big.zip", {"a.png": png_bytes(size=(300, 300)) + b"\0" * 2000})
+    report = workspace.add_uploads([big], target)
+    assert not report.added and "unpacks to" in report.rejected[0][1]
+
+    broken = write(tmp_path / "broken.zip", b"PK\x03\x04 this is not a zip")
+    report = workspace.add_uploads([broken], target)
+    assert "not a readable zip" in report.rejected[0][1]
+    assert not target.exists() or not any(target.iterdir())
+
+
+def test_corrupt_uploads_are_reported_and_left_out(ui, ws, tmp_path):
+    good = write(tmp_path / "good.png", png_bytes())
+    truncated = write(tmp_path / "truncated.png", png_bytes(size=(200, 200))[:-60])
+    garbage = write(tmp_path / "garbage.jpg", b"\xff\xd8\xff this is not really a jpeg")
+    empty = write(tmp_path / "empty.png", b"")
+    program = write(tmp_path / "setup.exe", b"MZ")
+    orphan = write(tmp_path / "orphan.txt", "a caption without an image")
+    result = ui.upload([str(p) for p in (good, truncated, garbage, empty, program, orphan)],
+                       str(ws.default_dataset()), "thing", 3)
+    cleared, report, gallery, paths, _, summary = result
+    assert cleared is None
+    assert "1 image(s) added" in report
+    for name in ("truncated.png", "garbage.jpg", "empty.png", "setup.exe", "orphan.txt"):
+        assert f"left out {name}:" in report
+    assert "truncated" in report and "not an image file" in report and "empty file" in report
+    folder = ws.default_dataset() / "3_thing"
+    assert tree(folder) == ["good.png"]
+    assert [Path(p).name for p in paths] == ["good.png"] and len(gallery) == 1
+    assert "1 usable image(s)" in summary and "`3_thing`: 1 image(s) × 3 repeat(s)" in summary
+
+
+def test_dataset_view_lists_files_the_trainer_would_skip(ui, tmp_path):
+    folder = tmp_path / "disk_dataset"
+    write(folder / "5_dog" / "a.png", png_bytes())
+    write(folder / "5_dog" / "a.txt", "a dog")
+    write(folder / "5_dog" / "broken.png", b"not a png")
+    write(folder / "root.png", png_bytes("blue"))
+    gallery, paths, concepts, summary = ui.dataset_view(str(folder))
+    assert sorted(Path(p).name for p in paths) == ["a.png", "root.png"]
+    assert concepts["choices"] == [("dog", "dog")] or concepts["choices"] == ["dog"]
+    assert "Left out (1)" in summary and "broken.png" in summary and "not an image file" in summary
+    assert any("a dog" in label for _, label in gallery)
+    _, _, _, missing = ui.dataset_view(str(tmp_path / "nowhere"))
+    assert "does not exist" in missing
+
+
+# ================================================================================================ captions
+@pytest.fixture
+def dataset(ws) -> Path:
+    folder = ws.default_dataset()
+    for name, caption in (("a", "a photo of a dog"), ("b", "dog on grass"), ("c", None)):
+        write(folder / "1_dog" / f"{name}.png", png_bytes())
+        if caption is not None:
+            write(folder / "1_dog" / f"{name}.txt", caption)
+    return folder
+
+
+def test_caption_edit(ui, dataset):
+    image = dataset / "1_dog" / "c.png"
+    status, *_ = ui.save_caption(str(dataset), str(image), "a sleeping dog\nsecond line")
+    assert "Caption saved" in status
+    assert (dataset / "1_dog" / "c.txt").read_text() == "a sleeping dog second line\n"
+    assert workspace.read_caption(image) == "a sleeping dog second line"
+    for outside in ("/etc/passwd", str(dataset / ".." / "other.png"), str(dataset / "1_dog" / "a.txt"), ""):
+        with pytest.raises(WorkspaceError):
+            ui.save_caption(str(dataset), outside, "x")
+    # through the guard (as wired in the app) the mistake becomes a message, not an exception
+    result = ui.guard(ui.save_caption, 5, 0)(str(dataset), "/etc/passwd", "x")
+    assert result[0].startswith("⚠️") and "not an image of the dataset" in result[0]
+
+
+def test_trigger_word_and_find_replace(ui, dataset):
+    status, *_ = ui.add_trigger(str(dataset), " zqdog ")
+    assert "to 3 caption(s)" in status
+    captions = {p.stem: workspace.read_caption(p) for p in sorted((dataset / "1_dog").glob("*.png"))}
+    assert captions == {"a": "zqdog, a photo of a dog", "b": "zqdog, dog on grass", "c": "zqdog"}
+    status, *_ = ui.add_trigger(str(dataset), "zqdog")
+    assert "to 0 caption(s)" in status  # idempotent
+    status, *_ = ui.find_replace(str(dataset), "dog", "puppy")
+    assert "in 3 caption(s)" in status
+    assert workspace.read_caption(dataset / "1_dog" / "b.png") == "zqpuppy, puppy on grass"
+    with pytest.raises(WorkspaceError):
+        ui.find_replace(str(dataset), "", "x")
+
+
+def test_set_repeats_renames_the_concept_folder(ui, dataset, tmp_path):
+    status, gallery, paths, concepts, summary = ui.set_repeats(str(dataset), "dog", 7)
+    assert "`1_dog` → `7_dog`" in status
+    assert (dataset / "7_dog" / "a.png").is_file() and not (dataset / "1_dog").exists()
+    assert "× 7 repeat(s)" in summary and len(paths) == 3
+    from trainer.config import DatasetSection
+    from trainer.dataset import scan_dataset
+
+    assert scan_dataset(DatasetSection(dir=str(dataset))).num_train_images == 21
+    with pytest.raises(WorkspaceError):
+        ui.set_repeats(str(dataset), "cat", 2)
+    with pytest.raises(WorkspaceError):
+        ui.set_repeats(str(dataset), "dog", 0)
+    # uploads for "dog" go into the existing 7_dog folder, whatever the repeats box says
+    extra = write(tmp_path / "d.png", png_bytes())
+    ui.upload([str(extra)], str(dataset), "dog", 2)
+    assert (dataset / "7_dog" / "d.png").is_file() and not (dataset / "2_dog").exists()
+
+
+# ================================================================================================ config ↔ form
+METHOD_OPTIONS = {
+    "lora": {"rank": 8, "alpha": 4.0, "dora": True, "conv_rank": 4},
+    "loha": {"rank": 4, "use_tucker": True, "rank_dropout": 0.1},
+    "lokr": {"rank": 4, "factor": 8, "decompose_both": True},
+    "oft": {"block_size": 8, "constraint": 0.001, "rescale": True},
+    "boft": {"block_size": 4, "boft_m": 2},
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_config_form_round_trip(method, tmp_path):
+    data = {
+        "model": {"base": str(tmp_path / "model"), "arch": "sd1", "vae_fp32": False},
+        "dataset": {"dir": str(tmp_path / "data"), "resolution": 64, "trigger_word": "zq", "flip": True,
+                    "caption_dropout": 0.05},
+        "network": {"method": method, "preset": "full", "text_encoder_preset": "none",
+                    "exclude": ["time_emb", "conv_out"], **METHOD_OPTIONS[method]},
+        "train": {"max_steps": 7, "learning_rate": 3e-4, "optimizer": "lion", "optimizer_args": {"betas": [0.9, 0.99]},
+                  "scheduler": "cosine", "warmup_steps": 2, "min_snr_gamma": 5.0},
+        "sample": {"every_n_steps": 3, "prompts": ["zq a dog", "zq, a cat"], "negative_prompt": "blurry"},
+        "output": {"dir": str(tmp_path / "out"), "name": "roundtrip", "save_dtype": "bf16", "author": "me"},
+    }
+    config = TrainerConfig.from_dict(data)
+    values = form.config_to_values(config)
+    assert set(values) == {f.key for f in form.all_fields()}
+    again = form.values_to_config(values)
+    # every value the user wrote survives; the method's other options appear with their defaults
+    assert again.method_config() == config.method_config()
+    for section in ("model", "dataset", "train", "sample", "output"):
+        assert getattr(again, section) == getattr(config, section)
+    # a TOML written by the UI reads back to the same form and the same bytes, also through the CLI's loader
+    text = again.to_toml()
+    path = tmp_path / "ui.toml"
+    path.write_text(text)
+    loaded = TrainerConfig.load(path)
+    assert loaded == again
+    assert form.values_to_config(form.config_to_values(loaded)).to_toml() == text
+    assert form.toml_to_values(text) == form.config_to_values(again)
+
+
+def test_form_values_as_gradio_sends_them(ui):
+    """Numbers arrive as floats, optional numbers as None, lists as text; other methods' options are ignored."""
+    values = form.config_to_values(ui.default_config())
+    values.update({"train.max_steps": 12.0, "network.method": "lokr", "network.lokr.factor": 4.0,
+                   "network.lokr.alpha": None, "network.lora.rank": 999, "sample.prompts": "one\n\n two \n",
+                   "network.include": "", "train.optimizer_args": "betas = [0.9, 0.95]\neps = 1e-8"})
+    config = form.values_to_config(values)
+    assert config.train.max_steps == 12 and isinstance(config.train.max_steps, int)
+    assert config.network.method == "lokr" and config.network.options["factor"] == 4
+    assert "alpha" not in config.network.options and config.network.options["rank"] == 16
+    assert config.sample.prompts == ["one", "two"] and config.network.include == []
+    assert config.train.optimizer_args == {"betas": [0.9, 0.95], "eps": 1e-8}
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.max_steps", 2.5, "whole number"),
+    ("train.max_steps", None, "give a number"),
+    ("network.method", "nonsense", "unknown adapter method"),
+    ("train.optimizer", "adamw9000", "train.optimizer"),
+    ("dataset.resolution", 100, "multiple of 8"),
+    ("train.optimizer_args", "betas = [", "not valid TOML"),
+    ("network.lora.rank", "many", "not a number"),
+    ("network.exclude", "([unclosed", "regular expression"),
+])
+def test_bad_values_give_clear_messages(ui, key, value, message):
+    values = form.config_to_values(ui.default_config())
+    values[key] = value
+    with pytest.raises(ConfigError, match=message):
+        form.values_to_config(values)
+    outputs = ui.guard(ui.start, 2, 0)(*ui.ordered(values))  # as wired: a message, no job, no crash
+    assert outputs[0].startswith("⚠️") and message.split()[0] in outputs[0]
+    assert ui.runner.current() is None
+
+
+def test_every_config_key_and_method_option_is_in_the_form():
+    keys = {f.key for f in form.all_fields()}
+    for section, table in TrainerConfig().to_dict().items():
+        for name in table:
+            if section == "network" and name not in ("method", "preset", "text_encoder_preset", "include",
+                                                     "exclude", "init_from"):
+                continue
+            assert f"{section}.{name}" in keys
+    from methods.registry import available_methods
+
+    assert {"lora", "loha", "lokr", "oft", "boft"} <= set(form.method_fields()) == set(available_methods())
+    assert all(form.method_description(m) for m in available_methods())
+
+
+def test_presets_and_toml_keep_the_folders_they_do_not_set(ui, ws, tmp_path):
+    values = form.config_to_values(ui.default_config())
+    values["model.base"] = str(tmp_path / "my_model")
+    args = ui.ordered(values)
+    preset = write(ws.presets / "fast.toml", '[train]\nmax_steps = 5\n[network]\nmethod = "oft"\nblock_size = 8\n')
+    assert (("workspace: fast.toml", str(preset))) in ui.preset_choices()
+    *loaded, message = ui.load_preset(str(preset), *args)
+    got = ui.values(tuple(loaded))
+    assert "fast.toml" in message
+    assert got["train.max_steps"] == 5 and got["network.method"] == "oft" and got["network.oft.block_size"] == 8
+    assert got["model.base"] == str(tmp_path / "my_model")
+    assert got["dataset.dir"] == str(ws.default_dataset()) and got["output.dir"] == str(ws.outputs)
+
+    text, command, choices, status = ui.save_preset("my preset!", *loaded)
+    saved = ws.presets / "my preset.toml"
+    assert saved.read_text().strip() == text.strip() and str(saved) in command
+    assert command.startswith("python -m trainer train --config ")
+    assert TrainerConfig.load(saved).to_toml() == text
+    assert ui.values(tuple(ui.apply_toml(text, *args)[:-1])) == got
+
+    toml_text, cli, status = ui.show_toml(*loaded)
+    assert toml_text == text and Path(cli.split("--config ")[1].strip("'")).read_text().strip() == text.strip()
+    with pytest.raises(ConfigError):
+        ui.apply_toml("[train]\nmax_steps = 'many'", *args)
+    with pytest.raises(ConfigError):
+        ui.apply_toml("not toml at all [", *args)
+
+
+# ================================================================================================ estimates
+def test_parameter_count_and_file_size_match_a_real_save(tiny_pipeline, tmp_path):
+    from methods.apply import create_network, save_network
+
+    pipe = tiny_pipeline("sd1")
+    for method, options in (("lora", {"rank": 4}), ("loha", {"rank": 2}), ("lokr", {"rank": 4, "factor": 4}),
+                            ("oft", {"block_size": 8}), ("boft", {"block_size": 4})):
+        config = TrainerConfig.from_dict({"network": {"method": method, **options, "preset": "full"}})
+        estimate = pipelines.estimate(config, pipe=pipe)
+        network = create_network(pipe, method, options, config.target_config())
+        path = save_network(network, tmp_path / f"{method}.safetensors", dtype="fp16")
+        network.detach()
+        assert estimate.parameters == network.trainable_parameter_count()
+        assert estimate.modules == network.counts()
+        assert abs(estimate.file_bytes - path.stat().st_size) / path.stat().st_size < 0.25, method
+        assert "detected SD1.x" in estimate.text()
+
+
+def test_estimate_for_real_size_models_on_the_meta_device(ui):
+    values = form.config_to_values(ui.default_config())
+    values.update({"network.method": "lora", "network.lora.rank": 16, "network.preset": "attention_mlp"})
+    text = ui.estimate(*ui.ordered(values))
+    assert "**9,437,184** trainable parameters" in text  # kohya's SD1.5 rank-16 LoRA: 18.9 MB of fp16 weights
+    assert 18.9 <= float(text.split("file ≈ **")[1].split(" MB")[0]) <= 19.2
+    values["output.save_dtype"] = "fp32"
+    assert 37.7 <= float(ui.estimate(*ui.ordered(values)).split("file ≈ **")[1].split(" MB")[0]) <= 38.0
+    values["train.train_text_encoder"] = False
+    assert "te " not in ui.estimate(*ui.ordered(values)).split("modules:")[1].split("·")[0]
+    values["network.lora.rank"] = -3
+    assert ui.estimate(*ui.ordered(values)).startswith("⚠️")
+
+
+def test_method_change_shows_its_options_and_description(ui):
+    updates = ui.method_changed("lokr")
+    assert [u["visible"] for u in updates[:-1]] == [m == "lokr" for m in ui.methods]
+    assert "Kronecker" in updates[-1]
+
+
+# ================================================================================================ job runner
+FAKE_WORKER = textwrap.dedent('''
+    """Stands in for ui.worker: writes trainer-like events; honours the STOP file; exits as told by the config."""
+    import json, sys, time, tomllib
+    from pathlib import Path
+
+    config = tomllib.loads(Path(sys.argv[1]).read_text())
+    out = Path(config["output"]["dir"]); name = config["output"]["name"]
+    total = config["train"]["max_steps"]
+    delay = float(config["output"]["description"] or 0.05)
+    events = out / "events.jsonl"
+    def emit(kind, **fields):
+        with events.open("a") as stream:
+            stream.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\\n")
+    if config["output"]["title"] == "crash":
+        print("Traceback: something broke badly", flush=True); sys.exit(3)
+    (out / "STOP").unlink(missing_ok=True)  # the trainer clears a stale STOP when it starts
+    emit("start", config=config)
+    time.sleep(delay)
+    emit("ready", seconds=0.1, method="lora", modules={"lora_unet": 2}, trainable_parameters=10, images=3,
+         total_steps=total, device="cpu")
+    for step in range(1, total + 1):
+        time.sleep(delay)
+        emit("step", step=step, total=total, loss=1.0 / step, lr=1e-4, its=10.0, eta_seconds=(total - step) * 0.1)
+        if (out / "STOP").exists():
+            emit("stopping", step=step, reason="stop file STOP found")
+            path = out / f"{name}-step{step:06d}.safetensors"; path.write_bytes(b"x")
+            emit("save", step=step, path=str(path), final=False, size_bytes=1, check_ok=True)
+            emit("done", step=step, output=str(path), stopped=True)
+            sys.exit(0)
+    path = out / f"{name}.safetensors"; path.write_bytes(b"x")
+    emit("save", step=total, path=str(path), final=True, size_bytes=1, check_ok=True)
+    emit("done", step=total, output=str(path), stopped=False)
+''')
+
+
+@pytest.fixture
+def fake_runner(ws, tmp_path):
+    script = write(tmp_path / "fake_worker.py", FAKE_WORKER)
+    runners = []
+
+    def make() -> JobRunner:
+        runner = JobRunner(ws.jobs, command=lambda config, folder: [sys.executable, str(script), str(config),
+                                                                    str(folder)])
+        runners.append(runner)
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.kill()
+
+
+def fake_config(ws, steps=5, delay=0.05, name="fake", title="", **sections) -> TrainerConfig:
+    return TrainerConfig.from_dict({"dataset": {"dir": str(ws.default_dataset())},
+                                    "train": {"max_steps": steps},
+                                    "output": {"dir": str(ws.outputs), "name": name, "description": str(delay),
+                                               "title": title}, **sections})
+
+
+def wait_for(predicate, timeout=60.0, interval=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out")
+
+
+def test_job_runs_to_the_end(fake_runner, ws):
+    runner = fake_runner()
+    record = runner.start(fake_config(ws, steps=4))
+    view = wait_for(lambda: (v := runner.view(record)).finished and v)
+    assert view.status == "done" and view.step == 4 and view.total == 4 and view.fraction == 1.0
+    assert view.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    assert [Path(s["path"]).name for s in view.saves] == ["fake.safetensors"]
+    assert "done after 4 steps" in "\n".join(view.log)
+    assert not runner.is_running(record)
+    assert Path(record.config_path).read_text() == fake_config(ws, steps=4).to_toml()
+
+
+def test_second_start_is_refused_while_a_job_runs(fake_runner, ws):
+    runner = fake_runner()
+    record = runner.start(fake_config(ws, steps=400, delay=0.05))
+    with pytest.raises(JobBusy, match="already running"):
+        runner.start(fake_config(ws, name="other"))
+    with pytest.raises(JobBusy):  # also for another runner on the same workspace (another server, a restart)
+        fake_runner().start(fake_config(ws, name="other"))
+    runner.kill(record)
+    wait_for(lambda: not runner.is_running(record))
+    second = runner.start(fake_config(ws, name="other", steps=1))
+    assert second.id != record.id and runner.current().id == second.id
+
+
+def test_ui_start_refusal_is_a_message(ws, fake_runner, tmp_path):
+    ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
+    ws.default_dataset().mkdir(parents=True)
+    values = form.config_to_values(fake_config(ws, steps=400, delay=0.05))
+    start = ui.guard(ui.start, 2, 0)
+    message, _ = start(*ui.ordered(values))
+    assert message.startswith("Started job")
+    values["output.name"] = "second"
+    message, _ = start(*ui.ordered(values))
+    assert message.startswith("⚠️ A training job is already running")
+    assert len(ui.runner.history()) == 1
+
+
+def test_stop_writes_the_stop_file_and_the_run_ends_with_a_save(fake_runner, ws):
+    runner = fake_runner()
+    with pytest.raises(JobError, match="No training job"):
+        runner.stop()
+    record = runner.start(fake_config(ws, steps=400, delay=0.05))
+    wait_for(lambda: runner.view(record).step >= 2)
+    runner.stop()
+    assert record.stop_path.read_text().startswith("stop requested")
+    view = wait_for(lambda: (v := runner.view(record)).finished and v)
+    assert view.status == "stopped" and 2 <= view.step < 400
+    assert Path(view.output).name.startswith("fake-step") and Path(view.output).is_file()
+    assert "stopping at step" in "\n".join(view.log)
+
+
+def test_stop_before_the_trainer_starts_is_repeated(fake_runner, ws):
+    """The trainer deletes a stale STOP file when it starts; a stop requested earlier must still land."""
+    runner = fake_runner()
+    record = runner.start(fake_config(ws, steps=400, delay=0.3))
+    runner.stop()  # the worker has not started yet: it will delete this STOP file
+    view = wait_for(lambda: (v := runner.view(record)).finished and v)
+    assert view.status == "stopped" and view.step < 400
+
+
+def test_reattach_from_disk(fake_runner, ws):
+    """A reloaded page or a restarted server finds the running job and its whole history in the workspace."""
+    first = fake_runner()
+    record = first.start(fake_config(ws, steps=400, delay=0.05))
+    wait_for(lambda: first.view(record).step >= 3)
+    second = fake_runner()  # nothing shared with the first runner but the workspace folder
+    again = second.current()
+    assert again is not None and again.id == record.id and again.pid == record.pid
+    assert second.is_running(again)
+    view = wait_for(lambda: (v := second.view(again)).step >= 3 and v)
+    assert view.losses[:3] == [(1, 1.0), (2, 0.5), (3, 1 / 3)] and view.status == "training"
+    second.stop()
+    assert wait_for(lambda: (v := first.view(record)).finished and v).status == "stopped"
+    assert wait_for(lambda: (v := second.view(again)).finished and v).status == "stopped"
+
+
+def test_events_of_earlier_runs_in_the_same_folder_are_not_shown(fake_runner, ws):
+    runner = fake_runner()
+    first = runner.start(fake_config(ws, steps=3))
+    wait_for(lambda: runner.view(first).finished)
+    second = runner.start(fake_config(ws, steps=2, name="again"))
+    view = wait_for(lambda: (v := runner.view(second)).finished and v)
+    assert second.events_offset > 0 and view.losses == [(1, 1.0), (2, 0.5)]
+    assert [Path(s["path"]).name for s in view.saves] == ["again.safetensors"]
+
+
+def test_existing_output_is_refused_before_starting(fake_runner, ws):
+    runner = fake_runner()
+    write(ws.outputs / "taken.safetensors", b"x")
+    with pytest.raises(JobError, match="already exists"):
+        runner.start(fake_config(ws, name="taken"))
+    assert runner.current() is None
+
+
+def test_a_crashed_worker_is_reported(fake_runner, ws):
+    runner = fake_runner()
+    record = runner.start(fake_config(ws, title="crash"))
+    view = wait_for(lambda: (v := runner.view(record)).finished and v)
+    assert view.status == "error"
+    assert "ended unexpectedly (exit code 3)" in view.error and "something broke badly" in view.error
+
+
+def test_poll_renders_the_current_job(ws, fake_runner):
+    ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
+    status, progress, plot, previews, log_text, files, choices, session = ui.poll({})
+    assert status == "No training job yet." and files is None
+    assert ui.poll(session)[0] == {"__type__": "update"}  # nothing changed: nothing re-sent
+    record = ui.runner.start(fake_config(ws, steps=3))
+    wait_for(lambda: ui.runner.view(record).finished)
+    status, progress, plot, previews, log_text, files, choices, session = ui.poll(session)
+    assert "finished" in status and record.id in status
+    assert "step 3/3" in progress and 'aria-valuenow="100"' in progress
+    assert plot.size == (720, 320)
+    assert "done after 3 steps" in log_text
+    assert [Path(f).name for f in files] == ["fake.safetensors"] and choices["value"] == files[0]
+    assert all(value == {"__type__": "update"} for value in ui.poll(session)[:7])
+    assert "width:50.0%" in progress_html(0.5, "x")
+
+
+# ================================================================================================ results
+def test_results_metadata_of_a_saved_adapter(ui, tiny_pipeline, tmp_path):
+    from methods.apply import create_network, save_network
+
+    pipe = tiny_pipeline("sd1")
+    network = create_network(pipe, "loha", {"rank": 2})
+    path = save_network(network, tmp_path / "adapter.safetensors", extra_metadata={"ss_steps": 12})
+    summary, metadata = ui.adapter_info(str(path))
+    assert "adapter.safetensors" in summary and "steps 12" in summary
+    assert metadata["ss_steps"] == "12" and "ss_network_module" in metadata
+    with pytest.raises(WorkspaceError):
+        ui.adapter_info(str(write(tmp_path / "junk.safetensors", b"junk")))
+    assert ui.adapter_info(None)[0] == "No adapter selected."
+
+
+def test_try_it_renders_with_and_without_the_adapter(ui, tiny_pipeline, randomize, tmp_path):
+    from methods.apply import create_network, save_network
+
+    pipe = tiny_pipeline("sd1")
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
+    network = create_network(pipe, "lora", {"rank": 4})
+    randomize(network, std=0.5)
+    adapter = save_network(network, tmp_path / "a.safetensors")
+    with_image, without_image, status = ui.try_it(str(model), "auto", "auto", "", str(adapter), "a red circle", 1.0,
+                                                  7, 2, 32)
+    assert with_image.size == without_image.size == (32, 32) and "seed 7" in status
+    assert with_image.tobytes() != without_image.tobytes()
+    again, _, _ = ui.try_it(str(model), "auto", "auto", "", str(adapter), "a red circle", 0.0, 7, 2, 32)
+    assert again.tobytes() == without_image.tobytes()  # strength 0 = the base model, the same seed
+    assert "Detected **SD1.x epsilon (diffusers folder)**" in ui.detect(str(model), "auto", "auto")
+    for bad in (str(tmp_path / "missing.safetensors"), None):
+        outputs = ui.guard(ui.try_it, 3, 2)(str(model), "auto", "auto", "", bad, "a", 1.0, 1, 1, 32)
+        assert outputs[2].startswith("⚠️")
+    assert ui.guard(ui.detect, 1, 0)(str(tmp_path / "nope"), "auto", "auto").startswith("⚠️")
+
+
+# ================================================================================================ app
+def test_app_arguments():
+    from app import parse_args
+
+    args = parse_args([])
+    assert (args.host, args.port, args.auth, args.workspace) == ("127.0.0.1", 7860, None, "workspace")
+    args = parse_args(["--host", "0.0.0.0", "--port", "9000", "--auth", "me:se:cret", "--workspace", "/tmp/w"])
+    assert args.auth == ("me", "se:cret") and args.port == 9000
+    for bad in (["--auth", "nopassword"], ["--auth", ":x"], ["--port", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_the_app_builds_and_remembers_the_last_settings(ws, fake_runner):
+    from ui.app import build_app
+
+    ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
+    ws.default_dataset().mkdir(parents=True)
+    demo, _ = build_app(ws, ui)
+    assert demo is ui.demo
+    values = form.config_to_values(fake_config(ws, steps=3, name="remembered"))
+    ui.start(*ui.ordered(values))
+    loaded = ui.on_load()
+    assert ui.values(tuple(loaded[:len(ui.keys)]))["output.name"] == "remembered"
+    assert json.loads((ws.jobs / "current.json").read_text())["id"] == ui.runner.current().id
+
+
+@pytest.mark.slow
+def test_real_worker_trains_and_the_file_reloads(ws, tiny_pipeline, tmp_path):
+    """The real worker process (python -m ui.worker → trainer.loop.train) on a tiny model, 2 steps."""
+    from methods.apply import apply_adapter
+
+    pipe = tiny_pipeline("sd1")
+    pipe.save_pretrained(tmp_path / "model")
+    ui = RankwrightUI(ws, preset_dirs=[])
+    folder = ws.default_dataset()
+    ui.upload([str(write(tmp_path / f"{c}.png", png_bytes(c, (64, 64)))) for c in ("red", "green")],
+              str(folder), "shape", 1)
+    values = form.config_to_values(ui.default_config())
+    values.update({"model.base": str(tmp_path / "model"), "dataset.resolution": 32, "dataset.min_bucket_side": 32,
+                   "dataset.max_bucket_side": 64, "dataset.bucket_step": 8, "train.max_steps": 2,
+                   "output.tensorboard": False, "network.method": "lokr", "network.lokr.rank": 2,
+                   "network.lokr.factor": 4, "output.name": "real"})
+    message, _ = ui.start(*ui.ordered(values))
+    record = ui.runner.current()
+    try:
+        view = wait_for(lambda: (v := ui.runner.view(record)).finished and v, timeout=300, interval=0.5)
+    finally:
+        ui.runner.kill(record)
+    assert view.status == "done", "\n".join(view.log)
+    assert view.step == 2 and len(view.losses) == 2 and view.saves[-1]["check_ok"]
+    handle = apply_adapter(pipe, view.output, 1.0)
+    assert len(handle.network) == view.summary["modules"]["lora_unet"] + view.summary["modules"]["lora_te"]
+    handle.remove()
+    assert os.path.basename(view.output) == "real.safetensors"

@@ -1,0 +1,307 @@
+"""Every ``TrainerConfig`` key as a UI field, and the conversion UI values ↔ config ↔ TOML.
+
+The form is generated from the config dataclasses (and each method's option dataclass), so a key added to
+``trainer/config.py`` or a new method appears in the UI without touching this file. ``values_to_config`` builds
+the config through :meth:`TrainerConfig.from_dict` — the same validation the CLI applies to a TOML file — and
+``config_to_values`` is its inverse: for a TOML written by the UI, TOML → values → TOML is byte-identical.
+
+UI values are keyed ``section.key`` (``train.max_steps``); method options ``network.<method>.<option>``
+(``network.lokr.factor``), one group per method, of which only the selected method's reach the config. Options
+left empty (``None``, e.g. ``alpha``) are not written, as in a hand-written TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import re
+import tomllib
+import types
+import typing
+from typing import Any
+
+from methods.base import ConfigError
+from trainer import config as config_module
+from trainer.config import TrainerConfig, dump_toml
+
+SECTIONS = ("model", "dataset", "network", "train", "sample", "output")
+
+# Where each key shows: "main" keys of each tab are visible, the rest sit in an "Advanced" accordion.
+MAIN_KEYS = {
+    "model.base",
+    "dataset.dir",
+    "dataset.resolution",
+    "network.method", "network.preset",
+    "train.max_steps", "train.batch_size", "train.learning_rate", "train.optimizer", "train.scheduler",
+    "train.mixed_precision", "train.train_text_encoder", "train.seed",
+    "sample.prompts", "sample.every_n_steps",
+    "output.name", "output.save_dtype", "output.save_every_n_steps",
+}
+# Keys with a fixed set of values, and where the values come from.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": config_module.ARCHITECTURES,
+    "model.prediction_type": config_module.PREDICTION_TYPES,
+    "dataset.crop": config_module.CROPS,
+    "dataset.missing_caption": config_module.MISSING_CAPTION,
+    "dataset.latent_cache": config_module.LATENT_CACHE,
+    "train.optimizer": config_module.OPTIMIZERS,
+    "train.scheduler": config_module.SCHEDULERS,
+    "train.mixed_precision": config_module.MIXED_PRECISION,
+    "sample.sampler": config_module.SAMPLERS,
+    "output.save_dtype": config_module.SAVE_DTYPES,
+}
+LABELS = {
+    "model.base": "Base model (hub id, diffusers folder, or .safetensors/.ckpt file)",
+    "dataset.dir": "Dataset folder",
+    "network.preset": "Target layers",
+    "network.text_encoder_preset": "Text-encoder target layers",
+    "sample.prompts": "Preview prompts (one per line)",
+    "sample.every_n_steps": "Preview every N steps (0 = only at the end)",
+    "network.include": "Include layers (regular expressions, one per line)",
+    "network.exclude": "Exclude layers (regular expressions, one per line)",
+    "train.optimizer_args": "Optimizer arguments (TOML, one key = value per line)",
+    "output.save_every_n_steps": "Save every N steps (0 = only at the end)",
+}
+INFOS = {
+    "dataset.dir": "the training images; a sub-folder named N_name repeats its images N times per epoch",
+    "output.dir": "where the adapter, previews, events.jsonl and resumable state are written",
+    "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
+}
+PRESET_LABELS = {"attention": "attention (q/k/v/out)", "attention_mlp": "attention + MLP (kohya default)",
+                 "full": "all linear + conv (LoCon style)"}
+_NUMBER_KINDS = ("int", "float", "optional_int", "optional_float")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    key: str  # "train.max_steps" or "network.<method>.<option>"
+    section: str
+    name: str
+    kind: str  # int, float, optional_int, optional_float, bool, str, text, choice, lines, table
+    default: Any
+    label: str
+    info: str = ""
+    choices: tuple[Any, ...] = ()
+    main: bool = False
+    method: str = ""  # for method options: the method they belong to
+
+    def to_ui(self, value: Any) -> Any:
+        if self.kind == "lines":
+            return "\n".join(str(v) for v in value or [])
+        if self.kind == "table":
+            return "\n".join(line for line in dump_toml({"t": value or {}}).splitlines()[1:] if line.strip())
+        return value
+
+    def from_ui(self, value: Any) -> Any:
+        """The config value of a UI value; raises ConfigError naming the key for anything unusable."""
+        if self.kind in _NUMBER_KINDS:
+            if value is None or (isinstance(value, str) and not value.strip()):
+                if self.kind.startswith("optional"):
+                    return None
+                raise ConfigError(f"{self.key}: give a number")
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{self.key}: {value!r} is not a number") from None
+            if self.kind.endswith("int"):
+                if not number.is_integer():
+                    raise ConfigError(f"{self.key} must be a whole number, got {value!r}")
+                return int(number)
+            return number
+        if self.kind == "bool":
+            return bool(value)
+        if self.kind == "lines":
+            return [line.strip() for line in str(value or "").splitlines() if line.strip()]
+        if self.kind == "table":
+            try:
+                return tomllib.loads(str(value or ""))
+            except tomllib.TOMLDecodeError as error:
+                raise ConfigError(f"{self.key}: not valid TOML key = value lines ({error})") from None
+        if self.kind == "str":
+            return str(value or "").strip()
+        if value is None:
+            return self.default
+        return value
+
+
+# ----- the field list ----------------------------------------------------------------------------------------
+def _comments(cls: type) -> dict[str, str]:
+    """``name: type = default  # comment`` → {name: comment}, read from the dataclass source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for line in source.splitlines():
+        match = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if match:
+            found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def _kind(hint: Any, key: str) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(inner) == 1 and inner[0] in (int, float):
+            return "optional_" + inner[0].__name__
+        return "str"
+    if origin is list:
+        return "lines"
+    if origin is dict:
+        return "table"
+    if key in CHOICES:
+        return "choice"
+    if hint is bool:
+        return "bool"
+    if hint is int:
+        return "int"
+    if hint is float:
+        return "float"
+    if key in ("sample.negative_prompt", "output.description"):
+        return "text"
+    return "str"
+
+
+def _label(key: str, name: str) -> str:
+    return LABELS.get(key, name.replace("_", " ").capitalize())
+
+
+def _info(comment: str, default: Any) -> str:
+    shown = "empty" if default in ("", None, [], {}) else repr(default) if isinstance(default, str) else default
+    return f"{comment} (default {shown})" if comment else f"default {shown}"
+
+
+@functools.cache
+def config_fields() -> tuple[Field, ...]:
+    """One field per TrainerConfig key, in section order (``network.options`` excluded: see method_fields)."""
+    from methods.registry import available_methods
+    from methods.targets import PRESETS
+
+    fields = []
+    defaults = TrainerConfig()
+    for section_field in dataclasses.fields(TrainerConfig):
+        section = section_field.name
+        section_class = type(getattr(defaults, section))
+        hints = typing.get_type_hints(section_class)
+        comments = _comments(section_class)
+        for field in dataclasses.fields(section_class):
+            if section == "network" and field.name == "options":
+                continue
+            key = f"{section}.{field.name}"
+            default = getattr(getattr(defaults, section), field.name)
+            kind, choices = _kind(hints[field.name], key), CHOICES.get(key, ())
+            if key == "network.method":
+                kind, choices = "choice", tuple(available_methods())
+            elif key == "network.preset":
+                kind, choices = "choice", tuple((PRESET_LABELS.get(p, p), p) for p in PRESETS)
+            elif key == "network.text_encoder_preset":
+                kind = "choice"
+                choices = (("same as the UNet", ""), ("none (UNet only)", "none"),
+                           *((PRESET_LABELS.get(p, p), p) for p in PRESETS))
+            info = INFOS.get(key) or _info(comments.get(field.name, ""), default)
+            fields.append(Field(key, section, field.name, kind, default, _label(key, field.name), info,
+                                tuple(choices), key in MAIN_KEYS))
+    return tuple(fields)
+
+
+@functools.cache
+def method_fields() -> dict[str, tuple[Field, ...]]:
+    """Each registered method's options, from its config dataclass."""
+    from methods.registry import available_methods, get_method
+
+    result = {}
+    for method in available_methods():
+        config_class = get_method(method).config_class
+        hints = typing.get_type_hints(config_class)
+        comments = {}
+        for klass in reversed(config_class.__mro__):
+            if dataclasses.is_dataclass(klass):
+                comments.update(_comments(klass))
+        fields = []
+        for field in dataclasses.fields(config_class):
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            key = f"network.{method}.{field.name}"
+            fields.append(Field(key, "network", field.name, _kind(hints[field.name], key), default,
+                                _label(key, field.name), _info(comments.get(field.name, ""), default),
+                                main=field.name in ("rank", "alpha", "factor", "block_size", "dora"), method=method))
+        result[method] = tuple(fields)
+    return result
+
+
+def all_fields() -> tuple[Field, ...]:
+    return config_fields() + tuple(f for fields in method_fields().values() for f in fields)
+
+
+def method_description(method: str) -> str:
+    from methods.registry import get_method
+
+    return str(getattr(get_method(method), "description", "") or "")
+
+
+def canonical_method(name: str) -> str:
+    from methods.registry import get_method
+
+    return get_method(name).method
+
+
+# ----- conversions -------------------------------------------------------------------------------------------
+def config_to_values(config: TrainerConfig) -> dict[str, Any]:
+    """UI values (by field key) showing ``config``; other methods' options show their defaults."""
+    values: dict[str, Any] = {}
+    for field in config_fields():
+        value = getattr(getattr(config, field.section), field.name)
+        if field.key == "network.method":
+            value = canonical_method(value)
+        values[field.key] = field.to_ui(value)
+    method = values["network.method"]
+    for name, fields in method_fields().items():
+        for field in fields:
+            value = config.network.options.get(field.name, field.default) if name == method else field.default
+            values[field.key] = field.to_ui(value)
+    return values
+
+
+def values_to_data(values: dict[str, Any]) -> dict[str, Any]:
+    """The TOML-shaped dict of UI values (unchecked); only the selected method's options, None ones left out."""
+    data: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for field in config_fields():
+        if field.key in values:
+            data[field.section][field.name] = field.from_ui(values[field.key])
+    method = data["network"].get("method", "lora")
+    try:
+        method = canonical_method(method)
+    except ConfigError:
+        return data  # from_dict names the unknown method
+    options = {}
+    for field in method_fields().get(method, ()):
+        if field.key in values:
+            value = field.from_ui(values[field.key])
+            if value is not None:
+                options[field.name] = value
+    data["network"]["options"] = options
+    return data
+
+
+def values_to_config(values: dict[str, Any]) -> TrainerConfig:
+    """A validated config from UI values; raises ConfigError with the key and what is allowed."""
+    return TrainerConfig.from_dict(values_to_data(values))
+
+
+def toml_to_values(text: str) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"not valid TOML ({error})") from None
+    return config_to_values(TrainerConfig.from_dict(data))
+
+
+def cli_command(config_path: str) -> str:
+    return f"python -m trainer train --config {_shell_quote(str(config_path))}"
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)

@@ -1,0 +1,441 @@
+"""One training job at a time, in a worker process, with all of its state on disk.
+
+``JobRunner.start(config)`` writes ``jobs/<id>/config.toml`` (the exact TOML the CLI reads) and starts
+``python -m ui.worker`` on it, which calls :func:`trainer.loop.train`. The job's record (``job.json``: pid, output
+folder, where its events start in ``events.jsonl``) and ``jobs/current.json`` live in the workspace, so a reloaded
+page — or a restarted server — finds the running job again. :class:`JobView` folds the job's events (read
+incrementally with :func:`trainer.events.read_events`) into what the UI shows: progress, losses, previews, saves,
+a log and the final status.
+
+Stop writes the ``STOP`` file into the output folder; the trainer sees it at the next step, saves and ends. A
+second start while a job runs raises :class:`JobBusy` with a message for the user.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.events import read_events
+
+JOB_FILE = "job.json"
+EXIT_FILE = "exit.json"
+LOG_FILE = "worker.log"
+CONFIG_FILE = "config.toml"
+CURRENT_FILE = "current.json"
+STOP_FILE = "STOP"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOG_LINES = 400
+
+
+class JobError(RuntimeError):
+    """Something the user asked of the job runner that cannot be done; the message says why."""
+
+
+class JobBusy(JobError):
+    """A job is already running."""
+
+
+@dataclasses.dataclass
+class JobRecord:
+    id: str
+    folder: str
+    config_path: str
+    output_dir: str
+    output_name: str
+    events_offset: int = 0  # where this job's events start in output_dir/events.jsonl (runs may share a folder)
+    pid: int | None = None
+    started: float = 0.0
+    stop_requested: bool = False
+    max_steps: int = 0
+
+    @property
+    def events_path(self) -> Path:
+        return Path(self.output_dir) / "events.jsonl"
+
+    @property
+    def stop_path(self) -> Path:
+        return Path(self.output_dir) / STOP_FILE
+
+    def save(self) -> None:
+        from methods.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(self.folder) / JOB_FILE, json.dumps(dataclasses.asdict(self), indent=1).encode())
+
+    @classmethod
+    def load(cls, folder: Path) -> JobRecord | None:
+        try:
+            data = json.loads((folder / JOB_FILE).read_text(encoding="utf-8"))
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def exit_info(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((Path(self.folder) / EXIT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+
+# ----- what a job shows --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class JobView:
+    """A job's events folded into UI state. ``version`` changes whenever anything shown changes."""
+
+    job_id: str
+    offset: int = 0
+    status: str = "starting"  # starting, loading, training, stopping, done, stopped, error
+    finished: bool = False
+    step: int = 0
+    total: int = 0
+    its: float | None = None
+    eta: float | None = None
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    previews: list[str] = dataclasses.field(default_factory=list)
+    saves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    log: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
+    error: str = ""
+    output: str = ""
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    version: int = 0
+
+    # ----- events
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("event", "")
+        stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
+        line = None
+        if kind == "start":
+            self.status = "loading"
+            config = event.get("config", {})
+            network, train = config.get("network", {}), config.get("train", {})
+            self.total = int(train.get("max_steps", 0) or 0)
+            line = (f"started: {network.get('method', '?')} on {config.get('model', {}).get('base', '?')}, "
+                    f"output {config.get('output', {}).get('dir', '?')}/{config.get('output', {}).get('name', '?')}")
+        elif kind == "model":
+            line = f"model: {event.get('arch')} ({event.get('prediction_type')}) from {event.get('source')}"
+        elif kind == "ready":
+            self.status = "training"
+            self.summary = {k: v for k, v in event.items() if k not in ("event", "time")}
+            self.total = int(event.get("total_steps") or self.total)
+            line = (f"ready in {event.get('seconds')} s: {event.get('method')}, "
+                    f"{event.get('trainable_parameters', 0):,} trainable parameters, modules {event.get('modules')}, "
+                    f"{event.get('images')} image(s) with repeats, {event.get('total_steps')} steps on "
+                    f"{event.get('device')}")
+        elif kind == "step":
+            if self.status in ("starting", "loading"):
+                self.status = "training"
+            self.step = int(event.get("step", self.step))
+            self.total = int(event.get("total") or self.total)
+            self.its = event.get("its")
+            self.eta = event.get("eta_seconds")
+            loss = event.get("loss")
+            if isinstance(loss, int | float):
+                self.losses.append((self.step, float(loss)))
+            line = (f"step {self.step}/{self.total}  loss {_number(loss)}  lr {_number(event.get('lr'), 'e')}  "
+                    f"{_number(self.its)} it/s  ETA {format_seconds(self.eta)}")
+        elif kind == "validation":
+            self.validation.append((int(event.get("step", 0)), float(event.get("loss", 0.0))))
+            line = f"validation loss {_number(event.get('loss'))} at step {event.get('step')}"
+        elif kind == "preview":
+            paths = [p for p in event.get("paths", []) if "_grid" not in Path(p).stem] or event.get("paths", [])
+            self.previews.extend(paths)
+            line = f"preview at step {event.get('step')}: {len(paths)} image(s)"
+        elif kind == "save":
+            self.saves.append({k: v for k, v in event.items() if k != "event"})
+            check = "self-check ok" if event.get("check_ok") else "SELF-CHECK FAILED"
+            line = f"saved {event.get('path')} ({_size(event.get('size_bytes'))}, {check})"
+        elif kind == "stopping":
+            self.status = "stopping"
+            line = f"stopping at step {event.get('step')} ({event.get('reason')}); saving"
+        elif kind == "done":
+            self.finished = True
+            self.status = "stopped" if event.get("stopped") else "done"
+            self.output = event.get("output") or ""
+            line = f"{'stopped' if event.get('stopped') else 'done'} after {event.get('step')} steps: {self.output}"
+        elif kind == "error":
+            self.finished = True
+            self.status = "error"
+            self.error = str(event.get("message", "unknown error"))
+            kept = event.get("last_good_save")
+            line = f"error: {self.error}" + (f" (last good save: {kept})" if kept else "")
+        elif kind == "warning":
+            line = f"warning: {event.get('message')}"
+        elif kind == "skipped_image":
+            self.skipped.append((str(event.get("path")), str(event.get("reason"))))
+            line = f"skipped image {event.get('path')}: {event.get('reason')}"
+        elif kind == "resumed":
+            line = f"resumed at step {event.get('step')} from {event.get('path')}"
+        elif kind == "memory":
+            line = None  # shown in the summary only
+            self.summary["peak_mb"] = event.get("peak_mb")
+        else:
+            line = f"{kind}: " + json.dumps({k: v for k, v in event.items() if k not in ("event", "time")},
+                                            default=str)[:300]
+        if line:
+            self.log.append(f"[{stamp}] {line}")
+        self.version += 1
+
+    def fail(self, message: str) -> None:
+        self.finished = True
+        self.status = "error"
+        self.error = message
+        self.log.append(f"[{time.strftime('%H:%M:%S')}] error: {message}")
+        self.version += 1
+
+    # ----- text
+    @property
+    def fraction(self) -> float:
+        if self.status == "done":
+            return 1.0
+        return min(1.0, self.step / self.total) if self.total else 0.0
+
+    def progress_text(self) -> str:
+        parts = [f"step {self.step}/{self.total or '?'}"]
+        if self.its:
+            parts.append(f"{self.its:.2f} it/s")
+        if not self.finished and self.eta is not None:
+            parts.append(f"ETA {format_seconds(self.eta)}")
+        return " · ".join(parts)
+
+    def status_text(self) -> str:
+        labels = {"starting": "starting the worker", "loading": "loading the model and data",
+                  "training": "training", "stopping": "stopping (saving)",
+                  "stop requested": "stop requested: the run saves and ends after the current step", "done": "finished",
+                  "stopped": "stopped early (saved)", "error": "failed"}
+        text = labels.get(self.status, self.status)
+        return f"{text}: {self.error}" if self.status == "error" and self.error else text
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(float(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _number(value: Any, style: str = "f") -> str:
+    if not isinstance(value, int | float):
+        return "?"
+    return f"{value:.2e}" if style == "e" else f"{value:.4f}"
+
+
+def _size(size: Any) -> str:
+    from ui.pipelines import format_bytes
+
+    return format_bytes(size) if isinstance(size, int | float) else "?"
+
+
+# ----- the runner --------------------------------------------------------------------------------------------
+WorkerCommand = Callable[[Path, Path], list[str]]
+
+
+def worker_command(config_path: Path, job_folder: Path) -> list[str]:
+    return [sys.executable, "-m", "ui.worker", "--config", str(config_path), "--job-dir", str(job_folder)]
+
+
+class JobRunner:
+    def __init__(self, jobs_dir: str | os.PathLike, command: WorkerCommand = worker_command):
+        self.jobs_dir = Path(jobs_dir)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.command = command
+        self._processes: dict[str, subprocess.Popen] = {}
+        self._views: dict[str, JobView] = {}
+        self._lock = threading.RLock()
+
+    # ----- records
+    def current(self) -> JobRecord | None:
+        try:
+            job_id = json.loads((self.jobs_dir / CURRENT_FILE).read_text(encoding="utf-8"))["id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return self.record(job_id)
+
+    def record(self, job_id: str) -> JobRecord | None:
+        if not job_id or "/" in job_id or job_id.startswith("."):
+            return None
+        return JobRecord.load(self.jobs_dir / job_id)
+
+    def history(self) -> list[JobRecord]:
+        """Every job in the workspace, newest first."""
+        records = [JobRecord.load(folder) for folder in self.jobs_dir.iterdir() if folder.is_dir()]
+        return sorted((r for r in records if r is not None), key=lambda r: r.started, reverse=True)
+
+    def is_running(self, record: JobRecord) -> bool:
+        process = self._processes.get(record.id)
+        if process is not None:
+            return process.poll() is None
+        if record.exit_info() is not None or not record.pid:
+            return False
+        return _pid_alive(record.pid, record.folder)
+
+    def running(self) -> JobRecord | None:
+        record = self.current()
+        return record if record is not None and self.is_running(record) else None
+
+    # ----- control
+    def start(self, config: Any) -> JobRecord:
+        """Start training ``config`` (a validated TrainerConfig) in a worker; JobBusy if a job is running."""
+        with self._lock, _file_lock(self.jobs_dir / ".lock"):
+            current = self.current()
+            if current is not None and self.is_running(current):
+                view = self.view(current)
+                raise JobBusy(f"A training job is already running ({current.output_name}, {view.status_text()}, "
+                              f"{view.progress_text()}). Only one job runs at a time: stop it or wait until it ends.")
+            output_dir = Path(config.output.dir).expanduser().resolve()
+            output_file = output_dir / f"{config.output.name}.safetensors"
+            if output_file.exists() and not config.output.overwrite:
+                raise JobError(f"{output_file} already exists: change the output name or tick "
+                               "output.overwrite (Advanced).")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+            folder = self.jobs_dir / job_id
+            folder.mkdir(parents=True)
+            config_path = folder / CONFIG_FILE
+            config_path.write_text(config.to_toml(), encoding="utf-8")
+            events = output_dir / "events.jsonl"
+            record = JobRecord(job_id, str(folder), str(config_path), str(output_dir), config.output.name,
+                               events.stat().st_size if events.exists() else 0, None, time.time(),
+                               max_steps=int(config.train.max_steps))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            with (folder / LOG_FILE).open("wb") as log:
+                process = subprocess.Popen(self.command(config_path, folder), stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env)
+            self._processes[job_id] = process
+            record.pid = process.pid
+            record.save()
+            from methods.files import atomic_write_bytes
+
+            atomic_write_bytes(self.jobs_dir / CURRENT_FILE, json.dumps({"id": job_id}).encode())
+            return record
+
+    def stop(self) -> JobRecord:
+        """Ask the running job to stop: it saves its adapter at the next step and ends."""
+        with self._lock:
+            record = self.current()
+            if record is None or not self.is_running(record):
+                raise JobError("No training job is running.")
+            record.stop_path.write_text("stop requested from the web UI\n", encoding="utf-8")
+            record.stop_requested = True
+            record.save()
+            return record
+
+    def kill(self, record: JobRecord | None = None, timeout: float = 10.0) -> None:
+        """End the worker at once (no save). For shutdown and tests; users use stop()."""
+        record = record or self.current()
+        if record is None:
+            return
+        process = self._processes.get(record.id)
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout)
+        elif record.pid and self.is_running(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, 9)
+
+    # ----- reading
+    def view(self, record: JobRecord) -> JobView:
+        """The job's state, updated with the events written since the last call."""
+        with self._lock:
+            record = self.record(record.id) or record  # stop_requested may have been set by another call
+            view = self._views.get(record.id)
+            if view is None:
+                view = self._views[record.id] = JobView(record.id, offset=record.events_offset)
+            if view.finished:
+                return view
+            running = self.is_running(record)  # before reading: events written before the exit are all there
+            try:
+                events, view.offset = read_events(record.events_path, view.offset)
+            except (OSError, ValueError) as error:
+                events = []
+                view.log.append(f"cannot read {record.events_path}: {error}")
+            for event in events:
+                view.apply(event)
+            if not view.finished and running and record.stop_requested and view.status != "stopping":
+                if not record.stop_path.exists():  # the trainer clears STOP when it starts: ask again
+                    with contextlib.suppress(OSError):
+                        record.stop_path.write_text("stop requested from the web UI\n", encoding="utf-8")
+                if view.status != "stop requested":
+                    view.status = "stop requested"
+                    view.version += 1
+            if not view.finished and not running:
+                view.fail(self._failure(record))
+            return view
+
+    def _failure(self, record: JobRecord) -> str:
+        info = record.exit_info()
+        if info and info.get("message"):
+            return str(info["message"])
+        process = self._processes.get(record.id)
+        code = process.returncode if process is not None else None
+        tail = log_tail(Path(record.folder) / LOG_FILE, 6)
+        return ("the training process ended unexpectedly" + (f" (exit code {code})" if code is not None else "")
+                + (f"; last output: {tail}" if tail else ""))
+
+    def log_path(self, record: JobRecord) -> Path:
+        return Path(record.folder) / LOG_FILE
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        with path.open("rb") as stream:
+            stream.seek(0, os.SEEK_END)
+            size = stream.tell()
+            stream.seek(max(0, size - 8192))
+            text = stream.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    text = text.replace("\r", "\n")
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-lines:])
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc") / str(pid)
+    if proc.is_dir():
+        try:
+            if (proc / "stat").read_text().split(") ", 1)[1].startswith("Z"):
+                return False  # a zombie: finished, not yet reaped
+            return marker in (proc / "cmdline").read_bytes().decode("utf-8", "replace")
+        except (OSError, IndexError):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock across processes (two servers on one workspace) where fcntl exists."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,57 @@
+"""The training worker the UI starts: ``python -m ui.worker --config CONFIG.toml --job-dir JOB``.
+
+It loads the TOML exactly as the CLI does and calls :func:`trainer.loop.train`; everything the run does is in the
+output folder's ``events.jsonl``. At the end it writes ``JOB/exit.json`` (``ok``, ``message``), so the UI can tell
+a finished job from a crashed one even when the trainer never got to write an event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def write_exit(job_dir: Path, **info) -> None:
+    from methods.files import atomic_write_bytes
+
+    atomic_write_bytes(job_dir / "exit.json", json.dumps({"time": time.time(), **info}, default=str).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ui.worker", description=__doc__)
+    parser.add_argument("--config", required=True, help="the run's TOML (as python -m trainer train reads it)")
+    parser.add_argument("--job-dir", required=True, help="the job's folder in the workspace")
+    args = parser.parse_args(argv)
+    job_dir = Path(args.job_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        from trainer.config import TrainerConfig
+        from trainer.loop import train
+
+        config = TrainerConfig.load(args.config)
+        result = train(config)
+    except BaseException as error:  # noqa: BLE001 - everything ends in exit.json, also KeyboardInterrupt
+        traceback.print_exc()
+        message = " ".join(str(error).split()) or type(error).__name__
+        write_exit(job_dir, ok=False, message=message, kind=type(error).__name__)
+        return 1
+    write_exit(job_dir, ok=True, output=str(result.output_file) if result.output_file else None,
+               steps=result.steps, stopped=result.stopped_early)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
