@@ -28,8 +28,17 @@ class Conditioning:
                              self.pooled[i:i + 1] if self.pooled is not None else None) for i in range(count)]
 
 
-def tokenize(tokenizer: Any, captions: list[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def tokenize(tokenizer: Any, captions: list[str], device: torch.device, encoder: Any = None) -> torch.Tensor:
+    """Token ids padded/truncated to the encoder's positions (77 for CLIP).
+
+    A tokenizer saved without ``tokenizer_config.json`` (vocab + merges only) reports a ``model_max_length`` of
+    1e30, which the fast tokenizer cannot even pass to its backend, so the encoder's size bounds it.
+    """
+    length = tokenizer.model_max_length
+    positions = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+    if positions is not None:
+        length = min(length, positions)
+    return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
 
@@ -41,7 +50,7 @@ def encode_captions(pipe: Any, captions: list[str], clip_skip: int = 1, is_sdxl:
     """
     device = pipe.text_encoder.device if pipe.text_encoder is not None else torch.device("cpu")
     if not is_sdxl:
-        ids = tokenize(pipe.tokenizer, captions, device)
+        ids = tokenize(pipe.tokenizer, captions, device, pipe.text_encoder)
         if clip_skip <= 1:
             return Conditioning(pipe.text_encoder(ids)[0])
         output = pipe.text_encoder(ids, output_hidden_states=True)
@@ -50,7 +59,7 @@ def encode_captions(pipe: Any, captions: list[str], clip_skip: int = 1, is_sdxl:
     hidden_states = []
     pooled = None
     for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
-        ids = tokenize(tokenizer, captions, encoder.device)
+        ids = tokenize(tokenizer, captions, encoder.device, encoder)
         output = encoder(ids, output_hidden_states=True)
         hidden_states.append(output.hidden_states[-(clip_skip + 1)])
         pooled = output[0] if encoder is pipe.text_encoder_2 else pooled

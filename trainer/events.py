@@ -56,7 +56,7 @@ class EventLog:
             except ImportError:  # tensorboard is optional
                 log.warning("TensorBoard logging is on but tensorboard is not installed (pip install tensorboard)")
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
         event = {"event": kind, "time": time.time(), **fields}
         if not self.enabled:
             return event

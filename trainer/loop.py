@@ -741,8 +741,10 @@ class Trainer:
         if saved.get("network") != self.config.to_dict()["network"]:
             raise ConfigError(f"resume: {folder} was trained with another [network] section "
                               f"({saved.get('network')}); resume with the same method, options and targets")
+        lengths = ("max_steps", "epochs")  # continuing to a new length is what resuming is for
         changed = [f"{section}.{key}" for section in ("dataset", "train") for key, value in
-                   self.config.to_dict()[section].items() if saved.get(section, {}).get(key, value) != value]
+                   self.config.to_dict()[section].items()
+                   if saved.get(section, {}).get(key, value) != value and key not in lengths]
         if state.get("processes", 1) != self.accelerator.num_processes:
             changed.append(f"processes ({state.get('processes')} → {self.accelerator.num_processes})")
         if changed:

@@ -1,0 +1,5 @@
+"""``python -m trainer <command>``: see :mod:`trainer.cli`."""
+
+from .cli import main
+
+raise SystemExit(main())
