@@ -23,7 +23,7 @@ from methods.apply import create_network, load_network, save_network
 from methods.registry import available_methods
 from methods.targets import TargetConfig
 from trainer import cli
-from trainer.architectures import build_tiny_pipeline
+from trainer.architectures import build_tiny_pipeline, write_tiny_tokenizer
 from trainer.models import (
     CONFIG_METADATA_KEY,
     ModelLoadError,
@@ -90,6 +90,12 @@ def file_deltas(path: Path, pipe=None) -> dict[str, torch.Tensor]:
 
 
 # ----- fixtures ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A tiny CLIP tokenizer folder (this file's own, so it does not depend on any conftest)."""
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("cli-tokenizer"))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny matrices: one thread is fastest, and keeps SVD/eigh timings stable on a shared machine."""
@@ -100,10 +106,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, tokenizer_dir):
+def work(tmp_path_factory, tiny_tokenizer):
     """A tiny sd1 base as a diffusers folder and a single file, plus adapter files of every registered method."""
     root = tmp_path_factory.mktemp("cli")
-    pipe = build_tiny_pipeline("sd1", tokenizer_dir, seed=0)
+    pipe = build_tiny_pipeline("sd1", tiny_tokenizer, seed=0)
     pipe.save_pretrained(root / "base")
     save_single_file(pipe, root / "base.safetensors")
     files = {"lora": make_adapter(pipe, root / "lora.safetensors", "lora", {"rank": 4, "alpha": 2.0})}
@@ -111,7 +117,7 @@ def work(tmp_path_factory, tokenizer_dir):
     for method, options in (("loha", {"rank": 2}), ("lokr", {"rank": 2, "factor": 4}), ("oft", {})):
         if method in available_methods():
             files[method] = make_adapter(pipe, root / f"{method}.safetensors", method, options, seed=2)
-    return {"root": root, "tokenizer": tokenizer_dir, "files": files}
+    return {"root": root, "tokenizer": tiny_tokenizer, "files": files}
 
 
 def base_pipe(work):
@@ -120,8 +126,8 @@ def base_pipe(work):
 
 # ----- loading and saving base models -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_folder_and_single_file_load_back_identical(arch, tmp_path, tokenizer_dir):
-    pipe = build_tiny_pipeline(arch, tokenizer_dir, seed=3)
+def test_folder_and_single_file_load_back_identical(arch, tmp_path, tiny_tokenizer):
+    pipe = build_tiny_pipeline(arch, tiny_tokenizer, seed=3)
     pipe.save_pretrained(tmp_path / "folder")
     single = save_single_file(pipe, tmp_path / "model.safetensors")
     expected_prediction = "v_prediction" if arch == "sd2" else "epsilon"
@@ -131,7 +137,7 @@ def test_folder_and_single_file_load_back_identical(arch, tmp_path, tokenizer_di
         arch, "folder", expected_prediction)
     assert_same_weights(pipe, folder_pipe)
 
-    file_pipe, file_info = load_pipeline(single, tokenizer=tokenizer_dir)
+    file_pipe, file_info = load_pipeline(single, tokenizer=tiny_tokenizer)
     assert (file_info.arch, file_info.source_kind, file_info.prediction_type) == (
         arch, "single_file", expected_prediction)
     assert type(file_pipe) is type(pipe)
@@ -151,8 +157,8 @@ def test_folder_and_single_file_load_back_identical(arch, tmp_path, tokenizer_di
     assert CONFIG_METADATA_KEY in metadata and metadata["modelspec.sai_model_spec"] == "1.0.1"
 
 
-def test_ckpt_loads_with_config_folder_and_refuses_pickled_objects(tmp_path, tokenizer_dir):
-    pipe = build_tiny_pipeline("sd2", tokenizer_dir, seed=4)
+def test_ckpt_loads_with_config_folder_and_refuses_pickled_objects(tmp_path, tiny_tokenizer):
+    pipe = build_tiny_pipeline("sd2", tiny_tokenizer, seed=4)
     pipe.save_pretrained(tmp_path / "folder")
     checkpoint = save_single_file(pipe, tmp_path / "model.ckpt")
     # A .ckpt has no metadata: tiny sizes cannot be guessed, and the message says what to do.
@@ -236,8 +242,8 @@ def test_real_config_folder_describes_the_real_models(arch, tmp_path):
     assert scheduler["prediction_type"] == "v_prediction"
 
 
-def test_sd2_prediction_test_runs(tokenizer_dir):
-    pipe = build_tiny_pipeline("sd2", tokenizer_dir)
+def test_sd2_prediction_test_runs(tiny_tokenizer):
+    pipe = build_tiny_pipeline("sd2", tiny_tokenizer)
     assert isinstance(sd2_predicts_v(pipe.unet), bool)
 
 
@@ -299,11 +305,9 @@ def test_merge_into_single_file_subprocess(work):
     assert json.loads(metadata["rankwright.merged_adapters"])[0]["modules"] == 91
 
 
-def test_merge_refuses_wrong_architecture_and_non_adapters(work, tokenizer_dir, tmp_path, capsys):
-    sdxl = build_tiny_pipeline("sdxl", tokenizer_dir)
+def test_merge_refuses_wrong_architecture_and_non_adapters(work, tiny_tokenizer, tmp_path, capsys):
+    sdxl = build_tiny_pipeline("sdxl", tiny_tokenizer)
     sdxl_lora = make_adapter(sdxl, tmp_path / "sdxl_lora.safetensors", "lora", {"rank": 2}, preset="attention")
-    sd2 = build_tiny_pipeline("sd2", tokenizer_dir)
-    sd2_lora = make_adapter(sd2, tmp_path / "sd2_lora.safetensors", "lora", {"rank": 2}, preset="attention")
     # Same module names as sd1 but another context width, and no metadata: only the shapes tell.
     tensors, _, _ = cli._read_adapter(work["files"]["lora"])
     to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
@@ -311,7 +315,6 @@ def test_merge_refuses_wrong_architecture_and_non_adapters(work, tokenizer_dir, 
     save_file(tensors, str(tmp_path / "wide_context.safetensors"))
     cases = [
         ([str(sdxl_lora)], "sdxl"),
-        ([str(sd2_lora)], "sd2"),
         ([str(tmp_path / "wide_context.safetensors")], "sd1"),
         ([str(work["root"] / "base.safetensors")], "base model checkpoint, not an adapter"),
         ([str(tmp_path / "missing.safetensors")], "no such file"),
