@@ -31,7 +31,8 @@ def save_network(network: AdapterNetwork, path: str | os.PathLike, *, title: str
     path = Path(path)
     options = network.config.to_dict() if network.config is not None else {}
     metadata = build_metadata(method=network.method, arch=network.arch, options=options, title=title or path.stem,
-                              rank=options.get("rank"), alpha=options.get("alpha") or options.get("rank"),
+                              output_name=path.stem, rank=options.get("rank"),
+                              alpha=options.get("alpha") or options.get("rank"),
                               prediction_type=prediction_type, extra=extra_metadata)
     return save_adapter_file(path, network.export_state_dict(portable=portable), metadata, dtype, overwrite)
 
@@ -42,7 +43,10 @@ def load_network(pipe: Any, path: str | os.PathLike, arch: str | None = None,
     tensors, metadata = load_adapter_file(path)
     parts, arch = pipeline_parts(pipe, arch)
     _check_architecture(path, metadata, arch)
-    network, unmatched = AdapterNetwork.from_state_dict(parts, arch, tensors, source=str(path))
+    try:
+        network, unmatched = AdapterNetwork.from_state_dict(parts, arch, tensors, source=str(path))
+    except ValueError as error:  # an unsupported layout, or tensors that do not fit the layer of the same name
+        raise AdapterFileError(f"{error} [pipeline: {arch}]") from error
     if not len(network):
         raise AdapterFileError(
             f"{path}: none of its {len(unmatched)} modules matches a layer of this {arch} model "
@@ -55,12 +59,25 @@ def load_network(pipe: Any, path: str | os.PathLike, arch: str | None = None,
     return network, metadata
 
 
-def _check_architecture(path: Any, metadata: dict[str, str], arch: str) -> None:
+def _file_architecture(metadata: dict[str, str]) -> str | None:
+    """sd1, sd2 or sdxl from kohya's ``ss_base_model_version`` (None when absent or unknown)."""
     version = metadata.get("ss_base_model_version", "")
-    file_is_sdxl = version.startswith("sdxl")
-    if version and file_is_sdxl != (arch == "sdxl"):
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v2"):
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    return None
+
+
+def _check_architecture(path: Any, metadata: dict[str, str], arch: str) -> None:
+    file_arch = _file_architecture(metadata)
+    if file_arch is not None and file_arch != arch:
+        version = metadata["ss_base_model_version"]
         raise AdapterFileError(
-            f"{path}: this adapter was trained for {version}, but the pipeline is {arch}; load it on a matching base")
+            f"{path}: this adapter was trained for {version} ({file_arch}), but the pipeline is {arch}; "
+            "load it on a matching base model")
 
 
 class AppliedAdapter:

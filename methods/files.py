@@ -11,7 +11,7 @@ import datetime
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion
                           "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
 KOHYA_NATIVE_METHODS = {"lora"}
+# Our option names → the network_args spelling kohya/LyCORIS use in ss_network_args (spec §3.4).
+NETWORK_ARG_NAMES = {"conv_rank": "conv_dim", "dora": "dora_wd"}
 
 
 class AdapterFileError(ValueError):
@@ -58,6 +60,7 @@ def build_metadata(
     arch: str,
     options: dict[str, Any],
     title: str,
+    output_name: str | None = None,
     rank: int | None = None,
     alpha: float | None = None,
     prediction_type: str = "epsilon",
@@ -66,14 +69,18 @@ def build_metadata(
 ) -> dict[str, str]:
     """The §3.4 block of kohya ``ss_*`` and ``modelspec.*`` keys (values stringified as kohya does).
 
-    ``arch`` is sd1, sd2 or sdxl; v-prediction SD2 is told by ``prediction_type``. ``extra`` adds or overrides
-    keys (training details: ``ss_steps``, ``ss_tag_frequency`` as a dict, …; dicts/lists become JSON).
+    ``arch`` is sd1, sd2 or sdxl; v-prediction SD2 is told by ``prediction_type``. ``output_name`` is the file stem
+    (A1111 uses ``ss_output_name`` as the alias); it defaults to ``title``. ``extra`` adds or overrides keys (training
+    details: ``ss_steps``, ``ss_tag_frequency`` as a dict, …; dicts/lists become JSON).
     """
     version_key = "sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch
     size = resolution or DEFAULT_RESOLUTION[version_key]
     width, height = (size, size) if isinstance(size, int) else size
     network_args = {"algo": method}
-    network_args.update({k: v for k, v in options.items() if k not in ("rank", "alpha") and v is not None})
+    for key, value in options.items():
+        if key in ("rank", "alpha") or value is None:
+            continue
+        network_args[NETWORK_ARG_NAMES.get(key, key)] = value
     if options.get("dora"):
         network_args.update(dora_wd=True, wd_on_output=True)
     now = time.time()
@@ -86,7 +93,7 @@ def build_metadata(
         "ss_base_model_version": BASE_MODEL_VERSION[version_key],
         "ss_v2": arch == "sd2",
         "ss_v_parameterization": prediction_type == "v_prediction",
-        "ss_output_name": title,
+        "ss_output_name": output_name if output_name is not None else title,
         "ss_resolution": str((width, height)),
         "ss_training_started_at": now,
         "modelspec.sai_model_spec": "1.0.1",
@@ -100,7 +107,12 @@ def build_metadata(
         "modelspec.implementation_version": "rankwright/0.1.0",
     }
     metadata.update(extra or {})
-    return {k: v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict | list) else str(v)
+    return stringify_metadata(metadata)
+
+
+def stringify_metadata(metadata: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata is str → str: strings stay, dicts/lists become JSON, the rest ``str()`` as kohya does."""
+    return {str(k): v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict | list) else str(v)
             for k, v in metadata.items() if v is not None}
 
 
@@ -119,28 +131,61 @@ def save_adapter_file(
         raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True to replace it")
     target_dtype = resolve_dtype(dtype)
     tensors = {key: tensor.detach().to("cpu", target_dtype).contiguous() for key, tensor in state_dict.items()}
-    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    metadata = stringify_metadata(metadata or {})
     model_hash, legacy_hash = kohya_hashes(tensors, metadata)
     metadata["sshs_model_hash"] = model_hash
     metadata["sshs_legacy_hash"] = legacy_hash
     metadata["modelspec.hash_sha256"] = "0x" + model_hash  # same bytes: the data region after the header
     data = serialize(tensors, metadata)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, overwrite=overwrite)
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = True) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then move it into place in one step.
+
+    With ``overwrite=False`` the final step is a hard link, which fails if ``path`` appeared meanwhile (no
+    check-then-replace race); file systems without hard links fall back to an existence check and a rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = _create_temporary(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temporary, path)
+        if overwrite:
+            os.replace(temporary, path)
+            return
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
+        except OSError:  # no hard links here (FAT, some network shares)
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True") from None
+            os.replace(temporary, path)
+            return
+        os.unlink(temporary)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new hidden file next to ``path``, created with mode 0666 minus the umask like any other new file.
+
+    (``tempfile.mkstemp`` would create it 0600, and the rename keeps that: the adapter would be unreadable to the
+    other users or containers that run the UI reading the folder.)
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temporary = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: could not create a temporary file")
 
 
 def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

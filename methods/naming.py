@@ -33,9 +33,17 @@ def flat(prefix: str, path: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
+# Children of transformers' CLIPTextTransformer: in transformers 4 they sit below ``text_model.`` in both
+# CLIPTextModel and CLIPTextModelWithProjection; transformers 5's CLIPTextModel dropped that level. Anything else
+# (``text_projection`` of CLIPTextModelWithProjection) is a sibling of ``text_model`` and keeps its path.
+_CLIP_TRANSFORMER_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
+
+
 def text_encoder_path(path: str) -> str:
     """The transformers-4 path of a CLIP text-encoder module (``text_model.encoder.layers.0...``)."""
-    return path if path.startswith("text_model.") else f"text_model.{path}"
+    if path.split(".", 1)[0] in _CLIP_TRANSFORMER_CHILDREN:
+        return f"text_model.{path}"
+    return path
 
 
 def unet_sgm_path(path: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str | None:
@@ -124,5 +132,8 @@ def text_encoder_file_name(prefix: str, path: str) -> str:
 
 
 def text_encoder_accepted_names(prefixes: tuple[str, ...], path: str) -> list[str]:
+    """Both spellings of a text-encoder module: with ``text_model_`` (what we write) and without (what kohya and
+    LyCORIS write when they name modules from a transformers-5 ``CLIPTextModel``)."""
     stripped = path[len("text_model."):] if path.startswith("text_model.") else path
-    return [flat(prefix, candidate) for prefix in prefixes for candidate in (f"text_model.{stripped}", stripped)]
+    candidates = dict.fromkeys((text_encoder_path(stripped), stripped))
+    return [flat(prefix, candidate) for prefix in prefixes for candidate in candidates]

@@ -52,9 +52,12 @@ def model_parts(unet: nn.Module | None, text_encoders: list[nn.Module], arch: st
         unet_naming = naming.UNetNaming(unet, sgm_style=arch == "sdxl")
         parts.append(ModelPart(naming.UNET_PREFIX, unet, targets.unet_targets, unet_naming.file_name,
                                unet_naming.accepted_names))
-    encoders = [te for te in text_encoders if te is not None]
-    prefixes = ["lora_te"] if len(encoders) == 1 else [f"lora_te{i + 1}" for i in range(len(encoders))]
-    for prefix, encoder in zip(prefixes, encoders):
+    # The prefix follows the encoder's position, not how many are present: SDXL's OpenCLIP-bigG is lora_te2 even
+    # when CLIP-L is missing (None); a single-encoder model (SD1/SD2) uses lora_te.
+    present = [(index, te) for index, te in enumerate(text_encoders) if te is not None]
+    single = arch != "sdxl" and len(present) == 1
+    for index, encoder in present:
+        prefix = "lora_te" if single else f"lora_te{index + 1}"
         # SDXL files written by some tools use lora_te_ for CLIP-L (ComfyUI reads it so); accept that spelling.
         accepted_prefixes = (prefix, "lora_te") if prefix == "lora_te1" else (prefix,)
         parts.append(ModelPart(
@@ -123,9 +126,15 @@ class AdapterNetwork(nn.Module):
             canonical, module = target
             try:
                 method_class = method_for_file_module(set(tensors))
+            except ValueError as error:
+                raise ValueError(f"{source}: module {file_name} cannot be read: {error} (an adapter method this "
+                                 "version does not support)") from error
+            try:
                 adapter = method_class.from_tensors(canonical, module, tensors)
             except (ValueError, KeyError, RuntimeError) as error:
-                raise ValueError(f"{source}: module {file_name} cannot be read: {error}") from error
+                shape = tuple(module.weight.shape)
+                raise ValueError(f"{source}: module {file_name} does not fit the {type(module).__name__} {shape} of "
+                                 f"this model ({error}); is the file for another base model?") from error
             adapters[canonical] = adapter
             methods.add(adapter.method)
         method = methods.pop() if len(methods) == 1 else "+".join(sorted(methods)) or "none"

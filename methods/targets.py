@@ -45,10 +45,15 @@ class TargetConfig:
             value = getattr(self, key)
             if value is None or (key == "text_encoder_preset" and value == "none"):
                 continue
-            if normalise_preset(value) not in PRESETS:
-                raise ConfigError(f"network.{key} = {value!r} is not a target preset; allowed: {', '.join(PRESETS)}")
+            if not isinstance(value, str) or normalise_preset(value) not in PRESETS:
+                allowed = ", ".join(PRESETS + (("none",) if key == "text_encoder_preset" else ()))
+                raise ConfigError(f"network.{key} = {value!r} is not a target preset; allowed: {allowed}")
         for key in ("include", "exclude"):
-            for pattern in getattr(self, key):
+            patterns = getattr(self, key)
+            # A bare string would be iterated character by character, each a valid pattern matching nearly all.
+            if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(f"network.{key} must be a list of regular expressions, got {patterns!r}")
+            for pattern in patterns:
                 try:
                     re.compile(pattern)
                 except re.error as error:
