@@ -183,7 +183,7 @@ def test_render_restores_scheduler_modes_and_progress_bar(sd1):
     assert any(m.training for m in sd1.text_encoder.modules() if m is not sd1.text_encoder)
     assert not sd1.vae.training  # was in eval before: stays in eval
     assert getattr(sd1, "_progress_bar_config", {}).get("disable") is not True
-    assert sd1.tokenizer.model_max_length > 77  # the temporary bound is taken back
+    assert sd1.tokenizer.model_max_length == 77  # the tokenizer's own bound is left as it was
     sd1.unet.eval()
     sd1.text_encoder.eval()
 
