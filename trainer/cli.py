@@ -5,7 +5,11 @@ Commands:
 - ``merge``: bake one or more adapter files (any method) into a copy of a base model; write a diffusers folder
   or, for ``--out X.safetensors``, a single ldm/sgm checkpoint;
 - ``convert``: turn any adapter file into a plain LoRA file by truncated SVD of each module's ΔW;
-- ``inspect``: method, modules per part, ranks, alphas, dtype, architecture, hashes and metadata of a file.
+- ``inspect``: method, modules per part, ranks, alphas, dtype, architecture, hashes and metadata of a file;
+- ``train``: train an adapter from a TOML config (``--set section.key=value`` overrides, ``--resume STATE_DIR``);
+  under ``torchrun --nproc_per_node N -m trainer train ...`` or ``accelerate launch -m trainer train ...`` it
+  trains data-parallel, and only the main process writes files. Exit 0 also when stopped (SIGINT/SIGTERM/STOP
+  file) with a save; 1 when training failed (NaN loss); 2 for configuration mistakes.
 
 Each command is a :class:`Command` in ``COMMANDS`` (``@command(...)`` registers one); a new command (``train``)
 adds an ``add_arguments`` function and a handler the same way. Handlers return an exit code; mistakes a user can
@@ -767,4 +771,48 @@ def run_convert(args: argparse.Namespace) -> int:
     if any(m.startswith(("oft", "boft")) or m.endswith("+dora") for m in report.methods):
         _say("note: OFT/BOFT/DoRA are not linear in strength; the LoRA matches them at strength 1 only")
     _say(f"wrote {out}")
+    return 0
+
+
+# ----- train ------------------------------------------------------------------------------------------------------
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the run's TOML file (see trainer/config.py for every key)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override one key (value in TOML syntax, e.g. train.max_steps=500); repeatable")
+    parser.add_argument("--resume", metavar="STATE_DIR",
+                        help="continue from a *-state folder written next to a save (output.save_state)")
+
+
+@command("train", "train an adapter as a TOML config says (multi-GPU/CPU: torchrun or accelerate launch -m "
+                  "trainer train ...)", _train_arguments)
+def run_train(args: argparse.Namespace) -> int:
+    from .config import TrainerConfig
+    from .loop import TrainingError, train
+
+    _quiet_model_libraries()
+    config = TrainerConfig.load(_require_file(args.config, "config file"), args.overrides)
+
+    def report(event: dict[str, Any]) -> None:  # only the main process gets events
+        kind = event["event"]
+        if kind == "ready":
+            _say(f"training {event['method']} ({event['trainable_parameters']:,} parameters) for "
+                 f"{event['total_steps']} steps on {event['processes']} × {event['device']}")
+        elif kind in ("skipped_image", "warning"):
+            _say(f"warning: {event.get('path', '')}{': ' if 'path' in event else ''}"
+                 f"{event.get('reason') or event.get('message')}")
+        elif kind == "save":
+            check = "self-check ok" if event["check_ok"] else "SELF-CHECK FAILED"
+            _say(f"saved {event['path']} at step {event['step']} ({check}, max difference "
+                 f"{event['check_max_difference']:.1e})")
+        elif kind == "stopping":
+            _say(f"stopping at step {event['step']} ({event['reason']}); saving")
+        elif kind == "done":
+            _say(f"{'stopped' if event['stopped'] else 'done'} after {event['step']} steps; peak memory "
+                 f"{event['peak_mb']:.0f} MB")
+
+    try:
+        train(config, on_event=report, resume=args.resume)
+    except TrainingError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
     return 0

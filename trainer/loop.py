@@ -84,9 +84,11 @@ def make_accelerator(mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
-    if PartialState._shared_state.get("num_processes", 1) <= 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if PartialState._shared_state.get("num_processes", 1) <= 1 and not distributed:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision)
+    # Without a GPU, accelerate only joins a torchrun/accelerate-launch process group when told to run on the CPU.
+    return Accelerator(mixed_precision=mixed_precision, cpu=distributed and not torch.cuda.is_available())
 
 
 def stable_seed(*key: Any) -> int:
