@@ -203,8 +203,20 @@ class OrthogonalModule(AdapterModule):
         return self.oft_blocks.shape[-3]
 
     def rotation(self) -> torch.Tensor:
-        """The constrained per-block rotations, fp32."""
-        return cayley(self.oft_blocks, self.threshold)
+        """The constrained per-block rotations, fp32.
+
+        Without autograd (sampling, applying a file) the rotations are cached until the blocks change: the
+        Cayley inverse per block and layer would otherwise dominate every denoising step.
+        """
+        if torch.is_grad_enabled():
+            return cayley(self.oft_blocks, self.threshold)
+        blocks = self.oft_blocks
+        key = (blocks._version, blocks.data_ptr(), blocks.device, self.threshold)
+        cached = getattr(self, "_rotation_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, cayley(blocks, self.threshold))
+            self._rotation_cache = cached
+        return cached[1]
 
     def channel_delta(self, values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """``rotated(v) − v`` on the last axis, before rescale."""

@@ -498,3 +498,21 @@ def test_peft_oft_is_our_rotation_on_the_transposed_layer():
     x = torch.randn(3, OUT)
     adapted = ours.base.weight + ours.delta_weight()  # W' (OUT, IN)
     assert_rel(layer(x), x @ adapted)
+
+
+@pytest.mark.parametrize("method", ["oft", "boft"])
+def test_inference_rotation_cache_follows_parameter_changes(method):
+    """Without autograd the rotation is cached; an in-place update (optimizer step, load) must invalidate it."""
+    module_class = get_method(method)
+    base = nn.Linear(32, 32)
+    adapter = module_class("x", base, module_class.config_class.from_dict({"block_size": 8}))
+    adapter.attach()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        nn.init.normal_(adapter.oft_blocks, std=0.05)
+        first = base(x)
+        assert torch.equal(first, base(x))
+        adapter.oft_blocks.add_(0.05 * torch.randn_like(adapter.oft_blocks))  # a constant would cancel in B − Bᵀ
+        changed = base(x)
+    assert not torch.allclose(first, changed)
+    assert torch.allclose(changed, base(x), atol=1e-6)  # autograd path recomputes: same answer
