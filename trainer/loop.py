@@ -687,19 +687,23 @@ class Trainer:
         tensors, _ = load_adapter_file(path)
         parts, _ = pipeline_parts(self.pipe, self.arch)
         reloaded, unmatched = AdapterNetwork.from_state_dict(parts, self.arch, tensors, source=str(path))
-        live = self.network.merged_deltas()
-        again = reloaded.merged_deltas()
         worst, worst_relative = 0.0, 0.0
-        missing = [name for name in live if name not in again]
-        for name, delta in live.items():
-            if name in again:
-                difference = float((delta.cpu() - again[name].cpu()).abs().max())
+        missing = [name for name in self.network.adapters if name not in reloaded.adapters]
+        # One module at a time: all ΔW of a real model at once would be the size of the adapted weights (GBs).
+        with torch.no_grad():
+            for name, adapter in self.network.adapters.items():
+                if name not in reloaded.adapters:
+                    continue
+                delta = adapter.merged_delta().float().cpu()
+                again = reloaded.adapters[name].merged_delta().float().cpu()
+                difference = float((delta - again).abs().max())
                 scale = float(delta.abs().max()) or 1.0
                 worst = max(worst, difference)
                 worst_relative = max(worst_relative, difference / scale)
         tolerance = {"fp32": 1e-5, "bf16": 2e-2}.get(self.config.output.save_dtype, 2e-3)
         ok = not missing and not unmatched and worst_relative <= tolerance
-        result = {"check_modules": len(again), "check_missing": len(missing), "check_unmatched": len(unmatched),
+        result = {"check_modules": len(reloaded.adapters), "check_missing": len(missing),
+                  "check_unmatched": len(unmatched),
                   "check_max_difference": worst, "check_max_relative_difference": worst_relative,
                   "check_tolerance": tolerance, "check_ok": ok}
         if not ok:
