@@ -462,8 +462,7 @@ class Trainer:
         if self.ema is not None:
             decay = self.config.train.ema_decay
             with torch.no_grad():
-                for shadow, param in zip(self.ema, self.network.parameters()):
-                    shadow.lerp_(param.detach(), 1 - decay)
+                torch._foreach_lerp_(self.ema, [p.detach() for p in self.network.parameters()], 1 - decay)
         return loss_value, grad_norm
 
     def _diverged(self, what: str) -> None:
