@@ -677,3 +677,32 @@ def test_text_encoder_training_and_learning_rates(arch, models, data, tmp_path):
     assert [g["name"] for g in frozen.optimizer.param_groups] == ["lora_unet"]
     assert frozen.text_cache is not None and len(frozen.text_cache) == 1
     assert all(k.startswith("lora_unet_") for k in load_file(frozen_result.output_file))
+
+
+# ==================================================================================================== command line
+def test_train_command_with_overrides_and_resume(models, data, tmp_path, capsys):
+    from trainer.cli import main
+
+    out = tmp_path / "out"
+    config = make_config(models("sd1")["folder"], data, out)
+    path = tmp_path / "run.toml"
+    path.write_text(config.to_toml())
+    assert main(["train", "--config", str(path), "--set", "train.max_steps=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "saved" in printed and "self-check ok" in printed and "done after 1 steps" in printed
+    assert main(["train", "--config", str(path), "--set", f"output.dir='{tmp_path / 'more'}'",
+                 "--resume", str(out / "adapter-state")]) == 0
+    events = read_event_log(tmp_path / "more")
+    assert of_kind(events, "resumed")[0]["step"] == 1 and of_kind(events, "done")[0]["step"] == 2
+    capsys.readouterr()
+    assert main(["train", "--config", str(path), "--set", "train.bogus=1"]) == 2
+    assert "error: [train]: unknown key(s) bogus" in capsys.readouterr().err
+
+
+def test_mixed_precision_can_change_between_runs_in_one_process(models, data, tmp_path):
+    base = models("sd1")["folder"]
+    run(make_config(base, data, tmp_path / "fp32", train={"max_steps": 1}))
+    result, events = run(make_config(base, data, tmp_path / "bf16",
+                                     train={"max_steps": 1, "mixed_precision": "bf16"}))
+    assert math.isfinite(result.losses[0])
+    assert of_kind(events, "start")[0]["config"]["train"]["mixed_precision"] == "bf16"
