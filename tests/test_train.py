@@ -249,7 +249,8 @@ def test_stop_from_another_thread_saves_state(models, data, tmp_path):
 
 def test_stop_file_ends_the_run(models, data, tmp_path):
     out = tmp_path / "out"
-    config = make_config(models("sd1")["folder"], data, out, train={"max_steps": 1000})
+    config = make_config(models("sd1")["folder"], data, out, train={"max_steps": 1000},
+                         output={"save_every_n_steps": 2})
 
     def on_event(event):
         if event["event"] == "step" and event["step"] == 2:
@@ -261,6 +262,8 @@ def test_stop_file_ends_the_run(models, data, tmp_path):
     assert result.stopped_early and "STOP" in result.reason
     assert result.steps == 2
     assert result.output_file.is_file() and (result.state_dir / STATE_FILE).is_file()
+    # step 2 was just saved by save_every_n_steps: the stop reuses that save instead of writing a copy
+    assert result.saves == [out / "adapter-step000002.safetensors"] == [result.output_file]
 
 
 def test_sigterm_saves_and_exits_cleanly(models, data, tmp_path):

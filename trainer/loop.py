@@ -116,6 +116,7 @@ class Trainer:
         self.saves: list[Path] = []
         self.last_good_save: Path | None = None
         self.last_state: Path | None = None
+        self.saved_step = -1
         self.timings: dict[str, float] = {}
 
     # ================================================================================================ run
@@ -678,6 +679,7 @@ class Trainer:
             self.events.emit("save", step=self.progress.step, path=str(path), final=final,
                              state=str(state) if state else None, size_bytes=path.stat().st_size,
                              seconds=round(time.time() - started, 3), ema=self.ema is not None, **check)
+        self.saved_step = self.progress.step  # on every process: they must agree on whether to save again
         self.accelerator.wait_for_everyone()
         return path
 
@@ -797,7 +799,10 @@ class Trainer:
         stopped = self.stop.requested() and self.progress.step < self.total_steps
         if stopped:
             self.events.emit("stopping", step=self.progress.step, reason=self.stop.reason)
-            path = self._save(final=False)
+            if self.saved_step == self.progress.step:  # e.g. save_every_n_steps saved this very step
+                path = self.saves[-1] if self.saves else None
+            else:
+                path = self._save(final=False)
         else:
             if self.config.train.validation_every_n_steps:
                 self._validate()
