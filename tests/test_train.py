@@ -709,3 +709,18 @@ def test_mixed_precision_can_change_between_runs_in_one_process(models, data, tm
                                      train={"max_steps": 1, "mixed_precision": "bf16"}))
     assert math.isfinite(result.losses[0])
     assert of_kind(events, "start")[0]["config"]["train"]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs(tmp_path):
+    out = tmp_path / "rows.json"
+    completed = subprocess.run([sys.executable, "bench/train_throughput.py", "--model", "tiny", "--variants",
+                                "cache", "--steps", "2", "--threads", "1", "--json", str(out)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    import json
+
+    (row,) = json.loads(out.read_text())
+    assert "error" not in row, row
+    assert row["steps_per_s"] > 0 and row["peak_mb"] > 0 and row["first_step_s"] > 0
+    assert "tiny | 64 | 1 | cache |" in completed.stdout
