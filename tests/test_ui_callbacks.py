@@ -225,8 +225,8 @@ def test_caption_edit(ui, dataset):
 
 
 def test_trigger_word_and_find_replace(ui, dataset):
-    status, *_ = ui.add_trigger(str(dataset), " zqdog ")
-    assert "to 3 caption(s)" in status
+    status, caption, *_ = ui.add_trigger(str(dataset), " zqdog ", ".txt", str(dataset / "1_dog" / "b.png"))
+    assert "to 3 caption(s)" in status and caption == "zqdog, dog on grass"  # the caption box follows
     captions = {p.stem: workspace.read_caption(p) for p in sorted((dataset / "1_dog").glob("*.png"))}
     assert captions == {"a": "zqdog, a photo of a dog", "b": "zqdog, dog on grass", "c": "zqdog"}
     status, *_ = ui.add_trigger(str(dataset), "zqdog")
@@ -302,12 +302,15 @@ def test_form_values_as_gradio_sends_them(ui):
     """Numbers arrive as floats, optional numbers as None, lists as text; other methods' options are ignored."""
     values = form.config_to_values(ui.default_config())
     values.update({"train.max_steps": 12.0, "network.method": "lokr", "network.lokr.factor": 4.0,
-                   "network.lokr.alpha": None, "network.lora.rank": 999, "sample.prompts": "one\n\n two \n",
+                   "network.lokr.alpha": "", "network.lokr.conv_rank": "0", "network.lora.rank": 999,
+                   "sample.prompts": "one\n\n two \n",
                    "network.include": "", "train.optimizer_args": "betas = [0.9, 0.95]\neps = 1e-8"})
     config = form.values_to_config(values)
     assert config.train.max_steps == 12 and isinstance(config.train.max_steps, int)
     assert config.network.method == "lokr" and config.network.options["factor"] == 4
-    assert "alpha" not in config.network.options and config.network.options["rank"] == 16
+    # optional numbers are text boxes: empty = not set (None), "0" = 0 (conv_rank 0: no k×k conv adapters)
+    assert "alpha" not in config.network.options and config.network.options["conv_rank"] == 0
+    assert config.network.options["rank"] == 16
     assert config.sample.prompts == ["one", "two"] and config.network.include == []
     assert config.train.optimizer_args == {"betas": [0.9, 0.95], "eps": 1e-8}
 
@@ -350,12 +353,13 @@ def test_presets_and_toml_keep_the_folders_they_do_not_set(ui, ws, tmp_path):
     values = form.config_to_values(ui.default_config())
     values["model.base"] = str(tmp_path / "my_model")
     args = ui.ordered(values)
-    preset = write(ws.presets / "fast.toml", '[train]\nmax_steps = 5\n[network]\nmethod = "oft"\nblock_size = 8\n')
+    preset = write(ws.presets / "fast.toml", '[train]\nmax_steps = 5\n[network]\nmethod = "oft"\nblock_size = 8\n'
+                   '[dataset]\ndir = "data/elsewhere"\n')
     assert (("workspace: fast.toml", str(preset))) in ui.preset_choices()
     *loaded, message = ui.load_preset(str(preset), *args)
     got = ui.values(tuple(loaded))
     assert "fast.toml" in message
-    assert got["train.max_steps"] == 5 and got["network.method"] == "oft" and got["network.oft.block_size"] == 8
+    assert got["train.max_steps"] == 5 and got["network.method"] == "oft" and got["network.oft.block_size"] == "8"
     assert got["model.base"] == str(tmp_path / "my_model")
     assert got["dataset.dir"] == str(ws.default_dataset()) and got["output.dir"] == str(ws.outputs)
 
@@ -365,6 +369,10 @@ def test_presets_and_toml_keep_the_folders_they_do_not_set(ui, ws, tmp_path):
     assert command.startswith("python -m trainer train --config ")
     assert TrainerConfig.load(saved).to_toml() == text
     assert ui.values(tuple(ui.apply_toml(text, *args)[:-1])) == got
+
+    applied = ui.values(tuple(ui.apply_toml('[dataset]\ndir = "data/elsewhere"', *args)[:-1]))
+    assert applied["dataset.dir"] == "data/elsewhere" and applied["model.base"] == str(tmp_path / "my_model")
+    assert applied["train.max_steps"] == TrainerConfig().train.max_steps  # the TOML is the whole config
 
     toml_text, cli, status = ui.show_toml(*loaded)
     assert toml_text == text and Path(cli.split("--config ")[1].strip("'")).read_text().strip() == text.strip()
@@ -489,7 +497,7 @@ def test_job_runs_to_the_end(fake_runner, ws):
     assert view.losses == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
     assert [Path(s["path"]).name for s in view.saves] == ["fake.safetensors"]
     assert "done after 4 steps" in "\n".join(view.log)
-    assert not runner.is_running(record)
+    wait_for(lambda: not runner.is_running(record))  # the process ends right after its last event
     assert Path(record.config_path).read_text() == fake_config(ws, steps=4).to_toml()
 
 
@@ -597,6 +605,7 @@ def test_poll_renders_the_current_job(ws, fake_runner):
     assert plot.size == (720, 320)
     assert "done after 3 steps" in log_text
     assert [Path(f).name for f in files] == ["fake.safetensors"] and choices["value"] == files[0]
+    assert choices["choices"] == [("outputs/fake.safetensors", files[0])]
     assert all(value == {"__type__": "update"} for value in ui.poll(session)[:7])
     assert "width:50.0%" in progress_html(0.5, "x")
 
@@ -609,7 +618,7 @@ def test_results_metadata_of_a_saved_adapter(ui, tiny_pipeline, tmp_path):
     network = create_network(pipe, "loha", {"rank": 2})
     path = save_network(network, tmp_path / "adapter.safetensors", extra_metadata={"ss_steps": 12})
     summary, metadata = ui.adapter_info(str(path))
-    assert "adapter.safetensors" in summary and "steps 12" in summary
+    assert "adapter.safetensors" in summary and "12 steps" in summary and "method **loha** · rank 2" in summary
     assert metadata["ss_steps"] == "12" and "ss_network_module" in metadata
     with pytest.raises(WorkspaceError):
         ui.adapter_info(str(write(tmp_path / "junk.safetensors", b"junk")))

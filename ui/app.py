@@ -123,8 +123,7 @@ class RankwrightUI:
         images = workspace.list_images(folder, extension)
         problems = workspace.dataset_problems(folder, extension)
         bad = {path.resolve() for path, _ in problems}
-        gallery = [(str(item.path), f"{item.folder + '/' if item.folder else ''}{item.path.name}: {item.caption}"
-                    if item.caption else f"{item.folder + '/' if item.folder else ''}{item.path.name} (no caption)")
+        gallery = [(str(item.path), item.caption or f"{item.path.name} (no caption)")
                    for item in images if item.path.resolve() not in bad]
         paths = [str(item.path) for item in images if item.path.resolve() not in bad]
         concepts = workspace.list_concepts(folder)
@@ -155,7 +154,8 @@ class RankwrightUI:
         if report.rejected:
             gr.Warning(f"{len(report.rejected)} file(s) left out: "
                        + "; ".join(f"{name}: {reason}" for name, reason in report.rejected[:3]))
-        summary = f"Into `{target.relative_to(folder)}`: " + report.summary()
+        summary = f"Into `{target.relative_to(folder)}`:\n" + "\n".join(f"- {line}"
+                                                                      for line in report.summary().splitlines())
         return (None, summary, *self.dataset_view(dataset_dir, extension))
 
     def select_image(self, paths: list[str], extension: str, event: gr.SelectData) -> tuple[str, str, str]:
@@ -172,16 +172,23 @@ class RankwrightUI:
         path = workspace.write_caption(folder, image, caption, extension)
         return (f"Caption saved to `{path.name}`.", *self.dataset_view(dataset_dir, extension))
 
-    def add_trigger(self, dataset_dir: str, word: str, extension: str = ".txt") -> tuple:
+    def add_trigger(self, dataset_dir: str, word: str, extension: str = ".txt", selected: str = "") -> tuple:
+        """(status, the selected image's caption as it is now, *dataset_view)."""
         folder = workspace.dataset_folder(dataset_dir)
         count = workspace.add_trigger_word(folder, word, extension)
-        return (f"Added “{word.strip()}” to {count} caption(s).", *self.dataset_view(dataset_dir, extension))
+        return (f"Added “{word.strip()}” to {count} caption(s).", self._caption_of(selected, extension),
+                *self.dataset_view(dataset_dir, extension))
 
-    def find_replace(self, dataset_dir: str, find: str, replace: str, extension: str = ".txt") -> tuple:
+    def find_replace(self, dataset_dir: str, find: str, replace: str, extension: str = ".txt",
+                     selected: str = "") -> tuple:
         folder = workspace.dataset_folder(dataset_dir)
         count = workspace.find_replace(folder, find, replace, extension)
-        return (f"Replaced “{find}” with “{replace}” in {count} caption(s).",
+        return (f"Replaced “{find}” with “{replace}” in {count} caption(s).", self._caption_of(selected, extension),
                 *self.dataset_view(dataset_dir, extension))
+
+    @staticmethod
+    def _caption_of(selected: str, extension: str) -> Any:
+        return workspace.read_caption(Path(selected), extension) if selected else gr.skip()
 
     def set_repeats(self, dataset_dir: str, concept: str, repeats: float | None, extension: str = ".txt") -> tuple:
         folder = workspace.dataset_folder(dataset_dir)
@@ -297,7 +304,8 @@ class RankwrightUI:
         for save in saves:
             self.allow(Path(save["path"]).parent)
         paths = [save["path"] for save in saves]
-        return paths or None, gr.update(choices=paths, value=paths[0] if paths else None)
+        choices = [(adapter_label(path), path) for path in paths]
+        return paths or None, gr.update(choices=choices, value=paths[0] if paths else None)
 
     def refresh_results(self) -> tuple[Any, Any]:
         return self.results()
@@ -322,12 +330,16 @@ class RankwrightUI:
                 shown[key] = json.loads(value) if value[:1] in "{[" else value
             except ValueError:
                 shown[key] = value
-        method = metadata.get("ss_network_module", "?")
-        args = metadata.get("ss_network_args", "")
-        summary = (f"**{file.name}** · {pipelines.format_bytes(file.stat().st_size)} · {tensors} tensors · "
-                   f"{metadata.get('ss_base_model_version', '?')} · steps {metadata.get('ss_steps', '?')} · "
-                   f"{method} {args}")
-        return summary, shown
+        args = shown.get("ss_network_args") if isinstance(shown.get("ss_network_args"), dict) else {}
+        method = args.get("algo") or metadata.get("ss_network_module", "?").removeprefix("networks.")
+        parts = [f"**{file.name}**", pipelines.format_bytes(file.stat().st_size), f"{tensors} tensors",
+                 f"method **{method}**"]
+        if metadata.get("ss_network_dim") not in (None, "", "None"):
+            parts.append(f"rank {metadata['ss_network_dim']}, alpha {metadata.get('ss_network_alpha', '?')}")
+        parts += [f"base {metadata.get('ss_base_model_version', '?')}", f"{metadata.get('ss_steps', '?')} steps"]
+        if metadata.get("modelspec.trigger_phrase"):
+            parts.append(f"trigger “{metadata['modelspec.trigger_phrase']}”")
+        return " · ".join(parts), shown
 
     def try_it(self, base: str, arch: str, prediction_type: str, tokenizer: str, adapter: str | None, prompt: str,
                strength: float, seed: float, steps: float, size: float) -> tuple:
@@ -360,14 +372,15 @@ class RankwrightUI:
                 choices.append((label, str(path)))
         return choices
 
-    def merged_values(self, text: str, args: tuple) -> list[Any]:
-        """Form values from a TOML text; where it sets no base model, dataset or output folder, keep the form's."""
+    def merged_values(self, text: str, args: tuple, keep: tuple[str, ...] = ()) -> list[Any]:
+        """Form values from a TOML text. The form's base model, dataset and output folders stay where the TOML
+        sets none; the keys in ``keep`` stay whatever the TOML says."""
         data = tomllib.loads(text)
         current = self.values(args)
-        for key in KEEP_WHEN_MISSING:
+        for key in (*KEEP_WHEN_MISSING, *keep):
             section, name = key.split(".")
             table = data.setdefault(section, {})
-            if isinstance(table, dict) and name not in table:
+            if isinstance(table, dict) and (name not in table or key in keep):
                 table[name] = form.Field.from_ui(next(f for f in self.fields if f.key == key), current[key])
         return self.ordered(form.config_to_values(TrainerConfig.from_dict(data)))
 
@@ -377,11 +390,11 @@ class RankwrightUI:
         file = Path(path)
         if not file.is_file():
             raise WorkspaceError(f"{path}: preset not found (refresh the list)")
-        try:
-            values = self.merged_values(file.read_text(encoding="utf-8"), args)
+        try:  # a preset is a recipe: the dataset and output folders chosen here stay
+            values = self.merged_values(file.read_text(encoding="utf-8"), args, keep=("dataset.dir", "output.dir"))
         except (ConfigError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"preset {file.name}: {error}") from None
-        return [*values, f"Loaded preset `{file.name}`."]
+        return [*values, f"Loaded preset `{file.name}` (your dataset and output folders are kept)."]
 
     def apply_toml(self, text: str, *args) -> list[Any]:
         try:
@@ -422,10 +435,16 @@ class RankwrightUI:
         config = self.initial_config()
         values = form.config_to_values(config)
         return [*self.ordered(values), *self.dataset_view(values["dataset.dir"], values["dataset.caption_extension"]),
-                gr.update(choices=self.preset_choices())]
+                gr.update(choices=self.preset_choices(), value=None)]
 
 
 # ====================================================================================================== rendering
+def adapter_label(path: str) -> str:
+    """``outputs/my_adapter.safetensors``: the file and its folder, for the adapter list."""
+    file = Path(path)
+    return f"{file.parent.name}/{file.name}"
+
+
 def progress_html(fraction: float, text: str) -> str:
     percent = max(0.0, min(1.0, float(fraction))) * 100
     return (f'<div class="rw-progress" role="progressbar" aria-valuenow="{percent:.0f}" aria-valuemin="0" '
@@ -454,10 +473,12 @@ def _component(field: form.Field, value: Any, **extra: Any):
         return gr.Dropdown(choices=list(field.choices), **common)
     if field.kind == "bool":
         return gr.Checkbox(**common)
-    if field.kind in ("int", "optional_int"):
+    if field.kind == "int":
         return gr.Number(precision=0, **common)
-    if field.kind in ("float", "optional_float"):
+    if field.kind == "float":
         return gr.Number(**common)
+    if field.kind.startswith("optional"):  # empty means "not set" (None), which a gr.Number cannot express
+        return gr.Textbox(placeholder="empty = not set", **common)
     if field.kind in ("lines", "table", "text"):
         return gr.Textbox(lines=3 if field.kind == "lines" else 2, **common)
     return gr.Textbox(**common)
@@ -502,8 +523,9 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
                                   elem_id="uploads", height=140)
                 upload_report = gr.Markdown(elem_id="upload-report")
                 dataset_summary = gr.Markdown(elem_id="dataset-summary")
-                gallery = gr.Gallery(label="Images (select one to edit its caption)", columns=6, height=360,
-                                     allow_preview=False, elem_id="dataset-gallery", object_fit="contain")
+                gallery = gr.Gallery(label="Images (select one to edit its caption)", columns=6, height=420,
+                                     allow_preview=False, elem_id="dataset-gallery", object_fit="contain",
+                                     fit_columns=False)
                 paths_state = gr.State([])
                 selected = gr.Textbox(visible=False, elem_id="selected-image")
                 with gr.Row():
@@ -553,7 +575,8 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
             # ------------------------------------------------------------------ training
             with gr.Tab("Training", id="training", elem_id="tab-training"):
                 with gr.Row():
-                    preset = gr.Dropdown(choices=ui.preset_choices(), label="Preset", elem_id="preset", scale=3,
+                    preset = gr.Dropdown(choices=ui.preset_choices(), value=None, label="Preset", elem_id="preset",
+                                         scale=3,
                                          info="presets/*.toml and presets saved in the workspace")
                     load_preset = gr.Button("Load preset", scale=1, elem_id="load-preset")
                 main_keys = [k for s in training_sections for k in by_section[s] if fields[k].main
@@ -597,8 +620,10 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
                     size = gr.Number(value=512, precision=0, minimum=8, step=8, label="Size (px)", elem_id="try-size")
                     generate = gr.Button("Generate", variant="primary", elem_id="try-generate")
                 with gr.Row():
-                    with_image = gr.Image(label="With adapter", type="pil", interactive=False, elem_id="try-with")
-                    without_image = gr.Image(label="Without", type="pil", interactive=False, elem_id="try-without")
+                    with_image = gr.Image(label="With adapter", type="pil", interactive=False, elem_id="try-with",
+                                          height=384)
+                    without_image = gr.Image(label="Without", type="pil", interactive=False, elem_id="try-without",
+                                             height=384)
                 try_status = gr.Markdown(elem_id="try-status")
 
             # ------------------------------------------------------------------ config
@@ -637,12 +662,13 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
                            [dataset_status, *view_outputs])
         caption.submit(guard(ui.save_caption, 5, 0), [dataset_dir, selected, caption, extension],
                        [dataset_status, *view_outputs])
-        trigger_button.click(guard(ui.add_trigger, 5, 0), [dataset_dir, trigger, extension],
-                             [dataset_status, *view_outputs])
-        replace_button.click(guard(ui.find_replace, 5, 0), [dataset_dir, find, replace, extension],
-                             [dataset_status, *view_outputs])
+        trigger_button.click(guard(ui.add_trigger, 6, 0), [dataset_dir, trigger, extension, selected],
+                             [dataset_status, caption, *view_outputs])
+        replace_button.click(guard(ui.find_replace, 6, 0), [dataset_dir, find, replace, extension, selected],
+                             [dataset_status, caption, *view_outputs])
         repeats_button.click(guard(ui.set_repeats, 5, 0), [dataset_dir, concept, repeats, extension],
-                             [dataset_status, *view_outputs])
+                             [dataset_status, *view_outputs]).then(lambda: ("", "", "Select an image."), None,
+                                                                   [selected, caption, selected_label])
         delete_button.click(guard(ui.delete_image, 7, 2), [dataset_dir, selected, extension],
                             [selected, caption, dataset_status, *view_outputs])
 

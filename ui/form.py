@@ -68,6 +68,7 @@ INFOS = {
     "output.dir": "where the adapter, previews, events.jsonl and resumable state are written",
     "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
 }
+METHOD_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT"}
 PRESET_LABELS = {"attention": "attention (q/k/v/out)", "attention_mlp": "attention + MLP (kohya default)",
                  "full": "all linear + conv (LoCon style)"}
 _NUMBER_KINDS = ("int", "float", "optional_int", "optional_float")
@@ -87,6 +88,8 @@ class Field:
     method: str = ""  # for method options: the method they belong to
 
     def to_ui(self, value: Any) -> Any:
+        if self.kind.startswith("optional"):  # a text box: Gradio's number box cannot be left empty
+            return "" if value is None else str(value)
         if self.kind == "lines":
             return "\n".join(str(v) for v in value or [])
         if self.kind == "table":
@@ -176,7 +179,6 @@ def _info(comment: str, default: Any) -> str:
 @functools.cache
 def config_fields() -> tuple[Field, ...]:
     """One field per TrainerConfig key, in section order (``network.options`` excluded: see method_fields)."""
-    from methods.registry import available_methods
     from methods.targets import PRESETS
 
     fields = []
@@ -193,7 +195,7 @@ def config_fields() -> tuple[Field, ...]:
             default = getattr(getattr(defaults, section), field.name)
             kind, choices = _kind(hints[field.name], key), CHOICES.get(key, ())
             if key == "network.method":
-                kind, choices = "choice", tuple(available_methods())
+                kind, choices = "choice", tuple((METHOD_LABELS.get(m, m), m) for m in ordered_methods())
             elif key == "network.preset":
                 kind, choices = "choice", tuple((PRESET_LABELS.get(p, p), p) for p in PRESETS)
             elif key == "network.text_encoder_preset":
@@ -209,10 +211,10 @@ def config_fields() -> tuple[Field, ...]:
 @functools.cache
 def method_fields() -> dict[str, tuple[Field, ...]]:
     """Each registered method's options, from its config dataclass."""
-    from methods.registry import available_methods, get_method
+    from methods.registry import get_method
 
     result = {}
-    for method in available_methods():
+    for method in ordered_methods():
         config_class = get_method(method).config_class
         hints = typing.get_type_hints(config_class)
         comments = {}
@@ -228,6 +230,14 @@ def method_fields() -> dict[str, tuple[Field, ...]]:
                                 main=field.name in ("rank", "alpha", "factor", "block_size", "dora"), method=method))
         result[method] = tuple(fields)
     return result
+
+
+def ordered_methods() -> list[str]:
+    """Registered methods, the familiar ones first."""
+    from methods.registry import available_methods
+
+    methods = available_methods()
+    return [m for m in METHOD_LABELS if m in methods] + [m for m in methods if m not in METHOD_LABELS]
 
 
 def all_fields() -> tuple[Field, ...]:

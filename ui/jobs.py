@@ -293,8 +293,8 @@ class JobRunner:
         """Start training ``config`` (a validated TrainerConfig) in a worker; JobBusy if a job is running."""
         with self._lock, _file_lock(self.jobs_dir / ".lock"):
             current = self.current()
-            if current is not None and self.is_running(current):
-                view = self.view(current)
+            # A job that wrote its last event ("done"/"error") is over, even while its process is still exiting.
+            if current is not None and self.is_running(current) and not (view := self.view(current)).finished:
                 raise JobBusy(f"A training job is already running ({current.output_name}, {view.status_text()}, "
                               f"{view.progress_text()}). Only one job runs at a time: stop it or wait until it ends.")
             output_dir = Path(config.output.dir).expanduser().resolve()
