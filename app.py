@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*SOCKS support")  # urllib3's note about an optional extra
     from ui.app import CSS, THEME, build_app
     from ui.workspace import Workspace
 

@@ -194,9 +194,28 @@ def test_dataset_view_lists_files_the_trainer_would_skip(ui, tmp_path):
     assert sorted(Path(p).name for p in paths) == ["a.png", "root.png"]
     assert concepts["choices"] == [("dog", "dog")] or concepts["choices"] == ["dog"]
     assert "Left out (1)" in summary and "broken.png" in summary and "not an image file" in summary
-    assert any("a dog" in label for _, label in gallery)
+    assert any(label == "a dog" for _, label in gallery)
     _, _, _, missing = ui.dataset_view(str(tmp_path / "nowhere"))
     assert "does not exist" in missing
+
+
+def test_gallery_shows_cached_thumbnails_and_checks_each_file_once(ui, ws, tmp_path, monkeypatch):
+    folder = tmp_path / "big"
+    write(folder / "1_x" / "large.png", png_bytes(size=(1200, 900)))
+    write(folder / "1_x" / "latin1.png", png_bytes())
+    write(folder / "1_x" / "latin1.txt", "caf\xe9".encode("latin-1"))
+    calls = []
+    real = workspace.image_problem
+    monkeypatch.setattr(workspace, "image_problem", lambda *a: calls.append(a[0].name) or real(*a))
+    gallery, paths, _, summary = ui.dataset_view(str(folder))
+    assert "latin1.png`: caption file latin1.txt is not UTF-8" in summary  # the trainer would skip it
+    assert [Path(p).name for p in paths] == ["large.png"]
+    thumb = Path(gallery[0][0])
+    assert thumb.is_relative_to(ws.thumbnails) and max(Image.open(thumb).size) == 256
+    assert ui.dataset_view(str(folder))[0] == gallery and sorted(calls) == ["large.png", "latin1.png"]
+    write(folder / "1_x" / "latin1.txt", "café")  # fixed: checked again, now usable
+    _, paths, _, summary = ui.dataset_view(str(folder))
+    assert len(paths) == 2 and "Left out" not in summary and calls.count("latin1.png") == 2
 
 
 # ================================================================================================ captions

@@ -55,6 +55,7 @@ class RankwrightUI:
         self.keys = [field.key for field in self.fields]
         self.methods = list(form.method_fields())
         self.allowed_paths: list[str] = [str(ws.root)]
+        self.checker = workspace.ImageChecker()
         self.demo: gr.Blocks | None = None
 
     # ================================================================ helpers
@@ -119,12 +120,11 @@ class RankwrightUI:
         if not folder.is_dir():
             return [], [], gr.update(choices=["subject"]), (f"The folder `{folder}` does not exist yet: drop images "
                                                             "above to create it, or type an existing folder.")
-        self.allow(folder)
         images = workspace.list_images(folder, extension)
-        problems = workspace.dataset_problems(folder, extension)
+        problems = self.checker.problems([item.path for item in images], extension)
         bad = {path.resolve() for path, _ in problems}
-        gallery = [(str(item.path), item.caption or f"{item.path.name} (no caption)")
-                   for item in images if item.path.resolve() not in bad]
+        gallery = [(str(workspace.thumbnail(item.path, self.ws.thumbnails)), item.caption
+                    or f"{item.path.name} (no caption)") for item in images if item.path.resolve() not in bad]
         paths = [str(item.path) for item in images if item.path.resolve() not in bad]
         concepts = workspace.list_concepts(folder)
         lines = [f"**{len(paths)} usable image(s)** in `{folder}`"]
@@ -263,6 +263,7 @@ class RankwrightUI:
             session = {"job": "none"}
             return ("No training job yet.", progress_html(0, "idle"), None, [], "", *self.results(), session)
         view = self.runner.view(record)
+        self.allow(record.output_dir)  # also after a restart: previews and files are served from there
         if session.get("job") != record.id:
             session = {"job": record.id}
         if session.get("version") == view.version:

@@ -6,6 +6,7 @@ Workspace layout (``--workspace DIR``, default ``./workspace``)::
     outputs/                         default output.dir of runs started from the UI
     presets/<name>.toml              presets saved from the UI
     jobs/<id>/                       one folder per training job (config.toml, job.json, worker.log, exit.json)
+    thumbnails/                      small JPEGs the dataset gallery shows (a cache; safe to delete)
     last_config.toml                 the settings of the last Start or Save, shown again when the page loads
 
 Uploads never escape their folder and never overwrite: a file name is reduced to its last component, stripped of
@@ -69,6 +70,10 @@ class Workspace:
     @property
     def jobs(self) -> Path:
         return self.root / "jobs"
+
+    @property
+    def thumbnails(self) -> Path:
+        return self.root / "thumbnails"
 
     @property
     def last_config(self) -> Path:
@@ -462,21 +467,64 @@ def delete_image(dataset_dir: Path, image: str | os.PathLike, extension: str = C
     path.unlink()
 
 
-def dataset_problems(dataset_dir: Path, extension: str = CAPTION_EXTENSION,
-                     max_pixels: int = MAX_PIXELS) -> list[tuple[Path, str]]:
-    """Files the trainer would skip, with the reason (the trainer's own scan)."""
-    from trainer.config import DatasetSection
-    from trainer.dataset import scan_dataset
-
+def image_problem(image: Path, extension: str = CAPTION_EXTENSION, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why the trainer would skip ``image`` (its own decode check, and an unreadable caption), or None."""
     try:
-        scan = scan_dataset(DatasetSection(dir=str(dataset_dir), caption_extension=extension, max_pixels=max_pixels))
-    except ValueError:  # no usable image at all (or none yet): check each file for its reason
-        problems = []
-        for folder in concept_folders(dataset_dir):
-            for path in _image_files(folder):
-                try:
-                    inspect_image(path, max_pixels)
-                except UnusableImage as reason:
-                    problems.append((path, str(reason)))
-        return problems
-    return list(scan.skipped)
+        inspect_image(image, max_pixels)
+    except UnusableImage as reason:
+        return str(reason)
+    caption = caption_path(image, extension)
+    if caption.is_file():
+        try:
+            caption.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            return f"caption file {caption.name} is not UTF-8 ({error.reason} at byte {error.start})"
+        except OSError as error:
+            return f"cannot read caption file {caption.name} ({error.strerror or error})"
+    return None
+
+
+class ImageChecker:
+    """:func:`image_problem` remembered per (file, size, modification time): a refresh only decodes new files."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, str | None] = {}
+
+    def problems(self, images: list[Path], extension: str = CAPTION_EXTENSION,
+                 max_pixels: int = MAX_PIXELS) -> list[tuple[Path, str]]:
+        found = []
+        for image in images:
+            try:
+                info = image.stat()
+                caption = caption_path(image, extension)
+                caption_time = caption.stat().st_mtime_ns if caption.is_file() else 0
+            except OSError as error:
+                found.append((image, f"cannot read the file ({error.strerror or error})"))
+                continue
+            key = (str(image), info.st_size, info.st_mtime_ns, caption_time, extension, max_pixels)
+            if key not in self._known:
+                self._known[key] = image_problem(image, extension, max_pixels)
+            if self._known[key] is not None:
+                found.append((image, self._known[key]))
+        return found
+
+
+def thumbnail(image: Path, cache_dir: Path, size: int = 256) -> Path:
+    """A small JPEG of ``image`` (upright, RGB), cached by path, size and modification time: the gallery shows
+    these, so a refresh sends kilobytes instead of every full-size image."""
+    import hashlib
+
+    from trainer.dataset import load_image
+
+    info = image.stat()
+    key = hashlib.sha1(f"{image.resolve()}|{info.st_size}|{info.st_mtime_ns}|{size}".encode()).hexdigest()
+    path = cache_dir / key[:2] / f"{key}.jpg"
+    if path.is_file():
+        return path
+    rgb, _ = load_image(image)
+    rgb.thumbnail((size, size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    rgb.save(temporary, "JPEG", quality=88)
+    os.replace(temporary, path)
+    return path
