@@ -389,6 +389,12 @@ def test_presets_and_toml_keep_the_folders_they_do_not_set(ui, ws, tmp_path):
     assert TrainerConfig.load(saved).to_toml() == text
     assert ui.values(tuple(ui.apply_toml(text, *args)[:-1])) == got
 
+    demo = tmp_path / "demo_data"
+    demo.mkdir()
+    bundled = write(ws.presets / "demo.toml", f'[dataset]\ndir = "{demo}"\n[output]\ndir = "elsewhere"\n')
+    got_demo = ui.values(tuple(ui.load_preset(str(bundled), *args)[:-1]))
+    assert got_demo["dataset.dir"] == str(demo) and got_demo["output.dir"] == str(ws.outputs)  # its own dataset
+
     applied = ui.values(tuple(ui.apply_toml('[dataset]\ndir = "data/elsewhere"', *args)[:-1]))
     assert applied["dataset.dir"] == "data/elsewhere" and applied["model.base"] == str(tmp_path / "my_model")
     assert applied["train.max_steps"] == TrainerConfig().train.max_steps  # the TOML is the whole config

@@ -232,6 +232,9 @@ class RankwrightUI:
             return pipelines.estimate(config, arch, pipe).text()
         except (ConfigError, ValueError) as error:
             return f"⚠️ {error}"
+        except Exception as error:  # an estimate must never break the page
+            log.exception("estimate failed")
+            return f"⚠️ cannot estimate the size ({type(error).__name__}: {error})"
 
     # ================================================================ training
     def start(self, *args) -> tuple[str, dict]:
@@ -254,7 +257,13 @@ class RankwrightUI:
 
     def poll(self, session: dict | None) -> tuple:
         """Timer tick: the current job's progress, status, loss plot, previews, log and saved files."""
-        session = dict(session or {})
+        try:
+            return self._poll(dict(session or {}))
+        except Exception:  # a broken tick must not flood the page with errors every second
+            log.exception("poll failed")
+            return (gr.skip(),) * 7 + (session,)
+
+    def _poll(self, session: dict) -> tuple:
         record = self.runner.current()
         skip = gr.skip()
         if record is None:
@@ -373,10 +382,10 @@ class RankwrightUI:
                 choices.append((label, str(path)))
         return choices
 
-    def merged_values(self, text: str, args: tuple, keep: tuple[str, ...] = ()) -> list[Any]:
+    def merged_values(self, text: str | dict, args: tuple, keep: tuple[str, ...] = ()) -> list[Any]:
         """Form values from a TOML text. The form's base model, dataset and output folders stay where the TOML
         sets none; the keys in ``keep`` stay whatever the TOML says."""
-        data = tomllib.loads(text)
+        data = tomllib.loads(text) if isinstance(text, str) else text
         current = self.values(args)
         for key in (*KEEP_WHEN_MISSING, *keep):
             section, name = key.split(".")
@@ -391,11 +400,25 @@ class RankwrightUI:
         file = Path(path)
         if not file.is_file():
             raise WorkspaceError(f"{path}: preset not found (refresh the list)")
-        try:  # a preset is a recipe: the dataset and output folders chosen here stay
-            values = self.merged_values(file.read_text(encoding="utf-8"), args, keep=("dataset.dir", "output.dir"))
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+            # Paths in a preset of the project (a demo model or dataset) are relative to the project folder.
+            for section, name in (("model", "base"), ("model", "tokenizer"), ("model", "vae"), ("dataset", "dir")):
+                table = data.get(section)
+                value = table.get(name) if isinstance(table, dict) else None
+                if isinstance(value, str) and value and not Path(value).expanduser().is_absolute() \
+                        and not Path(value).exists() and (PROJECT_ROOT / value).exists():
+                    table[name] = str(PROJECT_ROOT / value)
+            # A preset is a recipe: outputs stay in this workspace, and the dataset folder chosen here stays
+            # unless the preset brings its own (one that exists, like a demo dataset).
+            dataset = data.get("dataset", {}).get("dir") if isinstance(data.get("dataset"), dict) else None
+            own_dataset = isinstance(dataset, str) and dataset and Path(dataset).expanduser().is_dir()
+            keep = ("output.dir",) if own_dataset else ("dataset.dir", "output.dir")
+            values = self.merged_values(data, args, keep=keep)
         except (ConfigError, tomllib.TOMLDecodeError) as error:
             raise ConfigError(f"preset {file.name}: {error}") from None
-        return [*values, f"Loaded preset `{file.name}` (your dataset and output folders are kept)."]
+        kept = "your output folder is kept" if own_dataset else "your dataset and output folders are kept"
+        return [*values, f"Loaded preset `{file.name}` ({kept})."]
 
     def apply_toml(self, text: str, *args) -> list[Any]:
         try:
@@ -435,8 +458,11 @@ class RankwrightUI:
     def on_load(self) -> list[Any]:
         config = self.initial_config()
         values = form.config_to_values(config)
-        return [*self.ordered(values), *self.dataset_view(values["dataset.dir"], values["dataset.caption_extension"]),
-                gr.update(choices=self.preset_choices(), value=None)]
+        try:
+            dataset = self.dataset_view(values["dataset.dir"], values["dataset.caption_extension"])
+        except USER_ERRORS as error:
+            dataset = ([], [], gr.skip(), f"⚠️ {error}")
+        return [*self.ordered(values), *dataset, gr.update(choices=self.preset_choices(), value=None)]
 
 
 # ====================================================================================================== rendering
