@@ -15,6 +15,16 @@ from trainer.architectures import build_text_encoders, build_tiny_pipeline, buil
 ARCHS = ("sd1", "sd2", "sdxl")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """Every model in the suite is tiny: one thread is fastest, and immune to OpenMP spinning on a shared CI machine
+    (measured: several times slower with two threads on two busy cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A tiny CLIP BPE tokenizer folder (vocab.json + merges.txt), written once per session."""

@@ -70,14 +70,6 @@ def require(method: str) -> None:
         pytest.skip(f"method {method!r} is not registered (yet)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models are far too small to gain from intra-op threads; on a busy 2-core machine the thread pool's
-    spinning costs several times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,7 +23,7 @@ from methods.apply import create_network, load_network, save_network
 from methods.registry import available_methods
 from methods.targets import TargetConfig
 from trainer import cli
-from trainer.architectures import build_tiny_pipeline, write_tiny_tokenizer
+from trainer.architectures import build_tiny_pipeline
 from trainer.models import (
     CONFIG_METADATA_KEY,
     ModelLoadError,
@@ -90,26 +90,12 @@ def file_deltas(path: Path, pipe=None) -> dict[str, torch.Tensor]:
 
 
 # ----- fixtures ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    """A tiny CLIP tokenizer folder (this file's own, so it does not depend on any conftest)."""
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("cli-tokenizer"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is fastest, and keeps SVD/eigh timings stable on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_tokenizer):
+def work(tmp_path_factory, tokenizer_dir):
     """A tiny sd1 base as a diffusers folder and a single file, plus adapter files of every registered method."""
     root = tmp_path_factory.mktemp("cli")
-    pipe = build_tiny_pipeline("sd1", tiny_tokenizer, seed=0)
+    pipe = build_tiny_pipeline("sd1", tokenizer_dir, seed=0)
     pipe.save_pretrained(root / "base")
     save_single_file(pipe, root / "base.safetensors")
     files = {"lora": make_adapter(pipe, root / "lora.safetensors", "lora", {"rank": 4, "alpha": 2.0})}
@@ -117,7 +103,7 @@ def work(tmp_path_factory, tiny_tokenizer):
     for method, options in (("loha", {"rank": 2}), ("lokr", {"rank": 2, "factor": 4}), ("oft", {})):
         if method in available_methods():
             files[method] = make_adapter(pipe, root / f"{method}.safetensors", method, options, seed=2)
-    return {"root": root, "tokenizer": tiny_tokenizer, "files": files}
+    return {"root": root, "tokenizer": tokenizer_dir, "files": files}
 
 
 def base_pipe(work):
@@ -126,8 +112,8 @@ def base_pipe(work):
 
 # ----- loading and saving base models -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
-def test_folder_and_single_file_load_back_identical(arch, tmp_path, tiny_tokenizer):
-    pipe = build_tiny_pipeline(arch, tiny_tokenizer, seed=3)
+def test_folder_and_single_file_load_back_identical(arch, tmp_path, tokenizer_dir):
+    pipe = build_tiny_pipeline(arch, tokenizer_dir, seed=3)
     pipe.save_pretrained(tmp_path / "folder")
     single = save_single_file(pipe, tmp_path / "model.safetensors")
     expected_prediction = "v_prediction" if arch == "sd2" else "epsilon"
@@ -137,7 +123,7 @@ def test_folder_and_single_file_load_back_identical(arch, tmp_path, tiny_tokeniz
         arch, "folder", expected_prediction)
     assert_same_weights(pipe, folder_pipe)
 
-    file_pipe, file_info = load_pipeline(single, tokenizer=tiny_tokenizer)
+    file_pipe, file_info = load_pipeline(single, tokenizer=tokenizer_dir)
     assert (file_info.arch, file_info.source_kind, file_info.prediction_type) == (
         arch, "single_file", expected_prediction)
     assert type(file_pipe) is type(pipe)
@@ -157,8 +143,8 @@ def test_folder_and_single_file_load_back_identical(arch, tmp_path, tiny_tokeniz
     assert CONFIG_METADATA_KEY in metadata and metadata["modelspec.sai_model_spec"] == "1.0.1"
 
 
-def test_ckpt_loads_with_config_folder_and_refuses_pickled_objects(tmp_path, tiny_tokenizer):
-    pipe = build_tiny_pipeline("sd2", tiny_tokenizer, seed=4)
+def test_ckpt_loads_with_config_folder_and_refuses_pickled_objects(tmp_path, tokenizer_dir):
+    pipe = build_tiny_pipeline("sd2", tokenizer_dir, seed=4)
     pipe.save_pretrained(tmp_path / "folder")
     checkpoint = save_single_file(pipe, tmp_path / "model.ckpt")
     # A .ckpt has no metadata: tiny sizes cannot be guessed, and the message says what to do.
@@ -242,8 +228,8 @@ def test_real_config_folder_describes_the_real_models(arch, tmp_path):
     assert scheduler["prediction_type"] == "v_prediction"
 
 
-def test_sd2_prediction_test_runs(tiny_tokenizer):
-    pipe = build_tiny_pipeline("sd2", tiny_tokenizer)
+def test_sd2_prediction_test_runs(tokenizer_dir):
+    pipe = build_tiny_pipeline("sd2", tokenizer_dir)
     assert isinstance(sd2_predicts_v(pipe.unet), bool)
 
 
@@ -305,8 +291,8 @@ def test_merge_into_single_file_subprocess(work):
     assert json.loads(metadata["rankwright.merged_adapters"])[0]["modules"] == 91
 
 
-def test_merge_refuses_wrong_architecture_and_non_adapters(work, tiny_tokenizer, tmp_path, capsys):
-    sdxl = build_tiny_pipeline("sdxl", tiny_tokenizer)
+def test_merge_refuses_wrong_architecture_and_non_adapters(work, tokenizer_dir, tmp_path, capsys):
+    sdxl = build_tiny_pipeline("sdxl", tokenizer_dir)
     sdxl_lora = make_adapter(sdxl, tmp_path / "sdxl_lora.safetensors", "lora", {"rank": 2}, preset="attention")
     # Same module names as sd1 but another context width, and no metadata: only the shapes tell.
     tensors, _, _ = cli._read_adapter(work["files"]["lora"])

@@ -42,13 +42,6 @@ CASE_IDS = [f"{m}-{v}-{k}" for m, v, k in CASES]
 
 
 # ----- helpers ----------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one thread is fastest, and avoids OpenMP spinning when other jobs share the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_base(kind: str) -> nn.Module:

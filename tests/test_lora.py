@@ -39,10 +39,7 @@ DIFFS: dict[str, float] = defaultdict(float)
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_diffs():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster, and steady on a loaded CI machine
     yield
-    torch.set_num_threads(threads)
     if os.environ.get("RANKWRIGHT_REPORT_DIFFS"):
         print("\nlargest relative differences measured:")
         for what, value in sorted(DIFFS.items()):

@@ -54,14 +54,6 @@ CASES = [("oft", name) for name in OFT_VARIANTS] + [("boft", name) for name in B
 CASE_IDS = [f"{method}-{name}" for method, name in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are many tiny ops: intra-op threads only add scheduling overhead (10-100× slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_input(base: nn.Module) -> torch.Tensor:
     return torch.randn(2, 5, IN) if isinstance(base, nn.Linear) else torch.randn(2, IN, 6, 6)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from trainer import sampling
-from trainer.architectures import build_tiny_pipeline, write_tiny_tokenizer
+from trainer.architectures import build_tiny_pipeline
 from trainer.config import SAMPLERS, SampleSection
 from trainer.plots import PALETTE, ema, loss_curve_png
 from trainer.sampling import (
@@ -32,18 +32,7 @@ FAST = {"steps": 2, "guidance_scale": 5.0, "width": SIZE, "height": SIZE}
 PROMPTS = ["a photo of a red circle", "a blue square on white background"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: thread start-up and contention cost far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

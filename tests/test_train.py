@@ -42,14 +42,6 @@ METHODS = ("lora", "loha", "lokr", "oft", "boft")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the fastest setting for these tiny models, and immune to a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory, tokenizer_dir):
