@@ -273,6 +273,17 @@ class AdapterModule(nn.Module):
         """Rebuild a module from a file's tensors (suffix → tensor), inferring rank and variant from shapes."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def copy_file_tensors(self, values: dict[str, torch.Tensor]) -> None:
+        """Copy file tensors into same-named parameters, reshaping only where the element count and the leading
+        axis agree (2-D vs 4-D conv layouts); anything else is a clear error naming the module and shapes."""
+        for key, value in values.items():
+            param = getattr(self, key)
+            if value.numel() != param.numel() or value.shape[0] != param.shape[0]:
+                raise ValueError(f"{self.name}: {key} {tuple(value.shape)} does not fit a "
+                                 f"{tuple(self.weight_shape)} weight (expected {tuple(param.shape)})")
+            param.copy_(value.reshape(param.shape))
+
     @classmethod
     def claims(cls, suffixes: set[str]) -> bool:
         """Whether a file module with these tensor suffixes is written in this method's layout."""

@@ -157,12 +157,6 @@ class LoHaModule(AdapterModule):
         config = LoHaConfig(rank=rank, alpha=alpha, conv_rank=rank, conv_alpha=alpha)
         module = cls(name, base, config, tucker=tucker)
         keys = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + (["hada_t1", "hada_t2"] if tucker else [])
-        with torch.no_grad():
-            for key in keys:
-                param, value = getattr(module, key), tensors[key]
-                if value.numel() != param.numel() or value.shape[0] != param.shape[0]:
-                    raise ValueError(f"{name}: {key} {tuple(value.shape)} does not fit a {tuple(module.weight_shape)} "
-                                     f"weight at rank {rank} (expected {tuple(param.shape)})")
-                param.copy_(value.reshape(param.shape))
+        module.copy_file_tensors({key: tensors[key] for key in keys})
         module._dora_import(tensors)
         return module

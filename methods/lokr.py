@@ -295,12 +295,6 @@ class LoKrModule(AdapterModule):
             rank = int(file_alpha) if file_alpha >= 1 and file_alpha == int(file_alpha) else 1
         config = LoKrConfig(rank=rank, alpha=alpha, conv_rank=rank, conv_alpha=alpha)
         module = cls(name, base, config, layout=layout)
-        with torch.no_grad():
-            for key, value in values.items():
-                param = getattr(module, key)
-                if value.numel() != param.numel() or value.shape[0] != param.shape[0]:
-                    raise ValueError(f"{name}: {key} {tuple(value.shape)} does not fit the layout "
-                                     f"(expected {tuple(param.shape)})")
-                param.copy_(value.reshape(param.shape))
+        module.copy_file_tensors(values)
         module._dora_import(tensors)
         return module
