@@ -253,11 +253,16 @@ class AdapterModule(nn.Module):
         """``ΔW·x`` (no bias). The default builds ΔW; methods override it where a factored product is cheaper."""
         return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
 
+    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW·x`` without training-time dropouts (DoRA's path); methods with a factored product override it."""
+        return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """The layer's adapted output given the frozen output. Additive methods add ``strength·ΔW·x``."""
         if self.use_dora:
             return self._dora_output(x, base_out, strength)
-        return base_out + self.bypass(x) * strength
+        out = self.bypass(x)
+        return base_out + (out if strength == 1.0 else out * strength)
 
     # ----- file layout -----------------------------------------------------------------------------------
     def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
@@ -300,13 +305,16 @@ class AdapterModule(nn.Module):
 
     def _dora_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         weight = self.base.weight
-        delta = self.delta_weight()
-        adapted = weight.to(delta.dtype) + delta
-        # Detached norm, as in the DoRA paper §4.3 and PEFT: the magnitude learns scale, ΔW learns direction.
-        ratio = (self.dora_scale.to(delta.dtype) / self._row_norm(adapted).detach()).flatten()
+        # Detached norm, as in the DoRA paper §4.3 and PEFT: the magnitude learns scale, ΔW learns direction. ΔW is
+        # only needed for that norm, so it is built without autograd; the activations go through delta_apply (the
+        # method's factored product where it has one) instead of a second full-width matmul with ΔW.
+        with torch.no_grad():
+            delta = self.delta_weight()
+            norm = self._row_norm(weight.to(delta.dtype) + delta)
+        ratio = (self.dora_scale.to(delta.dtype) / norm).flatten()
         bias = self.base.bias
         frozen = base_out if bias is None else base_out - channel_view(bias, self.base).to(base_out.dtype)
-        adapted_out = frozen + apply_weight(self.base, x, delta.to(x.dtype))
+        adapted_out = frozen + self.delta_apply(x)
         adapted_out = adapted_out * channel_view(ratio, self.base).to(x.dtype)
         return base_out + (adapted_out - frozen) * strength
 

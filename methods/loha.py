@@ -120,9 +120,40 @@ class LoHaModule(AdapterModule):
                           self.scale, t1, t2)
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        # Building ΔW is the cheap way: the Hadamard product has no factored form narrower than rank r².
-        out = apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+        out = self.delta_apply(x)
         return regularise_output(out, self.config, self.is_conv) if self.training else out
+
+    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pointwise() and self._factored_is_cheaper(x):
+            return self._hadamard_apply(x)
+        return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+
+    def _pointwise(self) -> bool:
+        """Linear, or a plain 1×1 conv: ΔW·x is a per-position map on channels."""
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return True
+        return (not self.tucker and tuple(base.kernel_size) == (1, 1) and tuple(base.stride) == (1, 1)
+                and tuple(base.padding) == (0, 0) and base.groups == 1)
+
+    def _factored_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Multiply-adds of the rank-r² product (``T·r²·(in+out)``) against building ΔW and applying it
+        (``2·r·in·out + T·in·out``), for ``T`` positions; wide layers and few positions favour the product."""
+        out_dim, in_dim, r2 = self.out_dim, self.in_dim, self.rank * self.rank
+        positions = x.numel() // in_dim
+        return positions * r2 * (in_dim + out_dim) < 2 * self.rank * in_dim * out_dim + positions * in_dim * out_dim
+
+    def _hadamard_apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW·x`` as a rank-r² product: ``(A1B1)⊙(A2B2) = M·K`` with ``M[o, pq] = A1[o, p]·A2[o, q]`` and
+        ``K[pq, i] = B1[p, i]·B2[q, i]`` (``out × r²`` and ``r² × in``), so ΔW is never built."""
+        dtype = x.dtype
+        left = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).flatten(1) * self.scale
+        right = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).flatten(0, 1)
+        if self.is_conv:
+            n, _, height, width = x.shape
+            hidden = torch.matmul(right.to(dtype), x.flatten(2))
+            return torch.matmul(left.to(dtype), hidden).view(n, self.out_dim, height, width)
+        return F.linear(F.linear(x, right.to(dtype)), left.to(dtype))
 
     # ----- file layout -------------------------------------------------------------------------------------
     def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:

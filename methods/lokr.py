@@ -187,11 +187,13 @@ class LoKrModule(AdapterModule):
                 and base.groups == 1)
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        if self._pointwise():
-            out = self._kron_apply(x)
-        else:
-            out = apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+        out = self.delta_apply(x)
         return regularise_output(out, self.config, self.is_conv) if self.training else out
+
+    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pointwise():
+            return self._kron_apply(x)
+        return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
 
     def _kron_apply(self, x: torch.Tensor) -> torch.Tensor:
         """``ΔW·x`` without building ΔW: ``kron(W1, W2)·vec(X) = vec(W1·X·W2ᵀ)`` on ``X = x`` split into ``(c, d)``.

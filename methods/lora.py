@@ -85,7 +85,25 @@ class LoRAModule(AdapterModule):
         return lora_delta(self.lora_up, self.lora_down, self.weight_shape, self.scale,
                           self.lora_mid if self.tucker else None)
 
+    def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
+        """Linear layers: ``base + (s·scale)·up(down(x))`` as one ``addmm`` (no separate scale, strength and add
+        ops, forward or backward); everything else through the generic path."""
+        if self.use_dora or self.is_conv:
+            return super().transform_output(x, base_out, strength)
+        hidden = F.linear(x, self.lora_down.to(x.dtype))
+        if self.training:
+            hidden = self._regularise(hidden)
+        flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, self.rank),
+                           self.lora_up.to(x.dtype).t(), alpha=self.scale * strength)
+        return flat.view(base_out.shape)
+
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        return self._factored(x, regularise=self.training)
+
+    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self._factored(x, regularise=False)
+
+    def _factored(self, x: torch.Tensor, regularise: bool) -> torch.Tensor:
         dtype = x.dtype
         if self.is_conv:
             window = conv_kwargs(self.base)
@@ -99,7 +117,7 @@ class LoRAModule(AdapterModule):
                 hidden = F.conv2d(x, self.lora_down.to(dtype), **window)
         else:
             hidden = F.linear(x, self.lora_down.to(dtype))
-        if self.training:
+        if regularise:
             hidden = self._regularise(hidden)
         if self.is_conv:
             return F.conv2d(hidden, self.lora_up.to(dtype) * self.scale)
