@@ -25,11 +25,9 @@ from .base import ConfigError
 from .oft import (
     OFTConfig,
     OrthogonalModule,
-    cayley,
     is_power_of_two,
     power2factorization,
-    rescaled_delta,
-    rows_as_channels,
+    rotation_delta_weight,
 )
 from .registry import register
 
@@ -62,9 +60,7 @@ def butterfly_channel_delta(values: torch.Tensor, rotations: torch.Tensor) -> to
 def boft_delta_weight(weight: torch.Tensor, blocks: torch.Tensor, threshold: float = 0.0,
                       rescale: torch.Tensor | None = None) -> torch.Tensor:
     """The pure ΔW of BOFT at strength 1, in fp32."""
-    values = rows_as_channels(weight.float())
-    delta = rescaled_delta(butterfly_channel_delta(values, cayley(blocks, threshold)), values, rescale)
-    return delta.transpose(0, 1).reshape(weight.shape)
+    return rotation_delta_weight(butterfly_channel_delta, weight, blocks, threshold, rescale)
 
 
 @dataclasses.dataclass

@@ -116,12 +116,18 @@ def rescaled_delta(delta: torch.Tensor, values: torch.Tensor, rescale: torch.Ten
     return gain * delta + (gain - 1) * values
 
 
+def rotation_delta_weight(channel_delta, weight: torch.Tensor, blocks: torch.Tensor, threshold: float = 0.0,
+                          rescale: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW of a rotation of the output rows, given how the rotation acts on channels (OFT or BOFT), in fp32."""
+    values = rows_as_channels(weight.float())
+    delta = rescaled_delta(channel_delta(values, cayley(blocks, threshold)), values, rescale)
+    return delta.transpose(0, 1).reshape(weight.shape)
+
+
 def oft_delta_weight(weight: torch.Tensor, blocks: torch.Tensor, threshold: float = 0.0,
                      rescale: torch.Tensor | None = None) -> torch.Tensor:
     """The pure ΔW of diag-OFT: ``rescale ⊙ blockdiag(R)ᵀ·W − W`` on the output rows, in fp32."""
-    values = rows_as_channels(weight.float())
-    delta = rescaled_delta(oft_channel_delta(values, cayley(blocks, threshold)), values, rescale)
-    return delta.transpose(0, 1).reshape(weight.shape)
+    return rotation_delta_weight(oft_channel_delta, weight, blocks, threshold, rescale)
 
 
 # ----- config ----------------------------------------------------------------------------------------------------
