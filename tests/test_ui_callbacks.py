@@ -461,6 +461,36 @@ FAKE_WORKER = textwrap.dedent('''
             stream.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\\n")
     if config["output"]["title"] == "crash":
         print("Traceback: something broke badly", flush=True); sys.exit(3)
+    spec_path = Path(sys.argv[2]) / "compare.json"
+    if spec_path.exists():  # a method comparison: one short run per method, then a report, as trainer.compare
+        spec = json.loads(spec_path.read_text()); out = Path(spec["out_dir"]); events = out / "events.jsonl"
+        methods = spec["methods"]; rows = [{"method": "base model", "prior drift": "0 (reference)"}]
+        emit("compare_start", methods=methods, folder=str(out), base="tiny", steps=total)
+        for index, method in enumerate(methods):
+            emit("compare_method_start", method=method, index=index, count=len(methods), dropped_options=[],
+                 overrides={})
+            stopped = False
+            for step in range(1, total + 1):
+                time.sleep(delay)
+                emit("step", method=method, step=step, total=total, loss=1.0 / step, lr=1e-4, its=10.0,
+                     eta_seconds=0.0)
+                stopped = (out / "STOP").exists()
+                if stopped:
+                    emit("stopping", method=method, step=step, reason="stop file STOP found")
+                    break
+            emit("done", method=method, step=step, output="x", stopped=stopped)
+            rows.append({"method": method, "prior drift": "—" if stopped else f"{0.1 * (index + 1):.3f}"})
+            emit("compare_method_done", method=method, status="stopped" if stopped else "done", index=index,
+                 count=len(methods), row=rows[-1], message="")
+            if stopped:
+                break
+        emit("compare_render", row="base", index=0, total=len(rows))
+        from PIL import Image
+        grid = out / "grid.png"; Image.new("RGB", (40, 16 * len(rows))).save(grid)
+        (out / "report.md").write_text("# Method comparison\\n"); (out / "report.json").write_text("{}")
+        emit("compare_done", report=str(out / "report.json"), markdown=str(out / "report.md"), grid=str(grid),
+             loss_plot=None, stopped=stopped, table=rows)
+        sys.exit(0)
     (out / "STOP").unlink(missing_ok=True)  # the trainer clears a stale STOP when it starts
     emit("start", config=config)
     time.sleep(delay)
@@ -635,6 +665,90 @@ def test_poll_renders_the_current_job(ws, fake_runner):
     assert "width:50.0%" in progress_html(0.5, "x")
 
 
+# ================================================================================================ compare
+def test_compare_runs_as_a_job_and_the_tab_shows_the_report(ws, fake_runner):
+    ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
+    ws.default_dataset().mkdir(parents=True)
+    status, progress, table, grid, plot, files, session = ui.poll_compare({})
+    assert status == "No comparison yet." and table is grid is files is None
+    values = form.config_to_values(fake_config(ws, steps=400, delay=0.01))
+    values.update({"network.lora.rank": 8, "network.lokr.factor": 4, "network.oft.block_size": "4"})
+    message, session = ui.compare(["lora", "lokr", "oft"], 3, "a red car\n\n a tree ", *ui.ordered(values))
+    record = ui.runner.current()
+    assert message.startswith(f"Started comparison `{record.id}`: lora, lokr, oft, 3 steps each")
+    assert record.kind == "compare" and Path(record.output_dir) == ws.outputs / "fake-compare"
+    spec = json.loads((Path(record.folder) / "compare.json").read_text())
+    assert spec["methods"] == ["lora", "lokr", "oft"] and spec["drift_prompts"] == ["a red car", "a tree"]
+    options = {method: spec["overrides"][method]["network.options"] for method in spec["methods"]}
+    assert options["lora"]["rank"] == 8 and options["lokr"]["factor"] == 4 and options["oft"]["block_size"] == 4
+    assert "rank" not in options["oft"]  # each method's own form group, as Start would train it
+    assert TrainerConfig.load(record.config_path).train.max_steps == 3
+
+    view = wait_for(lambda: (v := ui.runner.view(record)).finished and v)
+    assert view.status == "done" and view.fraction == 1.0 and view.progress_text() == "3/3 methods trained"
+    status, progress, table, grid, plot, files, session = ui.poll_compare(session)
+    assert "finished" in status and record.id in status and "lora, lokr, oft" in status
+    assert table["headers"] == ["method", "prior drift"]
+    assert [row[0] for row in table["data"]] == ["base model", "lora", "lokr", "oft"]
+    assert Path(grid).is_file() and plot.size == (720, 320)
+    assert sorted(Path(f).name for f in files) == ["grid.png", "report.json", "report.md"]
+    assert all(value == {"__type__": "update"} for value in ui.poll_compare(session)[:6])  # nothing new
+    # the Training tab shows the comparison as the current job, its runs' files among the results
+    assert "finished" in ui.poll({})[0]
+    again = ui.compare(["lora"], None, "", *ui.ordered(values))[0]
+    assert "fake-compare-1" in again  # a new folder: an earlier report is never replaced
+
+
+def test_one_job_at_a_time_whether_training_or_comparing(ws, fake_runner):
+    ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
+    ws.default_dataset().mkdir(parents=True)
+    values = form.config_to_values(fake_config(ws, steps=400, delay=0.05))
+    compare, start = ui.guard(ui.compare, 2, 0), ui.guard(ui.start, 2, 0)
+    assert compare(["lora", "oft"], None, "", *ui.ordered(values))[0].startswith("Started comparison")
+    assert start(*ui.ordered(values))[0].startswith("⚠️ A method comparison is already running")
+    assert compare(["lora"], None, "", *ui.ordered(values))[0].startswith("⚠️ A method comparison is already")
+    ui.stop()
+    view = wait_for(lambda: (v := ui.runner.view(ui.runner.current())).finished and v)
+    assert view.status == "stopped" and view.rows[-1]["method"] == "lora" and len(view.rows) == 2
+    assert start(*ui.ordered(values))[0].startswith("Started job")
+    assert compare(["lora"], None, "", *ui.ordered(values))[0].startswith("⚠️ A training job is already running")
+    assert compare(["nope"], None, "", *ui.ordered(values))[0].startswith("⚠️ unknown adapter method 'nope'")
+    assert compare(["lora"], 2.5, "", *ui.ordered(values))[0].startswith("⚠️ steps per method must be a whole")
+    assert len(ui.runner.history()) == 2
+
+
+def real_job_outcome(ui: RankwrightUI):
+    """The view of the current (real worker) job once it finished successfully; the worker never outlives it."""
+    record = ui.runner.current()
+    try:
+        view = wait_for(lambda: (v := ui.runner.view(record)).finished and v, timeout=300, interval=0.5)
+    finally:
+        ui.runner.kill(record)
+    assert view.status == "done", "\n".join(view.log)
+    return view
+
+
+@pytest.mark.slow
+def test_real_worker_compares_two_methods(ws, tiny_pipeline, tmp_path):
+    """The real worker process (python -m ui.worker → trainer.compare.compare) on a tiny model, 2 steps each."""
+    pipe = tiny_pipeline("sd1")
+    pipe.save_pretrained(tmp_path / "model")
+    ui = RankwrightUI(ws, preset_dirs=[])
+    ui.upload([str(write(tmp_path / f"{c}.png", png_bytes(c, (32, 32)))) for c in ("red", "green")],
+              str(ws.default_dataset()), "shape", 1)
+    values = form.config_to_values(ui.default_config())
+    values.update({"model.base": str(tmp_path / "model"), "dataset.resolution": 16, "dataset.min_bucket_side": 8,
+                   "dataset.max_bucket_side": 32, "dataset.bucket_step": 8, "output.tensorboard": False,
+                   "network.lora.rank": 2, "network.oft.block_size": "4", "sample.steps": 2,
+                   "sample.prompts": "a red shape", "output.name": "real"})
+    ui.compare(["lora", "oft"], 2, "a blue sky", *ui.ordered(values))
+    view = real_job_outcome(ui)
+    report = json.loads(Path(view.report["report"]).read_text())
+    assert [(run["method"], run["status"], run["steps"]) for run in report["methods"]] == [("lora", "done", 2),
+                                                                                         ("oft", "done", 2)]
+    assert Image.open(view.report["grid"]).size[1] > 3 * 16 and len(view.rows) == 3
+
+
 # ================================================================================================ results
 def test_results_metadata_of_a_saved_adapter(ui, tiny_pipeline, tmp_path):
     from methods.apply import create_network, save_network
@@ -716,12 +830,7 @@ def test_real_worker_trains_and_the_file_reloads(ws, tiny_pipeline, tmp_path):
                    "output.tensorboard": False, "network.method": "lokr", "network.lokr.rank": 2,
                    "network.lokr.factor": 4, "output.name": "real"})
     message, _ = ui.start(*ui.ordered(values))
-    record = ui.runner.current()
-    try:
-        view = wait_for(lambda: (v := ui.runner.view(record)).finished and v, timeout=300, interval=0.5)
-    finally:
-        ui.runner.kill(record)
-    assert view.status == "done", "\n".join(view.log)
+    view = real_job_outcome(ui)
     assert view.step == 2 and len(view.losses) == 2 and view.saves[-1]["check_ok"]
     handle = apply_adapter(pipe, view.output, 1.0)
     assert len(handle.network) == view.summary["modules"]["lora_unet"] + view.summary["modules"]["lora_te"]

@@ -9,7 +9,10 @@ Commands:
 - ``train``: train an adapter from a TOML config (``--set section.key=value`` overrides, ``--resume STATE_DIR``);
   under ``torchrun --nproc_per_node N -m trainer train ...`` or ``accelerate launch -m trainer train ...`` it
   trains data-parallel, and only the main process writes files. Exit 0 also when stopped (SIGINT/SIGTERM/STOP
-  file) with a save; 1 when training failed (NaN loss); 2 for configuration mistakes.
+  file) with a save; 1 when training failed (NaN loss); 2 for configuration mistakes;
+- ``compare``: train several methods (``--methods lora,loha,...``) from one config on the same data, steps and
+  seed, and write a report (preview grid, loss curves, parameters, file size, s/step, prior drift, concept score
+  on the toy model) into a new folder; ``--override METHOD:section.key=value`` changes one method's config only.
 
 Each command is a :class:`Command` in ``COMMANDS`` (``@command(...)`` registers one); a new command (``train``)
 adds an ``add_arguments`` function and a handler the same way. Handlers return an exit code; mistakes a user can
@@ -775,6 +778,26 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 # ----- train ------------------------------------------------------------------------------------------------------
+def print_training_event(event: dict[str, Any]) -> None:
+    """The lines ``train`` prints for a run's events (only the main process gets events)."""
+    kind = event["event"]
+    if kind == "ready":
+        _say(f"training {event['method']} ({event['trainable_parameters']:,} parameters) for "
+             f"{event['total_steps']} steps on {event['processes']} × {event['device']}")
+    elif kind in ("skipped_image", "warning"):
+        _say(f"warning: {event.get('path', '')}{': ' if 'path' in event else ''}"
+             f"{event.get('reason') or event.get('message')}")
+    elif kind == "save":
+        check = "self-check ok" if event["check_ok"] else "SELF-CHECK FAILED"
+        _say(f"saved {event['path']} at step {event['step']} ({check}, max difference "
+             f"{event['check_max_difference']:.1e})")
+    elif kind == "stopping":
+        _say(f"stopping at step {event['step']} ({event['reason']}); saving")
+    elif kind == "done":
+        _say(f"{'stopped' if event['stopped'] else 'done'} after {event['step']} steps; peak memory "
+             f"{event['peak_mb']:.0f} MB")
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="the run's TOML file (see trainer/config.py for every key)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
@@ -791,28 +814,73 @@ def run_train(args: argparse.Namespace) -> int:
 
     _quiet_model_libraries()
     config = TrainerConfig.load(_require_file(args.config, "config file"), args.overrides)
-
-    def report(event: dict[str, Any]) -> None:  # only the main process gets events
-        kind = event["event"]
-        if kind == "ready":
-            _say(f"training {event['method']} ({event['trainable_parameters']:,} parameters) for "
-                 f"{event['total_steps']} steps on {event['processes']} × {event['device']}")
-        elif kind in ("skipped_image", "warning"):
-            _say(f"warning: {event.get('path', '')}{': ' if 'path' in event else ''}"
-                 f"{event.get('reason') or event.get('message')}")
-        elif kind == "save":
-            check = "self-check ok" if event["check_ok"] else "SELF-CHECK FAILED"
-            _say(f"saved {event['path']} at step {event['step']} ({check}, max difference "
-                 f"{event['check_max_difference']:.1e})")
-        elif kind == "stopping":
-            _say(f"stopping at step {event['step']} ({event['reason']}); saving")
-        elif kind == "done":
-            _say(f"{'stopped' if event['stopped'] else 'done'} after {event['step']} steps; peak memory "
-                 f"{event['peak_mb']:.0f} MB")
-
     try:
-        train(config, on_event=report, resume=args.resume)
+        train(config, on_event=print_training_event, resume=args.resume)
     except TrainingError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     return 0
+
+
+# ----- compare ----------------------------------------------------------------------------------------------------
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the base run's TOML (data, steps, seed, optimizer, ...)")
+    parser.add_argument("--methods", default="lora,loha,lokr,oft,boft",
+                        help="comma-separated methods to train (default: lora,loha,lokr,oft,boft)")
+    parser.add_argument("--out", help="the report folder, which must be new (default: "
+                                      "<output.dir>/<output.name>-compare, numbered when taken)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override one key of the base config for every method (as train --set); repeatable")
+    parser.add_argument("--override", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
+                        dest="method_overrides",
+                        help="override one key for one method only, e.g. oft:train.learning_rate=3e-3; repeatable")
+    parser.add_argument("--drift-prompts", nargs="+", metavar="PROMPT",
+                        help="prompts unrelated to the training data for the prior-drift score (default: a "
+                             "generic list, or the toy model's own)")
+
+
+@command("compare", "train several methods on the same data, steps and seed; write a report with previews, loss "
+                    "curves, sizes, speed, prior drift (and the toy model's concept score)", _compare_arguments)
+def run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, parse_method_override, resolve_methods
+    from .config import TrainerConfig
+
+    _quiet_model_libraries()
+    config = TrainerConfig.load(_require_file(args.config, "config file"), args.overrides)
+    methods = resolve_methods(args.methods.split(","))
+    per_method: dict[str, dict[str, Any]] = {}
+    for text in args.method_overrides:
+        method, key, value = parse_method_override(text)
+        per_method.setdefault(method, {})[key] = value
+
+    def report(event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "compare_start":
+            _say(f"comparing {', '.join(event['methods'])} on {event['base']} → {event['folder']}")
+        elif kind == "compare_method_start":
+            dropped = event["dropped_options"]
+            _say(f"[{event['index'] + 1}/{event['count']}] {event['method']}"
+                 + (f" (options not accepted, left out: {', '.join(dropped)})" if dropped else ""))
+        elif kind == "compare_method_done" and event["status"] in ("failed", "skipped"):
+            _say(f"{event['method']}: {event['status']}{': ' + event['message'] if event['message'] else ''}")
+        elif kind == "compare_render":
+            _say(f"rendering previews and prior drift: {event['row']} ({event['index'] + 1}/{event['total']})")
+        elif kind not in ("compare_method_done", "compare_done"):
+            print_training_event(event)
+
+    result = compare(config, methods, Path(args.out).expanduser() if args.out else None, overrides=per_method,
+                     on_event=report, drift_prompts=args.drift_prompts)
+    _say()
+    _say(format_table(result.table()))
+    _say()
+    _say(f"report: {result.markdown_path}" + (" (stopped early)" if result.stopped else ""))
+    return 1 if any(run.status == "failed" for run in result.runs) else 0
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    """Rows of equal keys as aligned plain-text columns under a header."""
+    columns = list(rows[0])
+    widths = [max(len(column), *(len(row[column]) for row in rows)) for column in columns]
+    lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
+    lines += ["  ".join(row[column].ljust(width) for column, width in zip(columns, widths)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)

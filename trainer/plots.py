@@ -121,6 +121,25 @@ def loss_curve_png(
     return image
 
 
+NOISY_LENGTH = 20  # from this many points per curve on, per-step losses are drawn smoothed
+
+
+def loss_curves_png(
+    losses: dict[str, Sequence[float]],
+    path: str | os.PathLike | None = None,
+    title: str = "",
+    **size: int,
+) -> Image.Image:
+    """One curve per ``name → [loss at step 1, loss at step 2, …]`` on shared axes (e.g. one per adapter method).
+
+    Per-step losses are noisy, so curves of at least ``NOISY_LENGTH`` points are smoothed (EMA 0.6) over the
+    faint measured values; ``size`` is ``width``/``height`` as in :func:`loss_curve_png`.
+    """
+    series = {name: list(enumerate(values, start=1)) for name, values in losses.items()}
+    longest = max((len(values) for values in losses.values()), default=0)
+    return loss_curve_png(series, path, title=title, smoothing=0.6 if longest >= NOISY_LENGTH else 0.0, **size)
+
+
 # ----- data ---------------------------------------------------------------------------------------------------
 def _clean(points: Sequence[tuple[int | float, float]]) -> list[Point]:
     cleaned = []

@@ -1,4 +1,4 @@
-"""The Gradio Blocks app: Dataset, Model & method, Training, Results and Config tabs.
+"""The Gradio Blocks app: Dataset, Model & method, Training, Compare, Results and Config tabs.
 
 All logic sits in :class:`RankwrightUI`'s callbacks, which call the trainer's public API (and ui.workspace /
 ui.jobs / ui.pipelines); :func:`build_app` only lays out components and wires them. Callbacks never let a user's
@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 
 from methods.base import ConfigError
+from trainer.compare import DEFAULT_METHODS
 from trainer.config import TrainerConfig
 
 from . import form, pipelines, workspace
@@ -257,27 +258,13 @@ class RankwrightUI:
 
     def poll(self, session: dict | None) -> tuple:
         """Timer tick: the current job's progress, status, loss plot, previews, log and saved files."""
-        try:
-            return self._poll(dict(session or {}))
-        except Exception:  # a broken tick must not flood the page with errors every second
-            log.exception("poll failed")
-            return (gr.skip(),) * 7 + (session,)
+        return self._tick(self.runner.current, self._show_job, self._no_job, 7, session)
 
-    def _poll(self, session: dict) -> tuple:
-        record = self.runner.current()
+    def _no_job(self) -> tuple:
+        return "No training job yet.", progress_html(0, "idle"), None, [], "", *self.results()
+
+    def _show_job(self, record: Any, view: JobView, session: dict) -> tuple:
         skip = gr.skip()
-        if record is None:
-            if session.get("job") == "none":
-                return (skip,) * 7 + (session,)
-            session = {"job": "none"}
-            return ("No training job yet.", progress_html(0, "idle"), None, [], "", *self.results(), session)
-        view = self.runner.view(record)
-        self.allow(record.output_dir)  # also after a restart: previews and files are served from there
-        if session.get("job") != record.id:
-            session = {"job": record.id}
-        if session.get("version") == view.version:
-            return (skip,) * 7 + (session,)
-        session["version"] = view.version
         status = f"**{view.status_text()}** — job `{record.id}` · {record.output_name}"
         progress = progress_html(view.fraction, view.progress_text())
         plot = skip
@@ -293,7 +280,85 @@ class RankwrightUI:
         if len(view.saves) != session.get("saves"):
             session["saves"] = len(view.saves)
             files, choices = self.results()
-        return status, progress, plot, previews, log_text, files, choices, session
+        return status, progress, plot, previews, log_text, files, choices
+
+    def _tick(self, find: Callable[[], Any], show: Callable[[Any, JobView, dict], tuple], idle: Callable[[], tuple],
+              outputs: int, session: dict | None) -> tuple:
+        """One timer tick of a tab showing a job: ``idle()`` when there is none, nothing re-sent while the job's
+        view is unchanged, else ``show(record, view, session)``; the session state comes last."""
+        session = dict(session or {})
+        skips = (gr.skip(),) * outputs
+        try:
+            record = find()
+            if record is None:
+                return (*skips, session) if session.get("job") == "none" else (*idle(), {"job": "none"})
+            view = self.runner.view(record)
+            self.allow(record.output_dir)  # also after a restart: previews and files are served from there
+            if session.get("job") != record.id:
+                session = {"job": record.id}
+            if session.get("version") == view.version:
+                return (*skips, session)
+            session["version"] = view.version
+            return (*show(record, view, session), session)
+        except Exception:  # a broken tick must not flood the page with errors every second
+            log.exception("poll of %s failed", show.__name__)
+            return (*skips, session)
+
+    # ================================================================ method comparison
+    def compare(self, methods: list[str] | None, steps: float | None, drift_prompts: str, *args) -> tuple[str, dict]:
+        """Start a comparison of the ticked methods on the form's settings, each method with its own options."""
+        from trainer.compare import OPTIONS_KEY, default_out_dir, resolve_methods
+
+        config = self.config_from(args)
+        if not Path(config.dataset.dir).expanduser().is_dir():
+            raise WorkspaceError(f"the dataset folder {config.dataset.dir} does not exist: add images in the "
+                                 "Dataset tab")
+        self.remember(config)
+        if steps not in (None, ""):
+            if not float(steps).is_integer() or float(steps) < 1:
+                raise WorkspaceError(f"steps per method must be a whole number ≥ 1, got {steps}")
+            config = config.with_overrides([f"train.max_steps={int(steps)}", "train.epochs=0"])
+        methods = resolve_methods(methods or [])
+        values = self.values(args)
+        # What Start would train with each method selected: the options of that method's group in the form.
+        overrides = {method: {OPTIONS_KEY: form.values_to_data({**values, "network.method": method})["network"]
+                              ["options"]} for method in methods}
+        prompts = [line.strip() for line in (drift_prompts or "").splitlines() if line.strip()]
+        record = self.runner.start_compare(config, methods, default_out_dir(config), overrides, prompts)
+        self.allow(record.output_dir)
+        gr.Info("Comparison started")
+        return (f"Started comparison `{record.id}`: {', '.join(methods)}, {config.train.max_steps} steps each → "
+                f"`{record.output_dir}`. The report (report.md, grid.png, losses.png) is written there."), {}
+
+    def latest_comparison(self) -> Any:
+        """The running comparison, else the newest one of the workspace (None if there is none)."""
+        current = self.runner.current()
+        if current is not None and current.kind == "compare":
+            return current
+        return next((record for record in self.runner.history() if record.kind == "compare"), None)
+
+    def poll_compare(self, session: dict | None) -> tuple:
+        """Timer tick of the Compare tab: status, progress, table, preview grid, loss plot, report files."""
+        idle = ("No comparison yet.", progress_html(0, "idle"), None, None, None, None)
+        return self._tick(self.latest_comparison, self._show_comparison, lambda: idle, 6, session)
+
+    def _show_comparison(self, record: Any, view: JobView, session: dict) -> tuple:
+        status = f"**{view.status_text()}** — comparison `{record.id}` · {', '.join(view.methods) or '…'}"
+        table = {"headers": list(view.rows[0]), "data": [list(row.values()) for row in view.rows]} \
+            if view.rows else None
+        plot = gr.skip()
+        points = sum(len(losses) for losses in view.method_losses.values())
+        if points != session.get("losses"):
+            from trainer.plots import loss_curves_png
+
+            session["losses"] = points
+            plot = loss_curves_png(view.method_losses, title="training loss per method", width=720, height=320) \
+                if points else None
+        report = view.report
+        grid = report.get("grid") if report.get("grid") and Path(report["grid"]).is_file() else None
+        files = [path for path in (report.get("markdown"), report.get("report"), report.get("grid"),
+                                   report.get("loss_plot")) if path and Path(path).is_file()]
+        return status, progress_html(view.fraction, view.progress_text()), table, grid, plot, files or None
 
     # ================================================================ results
     def saved_files(self) -> list[dict[str, Any]]:
@@ -627,6 +692,36 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
                 log_box = gr.Textbox(label="Log", lines=12, max_lines=12, autoscroll=True, elem_id="log",
                                      elem_classes="rw-mono", interactive=False)
 
+            # ------------------------------------------------------------------ compare
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                gr.Markdown("Train several methods with the settings of the other tabs — the same data, steps and "
+                            "seed, each method with its own options from *Model & method* — then compare previews, "
+                            "loss, size, speed and prior drift (how much each adapter changes unrelated prompts).")
+                with gr.Row():
+                    compare_methods = gr.CheckboxGroup(choices=ui.methods, label="Methods", elem_id="compare-methods",
+                                                       value=[m for m in DEFAULT_METHODS if m in ui.methods],
+                                                       scale=3)
+                    compare_steps = gr.Number(value=None, precision=0, minimum=1, elem_id="compare-steps",
+                                              label="Steps per method (empty: the Training tab's)", scale=1)
+                compare_drift = gr.Textbox(lines=2, elem_id="compare-drift",
+                                           label="Prior-drift prompts, one per line (empty: a generic list, or the "
+                                                 "toy model's own)")
+                with gr.Row():
+                    compare_button = gr.Button("Compare", variant="primary", elem_id="compare-start")
+                    compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
+                compare_message = gr.Markdown(elem_id="compare-message")
+                compare_status = gr.Markdown("No comparison yet.", elem_id="compare-status")
+                compare_progress = gr.HTML(progress_html(0, "idle"), elem_id="compare-progress")
+                compare_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="compare-table")
+                with gr.Row():
+                    compare_grid = gr.Image(label="Previews (rows: base model, then each method)", type="filepath",
+                                            interactive=False, elem_id="compare-grid")
+                    compare_loss = gr.Image(label="Loss per method", type="pil", interactive=False,
+                                            elem_id="compare-loss", height=320)
+                compare_files = gr.File(label="Report (click to download)", file_count="multiple",
+                                        interactive=False, elem_id="compare-files")
+                compare_session = gr.State({})
+
             # ------------------------------------------------------------------ results
             with gr.Tab("Results", id="results", elem_id="tab-results"):
                 refresh_button = gr.Button("Refresh", elem_id="refresh-results")
@@ -719,6 +814,14 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
         result_outputs = [result_files, adapter]
         timer.tick(ui.poll, [session], [job_status, progress, loss_image, previews, log_box, *result_outputs,
                                          session], show_progress="hidden", concurrency_limit=None, queue=False)
+
+        # compare
+        compare_button.click(guard(ui.compare, 2, 0), [compare_methods, compare_steps, compare_drift, *inputs],
+                             [compare_message, compare_session], concurrency_limit=1)
+        compare_stop.click(guard(ui.stop, 1, 0), None, [compare_message])
+        timer.tick(ui.poll_compare, [compare_session], [compare_status, compare_progress, compare_table, compare_grid,
+                                                        compare_loss, compare_files, compare_session],
+                   show_progress="hidden", concurrency_limit=None, queue=False)
 
         # results
         refresh_button.click(guard(ui.refresh_results, 2), None, result_outputs)

@@ -9,6 +9,11 @@ a log and the final status.
 
 Stop writes the ``STOP`` file into the output folder; the trainer sees it at the next step, saves and ends. A
 second start while a job runs raises :class:`JobBusy` with a message for the user.
+
+``JobRunner.start_compare(config, methods, out_dir)`` runs a method comparison (:func:`trainer.compare.compare`)
+as such a job: the job folder also holds ``compare.json`` (methods, report folder, per-method overrides), which
+tells the worker what to run, and :class:`CompareView` folds its events. Training and comparing share the one-job
+limit.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import secrets
 import subprocess
@@ -34,6 +40,7 @@ EXIT_FILE = "exit.json"
 LOG_FILE = "worker.log"
 CONFIG_FILE = "config.toml"
 CURRENT_FILE = "current.json"
+COMPARE_FILE = "compare.json"  # in a job folder: the job is a method comparison (methods, folder, overrides)
 STOP_FILE = "STOP"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LOG_LINES = 400
@@ -59,6 +66,11 @@ class JobRecord:
     started: float = 0.0
     stop_requested: bool = False
     max_steps: int = 0
+    kind: str = "train"  # train or compare
+
+    @property
+    def label(self) -> str:
+        return "method comparison" if self.kind == "compare" else "training job"
 
     @property
     def events_path(self) -> Path:
@@ -220,6 +232,93 @@ class JobView:
         return f"{text}: {self.error}" if self.status == "error" and self.error else text
 
 
+@dataclasses.dataclass
+class CompareView(JobView):
+    """A method comparison's events (trainer.compare): one training run per method, then rendering, then the report.
+
+    The runs' own events carry their ``method``; a run's "done" or "error" ends that run, not the comparison.
+    ``losses`` and ``step`` are the current run's, as for a training job; ``method_losses`` keeps every run's.
+    """
+
+    methods: list[str] = dataclasses.field(default_factory=list)
+    method: str = ""  # the method training now
+    finished_runs: int = 0
+    method_losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    rows: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the report table (partial until done)
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)  # compare_done: report, markdown, grid, …
+
+    def apply(self, event: dict[str, Any]) -> None:
+        kind = event.get("event", "")
+        method = event.get("method")
+        if kind.startswith("compare_"):
+            self._apply_compare(kind, event)
+        elif method and kind in ("done", "error"):
+            ended = "failed: " + str(event.get("message")) if kind == "error" else (
+                "stopped" if event.get("stopped") else "done")
+            self._log(event, f"{method}: {ended} after {event.get('step', self.step)} steps")
+        else:
+            if kind == "step" and method:
+                self.method_losses.setdefault(method, []).append(float(event.get("loss", math.nan)))
+            super().apply(event)
+            return
+        self.version += 1
+
+    def _apply_compare(self, kind: str, event: dict[str, Any]) -> None:
+        if kind == "compare_start":
+            self.methods = list(event.get("methods", []))
+            self.status = "loading"
+            self._log(event, f"comparing {', '.join(self.methods)} on {event.get('base')} → {event.get('folder')}")
+        elif kind == "compare_method_start":
+            self.method, self.step, self.losses, self.its, self.eta = event.get("method", ""), 0, [], None, None
+            self.status = "loading"
+            self._log(event, f"[{int(event.get('index', 0)) + 1}/{event.get('count')}] {self.method}")
+        elif kind == "compare_method_done":
+            self.finished_runs += 1
+            self.rows.append(event.get("row", {}))
+            if event.get("status") in ("failed", "skipped"):
+                self._log(event, f"{event.get('method')}: {event.get('status')} {event.get('message', '')}".strip())
+        elif kind == "compare_render":
+            self.status = "rendering"
+            self._log(event, f"rendering previews and prior drift: {event.get('row')}")
+        elif kind == "compare_done":
+            self.finished = True
+            self.status = "stopped" if event.get("stopped") else "done"
+            self.report = {k: v for k, v in event.items() if k not in ("event", "time", "table")}
+            self.rows = list(event.get("table", self.rows))
+            self.output = str(event.get("markdown", ""))
+            self._log(event, f"report written: {self.output}")
+
+    def _log(self, event: dict[str, Any], line: str) -> None:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
+        self.log.append(f"[{stamp}] {line}")
+
+    @property
+    def fraction(self) -> float:
+        if self.status == "done":
+            return 1.0
+        if not self.methods:
+            return 0.0
+        current = min(1.0, self.step / self.total) if self.total and self.finished_runs < len(self.methods) else 0.0
+        return min(1.0, (self.finished_runs + current) / len(self.methods))
+
+    def progress_text(self) -> str:
+        count = len(self.methods) or "?"
+        if self.status == "rendering" or self.finished:
+            return f"{self.finished_runs}/{count} methods trained"
+        run = f"{self.method} ({min(self.finished_runs + 1, len(self.methods) or 1)}/{count})"
+        return f"{run} · {super().progress_text()}" if self.method else f"{self.finished_runs}/{count} methods"
+
+    def status_text(self) -> str:
+        if self.status == "rendering":
+            return "rendering previews and scoring the adapters"
+        if self.status == "training" and self.method:
+            return f"training {self.method}"
+        return super().status_text()
+
+
+VIEWS: dict[str, type[JobView]] = {"train": JobView, "compare": CompareView}
+
+
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "?"
@@ -292,39 +391,64 @@ class JobRunner:
     def start(self, config: Any) -> JobRecord:
         """Start training ``config`` (a validated TrainerConfig) in a worker; JobBusy if a job is running."""
         with self._lock, _file_lock(self.jobs_dir / ".lock"):
-            current = self.current()
-            # A job that wrote its last event ("done"/"error") is over, even while its process is still exiting.
-            if current is not None and self.is_running(current) and not (view := self.view(current)).finished:
-                raise JobBusy(f"A training job is already running ({current.output_name}, {view.status_text()}, "
-                              f"{view.progress_text()}). Only one job runs at a time: stop it or wait until it ends.")
+            self._refuse_if_busy()
             output_dir = Path(config.output.dir).expanduser().resolve()
             output_file = output_dir / f"{config.output.name}.safetensors"
             if output_file.exists() and not config.output.overwrite:
                 raise JobError(f"{output_file} already exists: change the output name or tick "
                                "output.overwrite (Advanced).")
-            output_dir.mkdir(parents=True, exist_ok=True)
-            job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
-            folder = self.jobs_dir / job_id
-            folder.mkdir(parents=True)
-            config_path = folder / CONFIG_FILE
-            config_path.write_text(config.to_toml(), encoding="utf-8")
-            events = output_dir / "events.jsonl"
-            record = JobRecord(job_id, str(folder), str(config_path), str(output_dir), config.output.name,
-                               events.stat().st_size if events.exists() else 0, None, time.time(),
-                               max_steps=int(config.train.max_steps))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-            env.setdefault("PYTHONUNBUFFERED", "1")
-            with (folder / LOG_FILE).open("wb") as log:
-                process = subprocess.Popen(self.command(config_path, folder), stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env)
-            self._processes[job_id] = process
-            record.pid = process.pid
-            record.save()
-            from methods.files import atomic_write_bytes
+            return self._launch(config, output_dir, config.output.name, int(config.train.max_steps))
 
-            atomic_write_bytes(self.jobs_dir / CURRENT_FILE, json.dumps({"id": job_id}).encode())
-            return record
+    def start_compare(self, config: Any, methods: list[str], out_dir: str | os.PathLike,
+                      overrides: dict[str, dict[str, Any]] | None = None,
+                      drift_prompts: list[str] | None = None) -> JobRecord:
+        """Start a method comparison (trainer.compare) of ``config`` into the new folder ``out_dir``."""
+        with self._lock, _file_lock(self.jobs_dir / ".lock"):
+            self._refuse_if_busy()
+            output_dir = Path(out_dir).expanduser().resolve()
+            if output_dir.exists() and any(output_dir.iterdir()):
+                raise JobError(f"{output_dir} already exists and is not empty: a comparison never replaces an "
+                               "earlier one.")
+            spec = {"methods": list(methods), "out_dir": str(output_dir), "overrides": overrides or {},
+                    "drift_prompts": list(drift_prompts or []) or None}
+            return self._launch(config, output_dir, output_dir.name, int(config.train.max_steps) * len(methods),
+                                kind="compare", spec=spec)
+
+    def _refuse_if_busy(self) -> None:
+        current = self.current()
+        # A job that wrote its last event ("done"/"error") is over, even while its process is still exiting.
+        if current is not None and self.is_running(current) and not (view := self.view(current)).finished:
+            raise JobBusy(f"A {current.label} is already running ({current.output_name}, {view.status_text()}, "
+                          f"{view.progress_text()}). Only one job runs at a time: stop it or wait until it ends.")
+
+    def _launch(self, config: Any, output_dir: Path, output_name: str, max_steps: int, kind: str = "train",
+                spec: dict[str, Any] | None = None) -> JobRecord:
+        """Write the job folder (config, and the comparison's spec) and start the worker on it."""
+        output_dir.mkdir(parents=True, exist_ok=True)
+        job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+        folder = self.jobs_dir / job_id
+        folder.mkdir(parents=True)
+        config_path = folder / CONFIG_FILE
+        config_path.write_text(config.to_toml(), encoding="utf-8")
+        if spec is not None:
+            (folder / COMPARE_FILE).write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        events = output_dir / "events.jsonl"
+        record = JobRecord(job_id, str(folder), str(config_path), str(output_dir), output_name,
+                           events.stat().st_size if events.exists() else 0, None, time.time(),
+                           max_steps=max_steps, kind=kind)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        with (folder / LOG_FILE).open("wb") as log:
+            process = subprocess.Popen(self.command(config_path, folder), stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env)
+        self._processes[job_id] = process
+        record.pid = process.pid
+        record.save()
+        from methods.files import atomic_write_bytes
+
+        atomic_write_bytes(self.jobs_dir / CURRENT_FILE, json.dumps({"id": job_id}).encode())
+        return record
 
     def stop(self) -> JobRecord:
         """Ask the running job to stop: it saves its adapter at the next step and ends."""
@@ -358,7 +482,7 @@ class JobRunner:
             record = self.record(record.id) or record  # stop_requested may have been set by another call
             view = self._views.get(record.id)
             if view is None:
-                view = self._views[record.id] = JobView(record.id, offset=record.events_offset)
+                view = self._views[record.id] = VIEWS.get(record.kind, JobView)(record.id, offset=record.events_offset)
             if view.finished:
                 return view
             running = self.is_running(record)  # before reading: events written before the exit are all there

@@ -1,7 +1,8 @@
 """The training worker the UI starts: ``python -m ui.worker --config CONFIG.toml --job-dir JOB``.
 
-It loads the TOML exactly as the CLI does and calls :func:`trainer.loop.train`; everything the run does is in the
-output folder's ``events.jsonl``. At the end it writes ``JOB/exit.json`` (``ok``, ``message``), so the UI can tell
+It loads the TOML exactly as the CLI does and calls :func:`trainer.loop.train` — or, when the job folder holds
+``compare.json``, :func:`trainer.compare.compare`; everything the run does is in the output folder's
+``events.jsonl``. At the end it writes ``JOB/exit.json`` (``ok``, ``message``), so the UI can tell
 a finished job from a crashed one even when the trainer never got to write an event.
 """
 
@@ -39,18 +40,34 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from trainer.config import TrainerConfig
-        from trainer.loop import train
+        from ui.jobs import COMPARE_FILE
 
         config = TrainerConfig.load(args.config)
-        result = train(config)
+        spec_path = job_dir / COMPARE_FILE
+        if spec_path.is_file():
+            exit_info = run_comparison(config, json.loads(spec_path.read_text(encoding="utf-8")))
+        else:
+            from trainer.loop import train
+
+            result = train(config)
+            exit_info = {"output": str(result.output_file) if result.output_file else None, "steps": result.steps,
+                         "stopped": result.stopped_early}
     except BaseException as error:  # noqa: BLE001 - everything ends in exit.json, also KeyboardInterrupt
         traceback.print_exc()
         message = " ".join(str(error).split()) or type(error).__name__
         write_exit(job_dir, ok=False, message=message, kind=type(error).__name__)
         return 1
-    write_exit(job_dir, ok=True, output=str(result.output_file) if result.output_file else None,
-               steps=result.steps, stopped=result.stopped_early)
+    write_exit(job_dir, ok=True, **exit_info)
     return 0
+
+
+def run_comparison(config, spec: dict) -> dict:
+    """A method comparison as ``compare.json`` describes it; its events go to the report folder's events.jsonl."""
+    from trainer.compare import compare
+
+    report = compare(config, spec["methods"], spec["out_dir"], overrides=spec.get("overrides"),
+                     drift_prompts=spec.get("drift_prompts"))
+    return {"output": str(report.markdown_path), "stopped": report.stopped}
 
 
 if __name__ == "__main__":
