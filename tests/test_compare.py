@@ -235,7 +235,7 @@ def test_toy_model_defines_the_concept_score(model, data, tmp_path):
         toy_plan = render_plan(base_config(model, data, tmp_path / "out", sample={"steps": 1}))
     finally:
         (model / "rankwright_toy.json").unlink()
-    assert toy_plan.concept_prompts == toy.DEMO_PROMPTS == toy_plan.preview_prompts
+    assert toy_plan.concept_prompts == toy.CONCEPT_PROMPTS and toy_plan.preview_prompts == toy.DEMO_PROMPTS
     assert toy_plan.drift_prompts == toy.EVAL_PROMPTS
     assert toy_plan.options["width"] == toy_plan.options["height"] == toy.RESOLUTION
 

@@ -8,13 +8,14 @@ from methods.network import AdapterNetwork, model_parts
 from trainer.architectures import build_text_encoders, build_unet
 from trainer.config import TrainerConfig
 
-PRESETS = sorted((Path(__file__).parent.parent / "presets").glob("*.toml"))
+ROOT = Path(__file__).parent.parent
+PRESETS = sorted((ROOT / "presets").glob("*.toml"))
 
 
 def test_presets_exist():
     names = {p.stem for p in PRESETS}
     expected = {"sd15_character_lora", "sd15_style_loha", "sd15_lokr", "sd15_oft", "sd15_boft",
-                "sdxl_character_lora", "sdxl_style_lokr"}
+                "sdxl_character_lora", "sdxl_style_lokr", "toy_demo"}
     assert expected <= names
 
 
@@ -25,11 +26,17 @@ def test_preset_validates_and_builds(path: Path):
     assert "VRAM" in text.split("[", 1)[0] or path.stem.startswith("toy"), "the comment states the VRAM it expects"
     config = TrainerConfig.load(path)
     assert TrainerConfig.from_dict(config.to_dict()) == config  # every key survives a round trip
-    if config.model.base.startswith("presets/"):
-        return  # the toy preset's model lives in the repository; its own tests train on it
-    arch = "sdxl" if "xl" in config.model.base else "sd1"
-    encoders = build_text_encoders(arch, meta=True) if config.train.train_text_encoder else []
-    parts = model_parts(build_unet(arch, meta=True), encoders, arch)
+    if config.model.base.startswith("presets/"):  # the toy demo: its model and dataset live in the repository
+        from diffusers import StableDiffusionPipeline
+
+        assert (ROOT / config.dataset.dir).is_dir()
+        pipe = StableDiffusionPipeline.from_pretrained(str(ROOT / config.model.base), local_files_only=True)
+        arch, unet, encoders = "sd1", pipe.unet, [pipe.text_encoder]
+    else:
+        arch = "sdxl" if "xl" in config.model.base else "sd1"
+        unet = build_unet(arch, meta=True)
+        encoders = build_text_encoders(arch, meta=True) if config.train.train_text_encoder else []
+    parts = model_parts(unet, encoders if config.train.train_text_encoder else [], arch)
     network = AdapterNetwork.create(parts, arch, config.network.method, config.network.options,
                                     config.target_config())
     assert len(network) > 0

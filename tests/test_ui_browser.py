@@ -201,6 +201,18 @@ def start(page, env) -> str:
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_dataset_upload_caption_and_corrupt_file(page, env):
+    # a first start opens with the toy demo: the embedded model and its dataset (a workspace copy) preselected
+    expect(page.locator("#dataset-summary")).to_contain_text("12 usable image(s)", timeout=60_000)
+    demo = env["workspace"] / "datasets" / "toy_demo"
+    expect(field(page, "f-dataset-dir")).to_have_value(str(demo))
+    assert len(list(demo.rglob("*.png"))) == 12
+    tab(page, "Model & method")
+    expect(field(page, "f-model-base")).to_have_value(str(ROOT / "presets" / "toy" / "model"))
+    tab(page, "Dataset")
+    fill(page, "f-dataset-dir", env["workspace"] / "datasets" / "my_dataset")
+    page.locator("#open-folder").click()
+    expect(page.locator("#dataset-summary")).not_to_contain_text("12 usable image(s)")
+
     uploads = env["uploads"]
     page.locator("#uploads input[type=file]").set_input_files(
         [str(uploads / n) for n in ("red.png", "green.png", "blue.png", "broken.png")])

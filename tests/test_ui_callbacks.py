@@ -836,3 +836,25 @@ def test_real_worker_trains_and_the_file_reloads(ws, tiny_pipeline, tmp_path):
     assert len(handle.network) == view.summary["modules"]["lora_unet"] + view.summary["modules"]["lora_te"]
     handle.remove()
     assert os.path.basename(view.output) == "real.safetensors"
+
+
+def test_a_first_start_opens_the_toy_demo(ws):
+    """No remembered settings: the embedded toy model and a workspace copy of its demo dataset are preselected."""
+    from ui.jobs import PROJECT_ROOT
+
+    ui = RankwrightUI(ws, preset_dirs=[])
+    config = ui.initial_config()
+    assert config.model.base == str(PROJECT_ROOT / "presets" / "toy" / "model")
+    assert config.dataset.dir == str(ws.datasets / "toy_demo") and config.output.dir == str(ws.outputs)
+    assert config.dataset.resolution == 64 and config.sample.prompts
+    copied = sorted(p.relative_to(ws.datasets / "toy_demo") for p in (ws.datasets / "toy_demo").rglob("*.png"))
+    original = sorted(p.relative_to(PROJECT_ROOT / "presets" / "toy" / "data")
+                      for p in (PROJECT_ROOT / "presets" / "toy" / "data").rglob("*.png"))
+    assert copied == original and len(copied) == 12
+    values = ui.on_load()
+    assert "12 usable image(s)" in values[len(ui.keys) + 3]
+    # the user's edits to the copy survive: it is never copied again
+    caption = next((ws.datasets / "toy_demo").rglob("*.txt"))
+    caption.write_text("edited")
+    ui.initial_config()
+    assert caption.read_text() == "edited"

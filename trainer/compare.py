@@ -11,7 +11,7 @@ loads the base model once and renders, for the same prompts and seeds, the base 
   the same prompts at two different seeds (natural variation). 0 = unchanged, about 1 = as different as a new
   seed;
 * the **concept score** where one is defined: for the embedded toy model (a base folder with
-  ``rankwright_toy.json``), the fraction of :data:`trainer.toy.DEMO_PROMPTS` images showing the held-out colour.
+  ``rankwright_toy.json``), the fraction of :data:`trainer.toy.CONCEPT_PROMPTS` images showing the held-out colour.
 
 With the loss curves (``losses.png``), trainable parameters, file size and time per step (training steps only:
 model loading, caching and saving excluded) it writes ``report.json`` and ``report.md``. ``out_dir`` must be new
@@ -195,7 +195,7 @@ def render_plan(config: TrainerConfig, drift_prompts: Sequence[str] | None = Non
         from . import toy
 
         options.update(width=toy.RESOLUTION, height=toy.RESOLUTION)
-        concept_prompts = list(toy.DEMO_PROMPTS)
+        concept_prompts = list(toy.CONCEPT_PROMPTS)
         default_drift = toy.EVAL_PROMPTS
         previews = previews or list(toy.DEMO_PROMPTS)
     return RenderPlan(previews or caption_prompts(config), list(drift_prompts or default_drift), concept_prompts,

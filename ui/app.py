@@ -11,6 +11,7 @@ import functools
 import html
 import json
 import logging
+import shutil
 import threading
 import time
 import tomllib
@@ -41,6 +42,8 @@ CSS = """
 """
 USER_ERRORS = (ConfigError, WorkspaceError, JobError, ValueError, OSError, KeyError, tomllib.TOMLDecodeError)
 KEEP_WHEN_MISSING = ("model.base", "dataset.dir", "output.dir")  # presets without them keep the form's values
+DEMO_PRESET = "toy_demo.toml"
+DEMO_DATASET = "toy_demo"
 
 
 class RankwrightUI:
@@ -94,14 +97,40 @@ class RankwrightUI:
                                         "output": {"dir": str(self.ws.outputs)},
                                         "network": {"method": "lora", "rank": 16}})
 
+    def demo_config(self) -> TrainerConfig | None:
+        """The toy demo (presets/toy_demo.toml: the embedded toy model and its held-out-concept dataset), with the
+        dataset copied into the workspace so that editing captions never touches the project's files; None when
+        the project has no toy model."""
+        preset = PROJECT_ROOT / "presets" / DEMO_PRESET
+        model = PROJECT_ROOT / "presets" / "toy" / "model"
+        source = PROJECT_ROOT / "presets" / "toy" / "data"
+        if not (preset.is_file() and (model / "model_index.json").is_file() and source.is_dir()):
+            return None
+        dataset = self.ws.datasets / DEMO_DATASET
+        if not dataset.exists():
+            staging = self.ws.datasets / f".{DEMO_DATASET}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source, staging)
+            staging.rename(dataset)
+        config = TrainerConfig.load(preset)
+        config.model.base = str(model)
+        config.dataset.dir = str(dataset)
+        config.output.dir = str(self.ws.outputs)
+        return config
+
     def initial_config(self) -> TrainerConfig:
-        """The last started or saved settings, else the defaults."""
+        """The last started or saved settings, else the toy demo (a first start: press Train and watch), else the
+        defaults."""
         if self.ws.last_config.is_file():
             try:
                 return TrainerConfig.load(self.ws.last_config)
             except ConfigError as error:
                 log.warning("ignoring %s: %s", self.ws.last_config, error)
-        return self.default_config()
+        try:
+            return self.demo_config() or self.default_config()
+        except (ConfigError, OSError) as error:
+            log.warning("toy demo unavailable: %s", error)
+            return self.default_config()
 
     def remember(self, config: TrainerConfig) -> None:
         workspace.write_text_atomic(self.ws.last_config, config.to_toml().rstrip("\n"))
