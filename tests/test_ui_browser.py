@@ -111,7 +111,8 @@ def page(env):
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(env["url"])
-        expect(page.locator("#dataset-summary")).to_contain_text("does not exist yet", timeout=120_000)  # loaded
+        # loaded: a first start shows the toy demo's dataset
+        expect(page.locator("#dataset-summary")).to_contain_text("12 usable image(s)", timeout=120_000)
         page.errors = errors
         yield page
         browser.close()
@@ -200,9 +201,36 @@ def start(page, env) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ tests
+def test_first_start_trains_the_toy_demo_and_compares_methods(page, env):
+    """A new user's first minutes: the toy demo is preselected, Start trains it with previews, Compare runs."""
+    tab(page, "Training")
+    job = start(page, env)
+    wait_finished(page, job, 300)
+    expect(page.locator("#loss-plot img")).to_be_visible()
+    expect(page.locator("#previews img").first).to_be_visible(timeout=60_000)
+    assert (env["workspace"] / "outputs" / "toy_zq.safetensors").is_file()
+    page.screenshot(path=str(env["shots"] / "demo.png"), full_page=True)
+
+    tab(page, "Compare")
+    methods = page.locator("#compare-methods")
+    for label in ("loha", "lokr", "boft"):  # keep lora and oft
+        box = methods.get_by_label(label, exact=True)
+        if box.is_checked():
+            box.uncheck()
+    fill(page, "compare-steps", 20)
+    page.locator("#compare-start").click()
+    expect(page.locator("#compare-status")).to_contain_text(re.compile(r"finished|done"), timeout=300_000)
+    table = page.locator("#compare-table")
+    for name in ("lora", "oft"):
+        expect(table).to_contain_text(name)
+    expect(page.locator("#compare-grid img")).to_be_visible()
+    expect(page.locator("#compare-loss img")).to_be_visible()
+    page.screenshot(path=str(env["shots"] / "compare.png"), full_page=True)
+    assert not page.errors
+
+
 def test_dataset_upload_caption_and_corrupt_file(page, env):
     # a first start opens with the toy demo: the embedded model and its dataset (a workspace copy) preselected
-    expect(page.locator("#dataset-summary")).to_contain_text("12 usable image(s)", timeout=60_000)
     demo = env["workspace"] / "datasets" / "toy_demo"
     expect(field(page, "f-dataset-dir")).to_have_value(str(demo))
     assert len(list(demo.rglob("*.png"))) == 12
@@ -211,7 +239,7 @@ def test_dataset_upload_caption_and_corrupt_file(page, env):
     tab(page, "Dataset")
     fill(page, "f-dataset-dir", env["workspace"] / "datasets" / "my_dataset")
     page.locator("#open-folder").click()
-    expect(page.locator("#dataset-summary")).not_to_contain_text("12 usable image(s)")
+    expect(page.locator("#dataset-summary")).to_contain_text("does not exist yet")
 
     uploads = env["uploads"]
     page.locator("#uploads input[type=file]").set_input_files(
