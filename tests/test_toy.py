@@ -16,11 +16,11 @@ from trainer import toy
 MODEL = Path(__file__).resolve().parents[1] / "presets" / "toy" / "model"
 DATA = Path(__file__).resolve().parents[1] / "presets" / "toy" / "data"
 
-# Measured on the committed model (24 images: colour 1.0, shape and both 0.83; held-out colour 0/24); the
+# Measured on the committed model (24 images each: colour 1.0, shape and both 0.875; held-out colour 1/24); the
 # thresholds leave a margin.
 MIN_COLOUR_MATCH = 0.9
 MIN_BOTH_MATCH = 0.6
-MAX_BASE_CONCEPT = 0.1
+MAX_BASE_CONCEPT = 0.15
 
 
 def test_drawing_is_deterministic():
@@ -121,7 +121,6 @@ def two_seeds(prompts: list[str]) -> tuple[list[str], list[int]]:
     return [p for p in prompts for _ in range(2)], list(range(2 * len(prompts)))
 
 
-@pytest.mark.slow
 def test_generations_follow_their_prompts(toy_pipe):
     prompts, seeds = two_seeds(toy.EVAL_PROMPTS)
     images = toy.generate(toy_pipe, prompts, seeds, steps=20, guidance=5.0)
@@ -137,7 +136,6 @@ def test_generation_is_deterministic(toy_pipe):
     assert np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
 
 
-@pytest.mark.slow
 def test_held_out_concept_is_rare_in_the_base_model(toy_pipe):
     prompts, seeds = two_seeds(toy.DEMO_PROMPTS + toy.DEMO_PROMPTS[:4])
     images = toy.generate(toy_pipe, prompts, seeds, steps=20, guidance=5.0)
