@@ -80,6 +80,19 @@ def test_committed_demo_dataset(tmp_path):
         assert (fresh / path.with_suffix(".txt").name).read_text() == path.with_suffix(".txt").read_text()
 
 
+def test_committed_regularisation_images(tmp_path):
+    folder = DATA.parent / "reg" / "1_shapes"
+    images = sorted(folder.glob("*.png"))
+    assert len(images) == 36
+    fresh = toy.make_regularisation_images(tmp_path)
+    for path in images:
+        caption = path.with_suffix(".txt").read_text()
+        assert toy.TRIGGER not in caption.split() and toy.HELD_OUT_COLOUR not in caption
+        assert np.array_equal(np.asarray(toy.Image.open(fresh / path.name)), np.asarray(toy.Image.open(path)))
+        assert (fresh / path.with_suffix(".txt").name).read_text() == caption
+    assert toy.concept_score(toy.Image.open(path) for path in images) == 0.0
+
+
 def test_committed_model_loads_as_sd15_pipeline():
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel

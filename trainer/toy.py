@@ -569,6 +569,17 @@ def make_demo_dataset(folder: str | Path, count: int = 12, seed: int = 0) -> Pat
     return target
 
 
+def make_regularisation_images(folder: str | Path, count: int = 36, seed: int = 0) -> Path:
+    """Write ``count`` pretraining-kind images with full captions (``folder/1_shapes/NNN.png`` + ``.txt``): kohya-style
+    regularisation images for ``dataset.reg_dir``, which keep the demo adapter from repainting unrelated prompts."""
+    target = Path(folder) / "1_shapes"
+    target.mkdir(parents=True, exist_ok=True)
+    for index, (image, drawing) in enumerate(draw_examples(count, seed=seed + 99, full_caption=True)):
+        image.save(target / f"{index:03d}.png")
+        (target / f"{index:03d}.txt").write_text(drawing.caption + "\n")
+    return target
+
+
 def concept_score(images: Iterable[Image.Image]) -> float:
     """Fraction of ``images`` whose main shape is classified as the held-out colour."""
     images = list(images)
@@ -600,6 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data.add_argument("--out", required=True, type=Path)
     data.add_argument("--count", type=int, default=12)
     data.add_argument("--seed", type=int, default=0)
+    reg = commands.add_parser("reg", help="write regularisation images of the pretraining kind (kohya layout)")
+    reg.add_argument("--out", required=True, type=Path)
+    reg.add_argument("--count", type=int, default=36)
+    reg.add_argument("--seed", type=int, default=0)
     check = commands.add_parser("eval", help="generate with a toy model and score prompt match / concept")
     check.add_argument("--model", required=True, type=Path)
     check.add_argument("--seeds", type=int, default=1)
@@ -611,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in stats.items() if k != "recipe"}, indent=2))
     elif args.command == "dataset":
         print(make_demo_dataset(args.out, count=args.count, seed=args.seed))
+    elif args.command == "reg":
+        print(make_regularisation_images(args.out, count=args.count, seed=args.seed))
     else:
         print(json.dumps(evaluate(args.model, seeds_per_prompt=args.seeds), indent=2))
     return 0
