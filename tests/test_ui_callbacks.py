@@ -858,3 +858,12 @@ def test_a_first_start_opens_the_toy_demo(ws):
     caption.write_text("edited")
     ui.initial_config()
     assert caption.read_text() == "edited"
+
+
+def test_previews_show_the_newest_step_first():
+    from ui.app import newest_first
+
+    shown = newest_first(["/o/s/step000050_0.png", "/o/s/step000050_1.png", "/o/s/step000100_0.png",
+                          "/o/s/step000100_1.png", "/o/s/final_0.png"])
+    assert shown == ["/o/s/final_0.png", "/o/s/step000100_0.png", "/o/s/step000100_1.png",
+                     "/o/s/step000050_0.png", "/o/s/step000050_1.png"]

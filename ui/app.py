@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import html
+import itertools
 import json
 import logging
 import shutil
@@ -303,7 +304,7 @@ class RankwrightUI:
         previews = skip
         if len(view.previews) != session.get("previews"):
             session["previews"] = len(view.previews)
-            previews = [(p, Path(p).name) for p in view.previews if Path(p).is_file()][-24:]
+            previews = [(p, Path(p).name) for p in newest_first(view.previews) if Path(p).is_file()][:24]
         log_text = "\n".join(view.log)
         files, choices = skip, skip
         if len(view.saves) != session.get("saves"):
@@ -560,6 +561,13 @@ class RankwrightUI:
 
 
 # ====================================================================================================== rendering
+def newest_first(previews: list[str]) -> list[str]:
+    """Preview files (``step000050_0.png``, ``step000050_1.png``, …) with the latest step first and each step's
+    prompts in order: the newest previews show what the adapter does now, without scrolling."""
+    batches = [list(batch) for _, batch in itertools.groupby(previews, key=lambda p: Path(p).name.rsplit("_", 1)[0])]
+    return [path for batch in reversed(batches) for path in batch]
+
+
 def adapter_label(path: str) -> str:
     """``outputs/my_adapter.safetensors``: the file and its folder, for the adapter list."""
     file = Path(path)
