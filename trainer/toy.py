@@ -319,19 +319,25 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _phase_steps(optimizer, base_lr: float, total: int, warmup: int, deadline: float, log, phase: str):
+    """The step numbers of one training phase, each with its learning rate set; ends early at ``deadline``."""
+    for step in range(total):
+        if time.time() > deadline:
+            log(f"{phase}: time budget reached at step {step}")
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * _lr_factor(step, total, warmup)
+        yield step
+
+
 def _train_vae(vae, pixels, recipe: ToyRecipe, generator, deadline: float, log) -> dict[str, Any]:
     import torch
 
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     count, crop = pixels.shape[0], recipe.vae_crop
     vae.train()
-    started, losses, step = time.time(), [], 0
-    for step in range(recipe.vae_steps):
-        if time.time() > deadline:
-            log(f"vae: time budget reached at step {step}")
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.vae_lr * _lr_factor(step, recipe.vae_steps, recipe.warmup_steps)
+    started, losses = time.time(), []
+    for step in _phase_steps(optimizer, recipe.vae_lr, recipe.vae_steps, recipe.warmup_steps, deadline, log, "vae"):
         index = torch.randint(0, count, (recipe.vae_batch,), generator=generator)
         top, left = (int(v) for v in torch.randint(0, RESOLUTION - crop + 1, (2,), generator=generator))
         batch = pixels[index, :, top:top + crop, left:left + crop]
@@ -371,12 +377,8 @@ def _train_unet(unet, text_encoder, tokenizer, scheduler, latent_mean, latent_st
     unet.train()
     text_encoder.train()
     started, losses, count = time.time(), [], latent_mean.shape[0]
-    for step in range(recipe.unet_steps):
-        if time.time() > deadline:
-            log(f"unet: time budget reached at step {step}")
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.unet_lr * _lr_factor(step, recipe.unet_steps, recipe.warmup_steps)
+    for step in _phase_steps(optimizer, recipe.unet_lr, recipe.unet_steps, recipe.warmup_steps, deadline, log,
+                             "unet"):
         index = torch.randint(0, count, (recipe.unet_batch,), generator=generator)
         latents = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator)
         batch_ids = ids[index].clone()
