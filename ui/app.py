@@ -613,6 +613,18 @@ def _component(field: form.Field, value: Any, **extra: Any):
     return gr.Textbox(**common)
 
 
+def job_controls(start_label: str, idle_status: str, ids: tuple[str, str, str, str, str]) -> tuple:
+    """Start and Stop buttons, the message of the last click, the job's status line and its progress bar."""
+    start_id, stop_id, message_id, status_id, progress_id = ids
+    with gr.Row():
+        start = gr.Button(start_label, variant="primary", elem_id=start_id)
+        stop = gr.Button("Stop", variant="stop", elem_id=stop_id)
+    message = gr.Markdown(elem_id=message_id)
+    status = gr.Markdown(idle_status, elem_id=status_id)
+    progress = gr.HTML(progress_html(0, "idle"), elem_id=progress_id)
+    return start, stop, message, status, progress
+
+
 def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks, RankwrightUI]:
     ui = ui or RankwrightUI(ws)
     config = ui.initial_config()
@@ -715,12 +727,9 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
                     for section in training_sections:
                         gr.Markdown(f"**[{section}]**")
                         grid([k for k in by_section[section] if not fields[k].main], 4)
-                with gr.Row():
-                    start_button = gr.Button("Start training", variant="primary", elem_id="start")
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-                job_message = gr.Markdown(elem_id="job-message")
-                job_status = gr.Markdown("No training job yet.", elem_id="job-status")
-                progress = gr.HTML(progress_html(0, "idle"), elem_id="progress")
+                start_button, stop_button, job_message, job_status, progress = job_controls(
+                    "Start training", "No training job yet.",
+                    ids=("start", "stop", "job-message", "job-status", "progress"))
                 with gr.Row():
                     loss_image = gr.Image(label="Loss", type="pil", interactive=False, elem_id="loss-plot",
                                           height=320)
@@ -743,12 +752,9 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
                 compare_drift = gr.Textbox(lines=2, elem_id="compare-drift",
                                            label="Prior-drift prompts, one per line (empty: a generic list, or the "
                                                  "toy model's own)")
-                with gr.Row():
-                    compare_button = gr.Button("Compare", variant="primary", elem_id="compare-start")
-                    compare_stop = gr.Button("Stop", variant="stop", elem_id="compare-stop")
-                compare_message = gr.Markdown(elem_id="compare-message")
-                compare_status = gr.Markdown("No comparison yet.", elem_id="compare-status")
-                compare_progress = gr.HTML(progress_html(0, "idle"), elem_id="compare-progress")
+                compare_button, compare_stop, compare_message, compare_status, compare_progress = job_controls(
+                    "Compare", "No comparison yet.",
+                    ids=("compare-start", "compare-stop", "compare-message", "compare-status", "compare-progress"))
                 compare_table = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="compare-table")
                 with gr.Row():
                     compare_grid = gr.Image(label="Previews (rows: base model, then each method)", type="filepath",
