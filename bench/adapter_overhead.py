@@ -267,7 +267,9 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     clock = time.perf_counter if cuda or spec.clock == "wall" else time.process_time
 
     torch.manual_seed(spec.seed)
-    template = build_unet("sd1", tiny=SIZES[spec.size])
+    # On a GPU the random initialisation runs there: an 860M-parameter UNet initialises in a second, not a minute.
+    with torch.device(device if cuda else "cpu"):
+        template = build_unet("sd1", tiny=SIZES[spec.size])
     if cuda and dtype != torch.float32:
         template = template.to(dtype)  # frozen base in half precision (kohya); adapters fp32, autocast the rest
     template.requires_grad_(False)
@@ -406,6 +408,12 @@ def _safe_measure(spec: Spec) -> dict[str, Any]:
         return measure(spec)
     except Exception as error:  # noqa: BLE001 — one failing library must not hide the others
         return {**dataclasses.asdict(spec), "error": f"{type(error).__name__}: {error}"}
+    finally:
+        gc.collect()
+        if spec.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 # ----- the benchmark -----------------------------------------------------------------------------------------------
@@ -420,7 +428,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
                   latent: int = 16, batch: int = 1, repeats: int = 5, warmup: int = 2, device: str = "cpu",
                   dtype: str = "fp32", threads: int | None = None, seed: int = 0, clock: str = "wall",
                   max_seconds: float = 600.0, isolate: bool = True, timeout: float | None = None,
-                  log=None) -> dict[str, Any]:
+                  skip: set[str] = frozenset(), log=None) -> dict[str, Any]:
     """The base (A/A: noise floor and base memory), then every (method, library); returns rows for the table.
 
     Each row's ``<library>_x`` is that configuration's adapted/base ratio measured in its own process against its
@@ -449,6 +457,9 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
     for method in methods:
         row: dict[str, Any] = {"method": method, "target": TARGETS.get(method)}
         for library in libraries:
+            if f"{library}:{method}" in skip:
+                row[library] = {"skipped": True}
+                continue
             result = run(Spec(impl=library, method=method, **common))
             row[library] = result
             if "error" not in result:
@@ -463,7 +474,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
         rows.append(row)
     # Every configuration times the bare copy too: the headline base is the median of those medians.
     base_medians = [base["base_ms"]] + [row[lib]["base_ms"] for row in rows for lib in libraries
-                                        if "error" not in row[lib]]
+                                        if "base_ms" in row[lib]]
     return {"size": size, "settings": common, "base_ms": statistics.median(base_medians),
             "base_peak_mb": base["peak_mb"],
             "noise_floor": base["ratio"], "base_run": base, "rows": rows}
@@ -518,7 +529,7 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         for library in LIBRARIES:
             r = row.get(library)
-            if not isinstance(r, dict):
+            if not isinstance(r, dict) or r.get("skipped"):
                 continue
             if "error" in r:
                 notes.append(f"- {row['method']} / {library}: {r['error']}")
@@ -574,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration subprocess")
     parser.add_argument("--max-seconds", type=float, default=600,
                         help=f"stop a configuration's timed rounds after this long (at least {MIN_REPEATS} rounds)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every configuration in this process (CUDA: saves each subprocess's start-up; "
+                             "peaks stay per configuration since the allocator's peak is reset)")
+    parser.add_argument("--skip", metavar="IMPL:METHOD", action="append", default=[],
+                        help="leave out one configuration (e.g. peft:boft, whose CUDA extension compiles on first use)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="IMPL:METHOD", action="append",
                         help="also print a torch.profiler table of one step (e.g. ours:oft, peft:lora, base)")
@@ -598,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_benchmark(size, methods, libraries, latent=args.latent, batch=args.batch, repeats=args.repeats,
                                warmup=args.warmup, device=args.device, dtype=args.dtype, threads=args.threads,
                                seed=args.seed, clock=args.clock, max_seconds=args.max_seconds,
-                               timeout=args.timeout, log=_log)
+                               timeout=args.timeout, isolate=not args.in_process, skip=set(args.skip), log=_log)
         reports.append(report)
         print(markdown(report) + "\n", flush=True)
         for what in args.profile or []:

@@ -43,17 +43,18 @@ def butterfly_channel_delta(values: torch.Tensor, rotations: torch.Tensor) -> to
     Tracks the difference stage by stage (``Δ += P⁻¹(R_i − I)P(v + Δ)``) with ``R_i − I`` formed in fp32, so a
     small rotation is not rounded away in half precision.
     """
-    stages, _, size, _ = rotations.shape
+    size = rotations.shape[-1]
     half = size // 2
     eye = torch.eye(size, device=rotations.device, dtype=rotations.dtype)
     shifts = (rotations - eye).to(values.dtype)
-    delta = torch.zeros_like(values)
-    for i in range(stages):
+    delta = None
+    for i, shift in enumerate(shifts.unbind(0)):  # unbind: one backward node for all stages, not one per index
         k = 2**i * half
-        current = values + delta if i else values
+        current = values if delta is None else values + delta
         permuted = current.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, size))
-        step = torch.einsum("b i j, ... b j -> ... b i", shifts[i], permuted)
-        delta = delta + step.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
+        step = torch.einsum("b i j, ... b j -> ... b i", shift, permuted)
+        step = step.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
+        delta = step if delta is None else delta + step
     return delta
 
 

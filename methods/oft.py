@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterModule, ConfigError, is_kxk_conv, parameter_factory
+from .base import AdapterConfig, AdapterModule, ConfigError, apply_weight, is_kxk_conv, parameter_factory
 from .registry import register
 
 COFT_EPS = 1e-8  # LyCORIS adds this to ‖Q‖ before comparing and dividing (functional/diag_oft.py get_r)
+# Where the rotation runs: "auto" (the cost model in OrthogonalModule.rotates_weight), or forced "output" / "weight",
+# for benchmarks comparing the two paths.
+ROTATION_SIDE = os.environ.get("RANKWRIGHT_ROTATION_SIDE", "auto")
 
 
 # ----- factorisations (same results as lycoris.functional.general) ---------------------------------------------
@@ -88,7 +92,10 @@ def cayley(blocks: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     q = skew(blocks.float())
     q = q * constraint_scale(blocks, threshold)
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-    return (eye + q) @ torch.linalg.inv(eye - q)
+    # (I + Q)(I − Q)⁻¹ = (I − Q)⁻¹(I + Q) (the factors commute): one solve instead of an inverse and a product.
+    # I − Q is never singular (a skew-symmetric Q has imaginary eigenvalues), so the solver's singularity check,
+    # which waits for the GPU on every call, is skipped.
+    return torch.linalg.solve_ex(eye - q, eye + q, check_errors=False).result
 
 
 def oft_channel_delta(values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -238,10 +245,35 @@ class OrthogonalModule(AdapterModule):
         delta = rescaled_delta(delta, values, self._rescale_or_none())
         return delta.transpose(0, 1).reshape(self.weight_shape)
 
+    # What one multiply-add of the extra ΔW product costs relative to turning one element through one rotation stage.
+    # Measured on this project's CPU (bench/adapter_overhead.py, SD1.5 layer shapes) and found to hold on an H100 in
+    # bf16 as well: there the product runs on tensor cores, but each rotation stage is a handful of memory-bound,
+    # launch-bound kernels, and OFT rotating the weight was 8% slower than rotating the output (293 vs 317 ms a step).
+    PRODUCT_COST = 4e-3
+
+    def rotates_weight(self, positions: int) -> bool:
+        """Whether rotating ``W`` (then one extra product with ``ΔW``) is cheaper than rotating the output.
+
+        Each rotation stage turns ``positions`` rows (tokens × batch) on the output side but ``in·kh·kw`` rows on
+        the weight side, which then pays a product with ``ΔW`` forward and two backward (``3·positions·in·out``).
+        So the weight side wins when ``stages·(positions − in) > k·positions·in`` (``k`` = :attr:`PRODUCT_COST`):
+        BOFT's 5–10 stages tip over at a few hundred positions per input feature — at 512 px its top-level layers
+        keep one (in × out) matrix per stage instead of one (positions × out) activation (15.6 GB peak on an
+        SD1.5 step) — while OFT's single stage stays on the output side.
+        """
+        if ROTATION_SIDE != "auto":
+            return ROTATION_SIDE == "weight"
+        stages = self.oft_blocks.shape[0] if self.oft_blocks.dim() == 4 else 1
+        return stages * (positions - self.in_dim) > self.PRODUCT_COST * positions * self.in_dim
+
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
-        """``base + s·(rotated − base)``: rotate the bias-free output channels; ``W'`` is never built."""
+        """``base + s·(rotated − base)``: rotate the bias-free output channels (``W'`` never built), or, for many
+        positions, build ``ΔW`` by rotating the weight's rows and add ``s·ΔW·x`` (see :meth:`rotates_weight`)."""
         if strength == 0.0:
             return base_out
+        if self.rotates_weight(base_out.numel() // self.out_dim):
+            delta = self.delta_weight() * strength
+            return base_out + apply_weight(self.base, x, delta.to(x.dtype))
         bias = self.base.bias
         channels = base_out.movedim(1, -1) if self.is_conv else base_out
         if bias is not None:

@@ -17,6 +17,7 @@ from lycoris.modules.diag_oft import DiagOFTModule
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+import methods.oft as oft_module
 from methods.base import ConfigError
 from methods.boft import BOFTConfig, BOFTModule, boft_delta_weight
 from methods.oft import OFTConfig, OFTModule, cayley, factorization, oft_delta_weight, power2factorization
@@ -153,9 +154,12 @@ def test_delta_weight_matches_lycoris(kind, method, variant):
     assert torch.equal(pure, ours.delta_weight())
 
 
+@pytest.mark.parametrize("side", ["output", "weight"])
 @pytest.mark.parametrize("kind", list(BASES))
 @pytest.mark.parametrize(("method", "variant"), CASES, ids=CASE_IDS)
-def test_forward_matches_lycoris(kind, method, variant):
+def test_forward_matches_lycoris(kind, method, variant, side, monkeypatch):
+    """Both places the rotation can run (the output, or the weight's rows then ΔW·x) give LyCORIS's forward."""
+    monkeypatch.setattr(oft_module, "ROTATION_SIDE", side)
     base, ours, lyco = build(kind, method, variant)
     x = make_input(base)
     expected = lycoris_forward(lyco, x)
@@ -270,7 +274,8 @@ def test_merge_unmerge_restores_exactly(kind, method, variant):
 @pytest.mark.parametrize("kind", list(BASES))
 @pytest.mark.parametrize(("method", "variant"), [("oft", "size4_coft_rescale"), ("boft", "m2_coft_rescale")])
 def test_output_rotation_never_builds_the_weight(kind, method, variant, monkeypatch):
-    """The forward rotates the frozen output: no tensor shaped like W (or its flattened/transposed forms) appears."""
+    """Rotating the frozen output: no tensor shaped like W (or its flattened/transposed forms) appears."""
+    monkeypatch.setattr(oft_module, "ROTATION_SIDE", "output")
     base, ours, _ = build(kind, method, variant)
     x = make_input(base)
     frozen = base.forward(x)
@@ -295,9 +300,11 @@ def test_output_rotation_never_builds_the_weight(kind, method, variant, monkeypa
     assert out.shape == frozen.shape
 
 
+@pytest.mark.parametrize("side", ["output", "weight"])
 @pytest.mark.parametrize("kind", list(BASES))
 @pytest.mark.parametrize(("method", "variant"), [("oft", "size4_rescale"), ("boft", "m2_coft_rescale")])
-def test_gradients_reach_blocks_and_rescale(kind, method, variant):
+def test_gradients_reach_blocks_and_rescale(kind, method, variant, side, monkeypatch):
+    monkeypatch.setattr(oft_module, "ROTATION_SIDE", side)
     torch.manual_seed(0)
     base = BASES[kind]()
     base.requires_grad_(False)
@@ -307,6 +314,36 @@ def test_gradients_reach_blocks_and_rescale(kind, method, variant):
     (out * torch.randn_like(out)).sum().backward()
     assert ours.oft_blocks.grad is not None and ours.oft_blocks.grad.abs().sum() > 0
     assert ours.rescale.grad is not None and ours.rescale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize(("method", "variant"), [("oft", "size4_rescale"), ("boft", "m2_coft_rescale")])
+def test_both_rotation_sides_train_alike(kind, method, variant, monkeypatch):
+    """Output and weight side give the same gradients, so switching by position count changes no training."""
+    grads = []
+    for side in ("output", "weight"):
+        monkeypatch.setattr(oft_module, "ROTATION_SIDE", side)
+        base, ours, _ = build(kind, method, variant)
+        torch.manual_seed(1)
+        x = make_input(base).requires_grad_(True)
+        out = ours(x)
+        (out * torch.randn_like(out)).sum().backward()
+        grads.append([ours.oft_blocks.grad, ours.rescale.grad, x.grad])
+    for output_side, weight_side in zip(*grads):
+        assert_rel(weight_side, output_side)
+
+
+def test_rotation_side_follows_the_cost_model():
+    """Few positions rotate the output; many positions rotate the weight for BOFT's stages, never for OFT's one."""
+    oft = OFTModule("m", nn.Linear(320, 320), OFTConfig(block_size=32))
+    boft = BOFTModule("m", nn.Linear(320, 320), BOFTConfig(block_size=32))  # b = 20, n = 16, m = 5 stages
+    assert boft.oft_blocks.shape[0] == 5
+    for module in (oft, boft):
+        assert not module.rotates_weight(256)
+    assert boft.rotates_weight(1024) and boft.rotates_weight(16384)
+    assert not oft.rotates_weight(1024) and not oft.rotates_weight(16384)
+    wide = BOFTModule("m", nn.Linear(5120, 1280), BOFTConfig(block_size=32))
+    assert not wide.rotates_weight(4096)  # 5120 input features: the output side stays cheaper
 
 
 @pytest.mark.parametrize(("method", "variant"), [("oft", "size4"), ("boft", "default")])
