@@ -2,8 +2,11 @@
 
 A method file subclasses :class:`AdapterConfig` (its options) and :class:`AdapterModule` (its wrapper) and
 decorates the wrapper with :func:`methods.registry.register`. The wrapper never replaces the base layer: it
-attaches a forward hook to it, so the base keeps its name and state-dict keys, several adapters can be stacked
-on one layer, and removing an adapter is removing its hook.
+attaches forward hooks to it, so the base keeps its name and state-dict keys, several adapters can be stacked
+on one layer, and removing an adapter is removing its hooks. Per call an adapter either adds its part to the
+frozen output (the post-hook), or, where the method would build ΔW anyway, runs the layer once with
+``W + s·ΔW`` (the pre-hook lends the layer that weight for the duration of the call; ``base.forward`` called
+directly still gives the frozen layer).
 
 Shapes follow torch: Linear ``W (out, in)``, Conv2d ``W (out, in/groups, kh, kw)``.
 """
@@ -14,6 +17,7 @@ import dataclasses
 import math
 import types
 import typing
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 WRAPPABLE = (nn.Linear, nn.Conv2d)
+# A base layer's own weight Parameter while an adapter has lent it ``W + s·ΔW`` for one call (see
+# AdapterModule._pre_hook). One entry per layer however many adapters stack on it, so the first post-hook to run
+# restores the Parameter whatever order the hooks run in.
+_LENT_WEIGHTS: weakref.WeakKeyDictionary[nn.Module, nn.Parameter] = weakref.WeakKeyDictionary()
 
 
 class ConfigError(ValueError):
@@ -222,6 +230,7 @@ class AdapterModule(nn.Module):
         self.multiplier = 1.0
         self._hook: torch.utils.hooks.RemovableHandle | None = None
         self._merged: tuple[float, torch.Tensor] | None = None
+        self._mode: str | None = None  # this call's path, from the pre-hook to the post-hook
         self.use_dora = bool(getattr(config, "dora", False))
         if self.use_dora:
             self.dora_scale = nn.Parameter(self._row_norm(self.base.weight.detach().float()))
@@ -256,6 +265,20 @@ class AdapterModule(nn.Module):
     def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
         """``ΔW·x`` without training-time dropouts (DoRA's path); methods with a factored product override it."""
         return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+
+    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the layer once with ``W + s·ΔW`` instead of adding ``s·ΔW·x`` to its output.
+
+        Worth it wherever the method builds ΔW anyway: the frozen product and the one with ΔW become one product
+        forward and one backward, leaving only the product for ΔW's gradient. Methods with a cheaper factored
+        path, or with dropouts on ``ΔW·x`` (which no weight can express), say no.
+        """
+        return False
+
+    def adapted_weight(self, strength: float) -> torch.Tensor:
+        """``W + s·ΔW`` in the base weight's dtype, differentiable in the adapter's parameters."""
+        weight = self.base.weight
+        return torch.add(weight, self.delta_weight().to(weight.dtype), alpha=strength)
 
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """The layer's adapted output given the frozen output. Additive methods add ``strength·ΔW·x``."""
@@ -350,31 +373,53 @@ class AdapterModule(nn.Module):
     # ----- attach / merge ----------------------------------------------------------------------------------
     def attach(self) -> None:
         if self._hook is None:
-            self._hook = self.base.register_forward_hook(self._forward_hook)
+            # always_call: the post-hook also runs when the layer raises, so a lent weight is always returned.
+            self._hook = (self.base.register_forward_pre_hook(self._pre_hook),
+                          self.base.register_forward_hook(self._forward_hook, always_call=True))
 
     def detach_hook(self) -> None:
         if self._hook is not None:
-            self._hook.remove()
+            for handle in self._hook:
+                handle.remove()
             self._hook = None
 
     @property
     def attached(self) -> bool:
         return self._hook is not None
 
-    def _forward_hook(self, base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        strength = float(self.multiplier)
-        if strength == 0.0 or self._merged is not None:
-            return output
+    def _call_mode(self, x: torch.Tensor) -> str:
+        """``base`` (nothing to add: strength 0, merged, or dropped this step), ``rebuild`` or ``output``."""
+        if float(self.multiplier) == 0.0 or self._merged is not None:
+            return "base"
         if self.training and self.config.module_dropout and torch.rand(()) < self.config.module_dropout:
+            return "base"
+        return "rebuild" if self.rebuilds_weight(x) else "output"
+
+    def _pre_hook(self, base: nn.Module, args: tuple) -> None:
+        self._mode = self._call_mode(args[0])
+        if self._mode == "rebuild":
+            _LENT_WEIGHTS.setdefault(base, base._parameters["weight"])
+            # Not a Parameter, so it cannot go through setattr; the post-hook puts the Parameter back.
+            base._parameters["weight"] = self.adapted_weight(float(self.multiplier))
+
+    def _forward_hook(self, base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        own_weight = _LENT_WEIGHTS.pop(base, None)
+        if own_weight is not None:
+            base._parameters["weight"] = own_weight
+        mode, self._mode = self._mode, None
+        if mode != "output":
             return output
-        return self.transform_output(args[0], output, strength)
+        return self.transform_output(args[0], output, float(self.multiplier))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapted layer as a standalone function (base output plus adapter), for tests and tools."""
+        # Exactly what the attached hooks do: nothing when merged (the base weight already holds it) or at
+        # strength 0, module dropout in training; one product with W + s·ΔW where the method rebuilds.
+        mode = self._call_mode(x)
+        if mode == "rebuild":
+            return apply_weight(self.base, x, self.adapted_weight(float(self.multiplier)), self.base.bias)
         base_out = self.base.forward(x)  # .forward, not __call__: skips the hooks, including this adapter's
-        # Exactly what the attached hook does: nothing when merged (the base weight already holds it) or at
-        # strength 0, module dropout in training.
-        return self._forward_hook(self.base, (x,), base_out)
+        return base_out if mode == "base" else self.transform_output(x, base_out, float(self.multiplier))
 
     @torch.no_grad()
     def merge(self, strength: float | None = None) -> None:

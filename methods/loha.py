@@ -128,6 +128,21 @@ class LoHaModule(AdapterModule):
             return self._hadamard_apply(x)
         return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
 
+    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+        if self.use_dora or (self.training and (self.config.dropout or self.config.rank_dropout)):
+            return False
+        return not (self._pointwise() and self._factored_beats_rebuild(x))
+
+    def _factored_beats_rebuild(self, x: torch.Tensor) -> bool:
+        """Multiply-adds of the rank-r² product (``T·r²·(in+out)``, three times with autograd) against lending the
+        layer ``W + ΔW`` (building ΔW, ``2·r·in·out``, three times with autograd, plus ``T·in·out`` for the
+        weight's gradient): the product wins only for wide layers at few positions."""
+        out_dim, in_dim, r2 = self.out_dim, self.in_dim, self.rank * self.rank
+        positions = x.numel() // in_dim
+        passes = 3 if torch.is_grad_enabled() else 1
+        weight_gradient = positions * in_dim * out_dim if torch.is_grad_enabled() else 0
+        return passes * positions * r2 * (in_dim + out_dim) < passes * 2 * self.rank * in_dim * out_dim + weight_gradient
+
     def _pointwise(self) -> bool:
         """Linear, or a plain 1×1 conv: ΔW·x is a per-position map on channels."""
         base = self.base

@@ -190,6 +190,12 @@ class LoKrModule(AdapterModule):
         out = self.delta_apply(x)
         return regularise_output(out, self.config, self.is_conv) if self.training else out
 
+    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+        """k×k convs build ΔW for the product anyway; Linear and 1×1 layers keep the cheaper Kronecker product."""
+        if self.use_dora or (self.training and (self.config.dropout or self.config.rank_dropout)):
+            return False
+        return not self._pointwise()
+
     def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
         if self._pointwise():
             return self._kron_apply(x)

@@ -9,8 +9,9 @@ File keys (LyCORIS): ``oft_blocks (n_blocks, b, b)`` with ``n_blocks·b = out``,
 ``oft_blocks`` under the same suffix; a file's suffixes cannot tell them apart, so this module claims ``oft_blocks``
 and :meth:`OFTModule.from_tensors` hands 4-D blocks to :class:`methods.boft.BOFTModule`.
 
-The forward never builds ``W'``: :meth:`OrthogonalModule.transform_output` rotates the frozen layer's output
-(bias removed first, added back after), which costs ``O(out·b)`` per token instead of a second matmul with ``W'``.
+The forward rotates whichever is smaller: the frozen layer's output (:meth:`OrthogonalModule.transform_output`,
+bias removed first and added back after, ``O(out·b)`` per token, ``W'`` never built), or, with many more tokens
+than input features, the weight's rows, lending the layer ``W'`` for the call (:meth:`OrthogonalModule.rotates_weight`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterModule, ConfigError, apply_weight, is_kxk_conv, parameter_factory
+from .base import AdapterConfig, AdapterModule, ConfigError, is_kxk_conv, parameter_factory
 from .registry import register
 
 COFT_EPS = 1e-8  # LyCORIS adds this to ‖Q‖ before comparing and dividing (functional/diag_oft.py get_r)
@@ -245,35 +246,38 @@ class OrthogonalModule(AdapterModule):
         delta = rescaled_delta(delta, values, self._rescale_or_none())
         return delta.transpose(0, 1).reshape(self.weight_shape)
 
-    # What one multiply-add of the extra ΔW product costs relative to turning one element through one rotation stage.
-    # Measured on this project's CPU (bench/adapter_overhead.py, SD1.5 layer shapes) and found to hold on an H100 in
-    # bf16 as well: there the product runs on tensor cores, but each rotation stage is a handful of memory-bound,
-    # launch-bound kernels, and OFT rotating the weight was 8% slower than rotating the output (293 vs 317 ms a step).
-    PRODUCT_COST = 4e-3
+    # A multiply-add of the product for W's gradient against turning one element through one b-wide block: fitted
+    # on this project's CPU (SD1.5 layer shapes, fp32, forward + backward), crossovers within 10%. On a GPU the
+    # product runs on tensor cores, so this errs towards rotating the output there.
+    PRODUCT_COST = 0.01
 
     def rotates_weight(self, positions: int) -> bool:
-        """Whether rotating ``W`` (then one extra product with ``ΔW``) is cheaper than rotating the output.
+        """Whether lending the layer ``W + s·ΔW`` (rotating the weight's rows) beats rotating its output.
 
-        Each rotation stage turns ``positions`` rows (tokens × batch) on the output side but ``in·kh·kw`` rows on
-        the weight side, which then pays a product with ``ΔW`` forward and two backward (``3·positions·in·out``).
-        So the weight side wins when ``stages·(positions − in) > k·positions·in`` (``k`` = :attr:`PRODUCT_COST`):
-        BOFT's 5–10 stages tip over at a few hundred positions per input feature — at 512 px its top-level layers
-        keep one (in × out) matrix per stage instead of one (positions × out) activation (15.6 GB peak on an
-        SD1.5 step) — while OFT's single stage stays on the output side.
+        Each stage turns ``positions`` rows (tokens × batch) on the output side but ``in·kh·kw`` rows on the weight
+        side, at ``b`` multiply-adds an element; the weight side then adds one product, for W's gradient
+        (``positions·in·out``). So the weight wins when ``stages·b·(positions − in) > k·positions·in``: at 512 px
+        for the top-level layers of OFT and BOFT alike, where rotating BOFT's output kept one (positions × out)
+        activation per stage (15.6 GB peak on an SD1.5 step, H100, bf16); at small latents only for BOFT's
+        narrow layers; never for layers with more input features than positions.
         """
         if ROTATION_SIDE != "auto":
             return ROTATION_SIDE == "weight"
         stages = self.oft_blocks.shape[0] if self.oft_blocks.dim() == 4 else 1
-        return stages * (positions - self.in_dim) > self.PRODUCT_COST * positions * self.in_dim
+        work = stages * self.block_size * (positions - self.in_dim)
+        return work > self.PRODUCT_COST * positions * self.in_dim
+
+    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+        """Rotate the weight's rows and lend the layer ``W + s·ΔW`` where that beats rotating the output."""
+        positions = x.numel() // x.shape[1 if self.is_conv else -1]
+        if self.is_conv:
+            positions //= self.base.stride[0] * self.base.stride[1]
+        return self.rotates_weight(positions)
 
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
-        """``base + s·(rotated − base)``: rotate the bias-free output channels (``W'`` never built), or, for many
-        positions, build ``ΔW`` by rotating the weight's rows and add ``s·ΔW·x`` (see :meth:`rotates_weight`)."""
+        """``base + s·(rotated − base)``: rotate the bias-free output channels; ``W'`` is never built."""
         if strength == 0.0:
             return base_out
-        if self.rotates_weight(base_out.numel() // self.out_dim):
-            delta = self.delta_weight() * strength
-            return base_out + apply_weight(self.base, x, delta.to(x.dtype))
         bias = self.base.bias
         channels = base_out.movedim(1, -1) if self.is_conv else base_out
         if bias is not None:

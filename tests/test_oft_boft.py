@@ -334,14 +334,13 @@ def test_both_rotation_sides_train_alike(kind, method, variant, monkeypatch):
 
 
 def test_rotation_side_follows_the_cost_model():
-    """Few positions rotate the output; many positions rotate the weight for BOFT's stages, never for OFT's one."""
-    oft = OFTModule("m", nn.Linear(320, 320), OFTConfig(block_size=32))
+    """Fewer positions than input features rotate the output; many more rotate the weight (BOFT's stages sooner)."""
+    oft = OFTModule("m", nn.Linear(320, 320), OFTConfig(block_size=32))  # b = 10, one stage
     boft = BOFTModule("m", nn.Linear(320, 320), BOFTConfig(block_size=32))  # b = 20, n = 16, m = 5 stages
-    assert boft.oft_blocks.shape[0] == 5
+    assert boft.oft_blocks.shape[0] == 5 and oft.block_size == 10
     for module in (oft, boft):
-        assert not module.rotates_weight(256)
-    assert boft.rotates_weight(1024) and boft.rotates_weight(16384)
-    assert not oft.rotates_weight(1024) and not oft.rotates_weight(16384)
+        assert not module.rotates_weight(256) and module.rotates_weight(4096) and module.rotates_weight(16384)
+    assert boft.rotates_weight(360) and not oft.rotates_weight(360)
     wide = BOFTModule("m", nn.Linear(5120, 1280), BOFTConfig(block_size=32))
     assert not wide.rotates_weight(4096)  # 5120 input features: the output side stays cheaper
 
