@@ -23,7 +23,9 @@ CUDA: ``torch.cuda.max_memory_allocated``).
 
     python bench/adapter_overhead.py --size both --latent 16 --repeats 5 --json out.json
     python bench/adapter_overhead.py --size sd15 --threads 1 --clock cpu --repeats 7   # on a shared machine
-    python bench/adapter_overhead.py --size sd15 --device cuda --dtype bf16 --latent 64 --batch 4
+    python bench/adapter_overhead.py --size sd15 --device cuda --dtype bf16 --latent 64 --batch 4 --in-process \
+        --skip peft:boft      # PEFT's BOFT compiles a CUDA extension on first use: time it on its own
+    RANKWRIGHT_ROTATION_SIDE=output python bench/adapter_overhead.py --methods oft,boft   # force one OFT/BOFT path
     python bench/adapter_overhead.py --size tiny --methods lora,oft --profile ours:oft
 
 Exit status 0 even when targets fail; the table says which cells pass.
