@@ -25,6 +25,7 @@ from .base import ConfigError
 from .oft import (
     OFTConfig,
     OrthogonalModule,
+    block_product,
     is_power_of_two,
     power2factorization,
     rotation_delta_weight,
@@ -52,8 +53,8 @@ def butterfly_channel_delta(values: torch.Tensor, rotations: torch.Tensor) -> to
         k = 2**i * half
         current = values if delta is None else values + delta
         permuted = current.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, size))
-        step = torch.einsum("b i j, ... b j -> ... b i", shift, permuted)
-        step = step.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
+        step = block_product(permuted.flatten(-2), shift.transpose(-2, -1))  # R acts on columns: v·Rᵀ
+        step = step.unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
         delta = step if delta is None else delta + step
     return delta
 
