@@ -131,16 +131,25 @@ class LoHaModule(AdapterModule):
 
     def adapted_weight(self, strength: float) -> torch.Tensor:
         """``W + s·(A1B1)⊙(A2B2)`` as one fused pass over the weight (``addcmul``), the scales on ``A1``."""
-        if self.tucker:
+        if self.tucker or self.use_dora:
             return super().adapted_weight(strength)
         weight = self.base.weight
         first = (self.hada_w1_a * (self.scale * strength)) @ self.hada_w1_b
         second = self.hada_w2_a @ self.hada_w2_b
         return torch.addcmul(weight.flatten(1), first, second).to(weight.dtype).view(weight.shape)
 
+    def factored_cost(self) -> int:
+        full = self.in_dim * self.out_dim
+        return min(self.rank * self.rank * (self.in_dim + self.out_dim), full) if self._pointwise() else full
+
+    def build_cost(self) -> int:
+        return 2 * self.rank
+
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
-        if self.use_dora or (self.training and (self.config.dropout or self.config.rank_dropout)):
+        if self.training and (self.config.dropout or self.config.rank_dropout):
             return False
+        if self.use_dora:
+            return self._dora_rebuilds(x)
         return not (self._pointwise() and self._factored_beats_rebuild(x))
 
     def _factored_beats_rebuild(self, x: torch.Tensor) -> bool:
@@ -151,7 +160,8 @@ class LoHaModule(AdapterModule):
         positions = x.numel() // in_dim
         passes = 3 if torch.is_grad_enabled() else 1
         weight_gradient = positions * in_dim * out_dim if torch.is_grad_enabled() else 0
-        return passes * positions * r2 * (in_dim + out_dim) < passes * 2 * self.rank * in_dim * out_dim + weight_gradient
+        rebuild = passes * 2 * self.rank * in_dim * out_dim + weight_gradient
+        return passes * positions * r2 * (in_dim + out_dim) < rebuild
 
     def _pointwise(self) -> bool:
         """Linear, or a plain 1×1 conv: ΔW·x is a per-position map on channels."""

@@ -190,10 +190,18 @@ class LoKrModule(AdapterModule):
         out = self.delta_apply(x)
         return regularise_output(out, self.config, self.is_conv) if self.training else out
 
+    def factored_cost(self) -> int:
+        if not self._pointwise():
+            return self.in_dim * self.out_dim
+        a, b, c, d, rank = (self.layout.a, self.layout.b, self.layout.c, self.layout.d, self.layout.w2_rank)
+        return c * d * rank + a * c * rank + a * rank * b if rank else c * d * b + a * c * b
+
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """k×k convs build ΔW for the product anyway; Linear and 1×1 layers keep the cheaper Kronecker product."""
-        if self.use_dora or (self.training and (self.config.dropout or self.config.rank_dropout)):
+        if self.training and (self.config.dropout or self.config.rank_dropout):
             return False
+        if self.use_dora:
+            return self._dora_rebuilds(x)
         return not self._pointwise()
 
     def delta_apply(self, x: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,20 @@ class LoRAModule(AdapterModule):
         return lora_delta(self.lora_up, self.lora_down, self.weight_shape, self.scale,
                           self.lora_mid if self.tucker else None)
 
+    def factored_cost(self) -> int:
+        return self.rank * (self.in_dim + self.out_dim)
+
+    def build_cost(self) -> int:
+        return self.rank
+
+    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+        """Only DoRA (plain LoRA's factored product is always cheaper than building ΔW); dropouts act on the hidden
+        rank, which no weight expresses."""
+        config: LoRAConfig = self.config
+        if not self.use_dora or (self.training and (config.dropout or config.rank_dropout)):
+            return False
+        return self._dora_rebuilds(x)
+
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """Linear layers: ``base + (s·scale)·up(down(x))`` as one ``addmm`` (no separate scale, strength and add
         ops, forward or backward); everything else through the generic path."""

@@ -33,13 +33,33 @@ def conv_input() -> torch.Tensor:
     return torch.randn(2, 6, 5, 5)
 
 
-def test_rebuild_matches_the_output_path_and_trains_the_same_parameters(monkeypatch):
-    module = conv_loha()
-    x = conv_input()
-    assert module.rebuilds_weight(x)
+def linear_module(cls, config) -> nn.Module:
+    torch.manual_seed(0)
+    module = cls("m", nn.Linear(12, 10).requires_grad_(False), config)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return module
+
+
+CASES = {
+    "loha-conv3x3": lambda: (conv_loha(), conv_input()),
+    "lora-dora": lambda: (linear_module(LoRAModule, LoRAConfig(rank=3, alpha=2, dora=True)), torch.randn(2, 40, 12)),
+    "loha-dora": lambda: (linear_module(LoHaModule, LoHaConfig(rank=3, alpha=2, dora=True)), torch.randn(2, 40, 12)),
+    "lokr-dora": lambda: (linear_module(LoKrModule, LoKrConfig(rank=3, alpha=2, dora=True)), torch.randn(2, 40, 12)),
+    "oft": lambda: (linear_module(OFTModule, OFTConfig(block_size=5)), torch.randn(2, 40, 12)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_rebuild_matches_the_output_path_and_trains_the_same_parameters(case, strength, monkeypatch):
+    module, x = CASES[case]()
+    module.multiplier = strength
+    assert module.rebuilds_weight(x)  # many positions per input feature: the default for these
     results = []
     for rebuild in (True, False):
-        monkeypatch.setattr(LoHaModule, "rebuilds_weight", lambda self, x, r=rebuild: r)
+        monkeypatch.setattr(type(module), "rebuilds_weight", lambda self, x, r=rebuild: r)
         module.zero_grad(set_to_none=True)
         module.attach()
         out = module.base(x)
@@ -48,6 +68,7 @@ def test_rebuild_matches_the_output_path_and_trains_the_same_parameters(monkeypa
         results.append((out.detach(), [p.grad.clone() for p in module.parameters()]))
     (lent, lent_grads), (added, added_grads) = results
     torch.testing.assert_close(lent, added, rtol=1e-5, atol=1e-5)
+    assert len(lent_grads) == len(added_grads)
     for a, b in zip(lent_grads, added_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert module.base.weight.grad is None
@@ -121,12 +142,14 @@ def test_gradient_checkpointing_recomputes_the_lent_weight():
 
 
 def test_which_methods_rebuild():
-    """LoHa on k×k convs and wide-enough positions, LoKr on k×k convs, OFT with many positions; never LoRA, never
-    with dropouts on ΔW·x (no weight expresses them), never DoRA (its norm follows the output path)."""
+    """LoHa on k×k convs and wide-enough positions, LoKr on k×k convs, OFT with many positions, DoRA with more
+    positions than input features; never plain LoRA, never with dropouts on ΔW·x (no weight expresses them)."""
     conv = nn.Conv2d(6, 8, 3, padding=1)
     x = conv_input()
     assert LoHaModule("a", conv, LoHaConfig(rank=2)).rebuilds_weight(x)
-    assert not LoHaModule("a", conv, LoHaConfig(rank=2, dora=True)).rebuilds_weight(x)
+    few = torch.randn(1, 6, 3, 3)  # 9 positions, 54 input features
+    assert not LoHaModule("a", conv, LoHaConfig(rank=2, dora=True)).rebuilds_weight(few)
+    assert LoHaModule("a", conv, LoHaConfig(rank=2, dora=True)).rebuilds_weight(torch.randn(4, 6, 8, 8))
     dropped = LoHaModule("a", conv, LoHaConfig(rank=2, rank_dropout=0.1))
     assert not dropped.train().rebuilds_weight(x) and dropped.eval().rebuilds_weight(x)
     assert LoKrModule("a", conv, LoKrConfig(rank=2)).rebuilds_weight(x)
