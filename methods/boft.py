@@ -16,6 +16,7 @@ Files share the suffix ``oft_blocks`` with OFT; :class:`methods.oft.OFTModule` c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import torch
@@ -25,7 +26,6 @@ from .base import ConfigError
 from .oft import (
     OFTConfig,
     OrthogonalModule,
-    block_product,
     is_power_of_two,
     power2factorization,
     rotation_delta_weight,
@@ -38,25 +38,63 @@ def max_stages(n_blocks: int) -> int:
     return int(n_blocks).bit_length()
 
 
+@functools.lru_cache(maxsize=64)
+def _butterfly_gathers(channels: int, size: int, stages: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Row gathers that carry channel-major activations from one stage's coordinates to the next.
+
+    Stage ``i`` permutes channels ``(c g k) → (c k g)`` (``g = 2``, ``k = 2ⁱ·b/2``) so that its b-wide blocks are
+    contiguous. Entry ``i`` takes the previous stage's coordinates (the original ones for ``i = 0``) to stage
+    ``i``'s; the last entry takes the last stage's coordinates back to the original order.
+    """
+    half = size // 2
+    order = torch.arange(channels)
+    gathers, position = [], torch.arange(channels)  # position[c]: where original channel c sits now
+    for i in range(stages):
+        k = 2**i * half
+        perm = order.view(-1, 2, k).transpose(-2, -1).flatten()  # stage coordinate j holds original perm[j]
+        gathers.append(position[perm])
+        position = torch.empty_like(perm)
+        position[perm] = order
+    gathers.append(position)
+    return tuple(g.to(device) for g in gathers)
+
+
 def butterfly_channel_delta(values: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """``butterfly(v) − v`` on the last axis of ``values`` for ``rotations (m, n_blocks, b, b)``, in ``values``' dtype.
 
-    Tracks the difference stage by stage (``Δ += P⁻¹(R_i − I)P(v + Δ)``) with ``R_i − I`` formed in fp32, so a
-    small rotation is not rounded away in half precision.
+    Runs channel-major — ``(channels, positions)`` — so each stage is one row gather (its permutation composed with
+    the previous one's inverse) and one ``bmm`` over the b-wide blocks, with no copies around it. In fp32 the
+    rotated activations are carried and ``v`` subtracted at the end; in half precision the difference is carried
+    instead (``Δ += (R_i − I)·(v + Δ)``, ``R_i − I`` formed in fp32), so a small rotation is not rounded away.
     """
-    size = rotations.shape[-1]
-    half = size // 2
-    eye = torch.eye(size, device=rotations.device, dtype=rotations.dtype)
-    shifts = (rotations - eye).to(values.dtype)
-    delta = None
-    for i, shift in enumerate(shifts.unbind(0)):  # unbind: one backward node for all stages, not one per index
-        k = 2**i * half
-        current = values if delta is None else values + delta
-        permuted = current.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, size))
-        step = block_product(permuted.flatten(-2), shift.transpose(-2, -1))  # R acts on columns: v·Rᵀ
-        step = step.unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
-        delta = step if delta is None else delta + step
-    return delta
+    stages, n_blocks, size, _ = rotations.shape
+    channels = n_blocks * size
+    lead = values.shape[:-1]
+    gathers = _butterfly_gathers(channels, size, stages, values.device)
+    columns = values.reshape(-1, channels).t()  # (channels, positions), a view
+
+    def blockwise(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(matrix, rows.reshape(n_blocks, size, -1)).view(channels, -1)
+
+    if values.dtype in (torch.float32, torch.float64):
+        rotated = columns
+        for gather, rotation in zip(gathers, rotations.to(values.dtype).unbind(0)):
+            rotated = blockwise(rotation, rotated.index_select(0, gather))
+        delta = rotated.index_select(0, gathers[-1]) - columns
+    else:
+        eye = torch.eye(size, device=rotations.device, dtype=rotations.dtype)
+        shifts = (rotations - eye).to(values.dtype)
+        delta, placed = None, None  # Δ in the current stage's coordinates; the gather that places v there
+        for gather, shift in zip(gathers, shifts.unbind(0)):
+            placed = gather if placed is None else placed[gather]
+            current = columns.index_select(0, placed)
+            if delta is not None:
+                delta = delta.index_select(0, gather)
+                current = current + delta
+            step = blockwise(shift, current)
+            delta = step if delta is None else delta + step
+        delta = delta.index_select(0, gathers[-1])
+    return delta.t().reshape(*lead, channels)
 
 
 def boft_delta_weight(weight: torch.Tensor, blocks: torch.Tensor, threshold: float = 0.0,
