@@ -161,3 +161,25 @@ def test_which_methods_rebuild():
     wide = LoHaModule("a", nn.Linear(5120, 1280), LoHaConfig(rank=4))
     assert not wide.rebuilds_weight(torch.randn(1, 16, 5120))  # the rank-r² product is cheaper there
     assert LoHaModule("a", linear, LoHaConfig(rank=16)).rebuilds_weight(torch.randn(1, 256, 320))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lent_weight_in_half_precision_under_autocast(case):
+    """As on a GPU: frozen base in bf16, adapters in fp32, autocast. The lent weight takes the base's dtype, the
+    gradients reach the fp32 parameters and match the fp32 run within bf16 precision."""
+    module, x = CASES[case]()
+    module.attach()
+    out32 = module.base(x)
+    out32.square().sum().backward()
+    reference = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    module.base.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module.rebuilds_weight(x)
+        out16 = module.base(x.to(torch.bfloat16))
+    assert out16.dtype == torch.bfloat16 and module.base.weight.dtype == torch.bfloat16
+    out16.float().square().sum().backward()
+    for parameter, expected in zip(module.parameters(), reference):
+        assert parameter.dtype == torch.float32 and torch.isfinite(parameter.grad).all()
+        cosine = torch.nn.functional.cosine_similarity(parameter.grad.flatten(), expected.flatten(), dim=0)
+        assert cosine > 0.98
