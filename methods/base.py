@@ -266,6 +266,19 @@ class AdapterModule(nn.Module):
         """``ΔW·x`` without training-time dropouts (DoRA's path); methods with a factored product override it."""
         return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
 
+    @classmethod
+    def shares_work(cls) -> bool:
+        """Whether the method computes something for all its layers at once before a model runs."""
+        return cls.before_forward.__func__ is not AdapterModule.before_forward.__func__
+
+    @classmethod
+    def before_forward(cls, adapters: list[AdapterModule]) -> None:
+        """Called with this method's adapters inside one model (UNet or text encoder) right before it runs."""
+
+    @classmethod
+    def after_forward(cls, adapters: list[AdapterModule]) -> None:
+        """Called with the same adapters when that model's call ends (also when it raises)."""
+
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """Whether this call runs the layer once with ``W + s·ΔW`` instead of adding ``s·ΔW·x`` to its output.
 

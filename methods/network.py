@@ -78,13 +78,17 @@ class AdapterNetwork(nn.Module):
     """All adapters of one method on one pipeline, keyed by file module name (``lora_unet_..._to_q``)."""
 
     def __init__(self, adapters: dict[str, AdapterModule], arch: str, method: str, config: AdapterConfig | None,
-                 target_config: targets.TargetConfig | None = None):
+                 target_config: targets.TargetConfig | None = None, models: list[nn.Module] | None = None):
         super().__init__()
         self.adapters = nn.ModuleDict(adapters)
         self.arch = arch
         self.method = method
         self.config = config
         self.target_config = target_config
+        # The models the adapters sit in (UNet, text encoders): a plain list, so neither their parameters nor
+        # their state dicts become the network's. attach() hooks them for methods with per-step shared work.
+        self._models = list(models or [])
+        self._model_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     # ----- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -107,7 +111,7 @@ class AdapterNetwork(nn.Module):
                 if name in adapters:
                     raise ValueError(f"two modules map to the same file name {name}")
                 adapters[name] = method_class(name, module, config)
-        return cls(adapters, arch, method_class.method, config, target_config)
+        return cls(adapters, arch, method_class.method, config, target_config, [p.model for p in parts])
 
     @classmethod
     def from_state_dict(cls, parts: list[ModelPart], arch: str, state_dict: dict[str, torch.Tensor],
@@ -138,7 +142,7 @@ class AdapterNetwork(nn.Module):
             adapters[canonical] = adapter
             methods.add(adapter.method)
         method = methods.pop() if len(methods) == 1 else "+".join(sorted(methods)) or "none"
-        return cls(adapters, arch, method, None), unmatched
+        return cls(adapters, arch, method, None, models=[p.model for p in parts]), unmatched
 
     # ----- use ---------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[AdapterModule]:
@@ -150,12 +154,33 @@ class AdapterNetwork(nn.Module):
     def attach(self) -> AdapterNetwork:
         for adapter in self:
             adapter.attach()
+        if not self._model_hooks:
+            self._hook_models()
         return self
 
     def detach(self) -> None:
         for adapter in self:
             adapter.unmerge()
             adapter.detach_hook()
+        for handle in self._model_hooks:
+            handle.remove()
+        self._model_hooks = []
+
+    def _hook_models(self) -> None:
+        """Run each method's :meth:`~methods.base.AdapterModule.before_forward` / ``after_forward`` around every
+        call of the model its adapters sit in, for the methods that share work across layers (OFT/BOFT: one
+        Cayley solve for all layers instead of one per layer)."""
+        for model in self._models:
+            inside = {id(module) for module in model.modules()}
+            by_class: dict[type[AdapterModule], list[AdapterModule]] = {}
+            for adapter in self:
+                if id(adapter.base) in inside and type(adapter).shares_work():
+                    by_class.setdefault(type(adapter), []).append(adapter)
+            for method_class, adapters in by_class.items():
+                self._model_hooks.append(model.register_forward_pre_hook(
+                    lambda module, args, c=method_class, a=adapters: c.before_forward(a)))
+                self._model_hooks.append(model.register_forward_hook(
+                    lambda module, args, output, c=method_class, a=adapters: c.after_forward(a), always_call=True))
 
     def set_multiplier(self, strength: float) -> None:
         for adapter in self:

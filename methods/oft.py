@@ -205,6 +205,8 @@ class OrthogonalModule(AdapterModule):
         self.constraint = float(config.constraint)
         factory = parameter_factory(base)
         self.oft_blocks = nn.Parameter(torch.zeros(*shape, **factory))  # B = 0 → R = I, like LyCORIS
+        self._shared_rotation: tuple[torch.Tensor, int] | None = None  # see before_forward
+        self._in_model_call = False
         self.rescaled = bool(config.rescale)
         if self.rescaled:
             self.rescale = nn.Parameter(torch.ones(out, *([1] * (base.weight.dim() - 1)), **factory))
@@ -225,14 +227,58 @@ class OrthogonalModule(AdapterModule):
     def block_count(self) -> int:
         return self.oft_blocks.shape[-3]
 
+    @classmethod
+    def before_forward(cls, adapters: list[OrthogonalModule]) -> None:
+        """One Cayley solve for every unconstrained layer of the same block size (one model call, one autograd
+        graph): a few kernels for the whole UNet instead of a dozen per layer, which is what a GPU step waits on.
+
+        Each layer keeps its slice with the blocks' version for the call and for the backward pass after it
+        (gradient checkpointing recomputes layers there and must see the same tensors); an optimizer step, or any
+        use outside the call and its backward pass, solves anew.
+        """
+        if not torch.is_grad_enabled():
+            return  # without autograd the per-layer cache in rotation() serves
+        groups: dict[tuple, list[OrthogonalModule]] = {}
+        for adapter in adapters:
+            blocks = adapter.oft_blocks
+            if adapter.threshold == 0 and adapter.attached and float(adapter.multiplier) != 0.0:
+                groups.setdefault((blocks.shape[-1], blocks.device, blocks.dtype), []).append(adapter)
+        for (size, _, _), group in groups.items():
+            if len(group) < 2:
+                continue
+            blocks = torch.cat([adapter.oft_blocks.reshape(-1, size, size) for adapter in group])
+            counts = [adapter.oft_blocks.numel() // (size * size) for adapter in group]
+            for adapter, rotation in zip(group, cayley(blocks).split(counts)):
+                adapter._shared_rotation = (rotation.view(adapter.oft_blocks.shape), adapter.oft_blocks._version)
+                adapter._in_model_call = True
+
+    @classmethod
+    def after_forward(cls, adapters: list[OrthogonalModule]) -> None:
+        for adapter in adapters:
+            adapter._in_model_call = False
+
+    def detach_hook(self) -> None:
+        super().detach_hook()
+        self._shared_rotation, self._in_model_call = None, False
+
+    def _shared_rotation_or_none(self) -> torch.Tensor | None:
+        shared = self._shared_rotation
+        if shared is None or shared[1] != self.oft_blocks._version:
+            return None
+        # During the call, or while autograd runs a backward pass (checkpointing's recomputation of this call).
+        in_backward = torch._C._current_graph_task_id() != -1
+        return shared[0] if self._in_model_call or in_backward else None
+
     def rotation(self) -> torch.Tensor:
         """The constrained per-block rotations, fp32.
 
-        Without autograd (sampling, applying a file) the rotations are cached until the blocks change: the
-        Cayley inverse per block and layer would otherwise dominate every denoising step.
+        During a model call the rotations solved for all layers at once (:meth:`before_forward`) are used. Without
+        autograd (sampling, applying a file) they are cached until the blocks change: the Cayley inverse per block
+        and layer would otherwise dominate every denoising step.
         """
         if torch.is_grad_enabled():
-            return cayley(self.oft_blocks, self.threshold)
+            shared = self._shared_rotation_or_none()
+            return shared if shared is not None else cayley(self.oft_blocks, self.threshold)
         blocks = self.oft_blocks
         key = (blocks._version, blocks.data_ptr(), blocks.device, self.threshold)
         cached = getattr(self, "_rotation_cache", None)

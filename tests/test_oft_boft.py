@@ -544,3 +544,56 @@ def test_inference_rotation_cache_follows_parameter_changes(method):
         changed = base(x)
     assert not torch.allclose(first, changed)
     assert torch.allclose(changed, base(x), atol=1e-6)  # autograd path recomputes: same answer
+
+
+# ----- one Cayley solve per model call ---------------------------------------------------------------------
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize(("method", "options"), [("oft", {"block_size": 8}), ("boft", {"block_size": 8}),
+                                                 ("oft", {"block_size": 8, "constraint": 0.01})])
+def test_shared_cayley_solve_trains_like_one_solve_per_layer(method, options, checkpointing):
+    """The network solves every layer's rotations at once per UNet call; gradients equal per-layer solves, with
+    gradient checkpointing (whose recomputation runs after the call) too, and nothing outlives the call."""
+    from methods.network import AdapterNetwork, model_parts
+    from methods.targets import TargetConfig
+    from trainer.architectures import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet("sd1", tiny=True).requires_grad_(False)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    network = AdapterNetwork.create(model_parts(unet, [], "sd1"), "sd1", method, options,
+                                    TargetConfig(preset="attention_mlp"))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(0.0, 0.05)
+    latents = torch.randn(2, 4, 8, 8)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
+    timesteps = torch.tensor([10, 500])
+
+    def gradients(shared: bool) -> tuple[list[int], list[torch.Tensor]]:
+        network.zero_grad(set_to_none=True)
+        if shared:
+            network.attach()
+        else:
+            for adapter in network:
+                adapter.attach()
+        calls = []
+        first_layer = next(iter(network)).base  # observes the adapters while the UNet call is under way
+        probe = first_layer.register_forward_pre_hook(
+            lambda m, a: calls.append(sum(x._shared_rotation is not None for x in network)))
+        unet(latents, timesteps, encoder_hidden_states=hidden).sample.square().mean().backward()
+        probe.remove()
+        network.detach()
+        return calls, [p.grad.clone() for p in network.parameters()]
+
+    (shared_calls, shared), (_, separate) = gradients(True), gradients(False)
+    expected_shared = 0 if options.get("constraint") else len(network)
+    assert shared_calls[0] == expected_shared
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in shared)
+    with torch.no_grad():
+        for adapter in network:
+            adapter.oft_blocks.add_(0.01)  # an optimizer step: the shared slices are stale from here on
+    assert all(adapter.rotation() is not (adapter._shared_rotation or (None,))[0] for adapter in network)
