@@ -31,9 +31,10 @@ part overhead "${OVERHEAD_LIMIT:-200}" python3 bench/adapter_overhead.py --size 
     --latent 64 --batch 4 --warmup 3 --repeats 10 --in-process --methods lora,dora,loha,lokr,oft,boft \
     --libraries ours,lycoris,peft --skip peft:boft --json "$out/overhead.json"
 
+# The toy model is too small to keep a GPU busy (about 6 steps/s, bound by kernel launches): two methods suffice to
+# show that training, saving and the concept score work there.
 part toy_compare "${COMPARE_LIMIT:-150}" python3 -m trainer compare --config presets/toy_demo.toml \
-    --methods lora,loha,lokr,oft,boft --override lokr:train.learning_rate=3e-3 \
-    --set train.mixed_precision=\"bf16\" --out "$out/toy_compare"
+    --methods lora,oft --set train.mixed_precision=\"bf16\" --out "$out/toy_compare"
 
 part throughput "${THROUGHPUT_LIMIT:-120}" python3 bench/train_throughput.py --model sd15 --device cuda \
     --mixed-precision bf16 --resolution 512 --batch-size 4 --steps 20 --variants cache,no-cache+gc \
