@@ -253,6 +253,10 @@ def test_apply_adapter(tiny_pipeline, randomize, run_unet, tmp_path, method):
     assert worst <= 1e-6
     handle_b.remove()
     assert torch.equal(run_unet(pipe), base)
+    # Nothing left behind: no hooks on any layer or on the models, every weight the model's own Parameter.
+    for module in [*pipe.unet.modules(), *pipe.text_encoder.modules()]:
+        assert not module._forward_hooks and not module._forward_pre_hooks
+        assert all(isinstance(p, torch.nn.Parameter) for p in module._parameters.values() if p is not None)
 
 
 def test_apply_adapter_on_sdxl(tiny_pipeline, randomize, run_unet, tmp_path):
