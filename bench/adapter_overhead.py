@@ -350,6 +350,16 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
             base_times.append(timed(base))
             times.append(timed(unet))
 
+    # The arithmetic floor: matmul/conv/bmm FLOPs of one adapted step over the frozen step's (elementwise work,
+    # copies and launches are what the time ratio adds on top).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = []
+    for model in (unet, base):
+        with FlopCounterMode(display=False) as counter:
+            step(model)
+        flops.append(counter.get_total_flops())
+
     profile_table = None
     if profile:
         from torch.profiler import ProfilerActivity
@@ -371,6 +381,7 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
         # between rounds cancels; the ratio of the two medians is kept for reference.
         "ratio": statistics.median(pair_ratios),
         "ratio_of_medians": step_ms / base_ms,
+        "flop_ratio": flops[0] / flops[1] if flops[1] else None,
         "pair_ratios": pair_ratios,
         "rounds": len(times),
         "times_ms": times,
@@ -468,6 +479,8 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
                 row[f"{library}_ms"] = result["step_ms"]
                 row[f"{library}_x"] = result["ratio"]
                 row[f"{library}_peak_mb"] = result["peak_mb"]
+                if result.get("flop_ratio") is not None:
+                    row[f"{library}_flops_x"] = result["flop_ratio"]
         ours = row.get("ours_x")
         row["pass_target"] = None if ours is None or row["target"] is None else ours <= row["target"]
         for library in ("peft", "lycoris"):
@@ -506,9 +519,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"configurations' bare copies), peak "
         f"+{report['base_peak_mb']:.0f} MB; A/A noise floor (bare copy vs bare copy): {report['noise_floor']:.3f}×.",
         "",
-        "| method | ours step ms | ours ×base | PEFT ×base | LyCORIS ×base "
+        "| method | ours step ms | ours ×base | ours FLOPs ×base | PEFT ×base | LyCORIS ×base "
         "| ours peak MB | PEFT peak MB | LyCORIS peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         target = row["target"]
@@ -517,6 +530,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name}",
             _cell(row, "ours_ms", ".1f"),
             _cell(row, "ours_x", ".3f", row["pass_target"]),
+            _cell(row, "ours_flops_x", ".3f"),
             _cell(row, "peft_x", ".3f", row["pass_vs_peft"]),
             _cell(row, "lycoris_x", ".3f", row["pass_vs_lycoris"]),
             _cell(row, "ours_peak_mb", ".0f"),
@@ -525,7 +539,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]))
     lines += ["", "pass/FAIL: *ours ×base* against the method's target; *PEFT*/*LyCORIS* columns: ours no slower than "
               "that library. Each ×base is the median over rounds of adapted/base, both copies timed back to back in "
-              "the same process; no noise margin. "
+              "the same process; no noise margin. FLOPs ×base: matmul/conv FLOPs of the adapted step over the "
+              "frozen step's (torch.utils.flop_counter), the floor the time ratio cannot go below. "
               "Peak MB: peak of the first steps above the frozen UNet's resident size (CPU: RSS high-water mark)."]
     notes = []
     for row in report["rows"]:
