@@ -189,6 +189,21 @@ class OFTConfig(AdapterConfig):
         return super().wants(base) and (self.include_conv or not is_kxk_conv(base))
 
 
+def _chunks(adapters: list, limit: int) -> list[list]:
+    """Consecutive runs of adapters whose blocks together hold at most ``limit`` elements (a larger one alone)."""
+    chunks, current, held = [], [], 0
+    for adapter in adapters:
+        size = adapter.oft_blocks.numel()
+        if current and held + size > limit:
+            chunks.append(current)
+            current, held = [], 0
+        current.append(adapter)
+        held += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 # ----- the shared wrapper ------------------------------------------------------------------------------------------
 class OrthogonalModule(AdapterModule):
     """What OFT and BOFT share: blocks, COFT constraint, rescale, output rotation, export. Not registered."""
@@ -227,6 +242,11 @@ class OrthogonalModule(AdapterModule):
     def block_count(self) -> int:
         return self.oft_blocks.shape[-3]
 
+    # Block elements per shared solve: one solve over all of BOFT's SD1.5 blocks (147 MB) runs out of cache and was
+    # 15% slower a step on the CPU than one per layer; chunks this size keep the per-layer speed there while
+    # cutting the kernel count (OFT: 2 solves for the UNet instead of 192).
+    SHARED_SOLVE_ELEMENTS = 2**22
+
     @classmethod
     def before_forward(cls, adapters: list[OrthogonalModule]) -> None:
         """One Cayley solve for every unconstrained layer of the same block size (one model call, one autograd
@@ -244,13 +264,14 @@ class OrthogonalModule(AdapterModule):
             if adapter.threshold == 0 and adapter.attached and float(adapter.multiplier) != 0.0:
                 groups.setdefault((blocks.shape[-1], blocks.device, blocks.dtype), []).append(adapter)
         for (size, _, _), group in groups.items():
-            if len(group) < 2:
-                continue
-            blocks = torch.cat([adapter.oft_blocks.reshape(-1, size, size) for adapter in group])
-            counts = [adapter.oft_blocks.numel() // (size * size) for adapter in group]
-            for adapter, rotation in zip(group, cayley(blocks).split(counts)):
-                adapter._shared_rotation = (rotation.view(adapter.oft_blocks.shape), adapter.oft_blocks._version)
-                adapter._in_model_call = True
+            for chunk in _chunks(group, cls.SHARED_SOLVE_ELEMENTS):
+                if len(chunk) < 2:
+                    continue
+                blocks = torch.cat([adapter.oft_blocks.reshape(-1, size, size) for adapter in chunk])
+                counts = [adapter.oft_blocks.numel() // (size * size) for adapter in chunk]
+                for adapter, rotation in zip(chunk, cayley(blocks).split(counts)):
+                    adapter._shared_rotation = (rotation.view(adapter.oft_blocks.shape), adapter.oft_blocks._version)
+                    adapter._in_model_call = True
 
     @classmethod
     def after_forward(cls, adapters: list[OrthogonalModule]) -> None:
