@@ -4,9 +4,9 @@ A method file subclasses :class:`AdapterConfig` (its options) and :class:`Adapte
 decorates the wrapper with :func:`methods.registry.register`. The wrapper never replaces the base layer: it
 attaches forward hooks to it, so the base keeps its name and state-dict keys, several adapters can be stacked
 on one layer, and removing an adapter is removing its hooks. Per call an adapter either adds its part to the
-frozen output (the post-hook), or, where the method would build ΔW anyway, runs the layer once with
-``W + s·ΔW`` (the pre-hook lends the layer that weight for the duration of the call; ``base.forward`` called
-directly still gives the frozen layer).
+frozen output (the post-hook), or, where the method's cost model says so (:meth:`AdapterModule.rebuilds_weight`),
+runs the layer once with ``W + s·ΔW`` (the pre-hook lends the layer that weight for the duration of the call;
+``base.forward`` called directly still gives the frozen layer).
 
 Shapes follow torch: Linear ``W (out, in)``, Conv2d ``W (out, in/groups, kh, kw)``.
 """
@@ -228,7 +228,7 @@ class AdapterModule(nn.Module):
         # Not a submodule: the base belongs to the model, and must not appear in the adapter's state dict.
         object.__setattr__(self, "base", base)
         self.multiplier = 1.0
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._hook: tuple[torch.utils.hooks.RemovableHandle, ...] | None = None  # (pre-hook, post-hook)
         self._merged: tuple[float, torch.Tensor] | None = None
         self._mode: str | None = None  # this call's path, from the pre-hook to the post-hook
         self.use_dora = bool(getattr(config, "dora", False))
@@ -284,16 +284,16 @@ class AdapterModule(nn.Module):
 
         Worth it wherever the method builds ΔW anyway: the frozen product and the one with ΔW become one product
         forward and one backward, leaving only the product for ΔW's gradient. Methods with a cheaper factored
-        path, or with dropouts on ``ΔW·x`` (which no weight can express), say no.
+        path say no, or weigh the two with a cost model; so do dropouts on ``ΔW·x``, which no weight expresses.
         """
         return False
 
     def adapted_weight(self, strength: float) -> torch.Tensor:
         """``W + s·ΔW`` (DoRA: ``W + s·(W'' − W)``) in the base weight's dtype, differentiable in the adapter's
         parameters."""
-        weight = self.base.weight
         if self.use_dora:
             return self._dora_adapted_weight(strength)
+        weight = self.base.weight
         return torch.add(weight, self.delta_weight().to(weight.dtype), alpha=strength)
 
     # One elementwise pass over one element, in multiply-adds of a product: fitted on this project's CPU to DoRA's
