@@ -308,11 +308,23 @@ class AdapterModule(nn.Module):
         """Multiply-adds per element of ΔW to build it."""
         return 1
 
+    def positions(self, x: torch.Tensor) -> int:
+        """Output positions of a call on ``x`` (tokens × batch; a conv's output pixels): the rows of ``ΔW·x``."""
+        positions = x.numel() // x.shape[1 if self.is_conv else -1]
+        if self.is_conv:
+            positions //= self.base.stride[0] * self.base.stride[1]
+        return positions
+
+    def drops_delta_output(self) -> bool:
+        """Training with dropouts on ``ΔW·x`` or its rank, which no lent weight can express."""
+        config = self.config
+        return self.training and bool(getattr(config, "dropout", 0) or getattr(config, "rank_dropout", 0))
+
     def _dora_rebuilds(self, x: torch.Tensor) -> bool:
         """Whether DoRA's lent weight beats its output path. The output path builds ΔW without autograd (for the
         norm), applies the method's product and makes ~10 passes over the (positions × out) activations; the lent
         weight builds ΔW with autograd, makes ~5 passes over (in × out) and adds the product for W's gradient."""
-        positions = x.numel() // x.shape[1 if self.is_conv else -1]
+        positions = self.positions(x)
         weight_side = self.in_dim * self.out_dim * (2 * self.build_cost() + 5 * self.PASS_COST + positions)
         output_side = positions * (3 * self.factored_cost() + 10 * self.PASS_COST * self.out_dim)
         return weight_side < output_side

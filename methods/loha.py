@@ -146,7 +146,7 @@ class LoHaModule(AdapterModule):
         return 2 * self.rank
 
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
-        if self.training and (self.config.dropout or self.config.rank_dropout):
+        if self.drops_delta_output():
             return False
         if self.use_dora:
             return self._dora_rebuilds(x)
@@ -157,7 +157,7 @@ class LoHaModule(AdapterModule):
         layer ``W + ΔW`` (building ΔW, ``2·r·in·out``, three times with autograd, plus ``T·in·out`` for the
         weight's gradient): the product wins only for wide layers at few positions."""
         out_dim, in_dim, r2 = self.out_dim, self.in_dim, self.rank * self.rank
-        positions = x.numel() // in_dim
+        positions = self.positions(x)
         passes = 3 if torch.is_grad_enabled() else 1
         weight_gradient = positions * in_dim * out_dim if torch.is_grad_enabled() else 0
         rebuild = passes * 2 * self.rank * in_dim * out_dim + weight_gradient

@@ -198,7 +198,7 @@ class LoKrModule(AdapterModule):
 
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """k×k convs build ΔW for the product anyway; Linear and 1×1 layers keep the cheaper Kronecker product."""
-        if self.training and (self.config.dropout or self.config.rank_dropout):
+        if self.drops_delta_output():
             return False
         if self.use_dora:
             return self._dora_rebuilds(x)

@@ -94,10 +94,7 @@ class LoRAModule(AdapterModule):
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """Only DoRA (plain LoRA's factored product is always cheaper than building ΔW); dropouts act on the hidden
         rank, which no weight expresses."""
-        config: LoRAConfig = self.config
-        if not self.use_dora or (self.training and (config.dropout or config.rank_dropout)):
-            return False
-        return self._dora_rebuilds(x)
+        return self.use_dora and not self.drops_delta_output() and self._dora_rebuilds(x)
 
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """Linear layers: ``base + (s·scale)·up(down(x))`` as one ``addmm`` (no separate scale, strength and add

@@ -344,10 +344,7 @@ class OrthogonalModule(AdapterModule):
 
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """Rotate the weight's rows and lend the layer ``W + s·ΔW`` where that beats rotating the output."""
-        positions = x.numel() // x.shape[1 if self.is_conv else -1]
-        if self.is_conv:
-            positions //= self.base.stride[0] * self.base.stride[1]
-        return self.rotates_weight(positions)
+        return self.rotates_weight(self.positions(x))
 
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """``base + s·(rotated − base)``: rotate the bias-free output channels; ``W'`` is never built."""
