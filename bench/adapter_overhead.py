@@ -17,7 +17,9 @@ Targets are kohya's default (``attention_mlp``: every Linear/Conv2d inside a ``T
 our config's ``wants`` (BOFT skips widths it cannot factor); PEFT and LyCORIS get the exact same list of layers
 (PEFT by full module path, LyCORIS by anchored ``target_name`` patterns, since its default preset aborts on
 diffusers UNets). Rank 16 / alpha 8 for LoRA, DoRA, LoHa and LoKr; block size 32 (each library's own reading of
-it) for OFT and BOFT. Each configuration runs in a fresh subprocess; peak memory is the peak above the resident
+it) for OFT and BOFT. Adapter tensors that start at zero (LoRA's up, OFT's blocks) are filled with N(0, 0.01)
+(``--trained-std``) so that a step is timed with values from the middle of training, not the first step. Each
+configuration runs in a fresh subprocess; peak memory is the peak above the resident
 size of the loaded frozen UNet with its inputs (CPU: ``getrusage`` max RSS, after resetting the high-water mark;
 CUDA: ``torch.cuda.max_memory_allocated``).
 
@@ -167,6 +169,7 @@ class Spec:
     seed: int = 0
     clock: str = "wall"  # wall (perf_counter) or cpu (process_time: this process's CPU time, robust to other load)
     max_seconds: float = 600.0  # stop timing rounds after this long (but not before MIN_REPEATS rounds)
+    trained_std: float = 0.01  # adapter tensors that start at zero get N(0, std): timed as mid-training
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -308,6 +311,12 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
         p.requires_grad_(id(p) not in base_ids)
         if id(p) not in base_ids:
             trainable.append(p)
+    # Every library starts some tensors at zero (LoRA's up, OFT's blocks); a step there can cost less than one in
+    # the middle of training (our CPU Cayley series converges at once for Q = 0), so those are filled first.
+    with torch.no_grad():
+        for p in trainable:
+            if spec.trained_std and not p.any():
+                p.normal_(0.0, spec.trained_std, generator=torch.Generator(p.device).manual_seed(spec.seed))
 
     def step(model) -> None:
         for p in trainable:
@@ -440,7 +449,8 @@ def default_methods() -> list[str]:
 def run_benchmark(size: str = "tiny", methods: list[str] | None = None, libraries: tuple[str, ...] = LIBRARIES,
                   latent: int = 16, batch: int = 1, repeats: int = 5, warmup: int = 2, device: str = "cpu",
                   dtype: str = "fp32", threads: int | None = None, seed: int = 0, clock: str = "wall",
-                  max_seconds: float = 600.0, isolate: bool = True, timeout: float | None = None,
+                  max_seconds: float = 600.0, trained_std: float = 0.01, isolate: bool = True,
+                  timeout: float | None = None,
                   skip: set[str] = frozenset(), log=None) -> dict[str, Any]:
     """The base (A/A: noise floor and base memory), then every (method, library); returns rows for the table.
 
@@ -451,7 +461,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     common = {"size": size, "latent": latent, "batch": batch, "repeats": repeats, "warmup": warmup,
               "device": device, "dtype": dtype, "threads": threads, "seed": seed, "clock": clock,
-              "max_seconds": max_seconds}
+              "max_seconds": max_seconds, "trained_std": trained_std}
     runner = (lambda s: run_isolated(s, timeout)) if isolate else _safe_measure
 
     def run(spec: Spec) -> dict[str, Any]:
@@ -517,7 +527,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Frozen base step (forward + backward, all base weights frozen, input latents require grad so backward runs "
         f"through the same layers): **{report['base_ms']:.1f} ms** ({s['clock']} clock; median over all "
         f"configurations' bare copies), peak "
-        f"+{report['base_peak_mb']:.0f} MB; A/A noise floor (bare copy vs bare copy): {report['noise_floor']:.3f}×.",
+        f"+{report['base_peak_mb']:.0f} MB; A/A noise floor (bare copy vs bare copy): {report['noise_floor']:.3f}×. "
+        f"Adapter tensors that start at zero filled with N(0, {s.get('trained_std', 0)}) (mid-training values).",
         "",
         "| method | ours step ms | ours ×base | ours FLOPs ×base | PEFT ×base | LyCORIS ×base "
         "| ours peak MB | PEFT peak MB | LyCORIS peak MB |",
@@ -607,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
                              "peaks stay per configuration since the allocator's peak is reset)")
     parser.add_argument("--skip", metavar="IMPL:METHOD", action="append", default=[],
                         help="leave out one configuration (e.g. peft:boft, whose CUDA extension compiles on first use)")
+    parser.add_argument("--trained-std", type=float, default=0.01,
+                        help="adapter tensors that start at zero are filled with N(0, std) before timing (0: as "
+                             "initialised)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="IMPL:METHOD", action="append",
                         help="also print a torch.profiler table of one step (e.g. ours:oft, peft:lora, base)")
@@ -631,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_benchmark(size, methods, libraries, latent=args.latent, batch=args.batch, repeats=args.repeats,
                                warmup=args.warmup, device=args.device, dtype=args.dtype, threads=args.threads,
                                seed=args.seed, clock=args.clock, max_seconds=args.max_seconds,
+                               trained_std=args.trained_std,
                                timeout=args.timeout, isolate=not args.in_process, skip=set(args.skip), log=_log)
         reports.append(report)
         print(markdown(report) + "\n", flush=True)

@@ -59,15 +59,16 @@ def _butterfly_gathers(channels: int, size: int, stages: int, device: torch.devi
     return tuple(g.to(device) for g in gathers)
 
 
-def butterfly_channel_delta(values: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """``butterfly(v) − v`` on the last axis of ``values`` for ``rotations (m, n_blocks, b, b)``, in ``values``' dtype.
+def butterfly_channel_delta(values: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """``butterfly(v) − v`` on the last axis of ``values`` for the stages' ``R − I`` (``shifts (m, n_blocks, b, b)``),
+    in ``values``' dtype.
 
     Runs channel-major — ``(channels, positions)`` — so each stage is one row gather (its permutation composed with
     the previous one's inverse) and one ``bmm`` over the b-wide blocks, with no copies around it. In fp32 the
     rotated activations are carried and ``v`` subtracted at the end; in half precision the difference is carried
-    instead (``Δ += (R_i − I)·(v + Δ)``, ``R_i − I`` formed in fp32), so a small rotation is not rounded away.
+    instead (``Δ += (R_i − I)·(v + Δ)``), so a small rotation is not rounded away.
     """
-    stages, n_blocks, size, _ = rotations.shape
+    stages, n_blocks, size, _ = shifts.shape
     channels = n_blocks * size
     lead = values.shape[:-1]
     gathers = _butterfly_gathers(channels, size, stages, values.device)
@@ -78,14 +79,13 @@ def butterfly_channel_delta(values: torch.Tensor, rotations: torch.Tensor) -> to
 
     if values.dtype in (torch.float32, torch.float64):
         rotated = columns
-        for gather, rotation in zip(gathers, rotations.to(values.dtype).unbind(0)):
+        eye = torch.eye(size, device=shifts.device, dtype=shifts.dtype)
+        for gather, rotation in zip(gathers, (shifts + eye).to(values.dtype).unbind(0)):
             rotated = blockwise(rotation, rotated.index_select(0, gather))
         delta = rotated.index_select(0, gathers[-1]) - columns
     else:
-        eye = torch.eye(size, device=rotations.device, dtype=rotations.dtype)
-        shifts = (rotations - eye).to(values.dtype)
         delta, placed = None, None  # Δ in the current stage's coordinates; the gather that places v there
-        for gather, shift in zip(gathers, shifts.unbind(0)):
+        for gather, shift in zip(gathers, shifts.to(values.dtype).unbind(0)):
             placed = gather if placed is None else placed[gather]
             current = columns.index_select(0, placed)
             if delta is not None:
@@ -159,8 +159,8 @@ class BOFTModule(OrthogonalModule):
     def boft_m(self) -> int:
         return self.oft_blocks.shape[0]
 
-    def channel_delta(self, values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        return butterfly_channel_delta(values, rotation)
+    def channel_delta(self, values: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return butterfly_channel_delta(values, shift)
 
     @classmethod
     def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> BOFTModule:

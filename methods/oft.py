@@ -88,24 +88,86 @@ def constraint_scale(blocks: torch.Tensor, threshold: float) -> torch.Tensor | f
     return torch.where(norm > threshold, threshold / norm, torch.ones_like(norm))
 
 
+# The Cayley map on the CPU: LAPACK factorises small blocks one at a time, ~12 µs for a 32×32 block against ~0.5 µs
+# for one block product, and its solve again in the backward pass. The series below takes 2 products per doubling
+# and converges in 1–3 doublings for the rotations training produces; past SERIES_DOUBLINGS (‖Q²‖ ≳ 0.37) the LU runs.
+SERIES_DOUBLINGS = 4  # terms up to Q³¹
+
+
+def _doubled_shift_by_series(doubled: torch.Tensor) -> torch.Tensor | None:
+    """``2((I − Q)⁻¹ − I) = 2(Q + Q² + Q³ + …)`` from ``doubled = 2Q`` (skew, ``(n, b, b)``), or ``None``.
+
+    After ``k`` doublings the sum holds the terms below ``N = 2^(k+1)`` and misses ``Qᴺ·(I − Q)⁻¹``, whose norm is at
+    most ``‖Qᴺ‖_F`` since ``‖(I − Q)⁻¹‖₂ ≤ 1`` for skew ``Q``: it stops once that is below ``eps·‖Q‖_F`` in every
+    block, which is fp32 rounding of the result. ``None`` when that takes more than :data:`SERIES_DOUBLINGS`.
+    """
+    eps = torch.finfo(doubled.dtype).eps
+    tolerance = torch.linalg.vector_norm(doubled, dim=(-2, -1)) * (eps / 2)
+    power = torch.baddbmm(doubled, doubled, doubled, beta=0, alpha=0.25)  # Q²
+    norms = torch.linalg.vector_norm(power, dim=(-2, -1))
+    if not bool((norms <= eps ** (1 / 2**SERIES_DOUBLINGS)).all()):  # NaN or inf: not converging either
+        return None
+    total = doubled
+    for _ in range(SERIES_DOUBLINGS):
+        if bool((norms <= tolerance).all()):
+            return total
+        total = torch.baddbmm(torch.add(total, power, alpha=2), total, power)  # 2(Y + P + Y·P)
+        if bool((norms.square() <= tolerance).all()):  # ‖P²‖ ≤ ‖P‖²: the next power need not be formed
+            return total
+        power = torch.bmm(power, power)
+        norms = torch.linalg.vector_norm(power, dim=(-2, -1))
+    return total if bool((norms <= tolerance).all()) else None
+
+
+class _CayleyShift(torch.autograd.Function):
+    """``S = R − I = 2((I − Q)⁻¹ − I)`` for ``Q = c·(B − Bᵀ)``, ``B (n, b, b)`` fp32, ``c`` the COFT factor or None.
+
+    Formed without the cancellation of ``R − I`` (a small rotation keeps its digits). Backward:
+    ``dS = 2X·dQ·X`` with ``X = (I − Q)⁻¹ = I + S/2``: two block products instead of a second LU solve.
+    """
+
+    @staticmethod
+    def forward(ctx, blocks: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        doubled = torch.sub(blocks, blocks.mT).mul_(2 if scale is None else 2 * scale)
+        shift = _doubled_shift_by_series(doubled) if blocks.device.type == "cpu" else None
+        if shift is None:
+            # On CUDA the batched LU is a few kernels, where the series would wait for the GPU at each doubling.
+            # I − Q is never singular (skew Q has imaginary eigenvalues), so the solver's check is skipped.
+            eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+            shift = torch.linalg.solve_ex(torch.add(eye, doubled, alpha=-0.5), doubled, check_errors=False).result
+        ctx.save_for_backward(shift, blocks, scale)
+        return shift
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        shift, blocks, scale = ctx.saved_tensors
+        inverse_t = torch.eye(shift.shape[-1], device=shift.device, dtype=shift.dtype).add(shift.mT, alpha=0.5)
+        outer = torch.bmm(torch.bmm(inverse_t, grad), inverse_t)  # ½ ∂L/∂Q
+        skewed = torch.sub(outer, outer.mT)
+        grad_scale = 2 * (skewed * blocks).sum() if ctx.needs_input_grad[1] else None
+        return skewed.mul_(2 if scale is None else 2 * scale), grad_scale
+
+
+def cayley_shift(blocks: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """``R − I`` for the per-block rotations ``R = (I + Q)(I − Q)⁻¹`` of ``blocks (..., b, b)``, constrained by
+    ``threshold``, in fp32."""
+    scale = constraint_scale(blocks, threshold)
+    size = blocks.shape[-1]
+    flat = blocks.float().reshape(-1, size, size)
+    return _CayleyShift.apply(flat, scale if isinstance(scale, torch.Tensor) else None).view(blocks.shape)
+
+
 def cayley(blocks: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Per-block rotations ``R = (I + Q)(I − Q)⁻¹`` of ``blocks (..., b, b)``, constrained by ``threshold``, in fp32."""
-    q = skew(blocks.float())
-    q = q * constraint_scale(blocks, threshold)
-    eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-    # (I + Q)(I − Q)⁻¹ = (I − Q)⁻¹(I + Q) (the factors commute): one solve instead of an inverse and a product.
-    # I − Q is never singular (a skew-symmetric Q has imaginary eigenvalues), so the solver's singularity check,
-    # which waits for the GPU on every call, is skipped.
-    return torch.linalg.solve_ex(eye - q, eye + q, check_errors=False).result
+    shift = cayley_shift(blocks, threshold)
+    return shift + torch.eye(shift.shape[-1], device=shift.device, dtype=shift.dtype)
 
 
-def oft_channel_delta(values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``(Rᵀ − I)·v`` per block on the last axis of ``values`` (``..., n_blocks·b``), in ``values``' dtype.
-
-    ``R − I`` is formed in fp32 before the cast, so small rotations survive a half-precision activation.
-    """
-    eye = torch.eye(rotation.shape[-1], device=rotation.device, dtype=rotation.dtype)
-    return block_product(values, (rotation - eye).to(values.dtype))
+def oft_channel_delta(values: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``(Rᵀ − I)·v`` per block on the last axis of ``values`` (``..., n_blocks·b``) from ``shift = R − I`` (fp32),
+    in ``values``' dtype: small rotations survive a half-precision activation."""
+    return block_product(values, shift.to(values.dtype))
 
 
 def block_product(values: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -137,7 +199,7 @@ def rotation_delta_weight(channel_delta, weight: torch.Tensor, blocks: torch.Ten
                           rescale: torch.Tensor | None = None) -> torch.Tensor:
     """ΔW of a rotation of the output rows, given how the rotation acts on channels (OFT or BOFT), in fp32."""
     values = rows_as_channels(weight.float())
-    delta = rescaled_delta(channel_delta(values, cayley(blocks, threshold)), values, rescale)
+    delta = rescaled_delta(channel_delta(values, cayley_shift(blocks, threshold)), values, rescale)
     return delta.transpose(0, 1).reshape(weight.shape)
 
 
@@ -220,7 +282,7 @@ class OrthogonalModule(AdapterModule):
         self.constraint = float(config.constraint)
         factory = parameter_factory(base)
         self.oft_blocks = nn.Parameter(torch.zeros(*shape, **factory))  # B = 0 → R = I, like LyCORIS
-        self._shared_rotation: tuple[torch.Tensor, int] | None = None  # see before_forward
+        self._shared_shift: tuple[torch.Tensor, int] | None = None  # see before_forward
         self._in_model_call = False
         self.rescaled = bool(config.rescale)
         if self.rescaled:
@@ -242,10 +304,10 @@ class OrthogonalModule(AdapterModule):
     def block_count(self) -> int:
         return self.oft_blocks.shape[-3]
 
-    # Block elements per shared solve: one solve over all of BOFT's SD1.5 blocks (147 MB) runs out of cache and was
-    # 15% slower a step on the CPU than one per layer; chunks this size keep the per-layer speed there while
-    # cutting the kernel count (OFT: 2 solves for the UNet instead of 192).
-    SHARED_SOLVE_ELEMENTS = 2**22
+    # Block elements per shared solve. On a GPU it saves kernels (OFT: 2 solves for the SD1.5 UNet instead of 192);
+    # on the CPU the Cayley series' passes over the blocks run in cache at 1 MB (the OFT UNet's map forward + backward
+    # 35% faster than in 16 MB chunks, 10% than per layer).
+    SHARED_SOLVE_ELEMENTS = {"cpu": 2**18, "cuda": 2**22}
 
     @classmethod
     def before_forward(cls, adapters: list[OrthogonalModule]) -> None:
@@ -257,20 +319,21 @@ class OrthogonalModule(AdapterModule):
         use outside the call and its backward pass, solves anew.
         """
         if not torch.is_grad_enabled():
-            return  # without autograd the per-layer cache in rotation() serves
+            return  # without autograd the per-layer cache in rotation_shift() serves
         groups: dict[tuple, list[OrthogonalModule]] = {}
         for adapter in adapters:
             blocks = adapter.oft_blocks
             if adapter.threshold == 0 and adapter.attached and float(adapter.multiplier) != 0.0:
                 groups.setdefault((blocks.shape[-1], blocks.device, blocks.dtype), []).append(adapter)
-        for (size, _, _), group in groups.items():
-            for chunk in _chunks(group, cls.SHARED_SOLVE_ELEMENTS):
+        for (size, device, _), group in groups.items():
+            limit = cls.SHARED_SOLVE_ELEMENTS.get(device.type, cls.SHARED_SOLVE_ELEMENTS["cuda"])
+            for chunk in _chunks(group, limit):
                 if len(chunk) < 2:
                     continue
                 blocks = torch.cat([adapter.oft_blocks.reshape(-1, size, size) for adapter in chunk])
                 counts = [adapter.oft_blocks.numel() // (size * size) for adapter in chunk]
-                for adapter, rotation in zip(chunk, cayley(blocks).split(counts)):
-                    adapter._shared_rotation = (rotation.view(adapter.oft_blocks.shape), adapter.oft_blocks._version)
+                for adapter, shift in zip(chunk, cayley_shift(blocks).split(counts)):
+                    adapter._shared_shift = (shift.view(adapter.oft_blocks.shape), adapter.oft_blocks._version)
                     adapter._in_model_call = True
 
     @classmethod
@@ -280,36 +343,41 @@ class OrthogonalModule(AdapterModule):
 
     def detach_hook(self) -> None:
         super().detach_hook()
-        self._shared_rotation, self._in_model_call = None, False
+        self._shared_shift, self._in_model_call = None, False
 
-    def _shared_rotation_or_none(self) -> torch.Tensor | None:
-        shared = self._shared_rotation
+    def _shared_shift_or_none(self) -> torch.Tensor | None:
+        shared = self._shared_shift
         if shared is None or shared[1] != self.oft_blocks._version:
             return None
         # During the call, or while autograd runs a backward pass (checkpointing's recomputation of this call).
         in_backward = torch._C._current_graph_task_id() != -1
         return shared[0] if self._in_model_call or in_backward else None
 
-    def rotation(self) -> torch.Tensor:
-        """The constrained per-block rotations, fp32.
+    def rotation_shift(self) -> torch.Tensor:
+        """``R − I`` for the constrained per-block rotations, fp32.
 
         During a model call the rotations solved for all layers at once (:meth:`before_forward`) are used. Without
-        autograd (sampling, applying a file) they are cached until the blocks change: the Cayley inverse per block
+        autograd (sampling, applying a file) they are cached until the blocks change: the Cayley map per block
         and layer would otherwise dominate every denoising step.
         """
         if torch.is_grad_enabled():
-            shared = self._shared_rotation_or_none()
-            return shared if shared is not None else cayley(self.oft_blocks, self.threshold)
+            shared = self._shared_shift_or_none()
+            return shared if shared is not None else cayley_shift(self.oft_blocks, self.threshold)
         blocks = self.oft_blocks
         key = (blocks._version, blocks.data_ptr(), blocks.device, self.threshold)
-        cached = getattr(self, "_rotation_cache", None)
+        cached = getattr(self, "_shift_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, cayley(blocks, self.threshold))
-            self._rotation_cache = cached
+            cached = (key, cayley_shift(blocks, self.threshold))
+            self._shift_cache = cached
         return cached[1]
 
-    def channel_delta(self, values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        """``rotated(v) − v`` on the last axis, before rescale."""
+    def rotation(self) -> torch.Tensor:
+        """The constrained per-block rotations ``R``, fp32."""
+        shift = self.rotation_shift()
+        return shift + torch.eye(shift.shape[-1], device=shift.device, dtype=shift.dtype)
+
+    def channel_delta(self, values: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``rotated(v) − v`` on the last axis, before rescale, from the blocks' ``R − I``."""
         raise NotImplementedError
 
     def _rescale_or_none(self) -> torch.Tensor | None:
@@ -318,7 +386,7 @@ class OrthogonalModule(AdapterModule):
     # ----- math ---------------------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         values = rows_as_channels(self.base.weight.float())
-        delta = self.channel_delta(values, self.rotation())
+        delta = self.channel_delta(values, self.rotation_shift())
         delta = rescaled_delta(delta, values, self._rescale_or_none())
         return delta.transpose(0, 1).reshape(self.weight_shape)
 
@@ -354,7 +422,7 @@ class OrthogonalModule(AdapterModule):
         channels = base_out.movedim(1, -1) if self.is_conv else base_out
         if bias is not None:
             channels = channels - bias.to(channels.dtype)
-        delta = self.channel_delta(channels, self.rotation())
+        delta = self.channel_delta(channels, self.rotation_shift())
         delta = rescaled_delta(delta, channels, self._rescale_or_none())
         if self.is_conv:
             delta = delta.movedim(-1, 1)
@@ -410,8 +478,8 @@ class OFTModule(OrthogonalModule):
         if len(shape) != 3 or shape[1] != shape[2] or shape[0] * shape[1] != self.out_dim:
             raise ValueError(f"{self.name}: oft_blocks {shape} do not tile {self.out_dim} output channels")
 
-    def channel_delta(self, values: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        return oft_channel_delta(values, rotation)
+    def channel_delta(self, values: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return oft_channel_delta(values, shift)
 
     @classmethod
     def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> OrthogonalModule:

@@ -64,13 +64,13 @@ def options_for(method: str, variant: str) -> dict:
     return (OFT_VARIANTS if method == "oft" else BOFT_VARIANTS)[variant]
 
 
-def make_ours(method: str, variant: str, base: nn.Module, fill: bool = True):
+def make_ours(method: str, variant: str, base: nn.Module, fill: bool = True, std: float = 0.5):
     options = options_for(method, variant)
     module = OFTModule("m", base, OFTConfig(**options)) if method == "oft" else BOFTModule("m", base,
                                                                                          BOFTConfig(**options))
     if fill:
         with torch.no_grad():
-            module.oft_blocks.normal_(0.0, 0.5)
+            module.oft_blocks.normal_(0.0, std)
             if module.rescaled:
                 module.rescale.uniform_(0.5, 1.5)
     return module
@@ -94,10 +94,10 @@ def make_lycoris(method: str, ours, base: nn.Module):
     return lyco
 
 
-def build(kind: str, method: str, variant: str, seed: int = 0):
+def build(kind: str, method: str, variant: str, seed: int = 0, std: float = 0.5):
     torch.manual_seed(seed)
     base = BASES[kind]()
-    ours = make_ours(method, variant, base)
+    ours = make_ours(method, variant, base, std=std)
     lyco = make_lycoris(method, ours, copy.deepcopy(base))
     return base, ours, lyco
 
@@ -152,6 +152,60 @@ def test_delta_weight_matches_lycoris(kind, method, variant):
     pure = (oft_delta_weight if method == "oft" else boft_delta_weight)(
         base.weight, ours.oft_blocks, ours.threshold, ours.rescale if ours.rescaled else None)
     assert torch.equal(pure, ours.delta_weight())
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize(("method", "variant"), CASES, ids=CASE_IDS)
+def test_small_rotations_match_lycoris_through_the_series(kind, method, variant, monkeypatch):
+    """Blocks as training leaves them (‖Q‖ ≪ 1) take the CPU series, not the LU; ΔW and the forward still equal
+    LyCORIS's within 1e-5 of the *change* they make (not of W, which would hide an error in a small ΔW)."""
+    series_results = []
+    series = oft_module._doubled_shift_by_series
+    monkeypatch.setattr(oft_module, "_doubled_shift_by_series",
+                        lambda doubled: series_results.append(series(doubled)) or series_results[-1])
+    base, ours, lyco = build(kind, method, variant, std=0.02)
+    expected, _ = lyco.get_diff_weight(1.0)
+    assert_rel(ours.delta_weight(), expected)
+    assert series_results and all(result is not None for result in series_results)
+    x = make_input(base)
+    with torch.no_grad():
+        reference = lycoris_forward(lyco, x)
+        assert_rel(ours(x) - base(x), reference - base(x))
+
+
+@pytest.mark.parametrize("size", [4, 10, 32])
+@pytest.mark.parametrize("std", [0.0, 1e-4, 1e-2, 0.05, 0.5])
+def test_cayley_shift_series_and_solve_agree_with_float64(size, std):
+    """``R − I`` to fp32 rounding whichever path runs: the series for small Q, the LU beyond (std 0.5 always;
+    0.05 for 32-wide blocks), and without the cancellation of forming ``R`` first."""
+    torch.manual_seed(size)
+    blocks = torch.randn(64, size, size) * std
+    q = (blocks - blocks.mT).double()
+    eye = torch.eye(size, dtype=torch.float64)
+    expected = 2 * torch.linalg.solve(eye - q, q)
+    shift = oft_module.cayley_shift(blocks)
+    assert shift.dtype == torch.float32
+    scale = expected.abs().max().item()
+    assert (shift.double() - expected).abs().max().item() <= 2e-6 * max(scale, 1e-30)
+    took_series = oft_module._doubled_shift_by_series(2 * q.float()) is not None
+    assert took_series == (std < 0.05 or (std == 0.05 and size < 32))
+
+
+@pytest.mark.parametrize("std", [1e-3, 0.3])  # the series, the LU
+@pytest.mark.parametrize("constrained", [False, True])
+def test_cayley_shift_gradient(std, constrained):
+    """The hand-written backward (``dS = 2X·dQ·X``, and the COFT factor's own gradient) against finite differences."""
+    torch.manual_seed(0)
+    blocks = (torch.randn(3, 6, 6, dtype=torch.float64) * std).requires_grad_()
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if constrained else None
+    inputs = (blocks, scale) if constrained else (blocks,)
+    assert torch.autograd.gradcheck(lambda b, *s: oft_module._CayleyShift.apply(b, s[0] if s else None), inputs)
+
+
+def test_cayley_shift_of_non_finite_blocks_does_not_hang():
+    blocks = torch.full((2, 4, 4), float("nan"))
+    assert torch.isnan(oft_module.cayley_shift(blocks)).all()
+    assert oft_module._doubled_shift_by_series(blocks) is None
 
 
 @pytest.mark.parametrize("side", ["output", "weight"])
@@ -581,7 +635,7 @@ def test_shared_cayley_solve_trains_like_one_solve_per_layer(method, options, ch
         calls = []
         first_layer = next(iter(network)).base  # observes the adapters while the UNet call is under way
         probe = first_layer.register_forward_pre_hook(
-            lambda m, a: calls.append(sum(x._shared_rotation is not None for x in network)))
+            lambda m, a: calls.append(sum(x._shared_shift is not None for x in network)))
         unet(latents, timesteps, encoder_hidden_states=hidden).sample.square().mean().backward()
         probe.remove()
         network.detach()
@@ -596,4 +650,4 @@ def test_shared_cayley_solve_trains_like_one_solve_per_layer(method, options, ch
     with torch.no_grad():
         for adapter in network:
             adapter.oft_blocks.add_(0.01)  # an optimizer step: the shared slices are stale from here on
-    assert all(adapter.rotation() is not (adapter._shared_rotation or (None,))[0] for adapter in network)
+    assert all(adapter.rotation_shift() is not (adapter._shared_shift or (None,))[0] for adapter in network)
