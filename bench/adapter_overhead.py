@@ -16,8 +16,8 @@ use it, with ``--threads 1``, when other jobs share the cores.
 Targets are kohya's default (``attention_mlp``: every Linear/Conv2d inside a ``Transformer2DModel``), filtered by
 our config's ``wants`` (BOFT skips widths it cannot factor); PEFT and LyCORIS get the exact same list of layers
 (PEFT by full module path, LyCORIS by anchored ``target_name`` patterns, since its default preset aborts on
-diffusers UNets). Rank 16 / alpha 8 for LoRA, DoRA, LoHa and LoKr; block size 32 (each library's own reading of
-it) for OFT and BOFT. Adapter tensors that start at zero (LoRA's up, OFT's blocks) are filled with N(0, 0.01)
+diffusers UNets). Rank 16 (``--rank``) / alpha 8 for LoRA, DoRA, LoHa and LoKr; block size 32 (each library's own
+reading of it) for OFT and BOFT. Adapter tensors that start at zero (LoRA's up, OFT's blocks) are filled with N(0, 0.01)
 (``--trained-std``) so that a step is timed with values from the middle of training, not the first step. Each
 configuration runs in a fresh subprocess; peak memory is the peak above the resident
 size of the loaded frozen UNet with its inputs (CPU: ``getrusage`` max RSS, after resetting the high-water mark;
@@ -64,12 +64,12 @@ MIN_REPEATS = 3
 
 
 # ----- what each method means in each library ---------------------------------------------------------------------
-def ours_options(method: str) -> dict[str, Any]:
+def ours_options(method: str, rank: int = RANK) -> dict[str, Any]:
     """Our network options for a benchmark method name."""
     if method in ("lora", "loha", "lokr"):
-        return {"rank": RANK, "alpha": ALPHA}
+        return {"rank": rank, "alpha": ALPHA}
     if method == "dora":
-        return {"rank": RANK, "alpha": ALPHA, "dora": True}
+        return {"rank": rank, "alpha": ALPHA, "dora": True}
     if method in ("oft", "boft"):
         return {"block_size": OFT_BLOCK}
     return {}
@@ -96,17 +96,17 @@ def _in_features(module) -> int:
     return module.weight[0].numel()  # in·kh·kw: what PEFT's OFT/BOFT rotate
 
 
-def peft_config(method: str, modules: dict[str, Any]):
+def peft_config(method: str, modules: dict[str, Any], rank: int = RANK):
     """A PEFT config for the same layers; returns (config, note)."""
     import peft
 
     paths = list(modules)
     if method in ("lora", "dora"):
-        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=paths, use_dora=method == "dora"), ""
+        return peft.LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=paths, use_dora=method == "dora"), ""
     if method == "loha":
-        return peft.LoHaConfig(r=RANK, alpha=ALPHA, target_modules=paths), ""
+        return peft.LoHaConfig(r=rank, alpha=ALPHA, target_modules=paths), ""
     if method == "lokr":
-        return peft.LoKrConfig(r=RANK, alpha=ALPHA, target_modules=paths), ""
+        return peft.LoKrConfig(r=rank, alpha=ALPHA, target_modules=paths), ""
     if method == "oft":
         note = f"PEFT OFT rotates the input, block {OFT_BLOCK} (Cayley–Neumann, PEFT default)"
         return peft.OFTConfig(r=0, oft_block_size=OFT_BLOCK, target_modules=paths), note
@@ -126,7 +126,7 @@ def peft_config(method: str, modules: dict[str, Any]):
 LYCORIS_ALGO = {"lora": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr", "oft": "diag-oft", "boft": "boft"}
 
 
-def attach_lycoris(unet, method: str, paths: list[str]):
+def attach_lycoris(unet, method: str, paths: list[str], rank: int = RANK):
     """A LycorisNetwork on exactly ``paths`` (anchored ``target_name`` patterns, no module-class targets)."""
     import logging
 
@@ -139,7 +139,7 @@ def attach_lycoris(unet, method: str, paths: list[str]):
         "enable_conv": True, "target_module": [], "module_algo_map": {}, "name_algo_map": {}, "exclude_name": [],
         "use_fnmatch": False, "target_name": [re.escape(p) + "$" for p in paths],
     })
-    dim, alpha = (OFT_BLOCK, 0) if method in ("oft", "boft") else (RANK, ALPHA)
+    dim, alpha = (OFT_BLOCK, 0) if method in ("oft", "boft") else (rank, ALPHA)
     network = LycorisNetwork(
         unet, multiplier=1.0, lora_dim=dim, conv_lora_dim=dim, alpha=alpha, conv_alpha=alpha,
         network_module=LYCORIS_ALGO[method], weight_decompose=method == "dora", factor=-1, constraint=0,
@@ -170,6 +170,7 @@ class Spec:
     clock: str = "wall"  # wall (perf_counter) or cpu (process_time: this process's CPU time, robust to other load)
     max_seconds: float = 600.0  # stop timing rounds after this long (but not before MIN_REPEATS rounds)
     trained_std: float = 0.01  # adapter tensors that start at zero get N(0, std): timed as mid-training
+    rank: int = RANK  # LoRA, DoRA, LoHa and LoKr
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -216,7 +217,7 @@ def _attach(spec: Spec, unet, device) -> tuple[list, dict[str, Any], list[str]]:
         from methods.targets import TargetConfig
 
         network = AdapterNetwork.create(model_parts(unet, [], "sd1"), "sd1", ours_method(spec.method),
-                                        ours_options(spec.method), TargetConfig(preset="attention_mlp"))
+                                        ours_options(spec.method, spec.rank), TargetConfig(preset="attention_mlp"))
         network.attach().to(device).train()
         extra.append(network)
         info["adapted"] = len(network)
@@ -227,7 +228,7 @@ def _attach(spec: Spec, unet, device) -> tuple[list, dict[str, Any], list[str]]:
     elif spec.impl == "peft":
         from peft import inject_adapter_in_model
 
-        config, note = peft_config(spec.method, {p: modules[p] for p in paths})
+        config, note = peft_config(spec.method, {p: modules[p] for p in paths}, spec.rank)
         inject_adapter_in_model(config, unet)
         unet.to(device).train()
         info["note"] = note
@@ -238,7 +239,7 @@ def _attach(spec: Spec, unet, device) -> tuple[list, dict[str, Any], list[str]]:
             info["stages"] = sorted({s[0] for s in shapes})
             info["block_sizes"] = sorted({s[-1] for s in shapes})
     elif spec.impl == "lycoris":
-        network = attach_lycoris(unet, spec.method, paths)
+        network = attach_lycoris(unet, spec.method, paths, spec.rank)
         network.to(device).train()
         extra.append(network)
         info["adapted"] = len(network.loras)
@@ -449,7 +450,7 @@ def default_methods() -> list[str]:
 def run_benchmark(size: str = "tiny", methods: list[str] | None = None, libraries: tuple[str, ...] = LIBRARIES,
                   latent: int = 16, batch: int = 1, repeats: int = 5, warmup: int = 2, device: str = "cpu",
                   dtype: str = "fp32", threads: int | None = None, seed: int = 0, clock: str = "wall",
-                  max_seconds: float = 600.0, trained_std: float = 0.01, isolate: bool = True,
+                  max_seconds: float = 600.0, trained_std: float = 0.01, rank: int = RANK, isolate: bool = True,
                   timeout: float | None = None,
                   skip: set[str] = frozenset(), log=None) -> dict[str, Any]:
     """The base (A/A: noise floor and base memory), then every (method, library); returns rows for the table.
@@ -461,7 +462,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     common = {"size": size, "latent": latent, "batch": batch, "repeats": repeats, "warmup": warmup,
               "device": device, "dtype": dtype, "threads": threads, "seed": seed, "clock": clock,
-              "max_seconds": max_seconds, "trained_std": trained_std}
+              "max_seconds": max_seconds, "trained_std": trained_std, "rank": rank}
     runner = (lambda s: run_isolated(s, timeout)) if isolate else _safe_measure
 
     def run(spec: Spec) -> dict[str, Any]:
@@ -522,7 +523,8 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
         f"### {report['size']} UNet (SD1 layout), latent {s['latent']}×{s['latent']}, batch {s['batch']}, "
-        f"{s['device']} {s['dtype']}, {s['threads']} threads, {s['repeats']} rounds after {s['warmup']} warm-up",
+        f"{s['device']} {s['dtype']}, {s['threads']} threads, {s['repeats']} rounds after {s['warmup']} warm-up, "
+        f"rank {s.get('rank', RANK)}",
         "",
         f"Frozen base step (forward + backward, all base weights frozen, input latents require grad so backward runs "
         f"through the same layers): **{report['base_ms']:.1f} ms** ({s['clock']} clock; median over all "
@@ -618,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                              "peaks stay per configuration since the allocator's peak is reset)")
     parser.add_argument("--skip", metavar="IMPL:METHOD", action="append", default=[],
                         help="leave out one configuration (e.g. peft:boft, whose CUDA extension compiles on first use)")
+    parser.add_argument("--rank", type=int, default=RANK,
+                        help=f"rank of LoRA, DoRA, LoHa and LoKr in every library (default {RANK}; LoHa's ΔW has "
+                             "rank up to its square)")
     parser.add_argument("--trained-std", type=float, default=0.01,
                         help="adapter tensors that start at zero are filled with N(0, std) before timing (0: as "
                              "initialised)")
@@ -645,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_benchmark(size, methods, libraries, latent=args.latent, batch=args.batch, repeats=args.repeats,
                                warmup=args.warmup, device=args.device, dtype=args.dtype, threads=args.threads,
                                seed=args.seed, clock=args.clock, max_seconds=args.max_seconds,
-                               trained_std=args.trained_std,
+                               trained_std=args.trained_std, rank=args.rank,
                                timeout=args.timeout, isolate=not args.in_process, skip=set(args.skip), log=_log)
         reports.append(report)
         print(markdown(report) + "\n", flush=True)

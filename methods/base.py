@@ -200,6 +200,14 @@ def apply_weight(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: t
     return F.linear(x, weight, bias)
 
 
+def add_low_rank(base_out: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``base_out + alpha·hidden·upᵀ`` for a linear layer's ``(..., out)`` output and ``(..., r)`` hidden activations,
+    as one ``addmm``: no separate scale, strength and add passes over the output, forward or backward."""
+    flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.t(),
+                       alpha=alpha)
+    return flat.view(base_out.shape)
+
+
 def channel_view(t: torch.Tensor, base: nn.Module) -> torch.Tensor:
     """Reshape a per-output-channel vector so it broadcasts against the base layer's output."""
     return t.view(-1, 1, 1) if isinstance(base, nn.Conv2d) else t

@@ -18,6 +18,7 @@ from .base import (
     ConfigError,
     DoRAConfigMixin,
     LowRankConfig,
+    add_low_rank,
     apply_weight,
     check_fraction,
     is_kxk_conv,
@@ -178,17 +179,33 @@ class LoHaModule(AdapterModule):
         positions = x.numel() // in_dim
         return positions * r2 * (in_dim + out_dim) < 2 * self.rank * in_dim * out_dim + positions * in_dim * out_dim
 
-    def _hadamard_apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``ΔW·x`` as a rank-r² product: ``(A1B1)⊙(A2B2) = M·K`` with ``M[o, pq] = A1[o, p]·A2[o, q]`` and
-        ``K[pq, i] = B1[p, i]·B2[q, i]`` (``out × r²`` and ``r² × in``), so ΔW is never built."""
-        dtype = x.dtype
-        left = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).flatten(1) * self.scale
+    def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
+        """Linear layers on the rank-r² product: ``base + s·M(K·x)`` as one ``addmm`` (as LoRA); everything else
+        through the generic path."""
+        if (self.use_dora or self.is_conv or self.drops_delta_output()
+                or not (self._pointwise() and self._factored_is_cheaper(x))):
+            return super().transform_output(x, base_out, strength)
+        left_t, right = self._khatri_rao(x.dtype)
+        return add_low_rank(base_out, F.linear(x, right), left_t.t(), strength * self.scale)
+
+    def _khatri_rao(self, dtype: torch.dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A1B1)⊙(A2B2) = M·K`` with ``M[o, pq] = A1[o, p]·A2[o, q]`` and ``K[pq, i] = B1[p, i]·B2[q, i]``: ΔW as
+        a rank-r² product that never builds it. Returns ``(Mᵀ·scale, K)``, both ``r² × features`` so the broadcast
+        products run along the long axis (3× faster than along r on a 10240-row layer)."""
+        first, second = self.hada_w1_a.t().contiguous(), self.hada_w2_a.t().contiguous()
+        if scale != 1.0:
+            second = second * scale
+        left_t = (first[:, None, :] * second[None, :, :]).flatten(0, 1)
         right = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).flatten(0, 1)
+        return left_t.to(dtype), right.to(dtype)
+
+    def _hadamard_apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW·x`` through the rank-r² product (:meth:`_khatri_rao`)."""
+        left_t, right = self._khatri_rao(x.dtype, self.scale)
         if self.is_conv:
             n, _, height, width = x.shape
-            hidden = torch.matmul(right.to(dtype), x.flatten(2))
-            return torch.matmul(left.to(dtype), hidden).view(n, self.out_dim, height, width)
-        return F.linear(F.linear(x, right.to(dtype)), left.to(dtype))
+            return torch.matmul(left_t.t(), torch.matmul(right, x.flatten(2))).view(n, self.out_dim, height, width)
+        return F.linear(F.linear(x, right), left_t.t())
 
     # ----- file layout -------------------------------------------------------------------------------------
     def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:

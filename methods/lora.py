@@ -17,6 +17,7 @@ from .base import (
     AdapterModule,
     DoRAConfigMixin,
     LowRankConfig,
+    add_low_rank,
     check_fraction,
     conv_kwargs,
     is_kxk_conv,
@@ -104,9 +105,7 @@ class LoRAModule(AdapterModule):
         hidden = F.linear(x, self.lora_down.to(x.dtype))
         if self.training:
             hidden = self._regularise(hidden)
-        flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, self.rank),
-                           self.lora_up.to(x.dtype).t(), alpha=self.scale * strength)
-        return flat.view(base_out.shape)
+        return add_low_rank(base_out, hidden, self.lora_up.to(x.dtype), self.scale * strength)
 
     def bypass(self, x: torch.Tensor) -> torch.Tensor:
         return self._factored(x, regularise=self.training)

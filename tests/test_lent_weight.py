@@ -44,6 +44,8 @@ def linear_module(cls, config) -> nn.Module:
 
 CASES = {
     "loha-conv3x3": lambda: (conv_loha(), conv_input()),
+    # the other path here is LoHa's rank-r² product fused into one addmm with the frozen output
+    "loha-linear": lambda: (linear_module(LoHaModule, LoHaConfig(rank=2, alpha=2)), torch.randn(2, 40, 12)),
     "lora-dora": lambda: (linear_module(LoRAModule, LoRAConfig(rank=3, alpha=2, dora=True)), torch.randn(2, 40, 12)),
     "loha-dora": lambda: (linear_module(LoHaModule, LoHaConfig(rank=3, alpha=2, dora=True)), torch.randn(2, 40, 12)),
     "lokr-dora": lambda: (linear_module(LoKrModule, LoKrConfig(rank=3, alpha=2, dora=True)), torch.randn(2, 40, 12)),

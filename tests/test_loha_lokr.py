@@ -13,6 +13,7 @@ from peft import LoKrConfig as PeftLoKrConfig
 from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
+import methods.base as base_module
 from methods.base import ConfigError, apply_weight
 from methods.loha import LoHaConfig, LoHaModule
 from methods.lokr import KronLayout, LoKrConfig, LoKrModule, factorization, lokr_delta
@@ -459,3 +460,27 @@ def test_registry_finds_both_methods():
 def test_lokr_delta_scale_applies_once():
     w1, w2 = torch.randn(6, 4), torch.randn(8, 8)
     assert_close(lokr_delta(torch.Size((OUT, IN)), 2.5, w1=w1, w2=w2), torch.kron(w1, w2) * 2.5)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_loha_rank_squared_product_equals_the_built_delta(strength, monkeypatch):
+    """Wide layer, few positions: the output path is the rank-r² product, added to the frozen output in one addmm."""
+    import methods.loha as loha_module
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).requires_grad_(False)
+    module = LoHaModule("m", base, LoHaConfig(rank=2, alpha=1))
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_(0.0, 0.3)
+    module.multiplier = strength
+    x = torch.randn(3, 64)
+    fused = []
+    monkeypatch.setattr(loha_module, "add_low_rank",
+                        lambda *args: fused.append(1) or base_module.add_low_rank(*args))
+    module.attach()
+    out = base(x)
+    module.detach_hook()
+    assert fused and not module.rebuilds_weight(x)
+    expected = torch.nn.functional.linear(x, base.weight + strength * module.delta_weight(), base.bias)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
