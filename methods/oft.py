@@ -128,13 +128,16 @@ class _CayleyShift(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, blocks: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        doubled = torch.sub(blocks, blocks.mT).mul_(2 if scale is None else 2 * scale)
-        shift = _doubled_shift_by_series(doubled) if blocks.device.type == "cpu" else None
-        if shift is None:
-            # On CUDA the batched LU is a few kernels, where the series would wait for the GPU at each doubling.
-            # I − Q is never singular (skew Q has imaginary eigenvalues), so the solver's check is skipped.
-            eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
-            shift = torch.linalg.solve_ex(torch.add(eye, doubled, alpha=-0.5), doubled, check_errors=False).result
+        # fp32 throughout: under autocast the series' products would run in half precision and never converge.
+        with torch.autocast(blocks.device.type, enabled=False):
+            doubled = torch.sub(blocks, blocks.mT).mul_(2 if scale is None else 2 * scale)
+            shift = _doubled_shift_by_series(doubled) if blocks.device.type == "cpu" else None
+            if shift is None:
+                # On CUDA the batched LU is a few kernels, where the series would wait for the GPU at each doubling.
+                # I − Q is never singular (skew Q has imaginary eigenvalues), so the solver's check is skipped.
+                eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+                shift = torch.linalg.solve_ex(torch.add(eye, doubled, alpha=-0.5), doubled,
+                                              check_errors=False).result
         ctx.save_for_backward(shift, blocks, scale)
         return shift
 
@@ -142,11 +145,12 @@ class _CayleyShift(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         shift, blocks, scale = ctx.saved_tensors
-        inverse_t = torch.eye(shift.shape[-1], device=shift.device, dtype=shift.dtype).add(shift.mT, alpha=0.5)
-        outer = torch.bmm(torch.bmm(inverse_t, grad), inverse_t)  # ½ ∂L/∂Q
-        skewed = torch.sub(outer, outer.mT)
-        grad_scale = 2 * (skewed * blocks).sum() if ctx.needs_input_grad[1] else None
-        return skewed.mul_(2 if scale is None else 2 * scale), grad_scale
+        with torch.autocast(shift.device.type, enabled=False):
+            inverse_t = torch.eye(shift.shape[-1], device=shift.device, dtype=shift.dtype).add(shift.mT, alpha=0.5)
+            outer = torch.bmm(torch.bmm(inverse_t, grad.to(shift.dtype)), inverse_t)  # ½ ∂L/∂Q
+            skewed = torch.sub(outer, outer.mT)
+            grad_scale = 2 * (skewed * blocks).sum() if ctx.needs_input_grad[1] else None
+            return skewed.mul_(2 if scale is None else 2 * scale), grad_scale
 
 
 def cayley_shift(blocks: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:

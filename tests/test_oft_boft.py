@@ -202,6 +202,24 @@ def test_cayley_shift_gradient(std, constrained):
     assert torch.autograd.gradcheck(lambda b, *s: oft_module._CayleyShift.apply(b, s[0] if s else None), inputs)
 
 
+def test_cayley_shift_stays_fp32_under_autocast(monkeypatch):
+    """Autocast must not lower the series' products to bfloat16 (they would never reach fp32 rounding)."""
+    series_results = []
+    series = oft_module._doubled_shift_by_series
+    monkeypatch.setattr(oft_module, "_doubled_shift_by_series",
+                        lambda doubled: series_results.append(series(doubled)) or series_results[-1])
+    torch.manual_seed(0)
+    blocks = (torch.randn(16, 8, 8) * 0.02).requires_grad_()
+    expected = oft_module.cayley_shift(blocks)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), blocks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shift = oft_module.cayley_shift(blocks)
+        (grad,) = torch.autograd.grad(shift.square().sum(), blocks)
+    assert shift.dtype == torch.float32 and all(result is not None for result in series_results)
+    torch.testing.assert_close(shift, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+
+
 def test_cayley_shift_of_non_finite_blocks_does_not_hang():
     blocks = torch.full((2, 4, 4), float("nan"))
     assert torch.isnan(oft_module.cayley_shift(blocks)).all()
