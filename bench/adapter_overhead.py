@@ -17,11 +17,11 @@ Targets are kohya's default (``attention_mlp``: every Linear/Conv2d inside a ``T
 our config's ``wants`` (BOFT skips widths it cannot factor); PEFT and LyCORIS get the exact same list of layers
 (PEFT by full module path, LyCORIS by anchored ``target_name`` patterns, since its default preset aborts on
 diffusers UNets). Rank 16 (``--rank``) / alpha 8 for LoRA, DoRA, LoHa and LoKr; block size 32 (each library's own
-reading of it) for OFT and BOFT. Adapter tensors that start at zero (LoRA's up, OFT's blocks) are filled with N(0, 0.01)
-(``--trained-std``) so that a step is timed with values from the middle of training, not the first step. Each
-configuration runs in a fresh subprocess; peak memory is the peak above the resident
-size of the loaded frozen UNet with its inputs (CPU: ``getrusage`` max RSS, after resetting the high-water mark;
-CUDA: ``torch.cuda.max_memory_allocated``).
+reading of it) for OFT and BOFT. Adapter tensors that start at zero (LoRA's up, OFT's blocks) are filled with
+N(0, 0.01) (``--trained-std``) so that a step is timed with values from the middle of training, not the first step.
+Each configuration runs in a fresh subprocess; peak memory is the peak above the resident size of the loaded frozen
+UNet with its inputs (CPU: ``getrusage`` max RSS, after resetting the high-water mark; CUDA:
+``torch.cuda.max_memory_allocated``).
 
     python bench/adapter_overhead.py --size both --latent 16 --repeats 5 --json out.json
     python bench/adapter_overhead.py --size sd15 --threads 1 --clock cpu --repeats 7   # on a shared machine
@@ -314,10 +314,11 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
             trainable.append(p)
     # Every library starts some tensors at zero (LoRA's up, OFT's blocks); a step there can cost less than one in
     # the middle of training (our CPU Cayley series converges at once for Q = 0), so those are filled first.
+    fill = torch.Generator(device).manual_seed(spec.seed + 2)
     with torch.no_grad():
         for p in trainable:
             if spec.trained_std and not p.any():
-                p.normal_(0.0, spec.trained_std, generator=torch.Generator(p.device).manual_seed(spec.seed))
+                p.normal_(0.0, spec.trained_std, generator=fill)
 
     def step(model) -> None:
         for p in trainable:
