@@ -126,7 +126,7 @@ class LoHaModule(AdapterModule):
         return regularise_output(out, self.config, self.is_conv) if self.training else out
 
     def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self._pointwise() and self._factored_is_cheaper(x):
+        if self._takes_product(x):
             return self._hadamard_apply(x)
         return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
 
@@ -172,6 +172,10 @@ class LoHaModule(AdapterModule):
         return (not self.tucker and tuple(base.kernel_size) == (1, 1) and tuple(base.stride) == (1, 1)
                 and tuple(base.padding) == (0, 0) and base.groups == 1)
 
+    def _takes_product(self, x: torch.Tensor) -> bool:
+        """Whether ``ΔW·x`` goes through the rank-r² product rather than a built ΔW."""
+        return self._pointwise() and self._factored_is_cheaper(x)
+
     def _factored_is_cheaper(self, x: torch.Tensor) -> bool:
         """Multiply-adds of the rank-r² product (``T·r²·(in+out)``) against building ΔW and applying it
         (``2·r·in·out + T·in·out``), for ``T`` positions; wide layers and few positions favour the product."""
@@ -182,8 +186,7 @@ class LoHaModule(AdapterModule):
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """Linear layers on the rank-r² product: ``base + s·M(K·x)`` as one ``addmm`` (as LoRA); everything else
         through the generic path."""
-        if (self.use_dora or self.is_conv or self.drops_delta_output()
-                or not (self._pointwise() and self._factored_is_cheaper(x))):
+        if self.use_dora or self.is_conv or self.drops_delta_output() or not self._takes_product(x):
             return super().transform_output(x, base_out, strength)
         left_t, right = self._khatri_rao(x.dtype)
         return add_low_rank(base_out, F.linear(x, right), left_t.t(), strength * self.scale)
