@@ -20,8 +20,8 @@ one of three layouts, chosen per file:
     ("diffusers2" in ``comfy/lora.py:load_lora``), ``text_encoder.text_model.encoder.layers.N.*`` (CLIP-L) and
     ``text_encoder_2.…`` (CLIP-G). T5 has no diffusers loader and ComfyUI knows it only as ``lora_te3_``, so T5
     modules keep that name (with the ``lora_A``/``lora_B`` suffixes) in this layout too. ``text_model.`` is
-    written even where transformers 5 dropped that level (Flux's ``CLIPTextModel``): diffusers maps it back, while
-    the bare form fails on SD3's ``CLIPTextModelWithProjection`` (checked in tests).
+    written even where transformers 5 dropped that level (Flux's ``CLIPTextModel``): diffusers maps it back (tested),
+    while the bare form fails on SD3's ``CLIPTextModelWithProjection`` (IndexError in diffusers 0.42).
 
 ``kohya`` (LoRA only, exact)
     ``lora_unet_<native path>`` with the original module names: BFL's for Flux (``double_blocks_0_img_attn_qkv``,
@@ -114,6 +114,9 @@ _BLOCKS = {
     "sd3": {"transformer_blocks": ("joint_blocks", _SD3_JOINT)},
 }
 _TOP = {"flux": _FLUX_TOP, "sd3": _SD3_TOP}
+# diffusers' _convert_kohya_flux_lora_to_diffusers copies these layers' factors without their alpha ("TODO:
+# alphas"), so the kohya layout writes them with the scale folded in and alpha = rank, which every reader agrees on.
+_ALPHA_IGNORED = ("final_layer.",)
 # diffusers' AdaLayerNormContinuous splits its projection as (scale, shift); the original models as (shift, scale).
 _SWAPPED_NORMS = ("AdaLayerNormContinuous",)
 
@@ -377,7 +380,11 @@ def to_kohya(naming: TransformerNaming, loras: dict[str, LoRAFactors]) -> dict[s
                              "diffusers or lycoris layout")
         if native.slice_index is None:
             up = swap_halves(lora.up) if native.swap_halves else lora.up
-            result[native.kohya_name] = LoRAFactors(lora.down, up, lora.alpha)
+            lora = LoRAFactors(lora.down, up, lora.alpha)
+            if native.path.startswith(_ALPHA_IGNORED):
+                down, up = bake_alpha(lora)
+                lora = LoRAFactors(down, up, float(lora.rank))
+            result[native.kohya_name] = lora
     for kohya, group in naming.groups.items():
         parts = [loras.get(path) for path in group.members]
         if any(part is not None for part in parts):
