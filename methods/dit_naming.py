@@ -147,13 +147,14 @@ class FusedGroup:
         return slice(start, start + self.out_features[index])
 
 
-def family_of(transformer: nn.Module) -> str:
-    keys = set(dict(getattr(transformer, "config", {}) or {}))
-    if "num_single_layers" in keys:
+def dit_family(transformer: nn.Module) -> str | None:
+    """sd3 or flux from a transformer's config keys (None for anything else, a UNet say)."""
+    keys = set(dict(getattr(transformer, "config", None) or {}))
+    if {"num_single_layers", "guidance_embeds"} <= keys:
         return "flux"
-    if "caption_projection_dim" in keys:
+    if {"caption_projection_dim", "pos_embed_max_size", "joint_attention_dim"} <= keys:
         return "sd3"
-    raise ValueError(f"{type(transformer).__name__} is neither an SD3 (MMDiT) nor a Flux transformer")
+    return None
 
 
 def native_name(family: str, path: str, swapped: bool = False) -> NativeName | None:
@@ -177,7 +178,10 @@ class TransformerNaming:
     """Names of one SD3/Flux transformer's Linear/Conv2d modules in every layout, and the way back."""
 
     def __init__(self, transformer: nn.Module):
-        self.family = family_of(transformer)
+        family = dit_family(transformer)
+        if family is None:
+            raise ValueError(f"{type(transformer).__name__} is neither an SD3 (MMDiT) nor a Flux transformer")
+        self.family = family
         self.modules: dict[str, nn.Module] = {path: module for path, module in transformer.named_modules()
                                               if isinstance(module, WRAPPABLE)}
         swapped = {path for path, module in transformer.named_modules() if type(module).__name__ in _SWAPPED_NORMS}

@@ -358,3 +358,31 @@ def test_peft_alphas_are_read():
     assert unmatched == []
     assert float(back["lycoris_proj_out.alpha"]) == 8.0 and float(back["lycoris_x_embedder.alpha"]) == 2.0
 
+
+
+@pytest.mark.parametrize("name", ["sd3.5-medium", "flux-dev"])
+def test_lycoris_names_its_modules_as_we_do_and_reads_our_files(make_pipeline, name, monkeypatch):
+    """LyCORIS (the library) on a diffusers transformer uses the prefix ``lycoris`` and the flattened path: it
+    wraps exactly the modules our names stand for, and merges a lycoris-layout LoRA file of ours to W + ΔW."""
+    from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights
+
+    pipe = make_pipeline(name)
+    transformer = pipe.transformer
+    naming = DiTNaming(transformer, [])
+    blocks = ["JointTransformerBlock"] if name.startswith("sd3") else ["FluxTransformerBlock",
+                                                                       "FluxSingleTransformerBlock"]
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", blocks)  # class state: restored after the test
+    wrapped = create_lycoris(transformer, 1.0, linear_dim=2, linear_alpha=1, algo="lora")
+    theirs = {lora.lora_name for lora in wrapped.loras}
+    ours = {naming.transformer.file_name(path) for path in transformer_targets(transformer, "full")
+            if path.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert theirs == ours
+    loras = pipeline_loras(pipe, naming, preset="full")
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    network, _ = create_lycoris_from_weights(1.0, "", transformer, weights_sd=export_lora(naming, loras, "lycoris"))
+    assert len(network.loras) == len(loras)
+    network.merge_to(1.0)
+    for file_name, lora in loras.items():
+        path = naming.transformer.path_of(file_name)
+        expected = before[f"{path}.weight"] + lora.delta().reshape(before[f"{path}.weight"].shape)
+        torch.testing.assert_close(transformer.state_dict()[f"{path}.weight"], expected, rtol=1e-4, atol=1e-5)

@@ -18,14 +18,15 @@ features; :attr:`Detection.exact` says whether every size matches.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .architectures import CLIP_L, OPENCLIP_BIGG, TINY_WORDS, write_tiny_tokenizer
+from methods.dit_naming import dit_family
+
+from .architectures import CLIP_L, OPENCLIP_BIGG, TINY_WORDS, _clip_config, _maybe_meta, write_tiny_tokenizer
 
 FAMILIES = ("sd3", "flux")
 
@@ -134,20 +135,13 @@ class Detection:
 
 
 def transformer_of(model_or_pipe: Any) -> Any:
-    return getattr(model_or_pipe, "transformer", None) or model_or_pipe
+    transformer = getattr(model_or_pipe, "transformer", None)
+    return model_or_pipe if transformer is None else transformer
 
 
 def family_of(model_or_pipe: Any) -> str | None:
-    """sd3 or flux from the transformer's config keys (class names differ between diffusers versions less)."""
-    config = getattr(transformer_of(model_or_pipe), "config", None)
-    if config is None:
-        return None
-    keys = set(dict(config))
-    if {"num_single_layers", "guidance_embeds"} <= keys:
-        return "flux"
-    if {"caption_projection_dim", "pos_embed_max_size", "joint_attention_dim"} <= keys:
-        return "sd3"
-    return None
+    """sd3 or flux (None for anything else), from the transformer's config."""
+    return dit_family(transformer_of(model_or_pipe))
 
 
 def detect(model_or_pipe: Any) -> Detection | None:
@@ -195,15 +189,6 @@ def detect_checkpoint(keys: dict[str, tuple[int, ...]]) -> DiTVariant | None:
 
 
 # ----- building -----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _maybe_meta(meta: bool):
-    if meta:
-        with torch.device("meta"):
-            yield
-    else:
-        yield
-
-
 def build_transformer(name: str, tiny: bool = False, meta: bool = False):
     """The transformer of a variant, real size (use ``meta=True``: 2–12 billion parameters) or tiny."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
@@ -213,18 +198,6 @@ def build_transformer(name: str, tiny: bool = False, meta: bool = False):
     model_class = SD3Transformer2DModel if variant.family == "sd3" else FluxTransformer2DModel
     with _maybe_meta(meta):
         return model_class(**config)
-
-
-def clip_config(spec: dict[str, Any], vocab_size: int | None = None):
-    from transformers import CLIPTextConfig
-
-    values = dict(spec)
-    if vocab_size is not None:
-        values["vocab_size"] = vocab_size
-    values.setdefault("vocab_size", 49408)
-    values.setdefault("projection_dim", values["hidden_size"])
-    return CLIPTextConfig(bos_token_id=values["vocab_size"] - 2, eos_token_id=values["vocab_size"] - 1,
-                          pad_token_id=values["vocab_size"] - 1, **values)
 
 
 def t5_config(spec: dict[str, Any], vocab_size: int | None = None):
@@ -247,7 +220,7 @@ def build_text_encoders(name: str, tiny: bool = False, meta: bool = False, clip_
         [CLIP_L, OPENCLIP_BIGG] if family == "sd3" else [CLIP_L])
     clip_class = CLIPTextModelWithProjection if family == "sd3" else CLIPTextModel
     with _maybe_meta(meta):
-        encoders: list[torch.nn.Module] = [clip_class(clip_config(spec, clip_vocab)).eval() for spec in clip_specs]
+        encoders: list[torch.nn.Module] = [clip_class(_clip_config(spec, clip_vocab)).eval() for spec in clip_specs]
         encoders.append(T5EncoderModel(t5_config(TINY_T5 if tiny else T5_XXL, t5_vocab)).eval())
     return encoders
 
