@@ -212,11 +212,6 @@ class TransformerNaming:
     def peft_name(self, path: str) -> str:
         return f"{PEFT_TRANSFORMER}.{path}"
 
-    def kohya_name(self, path: str) -> str | None:
-        """The ``lora_unet_`` name of the native layer holding this module (shared by fused members)."""
-        native = self.native.get(path)
-        return native.kohya_name if native is not None else None
-
     def accepted_names(self, path: str) -> list[str]:
         """Dot-free spellings that name this module alone with unchanged tensors (fused and swapped native
         layers need :func:`split_lora` / :func:`swap_halves` and are not listed)."""

@@ -13,14 +13,13 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 from dit_pipelines import (
     FLUX_VARIANTS,
     SD3_VARIANTS,
     VARIANT_NAMES,
+    native_checkpoint,
     real_text_encoders,
     real_transformer,
     tiny_pipeline_factory,
@@ -34,7 +33,6 @@ from methods.dit_naming import (
     fuse_lora,
     import_lora,
     split_lora,
-    swap_halves,
     to_kohya,
 )
 from methods.dit_targets import dit_text_encoder_targets, transformer_targets
@@ -47,42 +45,6 @@ def make_pipeline(tmp_path_factory):
 
 
 # ----- native names against diffusers' checkpoint converters ------------------------------------------------------
-# Parameters that are no Linear/Conv2d (QK-norm scales, the positional table), native spelling per family.
-_SD3_EXTRA = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
-              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
-              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
-_FLUX_DOUBLE_EXTRA = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
-                      "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
-_FLUX_SINGLE_EXTRA = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
-
-
-def native_checkpoint(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The original-layout state dict, written with our names only (plus the non-Linear table above)."""
-    naming = TransformerNaming(transformer)
-    state = transformer.state_dict()
-    native: dict[str, torch.Tensor] = {}
-    for paths in naming.native_layers().values():
-        path = naming.native[paths[0]].path
-        for kind in ("weight", "bias"):
-            tensors = [state[f"{p}.{kind}"] for p in paths if f"{p}.{kind}" in state]
-            if not tensors:
-                continue
-            tensor = torch.cat(tensors) if len(paths) > 1 else tensors[0]
-            native[f"{path}.{kind}"] = swap_halves(tensor) if naming.native[paths[0]].swap_halves else tensor
-    for key, tensor in state.items():
-        match = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.weight$", key)
-        if match and naming.family == "sd3" and match[3] in _SD3_EXTRA:
-            native[f"joint_blocks.{match[2]}.{_SD3_EXTRA[match[3]]}.weight"] = tensor
-        elif match and naming.family == "flux":
-            table = _FLUX_DOUBLE_EXTRA if match[1] == "transformer_blocks" else _FLUX_SINGLE_EXTRA
-            block = "double_blocks" if match[1] == "transformer_blocks" else "single_blocks"
-            if match[3] in table:
-                native[f"{block}.{match[2]}.{table[match[3]]}.scale"] = tensor
-    if "pos_embed.pos_embed" in state:
-        native["pos_embed"] = state["pos_embed.pos_embed"]
-    return native
-
-
 @pytest.mark.parametrize("name", SD3_VARIANTS)
 def test_sd3_native_names_round_trip_through_diffusers_converter(name):
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers

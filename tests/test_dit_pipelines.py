@@ -10,7 +10,15 @@ import json
 
 import numpy as np
 import pytest
-from dit_pipelines import SD3_VARIANTS, VARIANT_NAMES, generation_kwargs, real_transformer, tiny_pipeline_factory
+import torch
+from dit_pipelines import (
+    SD3_VARIANTS,
+    VARIANT_NAMES,
+    generation_kwargs,
+    native_checkpoint,
+    real_transformer,
+    tiny_pipeline_factory,
+)
 
 from trainer.dit_architectures import VARIANTS, detect, detect_checkpoint, parameter_count
 
@@ -83,3 +91,26 @@ def test_sd3_variants_differ_in_what_detection_reads():
     assert configs["sd3.5-medium"]["pos_embed_max_size"] == 384 and configs["sd3-medium"]["pos_embed_max_size"] == 192
     assert configs["sd3.5-large"]["qk_norm"] == "rms_norm" and configs["sd3.5-large"]["num_layers"] == 38
     assert detect_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}) is None
+
+
+def test_original_layout_single_file_loads_offline_with_our_config(tmp_path, monkeypatch):
+    """An sgm-layout SD3.5-medium-like checkpoint (ComfyUI's prefix) → from_single_file with our config folder."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from trainer.dit_architectures import TINY_TRANSFORMER, build_transformer, write_transformer_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    transformer = build_transformer("sd3.5-medium", tiny=True)
+    native = {f"model.diffusion_model.{key}": tensor.contiguous() for key, tensor in
+              native_checkpoint(transformer).items()}
+    save_file(native, tmp_path / "model.safetensors")
+    assert detect_checkpoint({key: tuple(t.shape) for key, t in native.items()}) is VARIANTS["sd3.5-medium"]
+    config = write_transformer_config(tmp_path / "config", "sd3.5-medium", TINY_TRANSFORMER["sd3.5-medium"])
+    loaded = SD3Transformer2DModel.from_single_file(str(tmp_path / "model.safetensors"), config=str(config),
+                                                    subfolder="transformer", local_files_only=True)
+    original = transformer.state_dict()
+    assert all(torch.equal(loaded.state_dict()[key], tensor) for key, tensor in original.items())
+    assert detect(loaded).variant.name == "sd3.5-medium"
+    real = write_transformer_config(tmp_path / "real", "flux-dev")
+    assert json.loads((real / "transformer" / "config.json").read_text())["num_single_layers"] == 38

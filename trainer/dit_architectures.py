@@ -19,6 +19,7 @@ features; :attr:`Detection.exact` says whether every size matches.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,19 @@ def build_tiny_pipeline(name: str, tokenizer_dir: Path, seed: int = 0):
             tokenizer_3=t5_tokenizer)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=clip_tokenizer,
                         text_encoder_2=encoders[1], tokenizer_2=t5_tokenizer, transformer=transformer)
+
+
+def write_transformer_config(folder: Path, name: str, config: dict[str, Any] | None = None) -> Path:
+    """A config folder for ``<Transformer>.from_single_file(path, config=folder, subfolder="transformer")``, so an
+    original-layout checkpoint loads without the hub: the variant's real config, or ``config`` for other sizes."""
+    variant = VARIANTS[name]
+    values = dict(config if config is not None else variant.transformer)
+    values["_class_name"] = "SD3Transformer2DModel" if variant.family == "sd3" else "FluxTransformer2DModel"
+    target = folder / "transformer"
+    target.mkdir(parents=True, exist_ok=True)
+    serialisable = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+    (target / "config.json").write_text(json.dumps(serialisable, indent=1))
+    return folder
 
 
 def parameter_count(model: torch.nn.Module) -> int:
