@@ -7,7 +7,7 @@ blocks) and ``single_transformer_blocks`` (Flux):
 - ``attention``: the projections of the attention layers — ``to_q/to_k/to_v/to_out.0`` of the image stream,
   ``add_q_proj/add_k_proj/add_v_proj/to_add_out`` of the text stream, SD3.5's second image attention ``attn2``;
   Flux single blocks have only ``to_q/to_k/to_v`` there (their output projection ``proj_out`` is fused with the
-  MLP's, so it counts as MLP). This is diffusers' default LoRA target set for SD3.
+  MLP's, so it counts as MLP). diffusers' default LoRA targets for SD3, plus SD3.5 medium's ``attn2``.
 - ``attention_mlp``: every layer of the blocks except the modulation (``norm*.linear``): adds ``ff``/``ff_context``
   and Flux's ``proj_mlp``/``proj_out``. diffusers' Flux default plus the single blocks' MLP.
 - ``full``: every Linear/Conv2d of the transformer: adds the modulation layers (kohya's Flux and SD3 defaults train
