@@ -335,7 +335,7 @@ def caption_file(image_path: Path, extension: str, files: dict[str, Path] | None
 
     ``files``: the folder's files by lower-cased name (listed here when not given).
     """
-    caption_path = image_path.with_suffix(extension)
+    caption_path = image_path.with_suffix(_caption_extension(extension))
     if caption_path.is_file():
         return caption_path
     if files is None:
