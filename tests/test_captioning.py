@@ -8,7 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from caption_helpers import build_tiny_blip, build_tiny_git, build_tiny_onnx_tagger, build_tiny_tagger
+from caption_helpers import (
+    build_tiny_blip,
+    build_tiny_blip2,
+    build_tiny_florence2,
+    build_tiny_git,
+    build_tiny_onnx_tagger,
+    build_tiny_tagger,
+)
 from PIL import Image
 
 from trainer.captioning import (
@@ -99,6 +106,35 @@ def test_prompt_starts_the_caption_and_is_not_repeated(models, tmp_path):
         options = CaptionOptions(model=str(models[name]), mode="overwrite", prompt="A photo of", max_new_tokens=2)
         caption_folder(data, options)
         assert (data / "img0.txt").read_text() == f"A photo of {word} {word}\n"
+
+
+def test_florence2_task_prompts_and_blip2(tmp_path):
+    data = make_dataset(tmp_path / "data", bad=False)
+    florence = build_tiny_florence2(tmp_path / "florence2")
+    assert detect_kind(resolve_model_source(str(florence))) == "captioner"
+    events = []
+    result = caption_folder(data, CaptionOptions(model=str(florence), max_new_tokens=3, batch_size=4),
+                            on_event=events.append)
+    assert events[1]["model_name"] == "Florence-2" and len(result.written) == 4
+    assert (data / "img0.txt").read_text() == "zz\n"  # the task token is not part of the caption
+    caption_folder(data, CaptionOptions(model=str(florence), mode="overwrite", prompt="<MORE_DETAILED_CAPTION>",
+                                        max_new_tokens=3))
+    assert (data / "img1.txt").read_text() == "zz\n"
+    with pytest.raises(CaptionError, match="not a captioning task"):
+        caption_folder(data, CaptionOptions(model=str(florence), mode="overwrite", prompt="<OD>"))
+    blip2 = build_tiny_blip2(tmp_path / "blip2")
+    caption_folder(data, CaptionOptions(model=str(blip2), mode="overwrite", max_new_tokens=3, batch_size=3))
+    assert (data / "img2.txt").read_text() == "qqq\n"
+    caption_folder(data, CaptionOptions(model=str(blip2), mode="overwrite", max_new_tokens=2, prompt="a photo of"))
+    assert (data / "5_thing" / "sub.txt").read_text() == "a photo of qq\n"
+
+
+def test_an_empty_result_is_reported_and_never_replaces_a_caption(models, tmp_path):
+    data = make_dataset(tmp_path / "data", bad=False)
+    (data / "img0.txt").write_text("keep me")
+    result = caption_folder(data, CaptionOptions(model=str(models["tagger"]), mode="overwrite", threshold=0.95))
+    assert not result.written and {reason for _, reason in result.failed} == {"no tag reached the threshold"}
+    assert (data / "img0.txt").read_text() == "keep me"
 
 
 def test_modes_skip_existing_overwrite_append(models, tmp_path):

@@ -653,6 +653,12 @@ def caption_folder(folder: str | os.PathLike, options: CaptionOptions, *, on_eve
                                    f"({type(error).__name__}: {_first_line(error)}); {len(written)} caption(s) "
                                    "written before were kept") from error
             for (path, _), text in zip(images, texts):
+                if not text.strip():  # nothing to write: an existing caption is never replaced by nothing
+                    reason = ("the model returned an empty caption" if captioner.kind == "captioner" else
+                              "no tag reached the threshold")
+                    failed.append((path, reason))
+                    emit("caption_error", path=str(path), reason=reason)
+                    continue
                 try:
                     target, caption = write_caption(path, text, options)
                 except (OSError, UnusableImage) as error:
