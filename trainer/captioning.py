@@ -52,7 +52,7 @@ from trainer.dataset import (
     read_caption,
     split_tags,
 )
-from trainer.events import EventCallback, StopSignal
+from trainer.events import EventCallback, EventLog, StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -612,7 +612,7 @@ def caption_folder(folder: str | os.PathLike, options: CaptionOptions, *, on_eve
 
     Raises :class:`CaptionError` for a mistake in the options or the model (nothing written then).
     """
-    emit = _emitter(on_event)
+    emit = EventLog(None, [on_event] if on_event else None).emit  # a failing listener is logged, never fatal
     todo, skipped = images_to_caption(folder, options)
     if captioner is None:
         resolve_model_source(options.model)  # a mistyped model fails now, not after the folder was listed
@@ -686,18 +686,6 @@ def _decode(path: Path, max_pixels: int) -> Image.Image:
     except Exception as error:  # pragma: no cover - inspect_image decodes the same bytes first
         raise UnusableImage(f"cannot decode the image ({type(error).__name__}: {error})") from None
     return image
-
-
-def _emitter(on_event: EventCallback | None) -> Callable[..., None]:
-    def emit(kind: str, /, **fields: Any) -> None:
-        if on_event is None:
-            return
-        try:
-            on_event({"event": kind, "time": time.time(), **fields})
-        except Exception:  # a listener must never end the run
-            logger.exception("caption event callback failed for %s", kind)
-
-    return emit
 
 
 __all__ = [

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from trainer.config import DatasetSection
 from trainer.dataset import BucketBatchSampler, ImageDataset, read_caption, scan_dataset, to_rgb
-from trainer.events import EventCallback, StopSignal
+from trainer.events import EventCallback, EventLog, StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def build_report(section: DatasetSection, *, seed: int = 0, batch_size: int = 1,
     hashing; a stopped report has no hash (and no near-duplicate check) for the rest. Raises ``ValueError`` (the
     scanner's message) when the folder is missing or holds no usable image.
     """
-    emit = _emitter(on_event)
+    emit = EventLog(None, [on_event] if on_event else None).emit  # a failing listener is logged, never fatal
     started = time.perf_counter()
     counter = tokenizer if isinstance(tokenizer, TokenCounter) else token_counter(tokenizer)
     emit("report_progress", phase="scanning", done=0, total=None, eta_s=None)
@@ -458,18 +458,6 @@ def _dataset_warnings(report: DatasetReport, section: DatasetSection) -> list[di
     if report.stopped:
         warn("stopped", "the report was stopped: duplicates were looked for among the hashed images only")
     return warnings
-
-
-def _emitter(on_event: EventCallback | None) -> Callable[..., None]:
-    def emit(kind: str, /, **fields: Any) -> None:
-        if on_event is None:
-            return
-        try:
-            on_event({"event": kind, "time": time.time(), **fields})
-        except Exception:  # a listener must never end the report
-            logger.exception("report event callback failed for %s", kind)
-
-    return emit
 
 
 # ----- pictures and files ----------------------------------------------------------------------------------------
