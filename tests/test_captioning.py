@@ -344,6 +344,20 @@ def test_cuda_asked_for_without_a_gpu_is_a_clear_error(models, tmp_path, monkeyp
         caption_folder(data, CaptionOptions(model=str(models["tagger"]), device="cuda"))
 
 
+def test_dtype_is_applied(models, tmp_path):
+    import torch
+
+    from trainer.captioning import load_captioner
+
+    captioner = load_captioner(CaptionOptions(model=str(models["blip"]), dtype="bf16", device="cpu", max_new_tokens=1))
+    assert captioner.model.dtype == torch.bfloat16 and captioner.describe()["dtype"] == "bf16"
+    data = make_dataset(tmp_path / "data", bad=False)
+    # A loaded captioner keeps its model options (here max_new_tokens 1); the call's options give the file side.
+    result = caption_folder(data, CaptionOptions(model="unused/model", max_new_tokens=9, prefix="p"),
+                            captioner=captioner)
+    assert (data / "img0.txt").read_text() == "p, cat\n" and result.load_seconds == 0
+
+
 def test_compose_caption():
     options = CaptionOptions(model="x", prefix=" photo of, ", suffix="", trigger_word="ohwx")
     assert compose_caption("a  cat\nsitting", options) == "ohwx, photo of, a cat sitting"

@@ -598,7 +598,9 @@ def caption_folder(folder: str | os.PathLike, options: CaptionOptions, *, on_eve
                    stop: StopSignal | None = None, captioner: Captioner | None = None) -> CaptionResult:
     """Caption the images of ``folder`` as ``options`` say; return what was written, failed and skipped.
 
-    ``captioner``: an already loaded one (else :func:`load_captioner` loads ``options.model`` when there is work).
+    ``captioner``: an already loaded one (else :func:`load_captioner` loads ``options.model`` when there is work);
+    it keeps the model options it was loaded with (kind, prompt, max_new_tokens, num_beams, thresholds, device,
+    dtype) and ``options`` give the rest (mode, extension, prefix, suffix, trigger word, batch size).
     ``stop``: checked between batches; captions written so far stay. Events passed to ``on_event``:
 
     * ``{"event": "caption_loading", "model": str}`` before the model loads;
