@@ -3,6 +3,7 @@ written, modes, prefix/suffix/trigger, stop mid-way, bad images, model sources, 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -318,6 +319,25 @@ def test_model_sources_and_kinds(models, tmp_path):
     empty.mkdir()
     with pytest.raises(CaptionError, match="neither a transformers model"):
         detect_kind(resolve_model_source(str(empty)))
+
+
+def test_pickled_weights_are_never_loaded(models, tmp_path):
+    import torch
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(models["tagger"], folder)
+    state = {key: torch.from_numpy(value.copy()) for key, value in safetensors_numpy(folder / "model.safetensors")}
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    data = make_dataset(tmp_path / "data", bad=False)
+    with pytest.raises(CaptionError, match="cannot load the tagger"):
+        caption_folder(data, CaptionOptions(model=str(folder)))
+
+
+def safetensors_numpy(path: Path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path)).items()
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -13,10 +13,11 @@ Two kinds of model do the writing:
   (category 9) are left out, character tags (4) need ``character_threshold``, the others ``threshold``. Tags are
   written character tags first, then by confidence; underscores become spaces (kaomoji such as ``^_^`` kept).
 
-Remote code is never run (``trust_remote_code`` stays off): a model whose processor needs its own Python file
-cannot be used. Images are listed as training lists them (:func:`trainer.dataset.image_files`: the folder and its
-immediate sub-folders) and decoded as training decodes them (EXIF orientation, alpha on white), so a file the
-trainer would skip is reported here too (named, with the reason) and skipped; it never ends the run.
+Remote code is never run (``trust_remote_code`` stays off) and weights are read from ``.safetensors`` only (never a
+pickle): a model whose processor needs its own Python file, or that ships only ``.bin`` weights, cannot be used.
+Images are listed as training lists them (:func:`trainer.dataset.image_files`: the folder and its immediate
+sub-folders) and decoded as training decodes them (EXIF orientation, alpha on white), so a file the trainer would
+skip is reported here too (named, with the reason) and skipped; it never ends the run.
 
 Every caption is written atomically (temporary file + rename) right after its batch, so a stop or a crash loses
 nothing already written; :class:`trainer.events.StopSignal` is checked between batches. Progress reaches
@@ -418,7 +419,8 @@ def _load_text_captioner(source: ModelSource, options: CaptionOptions, device: t
             raise CaptionError(f"{source.location}: model type {config.model_type!r} is not a supported captioner; "
                                f"supported: {', '.join(CAPTIONER_TYPES.values())}")
         processor = AutoProcessor.from_pretrained(source.location, **source.load_kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(source.location, dtype=dtype, **source.load_kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(source.location, dtype=dtype, use_safetensors=True,
+                                                            **source.load_kwargs)
     except CaptionError:
         raise
     except Exception as error:  # missing files, a processor that needs remote code, out of memory, ...
@@ -433,7 +435,8 @@ def _load_transformers_tagger(source: ModelSource, options: CaptionOptions, devi
 
     try:
         processor = AutoImageProcessor.from_pretrained(source.location, **source.load_kwargs)
-        model = AutoModelForImageClassification.from_pretrained(source.location, dtype=dtype, **source.load_kwargs)
+        model = AutoModelForImageClassification.from_pretrained(source.location, dtype=dtype, use_safetensors=True,
+                                                                **source.load_kwargs)
     except Exception as error:
         hint = " (WD taggers in timm format need the timm package; or use their model.onnx with onnxruntime)" \
             if "timm" in str(error).lower() else ""
