@@ -12,7 +12,10 @@ Commands:
   file) with a save; 1 when training failed (NaN loss); 2 for configuration mistakes;
 - ``compare``: train several methods (``--methods lora,loha,...``) from one config on the same data, steps and
   seed, and write a report (preview grid, loss curves, parameters, file size, s/step, prior drift, concept score
-  on the toy model) into a new folder; ``--override METHOD:section.key=value`` changes one method's config only.
+  on the toy model) into a new folder; ``--override METHOD:section.key=value`` changes one method's config only;
+- ``caption``: write caption files next to a dataset's images with a captioner or tagger (:mod:`trainer.captioning`);
+- ``report``: what training will do with each image of a dataset, as text, JSON and a contact sheet
+  (:mod:`trainer.dataset_report`).
 
 Each command is a :class:`Command` in ``COMMANDS`` (``@command(...)`` registers one); a new command (``train``)
 adds an ``add_arguments`` function and a handler the same way. Handlers return an exit code; mistakes a user can
@@ -884,3 +887,118 @@ def format_table(rows: list[dict[str, str]]) -> str:
     lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths))]
     lines += ["  ".join(row[column].ljust(width) for column, width in zip(columns, widths)) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+# ----- caption / report (dataset tools) -----------------------------------------------------------------------------
+def _caption_arguments(parser: argparse.ArgumentParser) -> None:
+    from .captioning import CAPTION_EXTENSIONS, CAPTION_MODES, MODEL_KINDS, CaptionOptions
+
+    defaults = CaptionOptions(model="")
+    parser.add_argument("dir", help="dataset folder (its images and those of its immediate sub-folders)")
+    parser.add_argument("--model", required=True,
+                        help="hub id or local folder: BLIP, BLIP-2, GIT, Florence-2 (florence-community/...), an "
+                             "image-classification tagger, or a WD tagger folder (model.onnx + selected_tags.csv)")
+    parser.add_argument("--kind", choices=MODEL_KINDS, default=defaults.kind, help="default: from the model's files")
+    parser.add_argument("--mode", choices=CAPTION_MODES, default=defaults.mode,
+                        help="skip_existing (default): only images without a caption; overwrite; append")
+    parser.add_argument("--ext", choices=CAPTION_EXTENSIONS, default=defaults.caption_extension, dest="extension",
+                        help="caption file extension (default .txt)")
+    parser.add_argument("--prefix", default="", help="text put before each caption")
+    parser.add_argument("--suffix", default="", help="text put after each caption")
+    parser.add_argument("--trigger", default="", dest="trigger_word", help="trigger word, first in every caption")
+    parser.add_argument("--prompt", default="", help="text the caption starts with (BLIP/GIT), or Florence-2's task "
+                                                     "(<CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--num-beams", type=int, default=defaults.num_beams)
+    parser.add_argument("--threshold", type=float, default=defaults.threshold, help="taggers: general tags")
+    parser.add_argument("--character-threshold", type=float, default=defaults.character_threshold,
+                        help="taggers with a tag list: character tags")
+    parser.add_argument("--device", default=defaults.device, help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default=defaults.dtype)
+
+
+@command("caption", "write a caption file next to each image of a dataset folder with a captioner (BLIP, GIT, "
+                    "Florence-2, ...) or a tagger", _caption_arguments)
+def run_caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .captioning import CaptionError, CaptionOptions, caption_folder
+
+    _quiet_model_libraries()
+    options = CaptionOptions(
+        model=args.model, kind=args.kind, mode=args.mode, caption_extension=args.extension, prefix=args.prefix,
+        suffix=args.suffix, trigger_word=args.trigger_word, prompt=args.prompt, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, threshold=args.threshold,
+        character_threshold=args.character_threshold, device=args.device, dtype=args.dtype)
+    bar: list[Any] = []
+
+    def report(event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "caption_loading":
+            _say(f"loading {event['model']}")
+        elif kind == "caption_start":
+            if event["total"]:
+                _say(f"captioning {event['total']} image(s) with {event['model_name']} on {event['device']} "
+                     f"({event['dtype']}); {event['skipped']} already captioned")
+            bar.append(tqdm(total=event["total"], unit="image", disable=not event["total"]))
+        elif kind == "caption_progress":
+            bar[0].update(event["done"] - bar[0].n)
+        elif kind == "caption_error":
+            tqdm.write(f"warning: {event['path']}: {event['reason']}")
+
+    try:
+        result = caption_folder(args.dir, options, on_event=report)
+    except CaptionError as error:
+        raise CLIError(str(error)) from None
+    finally:
+        for progress in bar:
+            progress.close()
+    _say(f"wrote {len(result.written)} caption(s) in {result.seconds:.1f} s (model loaded in "
+         f"{result.load_seconds:.1f} s); {len(result.failed)} failed; {len(result.skipped)} skipped (already "
+         "captioned)")
+    return 0
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", nargs="?", help="dataset folder (default options), instead of --config")
+    parser.add_argument("--config", help="the run's TOML: its [dataset] section, train.seed and train.batch_size")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override one key, e.g. dataset.resolution=768; repeatable")
+    parser.add_argument("--tokenizer", help="CLIP tokenizer folder for exact token counts (default: the config's "
+                                            "model.tokenizer or model.base if found locally, else an approximation)")
+    parser.add_argument("--out", help="folder for dataset_report.json and dataset_report.png (default: "
+                                      "<output.dir>/<output.name>-dataset-report, numbered when taken)")
+
+
+@command("report", "show what training will do with each image: buckets, crops, upscales, captions and their "
+                   "token counts, duplicates; writes a JSON report and a contact sheet", _report_arguments)
+def run_report(args: argparse.Namespace) -> int:
+    from .config import TrainerConfig
+    from .dataset_report import build_report, check_out_dir, token_counter, write_report
+    from .loop import unique_path
+
+    if bool(args.dir) == bool(args.config):
+        raise CLIError("give a dataset folder or --config X.toml (one of them)")
+    if args.config:
+        config = TrainerConfig.load(_require_file(args.config, "config file"), args.overrides)
+    else:
+        config = TrainerConfig.from_dict({"dataset": {"dir": args.dir}}).with_overrides(args.overrides)
+    counter = token_counter(None)
+    for where, subfolder in ((args.tokenizer, None), (config.model.tokenizer, None), (config.model.base, "tokenizer")):
+        if where:
+            counter = token_counter(where, subfolder)
+            if counter.exact:
+                break
+    out = Path(args.out) if args.out else unique_path(Path(config.output.dir).expanduser()
+                                                      / f"{config.output.name}-dataset-report")
+    try:
+        out = check_out_dir(out, config.dataset)
+        report = build_report(config.dataset, seed=config.train.seed, batch_size=config.train.batch_size,
+                              tokenizer=counter)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    _say(report.format_text())
+    json_path, png_path = write_report(report, out)
+    _say(f"\nwrote {json_path} and {png_path}")
+    return 0

@@ -210,6 +210,12 @@ def _find_concepts(root: Path, exclude: Path | None = None) -> list[_Concept]:
     return concepts
 
 
+def image_files(root: str | os.PathLike) -> list[Path]:
+    """Every image file training reads under ``root`` (the root and its immediate sub-folders; hidden files, loss
+    masks and 0-repeat folders left out), folder by folder in name order. Files are listed, not decoded."""
+    return [path for concept in _find_concepts(Path(root).expanduser()) for path in concept.images]
+
+
 def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension: str,
                skipped: list[tuple[Path, str]], *, is_reg: bool) -> tuple[list[ImageItem], list[_Concept]]:
     accepted = ", ".join(IMAGE_EXTENSIONS)
@@ -267,7 +273,7 @@ def _inspect_item(path: Path, concept: _Concept, section: DatasetSection, captio
             except UnusableImage as error:
                 raise UnusableImage(f"its mask {candidate.name} is unusable: {error}") from None
             mask_path = candidate
-    caption, multi_line = _read_caption(path, caption_extension, concept.files)
+    caption, multi_line = read_caption(path, caption_extension, concept.files)
     if not caption:  # no sidecar, or a blank one
         caption = concept.class_word if section.missing_caption == "class_word" else ""
     return ImageItem(path=path, caption=caption, folder=concept.name, n_repeats=concept.n_repeats,
@@ -323,16 +329,30 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _read_caption(image_path: Path, extension: str, files: dict[str, Path]) -> tuple[str | None, bool]:
+def caption_file(image_path: Path, extension: str, files: dict[str, Path] | None = None) -> Path | None:
+    """The caption sidecar of ``image_path`` that training reads: ``<stem><extension>``, else the same name in
+    another letter case ("IMG.TXT" serves "IMG.jpg" on case-sensitive disks), else None.
+
+    ``files``: the folder's files by lower-cased name (listed here when not given).
+    """
+    caption_path = image_path.with_suffix(_caption_extension(extension))
+    if caption_path.is_file():
+        return caption_path
+    if files is None:
+        files = {}
+        for path in sorted(p for p in image_path.parent.iterdir() if p.is_file()):
+            files.setdefault(path.name.lower(), path)
+    return files.get(caption_path.name.lower())
+
+
+def read_caption(image_path: Path, extension: str, files: dict[str, Path] | None = None) -> tuple[str | None, bool]:
     """(first non-blank line of the sidecar or None when there is none, whether the file has several lines).
 
-    ``files``: the folder's files by lower-cased name, so "IMG.TXT" serves "IMG.jpg" on case-sensitive disks.
+    Raises :class:`UnusableImage` for a caption file that is not UTF-8 or cannot be read.
     """
-    caption_path = image_path.with_suffix(extension)
-    if not caption_path.is_file():
-        caption_path = files.get(caption_path.name.lower())
-        if caption_path is None:
-            return None, False
+    caption_path = caption_file(image_path, extension, files)
+    if caption_path is None:
+        return None, False
     try:
         text = caption_path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -510,14 +530,17 @@ class Plan:
     def target_size(self) -> tuple[int, int]:
         return self.bucket[1], self.bucket[0]
 
+    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The (left, top, right, bottom) box, in pixels of the upright source image of that size, that the sample
+        is cut from (before mirroring)."""
+        scale_x, scale_y = width / self.resized[0], height / self.resized[1]
+        return (self.left * scale_x, self.top * scale_y,
+                (self.left + self.bucket[0]) * scale_x, (self.top + self.bucket[1]) * scale_y)
+
 
 def render(image: Image.Image, plan: Plan, resample: int = Image.Resampling.LANCZOS) -> Image.Image:
     """Resize-and-crop ``image`` per ``plan`` in one resampling pass (only the crop box is resampled)."""
-    width, height = image.size
-    scale_x, scale_y = width / plan.resized[0], height / plan.resized[1]
-    box = (plan.left * scale_x, plan.top * scale_y,
-           (plan.left + plan.bucket[0]) * scale_x, (plan.top + plan.bucket[1]) * scale_y)
-    out = image.resize(plan.bucket, resample, box=box, reducing_gap=3.0)
+    out = image.resize(plan.bucket, resample, box=plan.source_box(*image.size), reducing_gap=3.0)
     return ImageOps.mirror(out) if plan.flip else out
 
 
@@ -870,7 +893,8 @@ def make_dataloader(dataset: ImageDataset, sampler: BucketBatchSampler, num_work
 
 __all__ = [
     "IMAGE_EXTENSIONS", "BucketBatchSampler", "DatasetScan", "ImageDataset", "ImageItem", "Plan", "UnusableImage",
-    "assign_bucket", "collate_batch", "cover_size", "inspect_image", "load_datasets", "load_image", "load_mask",
-    "make_buckets", "make_dataloader", "process_caption", "render", "scan_dataset", "split_tags", "to_rgb",
+    "assign_bucket", "caption_file", "collate_batch", "cover_size", "image_files", "inspect_image", "load_datasets",
+    "load_image", "load_mask", "make_buckets", "make_dataloader", "process_caption", "read_caption", "render",
+    "scan_dataset", "split_tags", "to_rgb",
 ]
 
