@@ -261,6 +261,7 @@ class AdapterModule(nn.Module):
     ``W + s·ΔW``), :meth:`factored_cost` / :meth:`build_cost` (what DoRA's cost model weighs),
     :meth:`before_forward` / :meth:`after_forward` (work shared by all layers of one model call) and
     :meth:`layer_from_tensors` (a stand-in layer from a file's tensors alone, so ``convert`` needs no base model).
+    A variant that shares another method's file keys is routed to by that method's :meth:`file_class` (BOFT).
 
     DoRA is handled here, before any of those is asked: the optional overrides never see it.
     """
@@ -423,6 +424,12 @@ class AdapterModule(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def file_class(cls, tensors: dict[str, torch.Tensor]) -> type[AdapterModule]:
+        """The class that reads a file module this method claims: itself, unless a variant shares its file keys
+        and is told apart by shapes (OFT's 3-D ``oft_blocks``, BOFT's 4-D)."""
+        return cls
+
+    @classmethod
     def layer_from_tensors(cls, tensors: dict[str, torch.Tensor]) -> nn.Module | None:
         """A layer (on the meta device) of the shape a file module adapts, when its tensors alone tell; else None."""
         return None
@@ -436,7 +443,11 @@ class AdapterModule(nn.Module):
 
     @classmethod
     def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterModule:
-        """Rebuild from a file module's tensors (:meth:`from_own_tensors`), with DoRA where the file has it."""
+        """Rebuild from a file module's tensors (:meth:`from_own_tensors` of :meth:`file_class`), with DoRA where the
+        file has it."""
+        reader = cls.file_class(tensors)
+        if reader is not cls:
+            return reader.from_tensors(name, base, tensors)
         tensors = dict(tensors)
         scale = tensors.pop(dora.FILE_KEY, None)
         if scale is not None and not issubclass(cls.config_class, dora.DoRAConfigMixin):

@@ -145,7 +145,7 @@ class BOFTModule(OrthogonalModule):
     description = ("Butterfly OFT: chained block rotations mixing all output channels; denser than OFT "
                    "for the same block size (LyCORIS boft; not Forge or diffusers).")
     config_class = BOFTConfig
-    # Never claimed by suffix: ``oft_blocks`` is OFT's, and ``OFTModule.from_own_tensors`` routes 4-D blocks here.
+    # Never claimed by suffix: ``oft_blocks`` is OFT's, and ``OFTModule.file_class`` routes 4-D blocks here.
     file_keys = frozenset()
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:

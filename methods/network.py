@@ -12,7 +12,7 @@ from torch import nn
 from . import naming, targets
 from .arch import UNET_PREFIX, get_architecture, part_prefix
 from .base import WRAPPABLE, AdapterConfig, AdapterModule
-from .registry import get_method, method_for_file_module
+from .registry import file_module_class, get_method
 
 
 @dataclasses.dataclass
@@ -129,7 +129,7 @@ class AdapterNetwork(nn.Module):
                 continue
             canonical, module = target
             try:
-                method_class = method_for_file_module(set(tensors))
+                method_class = file_module_class(tensors)
             except ValueError as error:
                 raise ValueError(f"{source}: module {file_name} cannot be read: {error} (an adapter method this "
                                  "version does not support)") from error

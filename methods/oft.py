@@ -7,7 +7,7 @@ Strength ``s`` blends linearly: ``W + s·ΔW`` (LyCORIS and A1111).
 File keys (LyCORIS): ``oft_blocks (n_blocks, b, b)`` with ``n_blocks·b = out``, ``alpha`` (0-dim, the COFT constraint
 ``c``; 0 = none, *not* a LoRA alpha), optional ``rescale (out, 1[, 1, 1])``. BOFT (:mod:`methods.boft`) stores 4-D
 ``oft_blocks`` under the same suffix; a file's suffixes cannot tell them apart, so this module claims ``oft_blocks``
-and :meth:`OFTModule.from_tensors` hands 4-D blocks to :class:`methods.boft.BOFTModule`.
+and :meth:`OFTModule.file_class` hands 4-D blocks to :class:`methods.boft.BOFTModule`.
 
 The forward rotates whichever is smaller: the frozen layer's output (:meth:`OrthogonalModule.transform_output`,
 bias removed first and added back after, ``O(out·b)`` per token, ``W'`` never built), or, with many more tokens
@@ -467,13 +467,17 @@ class OFTModule(OrthogonalModule):
         return oft_channel_delta(values, shift)
 
     @classmethod
-    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> OrthogonalModule:
+    def file_class(cls, tensors: dict[str, torch.Tensor]) -> type[OrthogonalModule]:
         """3-D ``oft_blocks`` → OFT; 4-D → BOFT (both use the suffix ``oft_blocks``; only the rank differs)."""
-        blocks = tensors["oft_blocks"]
-        if blocks.dim() == 4:
+        if tensors["oft_blocks"].dim() == 4:
             from .boft import BOFTModule
 
-            return BOFTModule.from_own_tensors(name, base, tensors)
+            return BOFTModule
+        return cls
+
+    @classmethod
+    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> OrthogonalModule:
+        blocks = tensors["oft_blocks"]
         if blocks.dim() != 3:
             raise ValueError(f"{name}: oft_blocks must be 3-D (OFT) or 4-D (BOFT), got {tuple(blocks.shape)}")
         config = OFTConfig(block_size=blocks.shape[-1], **cls._config_from_tensors(tensors))

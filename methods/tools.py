@@ -24,7 +24,7 @@ from .arch import ARCHITECTURES, file_architecture, part_counts
 from .base import AdapterModule, ConfigError
 from .files import SAVE_DTYPES, AdapterFileError, build_metadata, kohya_hashes, load_adapter_file, save_adapter_file
 from .network import ModelPart, group_by_module, name_lookup, pipeline_parts
-from .registry import available_methods, method_for_file_module
+from .registry import available_methods, file_module_class
 
 # Keys of single-file base checkpoints (ldm/sgm): such a file is a model, not an adapter.
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
@@ -45,7 +45,7 @@ class AdapterFile:
         classes: dict[str, type[AdapterModule] | None] = {}
         for name, tensors in self.modules.items():
             try:
-                classes[name] = method_for_file_module(set(tensors))
+                classes[name] = file_module_class(tensors)
             except ValueError:
                 classes[name] = None
         return classes
@@ -177,7 +177,7 @@ def module_deltas(file: AdapterFile, pipe: Any = None, arch: str | None = None,
     classes: dict[str, type[AdapterModule]] = {}
     for name, tensors in file.modules.items():
         try:
-            classes[name] = method_for_file_module(set(tensors))
+            classes[name] = file_module_class(tensors)
         except ValueError as error:
             raise AdapterFileError(f"{file.path}: module {name} cannot be read ({error})") from error
     if pipe is not None:

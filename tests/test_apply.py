@@ -43,6 +43,7 @@ LYCORIS_ALGOS = {
     "lokr-full": ("lokr", 4, 2.0, {}),  # full-matrix mode on the tiny widths: alpha ignored
     "oft": ("diag-oft", 4, 0.0, {}),
     "boft": ("boft", 4, 0.0, {}),
+    "glora": ("glora", 4, 2.0, {}),
 }
 LYCORIS_PRESET = {
     "enable_conv": True,
@@ -118,7 +119,10 @@ def weight_keys_of(pipe, network) -> set[str]:
 
 
 def method_network(pipe, method: str, seed: int, randomize, preset: str = "full"):
-    network = create_network(pipe, method, dict(METHOD_OPTIONS.get(method, {})), TargetConfig(preset=preset))
+    from methods import get_method
+
+    options = METHOD_OPTIONS.get(method, get_method(method).example_options)
+    network = create_network(pipe, method, dict(options), TargetConfig(preset=preset))
     randomize(network, seed=seed)
     network.detach()  # create_network attaches hooks; the tests apply files instead
     return network

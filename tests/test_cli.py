@@ -486,3 +486,44 @@ def test_inspect_json_and_shortened_metadata(work, tmp_path, capsys):
     line = next(line for line in out.splitlines() if "ss_tag_frequency" in line)
     assert "chars)" in line and len(line) < 260
     assert "differs" not in out  # the data region, and so the addnet hash, did not change
+
+
+# ----- damaged files and pipes ------------------------------------------------------------------------------------
+def test_an_adapter_holding_nan_is_refused_by_every_verb(work, tmp_path, capsys):
+    """One NaN in one module: merge writes nothing, inspect/convert/apply refuse, each naming that module."""
+    from methods.apply import apply_adapter
+    from methods.files import AdapterFileError
+
+    source = read_adapter(work["files"]["lora"])
+    tensors = dict(source.tensors)
+    damaged = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors[f"{damaged}.lora_up.weight"] = tensors[f"{damaged}.lora_up.weight"].clone()
+    tensors[f"{damaged}.lora_up.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(tensors, str(path), source.metadata)
+    out = tmp_path / "merged"
+    verbs = [["merge", "--base", str(work["root"] / "base"), "--adapter", str(path), "--out", str(out)],
+             ["inspect", str(path)],
+             ["convert", str(path), "--rank", "2", "--out", str(tmp_path / "converted.safetensors")]]
+    for argv in verbs:
+        code = cli.main(argv)
+        captured = capsys.readouterr()
+        assert code == 2, argv
+        (line,) = error_lines(captured.err)
+        assert f"module {damaged} holds non-finite values (1 NaN, 0 infinite in lora_up.weight)" in line, line
+    assert not out.exists() and not (tmp_path / "converted.safetensors").exists()
+    with pytest.raises(AdapterFileError, match=damaged):
+        apply_adapter(base_pipe(work), path)
+
+
+def test_inspect_into_a_closed_pipe_prints_no_traceback(work, tmp_path):
+    """``inspect FILE | head -1``: the reader leaves after one line; the rest of a long report goes nowhere quietly."""
+    source = read_adapter(work["files"]["lora"])
+    metadata = {**source.metadata, "ss_tag_frequency": json.dumps({f"tag{i}": i for i in range(20000)})}
+    path = tmp_path / "long.safetensors"
+    save_file(source.tensors, str(path), metadata)  # with --full, far more than a pipe buffer of output
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(f"{sys.executable} -m trainer inspect --full {path} | head -1", shell=True,
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.stdout.startswith("file:") and len(result.stdout.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
