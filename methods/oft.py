@@ -66,9 +66,9 @@ def constraint_scale(blocks: torch.Tensor, threshold: float) -> torch.Tensor | f
     return torch.where(norm > threshold, threshold / norm, torch.ones_like(norm))
 
 
-# The Cayley map on the CPU: LAPACK factorises small blocks one at a time, ~12 µs for a 32×32 block against ~0.5 µs
-# for one block product, and its solve again in the backward pass. The series below takes 2 products per doubling
-# and converges in 1–3 doublings for the rotations training produces; past SERIES_DOUBLINGS (‖Q²‖ ≳ 0.37) the LU runs.
+# The Cayley map on the CPU: LAPACK factorises small blocks one at a time, far slower than a block product (figures:
+# bench/NOTES.md), and solves again in the backward pass. The series below takes 2 products per doubling and
+# converges in 1–3 doublings for the rotations training produces; past SERIES_DOUBLINGS (‖Q²‖ ≳ 0.37) the LU runs.
 SERIES_DOUBLINGS = 4  # terms up to Q³¹
 
 
