@@ -14,11 +14,12 @@ Commands:
   seed, and write a report (preview grid, loss curves, parameters, file size, s/step, prior drift, concept score
   on the toy model) into a new folder; ``--override METHOD:section.key=value`` changes one method's config only.
 
-Each command is a :class:`Command` in ``COMMANDS`` (``@command(...)`` registers one); a new command (``train``) adds
-an ``add_arguments`` function and a handler the same way. The adapter-file commands are argument parsing and
-printing around :mod:`methods.tools` (which the UI calls too); loading and saving whole pipelines is trainer's.
-Handlers return an exit code; mistakes a user can make raise :class:`CLIError` (or the loaders' own error classes)
-and end as one ``error: ...`` line with exit 2.
+Each command is a :class:`Command` in ``COMMANDS`` (``@command(...)`` registers one); a new command (``train``)
+adds an ``add_arguments`` function and a handler the same way. Handlers return an exit code; mistakes a user can
+make raise :class:`CLIError` (or the loaders' own error classes) and end as one ``error: ...`` line with exit 2.
+
+The adapter-file commands are argument parsing and printing around :mod:`methods.tools` (which the UI calls too);
+loading and saving whole pipelines is trainer's.
 """
 
 from __future__ import annotations
