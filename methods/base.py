@@ -263,7 +263,9 @@ class AdapterModule(nn.Module):
     :meth:`layer_from_tensors` (a stand-in layer from a file's tensors alone, so ``convert`` needs no base model).
     A variant that shares another method's file keys is routed to by that method's :meth:`file_class` (BOFT).
 
-    DoRA is handled here, before any of those is asked: the optional overrides never see it.
+    DoRA is dispatched here: with it on, the hooks call :mod:`methods.dora`, which uses the method's
+    ``delta_weight``, ``delta_apply`` (without dropouts) and costs; ``transform_output``, ``rebuild_is_cheaper`` and
+    ``adapted_weight`` are then not asked, so they never handle DoRA.
     """
 
     method: ClassVar[str] = ""
