@@ -64,19 +64,23 @@ MIN_REPEATS = 3
 
 
 # ----- what each method means in each library ---------------------------------------------------------------------
-def ours_options(method: str, rank: int = RANK) -> dict[str, Any]:
-    """Our network options for a benchmark method name."""
-    if method in ("lora", "loha", "lokr"):
-        return {"rank": rank, "alpha": ALPHA}
-    if method == "dora":
-        return {"rank": rank, "alpha": ALPHA, "dora": True}
-    if method in ("oft", "boft"):
-        return {"block_size": OFT_BLOCK}
-    return {}
-
-
 def ours_method(method: str) -> str:
     return "lora" if method == "dora" else method
+
+
+def ours_options(method: str, rank: int = RANK) -> dict[str, Any]:
+    """Our network options for a benchmark method name: the method's example options at the benchmark's rank/alpha
+    (low-rank methods) or block size (OFT-style methods)."""
+    from methods import get_method
+
+    options = dict(get_method(ours_method(method)).example_options)
+    if "rank" in options:
+        options.update(rank=rank, alpha=ALPHA)
+    if "block_size" in options:
+        options["block_size"] = OFT_BLOCK
+    if method == "dora":
+        options["dora"] = True
+    return options
 
 
 def target_paths(unet, method: str) -> list[str]:
@@ -123,26 +127,26 @@ def peft_config(method: str, modules: dict[str, Any], rank: int = RANK):
     raise KeyError(f"no PEFT equivalent for {method}")
 
 
-LYCORIS_ALGO = {"lora": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr", "oft": "diag-oft", "boft": "boft"}
-
-
 def attach_lycoris(unet, method: str, paths: list[str], rank: int = RANK):
     """A LycorisNetwork on exactly ``paths`` (anchored ``target_name`` patterns, no module-class targets)."""
     import logging
 
     from lycoris.wrapper import LycorisNetwork
 
+    from methods import get_method
+
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-    if method not in LYCORIS_ALGO:
+    method_class = get_method(ours_method(method))
+    if not method_class.lycoris_algo:
         raise KeyError(f"no LyCORIS equivalent for {method}")
     LycorisNetwork.apply_preset({
         "enable_conv": True, "target_module": [], "module_algo_map": {}, "name_algo_map": {}, "exclude_name": [],
         "use_fnmatch": False, "target_name": [re.escape(p) + "$" for p in paths],
     })
-    dim, alpha = (OFT_BLOCK, 0) if method in ("oft", "boft") else (rank, ALPHA)
+    dim, alpha = (OFT_BLOCK, 0) if "block_size" in method_class.example_options else (rank, ALPHA)
     network = LycorisNetwork(
         unet, multiplier=1.0, lora_dim=dim, conv_lora_dim=dim, alpha=alpha, conv_alpha=alpha,
-        network_module=LYCORIS_ALGO[method], weight_decompose=method == "dora", factor=-1, constraint=0,
+        network_module=method_class.lycoris_algo, weight_decompose=method == "dora", factor=-1, constraint=0,
         rescaled=False, warn_on_unmatched=False,
     )
     if len(network.loras) != len(paths):

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .arch import architecture_from_metadata
 from .files import AdapterFileError, build_metadata, load_adapter_file, save_adapter_file
 from .network import AdapterNetwork, pipeline_parts
 from .targets import TargetConfig
@@ -41,6 +42,14 @@ def load_network(pipe: Any, path: str | os.PathLike, arch: str | None = None,
                  require_all: bool = False) -> tuple[AdapterNetwork, dict[str, str]]:
     """Rebuild the adapters of a file on a pipeline (not attached). Raises when the file fits no layer."""
     tensors, metadata = load_adapter_file(path)
+    network, _ = network_from_tensors(pipe, path, tensors, metadata, arch, require_all)
+    return network, metadata
+
+
+def network_from_tensors(pipe: Any, path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                         metadata: dict[str, str], arch: str | None = None,
+                         require_all: bool = False) -> tuple[AdapterNetwork, list[str]]:
+    """:func:`load_network` for a file already read: the network and the file modules that matched no layer."""
     parts, arch = pipeline_parts(pipe, arch)
     _check_architecture(path, metadata, arch)
     try:
@@ -56,27 +65,15 @@ def load_network(pipe: Any, path: str | os.PathLike, arch: str | None = None,
         if require_all:
             raise AdapterFileError(message)
         log.warning(message)
-    return network, metadata
-
-
-def _file_architecture(metadata: dict[str, str]) -> str | None:
-    """sd1, sd2 or sdxl from kohya's ``ss_base_model_version`` (None when absent or unknown)."""
-    version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl"):
-        return "sdxl"
-    if version.startswith("sd_v2"):
-        return "sd2"
-    if version.startswith("sd_v1"):
-        return "sd1"
-    return None
+    return network, unmatched
 
 
 def _check_architecture(path: Any, metadata: dict[str, str], arch: str) -> None:
-    file_arch = _file_architecture(metadata)
-    if file_arch is not None and file_arch != arch:
-        version = metadata["ss_base_model_version"]
+    found = architecture_from_metadata(metadata)
+    if found is not None and found[0] != arch:
+        recorded = found[1].removeprefix("metadata ")
         raise AdapterFileError(
-            f"{path}: this adapter was trained for {version} ({file_arch}), but the pipeline is {arch}; "
+            f"{path}: this adapter was trained for {recorded} ({found[0]}), but the pipeline is {arch}; "
             "load it on a matching base model")
 
 
@@ -109,7 +106,7 @@ class AppliedAdapter:
 
 
 def apply_adapter(pipe: Any, path: str | os.PathLike, strength: float = 1.0, arch: str | None = None) -> AppliedAdapter:
-    """Apply any supported adapter file (LoRA, LoCon, LoHa, LoKr, OFT, BOFT, DoRA) to a diffusers pipeline.
+    """Apply an adapter file of any registered method (DoRA included) to a diffusers pipeline.
 
     The weights stay untouched; ``handle.remove()`` undoes it; several files can be applied at once.
     """

@@ -1,12 +1,13 @@
-"""What every adapter method shares: its config, the wrapper around one frozen Linear/Conv2d, and DoRA.
+"""What every adapter method shares: its config, the wrapper around one frozen Linear/Conv2d, and shape helpers.
 
-A method file subclasses :class:`AdapterConfig` (its options) and :class:`AdapterModule` (its wrapper) and
-decorates the wrapper with :func:`methods.registry.register`. The wrapper never replaces the base layer: it
-attaches forward hooks to it, so the base keeps its name and state-dict keys, several adapters can be stacked
-on one layer, and removing an adapter is removing its hooks. Per call an adapter either adds its part to the
-frozen output (the post-hook), or, where the method's cost model says so (:meth:`AdapterModule.rebuilds_weight`),
-runs the layer once with ``W + s·ΔW`` (the pre-hook lends the layer that weight for the duration of the call;
-``base.forward`` called directly still gives the frozen layer).
+A method file subclasses :class:`AdapterConfig` (its options) and :class:`AdapterModule` (its wrapper; the class
+docstring lists what a method must and may define) and decorates the wrapper with
+:func:`methods.registry.register`. The wrapper never replaces the base layer: it attaches forward hooks to it, so
+the base keeps its name and state-dict keys, several adapters can be stacked on one layer, and removing an adapter
+is removing its hooks. Per call an adapter either adds its part to the frozen output (the post-hook), or, where the
+method's cost model says so (:meth:`AdapterModule.rebuilds_weight`), runs the layer once with ``W + s·ΔW`` (the
+pre-hook lends the layer that weight for the duration of the call; ``base.forward`` called directly still gives the
+frozen layer). DoRA (:mod:`methods.dora`) wraps any method whose config mixes in its option.
 
 Shapes follow torch: Linear ``W (out, in)``, Conv2d ``W (out, in/groups, kh, kw)``.
 """
@@ -23,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import dora
 
 WRAPPABLE = (nn.Linear, nn.Conv2d)
 # A base layer's own weight Parameter while an adapter has lent it ``W + s·ΔW`` for one call (see
@@ -146,13 +149,6 @@ class LowRankConfig(AdapterConfig):
         return super().wants(base) and self.rank_and_alpha_for(base)[0] > 0
 
 
-@dataclasses.dataclass
-class DoRAConfigMixin:
-    """Weight-decomposed adaptation (DoRA) for additive methods: ``W' = m · (W+ΔW)/‖W+ΔW‖`` per output row."""
-
-    dora: bool = False
-
-
 def check_fraction(value: Any, key: str) -> float:
     """A probability option (dropouts): a number in [0, 1), else a ConfigError naming ``network.<key>``."""
     try:
@@ -183,6 +179,38 @@ def is_kxk_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
+def is_pointwise(module: nn.Module) -> bool:
+    """Linear, or a plain 1×1 conv (stride 1, no padding, one group): ``ΔW·x`` is a per-position map on channels,
+    so a factored product can replace building ΔW."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (tuple(module.kernel_size) == (1, 1) and tuple(module.stride) == (1, 1)
+            and tuple(module.padding) == (0, 0) and module.groups == 1)
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split ``dimension = m·n`` with ``m ≤ n``; LyCORIS's rule (``lycoris.functional.general.factorization``).
+
+    A positive ``factor`` that divides ``dimension`` is used as is. Otherwise walk the divisors upward from 1,
+    never taking one above ``factor`` (``factor < 0``: no bound), and stop at the first that reaches ``√dimension``:
+    ``-1`` gives the most balanced split (128 → 8·16, 1024 → 32·32, a prime p → 1·p). LoKr splits ``out``/``in``
+    with it; OFT takes ``m`` as its block size and ``n`` as the block count.
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    bound = dimension if factor < 0 else factor
+    m, n = 1, dimension
+    while m < n:
+        candidate = m + 1
+        while dimension % candidate:
+            candidate += 1
+        if candidate > bound:
+            break
+        m, n = candidate, dimension // candidate
+    return (m, n) if m <= n else (n, m)
+
+
 def conv_kwargs(base: nn.Module) -> dict[str, Any]:
     """The stride/padding/dilation/groups of a conv base, so a bypass conv sees the same windows."""
     if not isinstance(base, nn.Conv2d):
@@ -208,24 +236,47 @@ def add_low_rank(base_out: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor,
     return flat.view(base_out.shape)
 
 
-def channel_view(t: torch.Tensor, base: nn.Module) -> torch.Tensor:
-    """Reshape a per-output-channel vector so it broadcasts against the base layer's output."""
-    return t.view(-1, 1, 1) if isinstance(base, nn.Conv2d) else t
-
-
 class AdapterModule(nn.Module):
-    """One adapter on one frozen base layer.
+    """One adapter on one frozen base layer, and the contract every method implements.
 
-    Subclasses implement :meth:`delta_weight` (the pure ΔW at strength 1, alpha/rank applied once),
-    :meth:`export_tensors` / :meth:`from_tensors` (the file layout), and may override :meth:`bypass`
-    (``ΔW·x`` without building ΔW) or :meth:`transform_output` (multiplicative methods such as OFT).
+    **What a method is** (class attributes, read by the registry, files, UI, CLI and bench):
+
+    - ``method`` (registry name), ``label`` (as people write it), ``description`` (one sentence for the UI);
+    - ``config_class``: its options (:class:`AdapterConfig` subclass; mix in :class:`methods.dora.DoRAConfigMixin`
+      to offer DoRA);
+    - ``file_keys``: tensor suffixes that identify its modules in a file (``lora_up.weight``, ``hada_w1_a``, …);
+    - ``delta_uses_base``: ΔW depends on the base weight (OFT rotates it, GLoRA multiplies it), so converting
+      such a file needs the base model, and the result holds for that base only;
+    - ``example_options``: options of a small working network (tests, bench); ``lycoris_algo``: LyCORIS's name
+      for it (bench, tests), or ``""``; ``kohya_native``: kohya's ``networks.lora`` writes it too.
+
+    **Must define**: ``__init__(name, base, config)`` (its parameters for one layer), :meth:`delta_weight` (ΔW),
+    :meth:`own_tensors` / :meth:`from_own_tensors` (its file layout, both ways) and :meth:`file_rank` (what
+    ``inspect`` shows as its rank). Nothing else is needed for a correct method: ``ΔW·x`` is then a product with the
+    built ΔW, and merging, strength, export, DoRA and the hooks come from this class.
+
+    **May define, for speed**: :meth:`delta_apply` (``ΔW·x`` by a factored product, with the method's training
+    dropouts), :meth:`transform_output` (the output path, e.g. one fused ``addmm``, or OFT's output rotation),
+    :meth:`rebuild_is_cheaper` (when to lend the layer ``W + s·ΔW`` instead), :meth:`adapted_weight` (a fused
+    ``W + s·ΔW``), :meth:`factored_cost` / :meth:`build_cost` (what DoRA's cost model weighs),
+    :meth:`before_forward` / :meth:`after_forward` (work shared by all layers of one model call) and
+    :meth:`layer_from_tensors` (a stand-in layer from a file's tensors alone, so ``convert`` needs no base model).
+    A variant that shares another method's file keys is routed to by that method's :meth:`file_class` (BOFT).
+
+    DoRA is dispatched here: with it on, the hooks call :mod:`methods.dora`, which uses the method's
+    ``delta_weight``, ``delta_apply`` (without dropouts) and costs; ``transform_output``, ``rebuild_is_cheaper`` and
+    ``adapted_weight`` are then not asked, so they never handle DoRA.
     """
 
     method: ClassVar[str] = ""
+    label: ClassVar[str] = ""
     description: ClassVar[str] = ""
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
-    file_keys: ClassVar[frozenset[str]] = frozenset()  # tensor suffixes that identify the method in a file
-    multiplicative: ClassVar[bool] = False  # True for rotations (OFT/BOFT): strength blends W and R·W
+    file_keys: ClassVar[frozenset[str]] = frozenset()
+    delta_uses_base: ClassVar[bool] = False
+    example_options: ClassVar[dict[str, Any]] = {}
+    lycoris_algo: ClassVar[str] = ""
+    kohya_native: ClassVar[bool] = False
 
     def __init__(self, name: str, base: nn.Module, config: AdapterConfig):
         super().__init__()
@@ -237,11 +288,11 @@ class AdapterModule(nn.Module):
         object.__setattr__(self, "base", base)
         self.multiplier = 1.0
         self._hook: tuple[torch.utils.hooks.RemovableHandle, ...] | None = None  # (pre-hook, post-hook)
-        self._merged: tuple[float, torch.Tensor] | None = None
+        self._merged: tuple[float, torch.Tensor | None] | None = None
         self._mode: str | None = None  # this call's path, from the pre-hook to the post-hook
         self.use_dora = bool(getattr(config, "dora", False))
         if self.use_dora:
-            self.dora_scale = nn.Parameter(self._row_norm(self.base.weight.detach().float()))
+            dora.init(self)
 
     # ----- shapes ---------------------------------------------------------------------------------------
     @property
@@ -261,23 +312,51 @@ class AdapterModule(nn.Module):
     def is_conv(self) -> bool:
         return isinstance(self.base, nn.Conv2d)
 
-    # ----- the method's math -------------------------------------------------------------------------------
+    def positions(self, x: torch.Tensor) -> int:
+        """Output positions of a call on ``x`` (tokens × batch; a conv's output pixels): the rows of ``ΔW·x``."""
+        positions = x.numel() // x.shape[1 if self.is_conv else -1]
+        if self.is_conv:
+            positions //= self.base.stride[0] * self.base.stride[1]
+        return positions
+
+    # ----- the method's math (override points) -----------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
-        """ΔW with the method's own scale applied once, shaped like the base weight, in fp32 or param dtype."""
+        """ΔW at strength 1 with the method's own scale applied once, shaped like the base weight (fp32 or the
+        parameters' dtype), differentiable in the adapter's parameters."""
         raise NotImplementedError
 
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        """``ΔW·x`` (no bias). The default builds ΔW; methods override it where a factored product is cheaper."""
+    def delta_apply(self, x: torch.Tensor, dropouts: bool = False) -> torch.Tensor:
+        """``ΔW·x`` (no bias); with ``dropouts`` the method's training-time dropouts act on it. The default builds
+        ΔW (and has no dropouts); methods with a cheaper factored product override it."""
         return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
 
-    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``ΔW·x`` without training-time dropouts (DoRA's path); methods with a factored product override it."""
-        return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+    def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
+        """The layer's adapted output given its frozen output (without DoRA). Additive methods add
+        ``strength·ΔW·x``."""
+        out = self.bypass(x)
+        return base_out + (out if strength == 1.0 else out * strength)
 
-    @classmethod
-    def shares_work(cls) -> bool:
-        """Whether the method computes something for all its layers at once before a model runs."""
-        return cls.before_forward.__func__ is not AdapterModule.before_forward.__func__
+    def rebuild_is_cheaper(self, x: torch.Tensor) -> bool:
+        """Whether this call should run the layer once with ``W + s·ΔW`` rather than the output path.
+
+        Worth it wherever the method builds ΔW anyway: the frozen product and the one with ΔW become one product
+        forward and one backward, leaving only the product for ΔW's gradient. The default says no (the output
+        path); methods with a factored product weigh the two.
+        """
+        return False
+
+    def adapted_weight(self, strength: float) -> torch.Tensor:
+        """``W + s·ΔW`` (without DoRA) in the base weight's dtype, differentiable in the adapter's parameters."""
+        weight = self.base.weight
+        return torch.add(weight, self.delta_weight().to(weight.dtype), alpha=strength)
+
+    def factored_cost(self) -> int:
+        """Multiply-adds per position of :meth:`delta_apply` (default: a product with the built ΔW)."""
+        return self.in_dim * self.out_dim
+
+    def build_cost(self) -> int:
+        """Multiply-adds per element of ΔW to build it."""
+        return 1
 
     @classmethod
     def before_forward(cls, adapters: list[AdapterModule]) -> None:
@@ -287,66 +366,48 @@ class AdapterModule(nn.Module):
     def after_forward(cls, adapters: list[AdapterModule]) -> None:
         """Called with the same adapters when that model's call ends (also when it raises)."""
 
-    def rebuilds_weight(self, x: torch.Tensor) -> bool:
-        """Whether this call runs the layer once with ``W + s·ΔW`` instead of adding ``s·ΔW·x`` to its output.
+    @classmethod
+    def shares_work(cls) -> bool:
+        """Whether the method defines :meth:`before_forward` (then the network hooks the models for it)."""
+        return cls.before_forward.__func__ is not AdapterModule.before_forward.__func__
 
-        Worth it wherever the method builds ΔW anyway: the frozen product and the one with ΔW become one product
-        forward and one backward, leaving only the product for ΔW's gradient. Methods with a cheaper factored
-        path say no, or weigh the two with a cost model; so do dropouts on ``ΔW·x``, which no weight expresses.
-        """
-        return False
-
-    def adapted_weight(self, strength: float) -> torch.Tensor:
-        """``W + s·ΔW`` (DoRA: ``W + s·(W'' − W)``) in the base weight's dtype, differentiable in the adapter's
-        parameters."""
-        if self.use_dora:
-            return self._dora_adapted_weight(strength)
-        weight = self.base.weight
-        return torch.add(weight, self.delta_weight().to(weight.dtype), alpha=strength)
-
-    # One elementwise pass over one element, in multiply-adds of a product: fitted on this project's CPU to DoRA's
-    # measured crossovers (SD1.5 layer shapes, fp32, forward + backward; within 10% where it picks wrong).
-    PASS_COST = 128
-
-    def factored_cost(self) -> int:
-        """Multiply-adds per position of ``ΔW·x`` on the output path (default: a product with the built ΔW)."""
-        return self.in_dim * self.out_dim
-
-    def build_cost(self) -> int:
-        """Multiply-adds per element of ΔW to build it."""
-        return 1
-
-    def positions(self, x: torch.Tensor) -> int:
-        """Output positions of a call on ``x`` (tokens × batch; a conv's output pixels): the rows of ``ΔW·x``."""
-        positions = x.numel() // x.shape[1 if self.is_conv else -1]
-        if self.is_conv:
-            positions //= self.base.stride[0] * self.base.stride[1]
-        return positions
+    # ----- the layer's output, DoRA included (not overridden) ---------------------------------------------
+    def bypass(self, x: torch.Tensor) -> torch.Tensor:
+        """``ΔW·x``, with the method's dropouts while training (DoRA's path never takes them)."""
+        return self.delta_apply(x, dropouts=self.training and not self.use_dora)
 
     def drops_delta_output(self) -> bool:
         """Training with dropouts on ``ΔW·x`` or its rank, which no lent weight can express."""
         config = self.config
         return self.training and bool(getattr(config, "dropout", 0) or getattr(config, "rank_dropout", 0))
 
-    def _dora_rebuilds(self, x: torch.Tensor) -> bool:
-        """Whether DoRA's lent weight beats its output path. The output path builds ΔW without autograd (for the
-        norm), applies the method's product and makes ~10 passes over the (positions × out) activations; the lent
-        weight builds ΔW with autograd, makes ~5 passes over (in × out) and adds the product for W's gradient."""
-        positions = self.positions(x)
-        weight_side = self.in_dim * self.out_dim * (2 * self.build_cost() + 5 * self.PASS_COST + positions)
-        output_side = positions * (3 * self.factored_cost() + 10 * self.PASS_COST * self.out_dim)
-        return weight_side < output_side
-
-    def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
-        """The layer's adapted output given the frozen output. Additive methods add ``strength·ΔW·x``."""
+    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+        """Whether this call lends the layer ``W + s·ΔW`` (see :meth:`rebuild_is_cheaper`): never with dropouts on
+        ``ΔW·x``; with DoRA as its own cost model says."""
+        if self.drops_delta_output():
+            return False
         if self.use_dora:
-            return self._dora_output(x, base_out, strength)
-        out = self.bypass(x)
-        return base_out + (out if strength == 1.0 else out * strength)
+            return dora.rebuild_is_cheaper(self, x)
+        return self.rebuild_is_cheaper(x)
+
+    def lent_weight(self, strength: float) -> torch.Tensor:
+        """The weight lent to the layer for one call: ``W + s·ΔW``, or DoRA's ``W + s·(W'' − W)``."""
+        return dora.adapted_weight(self, strength) if self.use_dora else self.adapted_weight(strength)
+
+    def adapted_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
+        """The layer's adapted output given its frozen output, DoRA included."""
+        if self.use_dora:
+            return dora.adapted_output(self, x, base_out, strength)
+        return self.transform_output(x, base_out, strength)
+
+    def merged_delta(self) -> torch.Tensor:
+        """What merging at strength 1 adds to the base weight (ΔW, or the DoRA-rescaled difference)."""
+        delta = self.delta_weight()
+        return dora.merged_delta(self, delta) if self.use_dora else delta
 
     # ----- file layout -----------------------------------------------------------------------------------
-    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
-        """Tensors to store under ``<name>.<suffix>``, including ``alpha`` and ``dora_scale``.
+    def own_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+        """The method's tensors, stored under ``<name>.<suffix>``, ``alpha`` included (DoRA's are added here).
 
         ``portable`` picks the layout every consumer reads (Tucker cores folded, OFT constraint baked in);
         ``False`` keeps the trainable layout, for resuming with another tool.
@@ -354,9 +415,60 @@ class AdapterModule(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterModule:
-        """Rebuild a module from a file's tensors (suffix → tensor), inferring rank and variant from shapes."""
+    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterModule:
+        """Rebuild a module from a file module's tensors (suffix → tensor), inferring rank and variant from shapes;
+        a clear ``ValueError`` naming the module for tensors that do not fit ``base``."""
         raise NotImplementedError
+
+    @classmethod
+    def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:
+        """The rank (or block layout) of one file module, as consumers read it from the tensor shapes."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_class(cls, tensors: dict[str, torch.Tensor]) -> type[AdapterModule]:
+        """The class that reads a file module this method claims: itself, unless a variant shares its file keys
+        and is told apart by shapes (OFT's 3-D ``oft_blocks``, BOFT's 4-D)."""
+        return cls
+
+    @classmethod
+    def layer_from_tensors(cls, tensors: dict[str, torch.Tensor]) -> nn.Module | None:
+        """A layer (on the meta device) of the shape a file module adapts, when its tensors alone tell; else None."""
+        return None
+
+    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+        """Everything stored for this module: :meth:`own_tensors` plus DoRA's ``dora_scale``."""
+        tensors = self.own_tensors(portable)
+        if self.use_dora:
+            tensors[dora.FILE_KEY] = self.dora_scale.detach()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> AdapterModule:
+        """Rebuild from a file module's tensors (:meth:`from_own_tensors` of :meth:`file_class`), with DoRA where the
+        file has it."""
+        reader = cls.file_class(tensors)
+        if reader is not cls:
+            return reader.from_tensors(name, base, tensors)
+        tensors = dict(tensors)
+        scale = tensors.pop(dora.FILE_KEY, None)
+        if scale is not None and not issubclass(cls.config_class, dora.DoRAConfigMixin):
+            raise ValueError(f"{name}: {dora.FILE_KEY} (DoRA) on a {cls.label or cls.method} module, which this "
+                             "version reads without DoRA only")
+        module = cls.from_own_tensors(name, base, tensors)
+        if scale is not None:
+            dora.load(module, scale)
+        return module
+
+    @classmethod
+    def needs_base_for(cls, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether a file module's ΔW depends on the base weight (the method's, or DoRA's rescaling)."""
+        return cls.delta_uses_base or dora.FILE_KEY in tensors
+
+    @classmethod
+    def claims(cls, suffixes: set[str]) -> bool:
+        """Whether a file module with these tensor suffixes is written in this method's layout."""
+        return bool(cls.file_keys & suffixes)
 
     @torch.no_grad()
     def copy_file_tensors(self, values: dict[str, torch.Tensor]) -> None:
@@ -369,73 +481,8 @@ class AdapterModule(nn.Module):
                                  f"{tuple(self.weight_shape)} weight (expected {tuple(param.shape)})")
             param.copy_(value.reshape(param.shape))
 
-    @classmethod
-    def claims(cls, suffixes: set[str]) -> bool:
-        """Whether a file module with these tensor suffixes is written in this method's layout."""
-        return bool(cls.file_keys & suffixes)
-
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    # ----- DoRA (shared by LoRA, LoHa, LoKr) ---------------------------------------------------------------
-    def _row_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """‖·‖ over everything but the output axis, shaped like ``dora_scale`` in files: (out, 1[, 1, 1])."""
-        norm = weight.reshape(weight.shape[0], -1).norm(dim=1)
-        return norm.view(weight.shape[0], *([1] * (weight.dim() - 1)))
-
-    def _dora_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
-        weight = self.base.weight
-        # Detached norm, as in the DoRA paper §4.3 and PEFT: the magnitude learns scale, ΔW learns direction. ΔW is
-        # only needed for that norm, so it is built without autograd; the activations go through delta_apply (the
-        # method's factored product where it has one) instead of a second full-width matmul with ΔW.
-        with torch.no_grad():
-            delta = self.delta_weight()
-            norm = self._row_norm(weight.to(delta.dtype) + delta)
-        ratio = (self.dora_scale.to(delta.dtype) / norm).flatten()
-        bias = self.base.bias
-        frozen = base_out if bias is None else base_out - channel_view(bias, self.base).to(base_out.dtype)
-        adapted_out = frozen + self.delta_apply(x)
-        adapted_out = adapted_out * channel_view(ratio, self.base).to(x.dtype)
-        return base_out + (adapted_out - frozen) * strength
-
-    def _dora_adapted_weight(self, strength: float) -> torch.Tensor:
-        """``W + s·(m ⊙ (W + ΔW)/‖W + ΔW‖ − W)``, the norm detached: what :meth:`_dora_output` computes, as a weight."""
-        weight = self.base.weight
-        delta = self.delta_weight()
-        adapted = weight.to(delta.dtype) + delta
-        with torch.no_grad():
-            norm = self._row_norm(adapted)
-        target = adapted * (self.dora_scale.to(delta.dtype) / norm)
-        return torch.lerp(weight.to(delta.dtype), target, strength).to(weight.dtype)
-
-    def _dora_merged(self, delta: torch.Tensor) -> torch.Tensor:
-        weight = self.base.weight.to(delta.dtype)
-        adapted = weight + delta
-        return adapted * (self.dora_scale.to(delta.dtype) / self._row_norm(adapted)) - weight
-
-    def _dora_export(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.use_dora:
-            tensors["dora_scale"] = self.dora_scale.detach()
-        return tensors
-
-    def _dora_import(self, tensors: dict[str, torch.Tensor]) -> None:
-        scale = tensors.get("dora_scale")
-        if scale is None:
-            return
-        expected = self._row_norm(self.base.weight).shape
-        if scale.shape[0] != self.out_dim or scale.numel() != self.out_dim:
-            raise ValueError(
-                f"{self.name}: dora_scale {tuple(scale.shape)} does not fit the output-axis layout "
-                f"{tuple(expected)}; input-axis files (1, in[, 1, 1]) from old LyCORIS/A1111 are not supported"
-            )
-        self.use_dora = True
-        scale = scale.detach().to(device=self.base.weight.device, dtype=torch.float32)
-        self.dora_scale = nn.Parameter(scale.reshape(expected).clone())
-
-    def merged_delta(self) -> torch.Tensor:
-        """What merging at strength 1 adds to the base weight (ΔW, or the DoRA-rescaled difference)."""
-        delta = self.delta_weight()
-        return self._dora_merged(delta) if self.use_dora else delta
 
     # ----- attach / merge ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -467,7 +514,7 @@ class AdapterModule(nn.Module):
         if self._mode == "rebuild":
             _LENT_WEIGHTS.setdefault(base, base._parameters["weight"])
             # Not a Parameter, so it cannot go through setattr; the post-hook puts the Parameter back.
-            base._parameters["weight"] = self.adapted_weight(float(self.multiplier))
+            base._parameters["weight"] = self.lent_weight(float(self.multiplier))
 
     def _forward_hook(self, base: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         own_weight = _LENT_WEIGHTS.pop(base, None)
@@ -476,7 +523,7 @@ class AdapterModule(nn.Module):
         mode, self._mode = self._mode, None
         if mode != "output":
             return output
-        return self.transform_output(args[0], output, float(self.multiplier))
+        return self.adapted_output(args[0], output, float(self.multiplier))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapted layer as a standalone function (base output plus adapter), for tests and tools."""
@@ -484,27 +531,33 @@ class AdapterModule(nn.Module):
         # strength 0, module dropout in training; one product with W + s·ΔW where the method rebuilds.
         mode = self._call_mode(x)
         if mode == "rebuild":
-            return apply_weight(self.base, x, self.adapted_weight(float(self.multiplier)), self.base.bias)
+            return apply_weight(self.base, x, self.lent_weight(float(self.multiplier)), self.base.bias)
         base_out = self.base.forward(x)  # .forward, not __call__: skips the hooks, including this adapter's
-        return base_out if mode == "base" else self.transform_output(x, base_out, float(self.multiplier))
+        return base_out if mode == "base" else self.adapted_output(x, base_out, float(self.multiplier))
 
     @torch.no_grad()
-    def merge(self, strength: float | None = None) -> None:
-        """Add ``strength·ΔW`` into the base weight; :meth:`unmerge` restores the exact original."""
+    def merge(self, strength: float | None = None, keep_original: bool = True) -> None:
+        """Add ``strength·merged_delta`` into the base weight; :meth:`unmerge` restores the exact original.
+
+        ``keep_original=False`` bakes it in for good (no copy of the weight is kept; ``trainer merge``).
+        """
         if self._merged is not None:
             raise RuntimeError(f"{self.name} is already merged")
         strength = float(self.multiplier if strength is None else strength)
         weight = self.base.weight
-        original = weight.detach().clone()
+        original = weight.detach().clone() if keep_original else None
         delta = self.merged_delta().float()
-        weight.copy_((original.float() + strength * delta).to(weight.dtype))
+        weight.copy_((weight.float() + strength * delta).to(weight.dtype))
         self._merged = (strength, original)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self._merged is None:
             return
-        self.base.weight.copy_(self._merged[1])
+        original = self._merged[1]
+        if original is None:
+            raise RuntimeError(f"{self.name} was merged for good (keep_original=False); it cannot be undone")
+        self.base.weight.copy_(original)
         self._merged = None
 
     @property

@@ -140,14 +140,13 @@ class BOFTConfig(OFTConfig):
 @register(aliases=("butterfly-oft",))
 class BOFTModule(OrthogonalModule):
     method = "boft"
+    label = "BOFT"
+    lycoris_algo = "boft"
     description = ("Butterfly OFT: chained block rotations mixing all output channels; denser than OFT "
                    "for the same block size (LyCORIS boft; not Forge or diffusers).")
     config_class = BOFTConfig
-
-    @classmethod
-    def claims(cls, suffixes: set[str]) -> bool:
-        """Never by suffix: ``oft_blocks`` is OFT's claim, and ``OFTModule.from_tensors`` routes 4-D blocks here."""
-        return False
+    # Never claimed by suffix: ``oft_blocks`` is OFT's, and ``OFTModule.file_class`` routes 4-D blocks here.
+    file_keys = frozenset()
 
     def _check_shape(self, shape: tuple[int, ...]) -> None:
         ok = len(shape) == 4 and shape[2] == shape[3] and shape[2] % 2 == 0 and is_power_of_two(shape[1])
@@ -163,7 +162,7 @@ class BOFTModule(OrthogonalModule):
         return butterfly_channel_delta(values, shift)
 
     @classmethod
-    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> BOFTModule:
+    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> BOFTModule:
         blocks = tensors["oft_blocks"]
         if blocks.dim() != 4:
             raise ValueError(f"{name}: BOFT oft_blocks must be 4-D (m, n, b, b), got {tuple(blocks.shape)}")

@@ -23,11 +23,6 @@ from safetensors.torch import save as serialize
 SAVE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
-                          "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sd2-v": 768, "sdxl": 1024}
-KOHYA_NATIVE_METHODS = {"lora"}
 # Our option names → the network_args spelling kohya/LyCORIS use in ss_network_args (spec §3.4).
 NETWORK_ARG_NAMES = {"conv_rank": "conv_dim", "dora": "dora_wd"}
 
@@ -69,12 +64,18 @@ def build_metadata(
 ) -> dict[str, str]:
     """The §3.4 block of kohya ``ss_*`` and ``modelspec.*`` keys (values stringified as kohya does).
 
-    ``arch`` is sd1, sd2 or sdxl; v-prediction SD2 is told by ``prediction_type``. ``output_name`` is the file stem
-    (A1111 uses ``ss_output_name`` as the alias); it defaults to ``title``. ``extra`` adds or overrides keys (training
-    details: ``ss_steps``, ``ss_tag_frequency`` as a dict, …; dicts/lists become JSON).
+    ``arch`` names a :mod:`methods.arch` entry; its v-prediction ids (SD2-768-v) are picked by ``prediction_type``.
+    ``output_name`` is the file stem (A1111 uses ``ss_output_name`` as the alias); it defaults to ``title``.
+    ``extra`` adds or overrides keys (training details: ``ss_steps``, ``ss_tag_frequency`` as a dict, …; dicts/lists
+    become JSON).
     """
-    version_key = "sd2-v" if arch == "sd2" and prediction_type == "v_prediction" else arch
-    size = resolution or DEFAULT_RESOLUTION[version_key]
+    from .arch import get_architecture
+    from .base import ConfigError
+    from .registry import get_method
+
+    spec = get_architecture(arch)
+    variant = spec.variant(prediction_type)
+    size = resolution or variant.resolution
     width, height = (size, size) if isinstance(size, int) else size
     network_args = {"algo": method}
     for key, value in options.items():
@@ -84,22 +85,24 @@ def build_metadata(
     if options.get("dora"):
         network_args.update(dora_wd=True, wd_on_output=True)
     now = time.time()
+    try:
+        kohya_native = get_method(method).kohya_native and not options.get("dora")
+    except ConfigError:  # a network read from a file of several methods ("lora+loha")
+        kohya_native = False
     metadata: dict[str, Any] = {
-        "ss_network_module": "networks.lora" if method in KOHYA_NATIVE_METHODS and not options.get("dora")
-        else "lycoris.kohya",
+        "ss_network_module": "networks.lora" if kohya_native else "lycoris.kohya",
         "ss_network_dim": rank if rank is not None else options.get("rank", "None"),
         "ss_network_alpha": float(alpha) if alpha is not None else "None",
         "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
-        "ss_base_model_version": BASE_MODEL_VERSION[version_key],
-        "ss_v2": arch == "sd2",
+        "ss_base_model_version": variant.kohya_version,
+        "ss_v2": spec.kohya_v2,
         "ss_v_parameterization": prediction_type == "v_prediction",
         "ss_output_name": output_name if output_name is not None else title,
         "ss_resolution": str((width, height)),
         "ss_training_started_at": now,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[version_key]}/lora",
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if arch == "sdxl"
-        else "diffusers",
+        "modelspec.architecture": f"{variant.modelspec_id}/lora",
+        "modelspec.implementation": spec.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
@@ -203,4 +206,22 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         raise AdapterFileError(f"{path}: not a readable .safetensors file ({error})") from error
     if not tensors:
         raise AdapterFileError(f"{path}: the file holds no tensors")
+    check_finite(path, tensors)
     return tensors, metadata
+
+
+def check_finite(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a file holding NaN or infinite values (a run that diverged): merged or applied, they would turn every
+    image they touch into noise or black. The error names the first such module and how many there are."""
+    damaged = [key for key, tensor in tensors.items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not damaged:
+        return
+    key = damaged[0]
+    module, _, suffix = key.partition(".")
+    nans, infinite = int(torch.isnan(tensors[key]).sum()), int(torch.isinf(tensors[key]).sum())
+    modules = {name.partition(".")[0] for name in damaged}
+    others = f" (and {len(modules) - 1} more module(s))" if len(modules) > 1 else ""
+    raise AdapterFileError(
+        f"{path}: module {module} holds non-finite values ({nans} NaN, {infinite} infinite in {suffix or key})"
+        f"{others}; the file is damaged (did its training diverge?) and is not used: take an earlier save or retrain")

@@ -16,15 +16,16 @@ from torch import nn
 from .base import (
     AdapterModule,
     ConfigError,
-    DoRAConfigMixin,
     LowRankConfig,
     add_low_rank,
     apply_weight,
     check_fraction,
     is_kxk_conv,
+    is_pointwise,
     parameter_factory,
     read_alpha,
 )
+from .dora import DoRAConfigMixin
 from .registry import register
 
 
@@ -80,10 +81,13 @@ def loha_delta(w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b:
 @register
 class LoHaModule(AdapterModule):
     method = "loha"
+    label = "LoHa"
     description = ("Hadamard product of two low-rank pairs: rank r² expressiveness for 2× LoRA's size; "
                    "A1111/Forge/ComfyUI, not diffusers.")
     config_class = LoHaConfig
     file_keys = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"})
+    example_options = {"rank": 4, "alpha": 2.0}
+    lycoris_algo = "loha"
 
     def __init__(self, name: str, base: nn.Module, config: LoHaConfig, *, tucker: bool | None = None):
         super().__init__(name, base, config)
@@ -121,18 +125,16 @@ class LoHaModule(AdapterModule):
         return loha_delta(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.weight_shape,
                           self.scale, t1, t2)
 
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.delta_apply(x)
-        return regularise_output(out, self.config, self.is_conv) if self.training else out
-
-    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
+    def delta_apply(self, x: torch.Tensor, dropouts: bool = False) -> torch.Tensor:
         if self._takes_product(x):
-            return self._hadamard_apply(x)
-        return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+            out = self._hadamard_apply(x)
+        else:
+            out = apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+        return regularise_output(out, self.config, self.is_conv) if dropouts else out
 
     def adapted_weight(self, strength: float) -> torch.Tensor:
         """``W + s·(A1B1)⊙(A2B2)`` as one fused pass over the weight (``addcmul``), the scales on ``A1``."""
-        if self.tucker or self.use_dora:
+        if self.tucker:
             return super().adapted_weight(strength)
         weight = self.base.weight
         first = (self.hada_w1_a * (self.scale * strength)) @ self.hada_w1_b
@@ -146,47 +148,44 @@ class LoHaModule(AdapterModule):
     def build_cost(self) -> int:
         return 2 * self.rank
 
-    def rebuilds_weight(self, x: torch.Tensor) -> bool:
-        if self.drops_delta_output():
-            return False
-        if self.use_dora:
-            return self._dora_rebuilds(x)
-        return not (self._pointwise() and self._factored_beats_rebuild(x))
-
-    def _factored_beats_rebuild(self, x: torch.Tensor) -> bool:
-        """Multiply-adds of the rank-r² product (``T·r²·(in+out)``, three times with autograd) against lending the
-        layer ``W + ΔW`` (building ΔW, ``2·r·in·out``, three times with autograd, plus ``T·in·out`` for the
-        weight's gradient): the product wins only for wide layers at few positions."""
-        out_dim, in_dim, r2 = self.out_dim, self.in_dim, self.rank * self.rank
-        positions = self.positions(x)
-        passes = 3 if torch.is_grad_enabled() else 1
-        weight_gradient = positions * in_dim * out_dim if torch.is_grad_enabled() else 0
-        rebuild = passes * 2 * self.rank * in_dim * out_dim + weight_gradient
-        return passes * positions * r2 * (in_dim + out_dim) < rebuild
+    def rebuild_is_cheaper(self, x: torch.Tensor) -> bool:
+        """k×k convs build ΔW for any product; Linear and 1×1 layers lend ``W + ΔW`` unless the rank-r² product
+        costs less (wide layers, few positions)."""
+        if not self._pointwise():
+            return True
+        product, _, lent = self._path_costs(x)
+        return lent <= product
 
     def _pointwise(self) -> bool:
-        """Linear, or a plain 1×1 conv: ΔW·x is a per-position map on channels."""
-        base = self.base
-        if isinstance(base, nn.Linear):
-            return True
-        return (not self.tucker and tuple(base.kernel_size) == (1, 1) and tuple(base.stride) == (1, 1)
-                and tuple(base.padding) == (0, 0) and base.groups == 1)
+        """Whether the rank-r² product applies: a pointwise layer (Linear, plain 1×1 conv) without Tucker cores."""
+        return not self.tucker and is_pointwise(self.base)
 
     def _takes_product(self, x: torch.Tensor) -> bool:
-        """Whether ``ΔW·x`` goes through the rank-r² product rather than a built ΔW."""
-        return self._pointwise() and self._factored_is_cheaper(x)
+        """Whether ``ΔW·x`` on the output path goes through the rank-r² product rather than a built ΔW."""
+        if not self._pointwise():
+            return False
+        product, built, _ = self._path_costs(x)
+        return product < built
 
-    def _factored_is_cheaper(self, x: torch.Tensor) -> bool:
-        """Multiply-adds of the rank-r² product (``T·r²·(in+out)``) against building ΔW and applying it
-        (``2·r·in·out + T·in·out``), for ``T`` positions; wide layers and few positions favour the product."""
-        out_dim, in_dim, r2 = self.out_dim, self.in_dim, self.rank * self.rank
-        positions = x.numel() // in_dim
-        return positions * r2 * (in_dim + out_dim) < 2 * self.rank * in_dim * out_dim + positions * in_dim * out_dim
+    def _path_costs(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """Multiply-adds of three ways to add ``ΔW·x`` for ``T`` positions, each counted three times with autograd
+        (forward and two gradients) and once without: the rank-r² product (``T·r²·(in+out)``); building ΔW
+        (``2·r·in·out``) and applying it (``T·in·out``); building ΔW and lending the layer ``W + ΔW``, whose
+        product replaces the frozen one (only the product for W's gradient, ``T·in·out``, is extra)."""
+        out_dim, in_dim = self.out_dim, self.in_dim
+        positions = self.positions(x)
+        grad = torch.is_grad_enabled()
+        passes = 3 if grad else 1
+        build = 2 * self.rank * in_dim * out_dim
+        product = passes * positions * self.rank * self.rank * (in_dim + out_dim)
+        built = passes * (build + positions * in_dim * out_dim)
+        lent = passes * build + (positions * in_dim * out_dim if grad else 0)
+        return product, built, lent
 
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """Linear layers on the rank-r² product: ``base + s·M(K·x)`` as one ``addmm`` (as LoRA); everything else
         through the generic path."""
-        if self.use_dora or self.is_conv or self.drops_delta_output() or not self._takes_product(x):
+        if self.is_conv or self.drops_delta_output() or not self._takes_product(x):
             return super().transform_output(x, base_out, strength)
         left_t, right = self._khatri_rao(x.dtype)
         return add_low_rank(base_out, F.linear(x, right), left_t.t(), strength * self.scale)
@@ -194,7 +193,7 @@ class LoHaModule(AdapterModule):
     def _khatri_rao(self, dtype: torch.dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A1B1)⊙(A2B2) = M·K`` with ``M[o, pq] = A1[o, p]·A2[o, q]`` and ``K[pq, i] = B1[p, i]·B2[q, i]``: ΔW as
         a rank-r² product that never builds it. Returns ``(Mᵀ·scale, K)``, both ``r² × features`` so the broadcast
-        products run along the long axis (3× faster than along r on a 10240-row layer)."""
+        products run along the long axis (faster than along r: bench/NOTES.md)."""
         first, second = self.hada_w1_a.t().contiguous(), self.hada_w2_a.t().contiguous()
         if scale != 1.0:
             second = second * scale
@@ -211,7 +210,7 @@ class LoHaModule(AdapterModule):
         return F.linear(F.linear(x, right), left_t.t())
 
     # ----- file layout -------------------------------------------------------------------------------------
-    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+    def own_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
         """Every consumer reads both layouts (Tucker included), so ``portable`` changes nothing here."""
         tensors = {
             "hada_w1_a": self.hada_w1_a.detach(),
@@ -223,10 +222,10 @@ class LoHaModule(AdapterModule):
             tensors["hada_t1"] = self.hada_t1.detach()
             tensors["hada_t2"] = self.hada_t2.detach()
         tensors["alpha"] = torch.tensor(float(self.alpha))
-        return self._dora_export(tensors)
+        return tensors
 
     @classmethod
-    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoHaModule:
+    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoHaModule:
         missing = [k for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b") if k not in tensors]
         tucker = "hada_t1" in tensors or "hada_t2" in tensors
         if tucker and not ("hada_t1" in tensors and "hada_t2" in tensors):
@@ -244,5 +243,8 @@ class LoHaModule(AdapterModule):
         module = cls(name, base, config, tucker=tucker)
         keys = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + (["hada_t1", "hada_t2"] if tucker else [])
         module.copy_file_tensors({key: tensors[key] for key in keys})
-        module._dora_import(tensors)
         return module
+
+    @classmethod
+    def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:
+        return str(tensors["hada_w1_b"].shape[0])

@@ -1,6 +1,7 @@
 """LoKr: ``ΔW = scale · kron(W1, W2)`` with ``W1 (a, c)`` small and ``W2 (b, d[, kh, kw])`` large, optionally low-rank.
 
-``out = a·b`` and ``in = c·d`` come from :func:`factorization`. File keys (LyCORIS, spec §2.3), exactly one of each:
+``out = a·b`` and ``in = c·d`` come from :func:`methods.base.factorization`. File keys (LyCORIS, spec §2.3),
+exactly one of each:
 
 - ``lokr_w1 (a, c)``, or ``lokr_w1_a (a, r)`` + ``lokr_w1_b (r, c)`` (``decompose_both`` and ``r < max(a, c)/2``);
 - ``lokr_w2 (b, d)`` / conv ``(b, d, kh, kw)`` ("full matrix": ``r ≥ max(b, d)/2`` or ``full_matrix``), or
@@ -24,37 +25,17 @@ from torch import nn
 from .base import (
     AdapterModule,
     ConfigError,
-    DoRAConfigMixin,
     LowRankConfig,
     apply_weight,
+    factorization,
     is_kxk_conv,
+    is_pointwise,
     parameter_factory,
     read_alpha,
 )
+from .dora import DoRAConfigMixin
 from .loha import regularise_output, tucker_rebuild, validate_dropouts
 from .registry import register
-
-
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Split ``dimension = m·n`` with ``m ≤ n``; LyCORIS's rule (``lycoris.functional.general.factorization``).
-
-    A positive ``factor`` that divides ``dimension`` is used as is. Otherwise walk the divisors upward from 1,
-    never taking one above ``factor`` (``factor < 0``: no bound), and stop at the first that reaches ``√dimension``:
-    ``-1`` gives the most balanced split (128 → 8·16, 1024 → 32·32, a prime p → 1·p).
-    """
-    if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (m, n) if m <= n else (n, m)
-    bound = dimension if factor < 0 else factor
-    m, n = 1, dimension
-    while m < n:
-        candidate = m + 1
-        while dimension % candidate:
-            candidate += 1
-        if candidate > bound:
-            break
-        m, n = candidate, dimension // candidate
-    return (m, n) if m <= n else (n, m)
 
 
 @dataclasses.dataclass
@@ -123,11 +104,15 @@ def lokr_delta(shape: torch.Size, scale: float, *, w1: torch.Tensor | None = Non
 @register
 class LoKrModule(AdapterModule):
     method = "lokr"
+    label = "LoKr"
     description = ("Kronecker product of a small and a large (low-rank) factor: the smallest files, "
                    "A1111/Forge/ComfyUI, not diffusers.")
     config_class = LoKrConfig
     file_keys = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1",
                            "lokr_t2"})
+    # rank 2 stays below max(b, d)/2 on small layers, so W2 is factorised and alpha counts
+    example_options = {"rank": 2, "alpha": 1.0}
+    lycoris_algo = "lokr"
 
     def __init__(self, name: str, base: nn.Module, config: LoKrConfig, *, layout: KronLayout | None = None):
         super().__init__(name, base, config)
@@ -177,43 +162,30 @@ class LoKrModule(AdapterModule):
     def delta_weight(self) -> torch.Tensor:
         return lokr_delta(self.weight_shape, self.scale, **self._factors())
 
-    def _pointwise(self) -> bool:
-        """Whether ΔW·x is a per-position map on channels (Linear, or a plain 1×1 conv), so the Kronecker identity
-        ``kron(W1, W2)·vec(X) = vec(W1·X·W2ᵀ)`` applies without building ΔW."""
-        base = self.base
-        if isinstance(base, nn.Linear):
-            return True
-        return (tuple(base.kernel_size) == (1, 1) and tuple(base.stride) == (1, 1) and tuple(base.padding) == (0, 0)
-                and base.groups == 1)
-
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.delta_apply(x)
-        return regularise_output(out, self.config, self.is_conv) if self.training else out
-
     def factored_cost(self) -> int:
-        if not self._pointwise():
+        if not is_pointwise(self.base):
             return self.in_dim * self.out_dim
         a, b, c, d, rank = (self.layout.a, self.layout.b, self.layout.c, self.layout.d, self.layout.w2_rank)
         return c * d * rank + a * c * rank + a * rank * b if rank else c * d * b + a * c * b
 
-    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+    def rebuild_is_cheaper(self, x: torch.Tensor) -> bool:
         """k×k convs build ΔW for the product anyway; Linear and 1×1 layers keep the cheaper Kronecker product."""
-        if self.drops_delta_output():
-            return False
-        if self.use_dora:
-            return self._dora_rebuilds(x)
-        return not self._pointwise()
+        return not is_pointwise(self.base)
 
-    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self._pointwise():
-            return self._kron_apply(x)
-        return apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+    def delta_apply(self, x: torch.Tensor, dropouts: bool = False) -> torch.Tensor:
+        """Linear and 1×1 layers: the Kronecker identity ``kron(W1, W2)·vec(X) = vec(W1·X·W2ᵀ)`` applies without
+        building ΔW (:meth:`_kron_apply`); k×k convs build it."""
+        if is_pointwise(self.base):
+            out = self._kron_apply(x)
+        else:
+            out = apply_weight(self.base, x, self.delta_weight().to(x.dtype))
+        return regularise_output(out, self.config, self.is_conv) if dropouts else out
 
     def _kron_apply(self, x: torch.Tensor) -> torch.Tensor:
         """``ΔW·x`` without building ΔW: ``kron(W1, W2)·vec(X) = vec(W1·X·W2ᵀ)`` on ``X = x`` split into ``(c, d)``.
 
         ``c·d·r + a·c·r + a·r·b`` multiply-adds per position (``c·d·b + a·c·b`` with a full W2) instead of
-        ``a·b·c·d``; measured 2-30× faster than building ΔW, forward and backward, on SD-sized layers.
+        ``a·b·c·d`` (measured against building ΔW: bench/NOTES.md).
         """
         dtype = x.dtype
         layout = self.layout
@@ -240,7 +212,7 @@ class LoKrModule(AdapterModule):
         return h.reshape(*x.shape[:-1], self.out_dim)
 
     # ----- file layout -------------------------------------------------------------------------------------
-    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+    def own_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
         """``portable`` writes the layout every consumer reads (spec §7): ``lokr_w1_a/b`` multiplied out into
         ``lokr_w1`` and a Tucker ``lokr_t2`` folded into a 2-D ``lokr_w2_b``; ΔW is unchanged up to rounding."""
         factors = {key: value.detach() for key, value in self._factors().items()}
@@ -257,10 +229,10 @@ class LoKrModule(AdapterModule):
             factors["w2_a"] = w2_a.t()
         tensors = {f"lokr_{key}": value.contiguous() for key, value in factors.items()}
         tensors["alpha"] = torch.tensor(float(alpha))
-        return self._dora_export(tensors)
+        return tensors
 
     @classmethod
-    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoKrModule:
+    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoKrModule:
         """Reads every layout LyCORIS writes, including ``lokr_w1_a/b``, ``lokr_t2`` and a 4-D ``lokr_w2_b``."""
         if "lokr_t1" in tensors:
             raise ValueError(f"{name}: lokr_t1 is not a LoKr layout any consumer defines")
@@ -312,5 +284,12 @@ class LoKrModule(AdapterModule):
         config = LoKrConfig(rank=rank, alpha=alpha, conv_rank=rank, conv_alpha=alpha)
         module = cls(name, base, config, layout=layout)
         module.copy_file_tensors(values)
-        module._dora_import(tensors)
         return module
+
+    @classmethod
+    def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:
+        """The rank ``alpha`` divides by: ``lokr_w2_b``'s, else ``lokr_w1_b``'s; both sides full: ``full``."""
+        for key in ("lokr_w2_b", "lokr_w1_b"):
+            if key in tensors:
+                return str(tensors[key].shape[0])
+        return "full"

@@ -15,7 +15,6 @@ from torch import nn
 
 from .base import (
     AdapterModule,
-    DoRAConfigMixin,
     LowRankConfig,
     add_low_rank,
     check_fraction,
@@ -24,6 +23,7 @@ from .base import (
     parameter_factory,
     read_alpha,
 )
+from .dora import DoRAConfigMixin
 from .registry import register
 
 
@@ -55,9 +55,13 @@ def fold_tucker_down(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 @register(aliases=("locon",))
 class LoRAModule(AdapterModule):
     method = "lora"
+    label = "LoRA"
     description = "Low-rank update up·down; the standard, smallest files, loads everywhere including diffusers."
     config_class = LoRAConfig
     file_keys = frozenset({"lora_up.weight", "lora_down.weight", "lora_mid.weight"})
+    example_options = {"rank": 4, "alpha": 2.0}
+    lycoris_algo = "lora"
+    kohya_native = True
 
     def __init__(self, name: str, base: nn.Module, config: LoRAConfig, *, tucker: bool | None = None):
         super().__init__(name, base, config)
@@ -92,28 +96,20 @@ class LoRAModule(AdapterModule):
     def build_cost(self) -> int:
         return self.rank
 
-    def rebuilds_weight(self, x: torch.Tensor) -> bool:
-        """Only DoRA (plain LoRA's factored product is always cheaper than building ΔW); dropouts act on the hidden
-        rank, which no weight expresses."""
-        return self.use_dora and not self.drops_delta_output() and self._dora_rebuilds(x)
+    # rebuild_is_cheaper: never (the default): the factored product always beats building ΔW.
 
     def transform_output(self, x: torch.Tensor, base_out: torch.Tensor, strength: float) -> torch.Tensor:
         """Linear layers: ``base + (s·scale)·up(down(x))`` as one ``addmm`` (no separate scale, strength and add
-        ops, forward or backward); everything else through the generic path."""
-        if self.use_dora or self.is_conv:
+        ops, forward or backward); convs through the generic path."""
+        if self.is_conv:
             return super().transform_output(x, base_out, strength)
         hidden = F.linear(x, self.lora_down.to(x.dtype))
         if self.training:
             hidden = self._regularise(hidden)
         return add_low_rank(base_out, hidden, self.lora_up.to(x.dtype), self.scale * strength)
 
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        return self._factored(x, regularise=self.training)
-
-    def delta_apply(self, x: torch.Tensor) -> torch.Tensor:
-        return self._factored(x, regularise=False)
-
-    def _factored(self, x: torch.Tensor, regularise: bool) -> torch.Tensor:
+    def delta_apply(self, x: torch.Tensor, dropouts: bool = False) -> torch.Tensor:
+        """``scale·up(down(x))`` (Tucker: down, mid, up); the dropouts act on the rank-r hidden activations."""
         dtype = x.dtype
         if self.is_conv:
             window = conv_kwargs(self.base)
@@ -127,7 +123,7 @@ class LoRAModule(AdapterModule):
                 hidden = F.conv2d(x, self.lora_down.to(dtype), **window)
         else:
             hidden = F.linear(x, self.lora_down.to(dtype))
-        if regularise:
+        if dropouts:
             hidden = self._regularise(hidden)
         if self.is_conv:
             return F.conv2d(hidden, self.lora_up.to(dtype) * self.scale)
@@ -146,7 +142,7 @@ class LoRAModule(AdapterModule):
         return hidden
 
     # ----- file layout -------------------------------------------------------------------------------------
-    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+    def own_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
         """``portable`` folds the Tucker core into ``lora_down`` so diffusers can load the file (ΔW unchanged)."""
         down, up = self.lora_down.detach(), self.lora_up.detach()
         tensors = {}
@@ -155,10 +151,10 @@ class LoRAModule(AdapterModule):
         elif self.tucker:
             tensors["lora_mid.weight"] = self.lora_mid.detach()
         tensors.update({"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(self.alpha)})
-        return self._dora_export(tensors)
+        return tensors
 
     @classmethod
-    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoRAModule:
+    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> LoRAModule:
         down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
         mid = tensors.get("lora_mid.weight")
         rank = down.shape[0]
@@ -170,5 +166,23 @@ class LoRAModule(AdapterModule):
             module.lora_up.copy_(up.reshape(module.lora_up.shape))
             if mid is not None:
                 module.lora_mid.copy_(mid)
-        module._dora_import(tensors)
         return module
+
+    @classmethod
+    def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:
+        return str(tensors["lora_down.weight"].shape[0])
+
+    @classmethod
+    def layer_from_tensors(cls, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """down is ``(r, in[, kh, kw])`` (Tucker: 1×1, the kernel on ``mid``) and up ``(out, r[, 1, 1])``."""
+        down, up, mid = tensors["lora_down.weight"], tensors["lora_up.weight"], tensors.get("lora_mid.weight")
+        if down.dim() == 4:
+            kernel = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
+            return nn.Conv2d(down.shape[1], up.shape[0], kernel, bias=False, device="meta")
+        return nn.Linear(down.shape[1], up.shape[0], bias=False, device="meta")
+
+
+def lora_tensors(down: torch.Tensor, up: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A plain LoRA module's file tensors from its factors, with ``alpha = rank`` (scale 1: ΔW = up·down as
+    written)."""
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(down.shape[0]))}

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import re
 
-UNET_PREFIX = "lora_unet"
-TEXT_ENCODER_PREFIXES = ("lora_te", "lora_te1", "lora_te2")
+from .arch import UNET_PREFIX
 
 _RESNET_SUFFIXES = {
     "conv1": "in_layers.2",

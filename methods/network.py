@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from . import naming, targets
-from .base import AdapterConfig, AdapterModule, ConfigError
-from .registry import get_method, method_for_file_module
-
-ARCHITECTURES = ("sd1", "sd2", "sdxl")
+from .arch import UNET_PREFIX, get_architecture, part_prefix
+from .base import WRAPPABLE, AdapterConfig, AdapterModule
+from .registry import file_module_class, get_method
 
 
 @dataclasses.dataclass
@@ -28,7 +27,7 @@ class ModelPart:
 
     @property
     def is_unet(self) -> bool:
-        return self.prefix == naming.UNET_PREFIX
+        return self.prefix == UNET_PREFIX
 
 
 def detect_architecture(pipe_or_unet: Any) -> str:
@@ -45,21 +44,22 @@ def detect_architecture(pipe_or_unet: Any) -> str:
 
 
 def model_parts(unet: nn.Module | None, text_encoders: list[nn.Module], arch: str) -> list[ModelPart]:
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+    spec = get_architecture(arch)
     parts = []
     if unet is not None:
-        unet_naming = naming.UNetNaming(unet, sgm_style=arch == "sdxl")
-        parts.append(ModelPart(naming.UNET_PREFIX, unet, targets.unet_targets, unet_naming.file_name,
+        unet_naming = naming.UNetNaming(unet, sgm_style=spec.sgm_unet_names)
+        parts.append(ModelPart(UNET_PREFIX, unet, targets.unet_targets, unet_naming.file_name,
                                unet_naming.accepted_names))
     # The prefix follows the encoder's position, not how many are present: SDXL's OpenCLIP-bigG is lora_te2 even
-    # when CLIP-L is missing (None); a single-encoder model (SD1/SD2) uses lora_te.
-    present = [(index, te) for index, te in enumerate(text_encoders) if te is not None]
-    single = arch != "sdxl" and len(present) == 1
-    for index, encoder in present:
-        prefix = "lora_te" if single else f"lora_te{index + 1}"
-        # SDXL files written by some tools use lora_te_ for CLIP-L (ComfyUI reads it so); accept that spelling.
-        accepted_prefixes = (prefix, "lora_te") if prefix == "lora_te1" else (prefix,)
+    # when CLIP-L is missing (None).
+    for index, encoder in enumerate(text_encoders):
+        if encoder is None:
+            continue
+        if index >= len(spec.text_encoder_prefixes):
+            raise ValueError(f"{arch} models have {len(spec.text_encoder_prefixes)} text encoder(s), not {index + 1}")
+        prefix = spec.text_encoder_prefixes[index]
+        # Other spellings some tools write (SDXL's CLIP-L as lora_te_, which ComfyUI reads) are read too.
+        accepted_prefixes = spec.accepted_prefixes(prefix)
         parts.append(ModelPart(
             prefix, encoder, targets.text_encoder_targets,
             lambda path, p=prefix: naming.text_encoder_file_name(p, path),
@@ -129,7 +129,7 @@ class AdapterNetwork(nn.Module):
                 continue
             canonical, module = target
             try:
-                method_class = method_for_file_module(set(tensors))
+                method_class = file_module_class(tensors)
             except ValueError as error:
                 raise ValueError(f"{source}: module {file_name} cannot be read: {error} (an adapter method this "
                                  "version does not support)") from error
@@ -186,9 +186,10 @@ class AdapterNetwork(nn.Module):
         for adapter in self:
             adapter.multiplier = float(strength)
 
-    def merge(self, strength: float | None = None) -> None:
+    def merge(self, strength: float | None = None, keep_original: bool = True) -> None:
+        """Merge every adapter into its layer (see :meth:`AdapterModule.merge`)."""
         for adapter in self:
-            adapter.merge(strength)
+            adapter.merge(strength, keep_original)
 
     def unmerge(self) -> None:
         for adapter in self:
@@ -227,13 +228,6 @@ class AdapterNetwork(nn.Module):
             return {name: adapter.merged_delta().float() for name, adapter in self.adapters.items()}
 
 
-def part_prefix(file_name: str) -> str:
-    for prefix in ("lora_unet", "lora_te1", "lora_te2", "lora_te"):
-        if file_name.startswith(prefix + "_"):
-            return prefix
-    return file_name.split("_", 2)[0]
-
-
 def group_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """``{"name.suffix": t}`` → ``{"name": {"suffix": t}}``; names never contain a dot (spec §0)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -246,8 +240,6 @@ def group_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, 
 def name_lookup(parts: list[ModelPart]) -> dict[str, tuple[str, nn.Module]]:
     """Every accepted file spelling of every wrappable layer → (the name we write, the layer)."""
     lookup: dict[str, tuple[str, nn.Module]] = {}
-    from .base import WRAPPABLE
-
     for part in parts:
         for path, module in part.model.named_modules():
             if not isinstance(module, WRAPPABLE):

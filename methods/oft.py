@@ -7,7 +7,7 @@ Strength ``s`` blends linearly: ``W + s·ΔW`` (LyCORIS and A1111).
 File keys (LyCORIS): ``oft_blocks (n_blocks, b, b)`` with ``n_blocks·b = out``, ``alpha`` (0-dim, the COFT constraint
 ``c``; 0 = none, *not* a LoRA alpha), optional ``rescale (out, 1[, 1, 1])``. BOFT (:mod:`methods.boft`) stores 4-D
 ``oft_blocks`` under the same suffix; a file's suffixes cannot tell them apart, so this module claims ``oft_blocks``
-and :meth:`OFTModule.from_tensors` hands 4-D blocks to :class:`methods.boft.BOFTModule`.
+and :meth:`OFTModule.file_class` hands 4-D blocks to :class:`methods.boft.BOFTModule`.
 
 The forward rotates whichever is smaller: the frozen layer's output (:meth:`OrthogonalModule.transform_output`,
 bias removed first and added back after, ``O(out·b)`` per token, ``W'`` never built), or, with many more tokens
@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterModule, ConfigError, is_kxk_conv, parameter_factory
+from .base import AdapterConfig, AdapterModule, ConfigError, factorization, is_kxk_conv, parameter_factory
 from .registry import register
 
 COFT_EPS = 1e-8  # LyCORIS adds this to ‖Q‖ before comparing and dividing (functional/diag_oft.py get_r)
@@ -33,29 +33,7 @@ COFT_EPS = 1e-8  # LyCORIS adds this to ‖Q‖ before comparing and dividing (f
 ROTATION_SIDE = os.environ.get("RANKWRIGHT_ROTATION_SIDE", "auto")
 
 
-# ----- factorisations (same results as lycoris.functional.general) ---------------------------------------------
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """``(small, large)`` with ``small·large = dimension``, ``small`` as close to ``factor`` as LyCORIS picks it.
-
-    If ``factor`` divides ``dimension`` the pair is ``(factor, dimension/factor)`` sorted. Otherwise ``small`` is the
-    last divisor reached walking the divisors upward while ``small < dimension/small`` and ``divisor ≤ factor``
-    (``factor < 0`` means no limit). OFT uses ``small`` as the block size and ``large`` as the block count.
-    """
-    if factor > 0 and dimension % factor == 0:
-        return tuple(sorted((factor, dimension // factor)))
-    limit = dimension if factor < 0 else factor
-    small = 1
-    divisor = 1
-    while small < dimension // small:
-        divisor += 1
-        while dimension % divisor:
-            divisor += 1
-        if divisor > limit:
-            break
-        small = divisor
-    return tuple(sorted((small, dimension // small)))
-
-
+# ----- factorisations (same results as lycoris.functional.general; factorization: methods.base) ---------
 def is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
@@ -88,9 +66,9 @@ def constraint_scale(blocks: torch.Tensor, threshold: float) -> torch.Tensor | f
     return torch.where(norm > threshold, threshold / norm, torch.ones_like(norm))
 
 
-# The Cayley map on the CPU: LAPACK factorises small blocks one at a time, ~12 µs for a 32×32 block against ~0.5 µs
-# for one block product, and its solve again in the backward pass. The series below takes 2 products per doubling
-# and converges in 1–3 doublings for the rotations training produces; past SERIES_DOUBLINGS (‖Q²‖ ≳ 0.37) the LU runs.
+# The Cayley map on the CPU: LAPACK factorises small blocks one at a time, far slower than a block product (figures:
+# bench/NOTES.md), and solves again in the backward pass. The series below takes 2 products per doubling and
+# converges in 1–3 doublings for the rotations training produces; past SERIES_DOUBLINGS (‖Q²‖ ≳ 0.37) the LU runs.
 SERIES_DOUBLINGS = 4  # terms up to Q³¹
 
 
@@ -177,8 +155,8 @@ def oft_channel_delta(values: torch.Tensor, shift: torch.Tensor) -> torch.Tensor
 def block_product(values: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``v_k · M_k`` for each b-wide block ``k`` of the last axis of ``values`` (``..., n·b``), ``blocks (n, b, b)``.
 
-    One ``bmm`` over a strided view (the blocks as the batch axis, no copy going in): about a quarter faster than
-    the equivalent einsum on SD-sized activations, forward and backward.
+    One ``bmm`` over a strided view (the blocks as the batch axis, no copy going in), faster than the equivalent
+    einsum forward and backward (bench/NOTES.md).
     """
     n_blocks, size, _ = blocks.shape
     lead = values.shape[:-1]
@@ -274,9 +252,10 @@ def _chunks(adapters: list, limit: int) -> list[list]:
 class OrthogonalModule(AdapterModule):
     """What OFT and BOFT share: blocks, COFT constraint, rescale, output rotation, export. Not registered."""
 
-    multiplicative = True
+    delta_uses_base = True
     config_class = OFTConfig
     file_keys = frozenset({"oft_blocks"})
+    example_options = {"block_size": 4}
 
     def __init__(self, name: str, base: nn.Module, config: OFTConfig, *, block_shape: tuple[int, ...] | None = None):
         super().__init__(name, base, config)
@@ -308,9 +287,8 @@ class OrthogonalModule(AdapterModule):
     def block_count(self) -> int:
         return self.oft_blocks.shape[-3]
 
-    # Block elements per shared solve. On a GPU it saves kernels (OFT: 2 solves for the SD1.5 UNet instead of 192);
-    # on the CPU the Cayley series' passes over the blocks run in cache at 1 MB (the OFT UNet's map forward + backward
-    # 35% faster than in 16 MB chunks, 10% than per layer).
+    # Block elements per shared solve. On a GPU one solve for many layers saves kernels; on the CPU the Cayley
+    # series' passes over the blocks should stay in cache (the sizes chosen: bench/NOTES.md).
     SHARED_SOLVE_ELEMENTS = {"cpu": 2**18, "cuda": 2**22}
 
     @classmethod
@@ -395,9 +373,7 @@ class OrthogonalModule(AdapterModule):
         return delta.transpose(0, 1).reshape(self.weight_shape)
 
     # A multiply-add of the product for W's gradient against one element's pass through one rotation stage (whose
-    # block products and copies cost about the same whatever b): fitted on this project's CPU with SD1.5 layer
-    # shapes, fp32, forward + backward, to the measured crossovers within 10%. On a GPU the product runs on tensor
-    # cores, so this errs towards rotating the output there.
+    # block products and copies cost about the same whatever b). How it was fitted: bench/NOTES.md.
     PRODUCT_COST = 1.2e-3
 
     def rotates_weight(self, positions: int) -> bool:
@@ -406,15 +382,15 @@ class OrthogonalModule(AdapterModule):
         Each stage turns ``positions`` rows (tokens × batch) on the output side but ``in·kh·kw`` rows on the weight
         side, which then adds one product, for W's gradient (``positions·in·out``). So the weight wins when
         ``stages·(positions − in) > k·positions·in``: for BOFT's 5–10 stages as soon as positions clearly outnumber
-        input features (at 512 px its output side kept one (positions × out) activation per stage: 15.6 GB peak on
-        an SD1.5 step, H100, bf16); for OFT's one stage only on narrow layers with several times more positions.
+        input features (its output side keeps one (positions × out) activation per stage); for OFT's one stage only
+        on narrow layers with several times more positions.
         """
         if ROTATION_SIDE != "auto":
             return ROTATION_SIDE == "weight"
         stages = self.oft_blocks.shape[0] if self.oft_blocks.dim() == 4 else 1
         return stages * (positions - self.in_dim) > self.PRODUCT_COST * positions * self.in_dim
 
-    def rebuilds_weight(self, x: torch.Tensor) -> bool:
+    def rebuild_is_cheaper(self, x: torch.Tensor) -> bool:
         """Rotate the weight's rows and lend the layer ``W + s·ΔW`` where that beats rotating the output."""
         return self.rotates_weight(self.positions(x))
 
@@ -432,13 +408,8 @@ class OrthogonalModule(AdapterModule):
             delta = delta.movedim(-1, 1)
         return torch.add(base_out, delta, alpha=strength)
 
-    def bypass(self, x: torch.Tensor) -> torch.Tensor:
-        """``ΔW·x`` (no bias) through the output rotation, for callers that want the additive form."""
-        base_out = self.base.forward(x)
-        return self.transform_output(x, base_out, 1.0) - base_out
-
     # ----- file layout -----------------------------------------------------------------------------------------
-    def export_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
+    def own_tensors(self, portable: bool = True) -> dict[str, torch.Tensor]:
         """``portable`` bakes COFT into the blocks and writes ``alpha = 0`` (every consumer then agrees, ComfyUI
         included, which compares ‖Q‖ with the raw alpha); otherwise the raw blocks and ``alpha = constraint``
         (LyCORIS's own layout, which training can resume from)."""
@@ -461,6 +432,14 @@ class OrthogonalModule(AdapterModule):
         return {"constraint": constraint, "rescale": tensors.get("rescale") is not None, "include_conv": True}
 
     @classmethod
+    def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:
+        """OFT: ``n blocks of b``; BOFT (4-D blocks): ``m×n blocks of b`` (m butterfly stages)."""
+        blocks = tensors["oft_blocks"]
+        if blocks.dim() == 4:
+            return f"{blocks.shape[0]}x{blocks.shape[1]} blocks of {blocks.shape[2]}"
+        return f"{blocks.shape[0]} blocks of {blocks.shape[1]}"
+
+    @classmethod
     def _load(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor], config: OFTConfig):
         blocks = tensors["oft_blocks"]
         module = cls(name, base, config, block_shape=tuple(blocks.shape))
@@ -474,6 +453,8 @@ class OrthogonalModule(AdapterModule):
 @register(aliases=("diag-oft", "diag_oft"))
 class OFTModule(OrthogonalModule):
     method = "oft"
+    label = "OFT"
+    lycoris_algo = "diag-oft"
     description = ("Orthogonal fine-tuning: rotates output channels in blocks; keeps the base's geometry, "
                    "small files (LyCORIS diag-oft; not Forge or diffusers).")
     config_class = OFTConfig
@@ -486,13 +467,17 @@ class OFTModule(OrthogonalModule):
         return oft_channel_delta(values, shift)
 
     @classmethod
-    def from_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> OrthogonalModule:
+    def file_class(cls, tensors: dict[str, torch.Tensor]) -> type[OrthogonalModule]:
         """3-D ``oft_blocks`` → OFT; 4-D → BOFT (both use the suffix ``oft_blocks``; only the rank differs)."""
-        blocks = tensors["oft_blocks"]
-        if blocks.dim() == 4:
+        if tensors["oft_blocks"].dim() == 4:
             from .boft import BOFTModule
 
-            return BOFTModule.from_tensors(name, base, tensors)
+            return BOFTModule
+        return cls
+
+    @classmethod
+    def from_own_tensors(cls, name: str, base: nn.Module, tensors: dict[str, torch.Tensor]) -> OrthogonalModule:
+        blocks = tensors["oft_blocks"]
         if blocks.dim() != 3:
             raise ValueError(f"{name}: oft_blocks must be 3-D (OFT) or 4-D (BOFT), got {tuple(blocks.shape)}")
         config = OFTConfig(block_size=blocks.shape[-1], **cls._config_from_tensors(tensors))

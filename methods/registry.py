@@ -51,6 +51,11 @@ def get_method(name: str) -> type[AdapterModule]:
     return _METHODS[key]
 
 
+def file_module_class(tensors: dict) -> type[AdapterModule]:
+    """The class that reads a file module (suffix → tensor): the claiming method's :meth:`~AdapterModule.file_class`."""
+    return method_for_file_module(set(tensors)).file_class(tensors)
+
+
 def method_for_file_module(suffixes: set[str]) -> type[AdapterModule]:
     """Which method wrote a file module, from its tensor suffixes (``lora_up.weight``, ``hada_w1_a``, …)."""
     _load_all()

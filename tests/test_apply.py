@@ -65,6 +65,20 @@ def _registered() -> list[str]:
 METHODS = sorted(set(KNOWN_METHODS) | set(_registered()))
 
 
+def _lycoris_variants() -> dict[str, tuple]:
+    """LYCORIS_ALGOS, plus every other registered method LyCORIS knows, at its example options."""
+    from methods import get_method
+
+    variants = dict(LYCORIS_ALGOS)
+    for method in _registered():
+        cls = get_method(method)
+        if cls.lycoris_algo and not any(v.split("-")[0] == method for v in variants):
+            options = cls.example_options
+            variants[method] = (cls.lycoris_algo, options.get("rank", options.get("block_size")),
+                                options.get("alpha", 0.0), {})
+    return variants
+
+
 def require(method: str) -> None:
     if method not in _registered():
         pytest.skip(f"method {method!r} is not registered (yet)")
@@ -118,7 +132,10 @@ def weight_keys_of(pipe, network) -> set[str]:
 
 
 def method_network(pipe, method: str, seed: int, randomize, preset: str = "full"):
-    network = create_network(pipe, method, dict(METHOD_OPTIONS.get(method, {})), TargetConfig(preset=preset))
+    from methods import get_method
+
+    options = METHOD_OPTIONS.get(method, get_method(method).example_options)
+    network = create_network(pipe, method, dict(options), TargetConfig(preset=preset))
     randomize(network, seed=seed)
     network.detach()  # create_network attaches hooks; the tests apply files instead
     return network
@@ -327,10 +344,10 @@ def _probe_input(layer: nn.Module, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(1, layer.in_channels, 6, 6, generator=generator)
 
 
-@pytest.mark.parametrize("variant", sorted(LYCORIS_ALGOS))
+@pytest.mark.parametrize("variant", sorted(_lycoris_variants()))
 def test_lycoris_files_read_by_us(tiny_pipeline, run_unet, tmp_path, lycoris_kohya, lycoris_preset, variant):
     require(_method_of(variant))
-    algo, dim, alpha, extra = LYCORIS_ALGOS[variant]
+    algo, dim, alpha, extra = _lycoris_variants()[variant]
     theirs_pipe, ours_pipe = tiny_pipeline("sd1"), tiny_pipeline("sd1")
     base = run_unet(ours_pipe)
     lyco = lycoris_kohya.create_network(1.0, dim, alpha, theirs_pipe.vae, theirs_pipe.text_encoder,

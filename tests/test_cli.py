@@ -1,4 +1,5 @@
-"""Base-model loading/saving (trainer/models.py) and the command line (trainer/cli.py: merge, convert, inspect).
+"""Base-model loading/saving (trainer/models.py) and the command line (trainer/cli.py: merge, convert, inspect, on
+methods/tools.py).
 
 Everything runs on tiny pipelines written to a temporary folder, as a diffusers folder and as an ldm/sgm single
 file; nothing is downloaded. At least one test per command runs ``python -m trainer`` in a subprocess; the others
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from methods.apply import create_network, load_network, save_network
 from methods.registry import available_methods
 from methods.targets import TargetConfig
+from methods.tools import convert_to_lora, module_deltas, read_adapter
 from trainer import cli
 from trainer.architectures import build_tiny_pipeline
 from trainer.models import (
@@ -84,8 +86,7 @@ def error_lines(text: str) -> list[str]:
 
 
 def file_deltas(path: Path, pipe=None) -> dict[str, torch.Tensor]:
-    tensors, metadata, grouped = cli._read_adapter(path)
-    deltas, _ = cli.module_deltas(path, grouped, metadata, pipe)
+    deltas, _ = module_deltas(read_adapter(path), pipe)
     return deltas
 
 
@@ -295,7 +296,7 @@ def test_merge_refuses_wrong_architecture_and_non_adapters(work, tokenizer_dir, 
     sdxl = build_tiny_pipeline("sdxl", tokenizer_dir)
     sdxl_lora = make_adapter(sdxl, tmp_path / "sdxl_lora.safetensors", "lora", {"rank": 2}, preset="attention")
     # Same module names as sd1 but another context width, and no metadata: only the shapes tell.
-    tensors, _, _ = cli._read_adapter(work["files"]["lora"])
+    tensors = dict(read_adapter(work["files"]["lora"]).tensors)
     to_k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
     tensors[to_k] = torch.zeros(4, 48)
     save_file(tensors, str(tmp_path / "wide_context.safetensors"))
@@ -330,7 +331,8 @@ def test_convert_lora_to_same_or_higher_rank_is_exact_subprocess(work):
     for name in source:
         assert (converted[name] - source[name]).norm() <= 1e-5 * source[name].norm() + 1e-12, name
 
-    tensors, metadata, grouped = cli._read_adapter(out)
+    converted_file = read_adapter(out)
+    metadata, grouped = converted_file.metadata, converted_file.modules
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == "6"
     conv = grouped["lora_unet_down_blocks_0_resnets_0_conv1"]  # 3×3 conv, 32→32 channels, source rank 4
     assert tuple(conv["lora_down.weight"].shape) == (6, 32, 3, 3)
@@ -342,7 +344,7 @@ def test_convert_lora_to_same_or_higher_rank_is_exact_subprocess(work):
 
 def test_convert_lora_to_lower_rank_reports_the_svd_error(work):
     out = work["root"] / "lora_r2.safetensors"
-    report = cli.convert_to_lora(work["files"]["lora"], out, rank=2, conv_rank=1)
+    report = convert_to_lora(work["files"]["lora"], out, rank=2, conv_rank=1)
     source = file_deltas(work["files"]["lora"])
     residual = total = 0.0
     for delta in source.values():
@@ -363,7 +365,7 @@ def test_convert_loha_lokr_reports_error_and_matches_delta(work, method):
         pytest.skip(f"{method} is not registered yet")
     pipe = base_pipe(work)
     source = file_deltas(work["files"][method], pipe)
-    low = cli.convert_to_lora(work["files"][method], work["root"] / f"{method}_r1.safetensors", rank=1, pipe=pipe)
+    low = convert_to_lora(work["files"][method], work["root"] / f"{method}_r1.safetensors", rank=1, pipe=pipe)
     assert low.modules == len(source) and low.methods == {method: len(source)}
     assert 1e-3 < low.relative_error < 1
     converted = file_deltas(work["root"] / f"{method}_r1.safetensors")
@@ -371,8 +373,7 @@ def test_convert_loha_lokr_reports_error_and_matches_delta(work, method):
     measured = math.sqrt(sum(float((converted[n] - source[n]).double().pow(2).sum()) for n in source) / total)
     assert measured == pytest.approx(low.relative_error, rel=1e-3)
     # Full rank of the tiny layers (≤ 64 columns after flattening a 3×3 conv of 32 channels is 288): exact.
-    high = cli.convert_to_lora(work["files"][method], work["root"] / f"{method}_r64.safetensors", rank=64,
-                               pipe=pipe)
+    high = convert_to_lora(work["files"][method], work["root"] / f"{method}_r64.safetensors", rank=64, pipe=pipe)
     assert high.relative_error < 1e-5
 
 
@@ -389,7 +390,7 @@ def test_convert_needs_base_for_oft_and_dora(work, capsys):
                          "--base", str(work["root"] / "base")])
         captured = capsys.readouterr()
         assert code == 0, captured.err
-        assert "note: OFT/BOFT/DoRA" in captured.out
+        assert "note: the ΔW of" in captured.out and "depends on the base weights" in captured.out
         # The converted LoRA reproduces the original merged weights at strength 1.
         merged = in_memory_merge(work, [(key, 1.0)])
         plain = base_pipe(work)
@@ -476,11 +477,53 @@ def test_inspect_json_and_shortened_metadata(work, tmp_path, capsys):
     assert report["hashes"]["stored_hash_matches"] is True
     assert report["metadata"]["ss_network_module"] == "lycoris.kohya"
 
-    tensors, metadata, _ = cli._read_adapter(work["files"]["lora"])
-    metadata = {**metadata, "ss_tag_frequency": json.dumps({"10_x": {f"tag{i}": i for i in range(200)}})}
+    lora_file = read_adapter(work["files"]["lora"])
+    tensors = lora_file.tensors
+    metadata = {**lora_file.metadata, "ss_tag_frequency": json.dumps({"10_x": {f"tag{i}": i for i in range(200)}})}
     save_file(tensors, str(tmp_path / "tagged.safetensors"), metadata)
     assert cli.main(["inspect", str(tmp_path / "tagged.safetensors")]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "ss_tag_frequency" in line)
     assert "chars)" in line and len(line) < 260
     assert "differs" not in out  # the data region, and so the addnet hash, did not change
+
+
+# ----- damaged files and pipes ------------------------------------------------------------------------------------
+def test_an_adapter_holding_nan_is_refused_by_every_verb(work, tmp_path, capsys):
+    """One NaN in one module: merge writes nothing, inspect/convert/apply refuse, each naming that module."""
+    from methods.apply import apply_adapter
+    from methods.files import AdapterFileError
+
+    source = read_adapter(work["files"]["lora"])
+    tensors = dict(source.tensors)
+    damaged = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors[f"{damaged}.lora_up.weight"] = tensors[f"{damaged}.lora_up.weight"].clone()
+    tensors[f"{damaged}.lora_up.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(tensors, str(path), source.metadata)
+    out = tmp_path / "merged"
+    verbs = [["merge", "--base", str(work["root"] / "base"), "--adapter", str(path), "--out", str(out)],
+             ["inspect", str(path)],
+             ["convert", str(path), "--rank", "2", "--out", str(tmp_path / "converted.safetensors")]]
+    for argv in verbs:
+        code = cli.main(argv)
+        captured = capsys.readouterr()
+        assert code == 2, argv
+        (line,) = error_lines(captured.err)
+        assert f"module {damaged} holds non-finite values (1 NaN, 0 infinite in lora_up.weight)" in line, line
+    assert not out.exists() and not (tmp_path / "converted.safetensors").exists()
+    with pytest.raises(AdapterFileError, match=damaged):
+        apply_adapter(base_pipe(work), path)
+
+
+def test_inspect_into_a_closed_pipe_prints_no_traceback(work, tmp_path):
+    """``inspect FILE | head -1``: the reader leaves after one line; the rest of a long report goes nowhere quietly."""
+    source = read_adapter(work["files"]["lora"])
+    metadata = {**source.metadata, "ss_tag_frequency": json.dumps({f"tag{i}": i for i in range(20000)})}
+    path = tmp_path / "long.safetensors"
+    save_file(source.tensors, str(path), metadata)  # with --full, far more than a pipe buffer of output
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(f"{sys.executable} -m trainer inspect --full {path} | head -1", shell=True,
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.stdout.startswith("file:") and len(result.stdout.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

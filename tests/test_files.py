@@ -362,11 +362,9 @@ def test_file_that_is_not_an_adapter(tmp_path, tiny_pipeline):
 
 
 def test_unsupported_method_names_the_module(tmp_path, tiny_pipeline):
-    """A GLoRA module (a1/a2/b1/b2, spec §2.7) on a real layer: no method claims it, and the error says so."""
+    """A LyCORIS (IA)³ module (``weight``, ``on_input``) on a real layer: no method claims it, and the error says so."""
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    path = tmp_path / "glora.safetensors"
-    path.write_bytes(safetensors_save({f"{name}.a1.weight": torch.ones(32, 2), f"{name}.a2.weight": torch.ones(2, 32),
-                                       f"{name}.b1.weight": torch.ones(32, 2), f"{name}.b2.weight": torch.ones(2, 32),
-                                       f"{name}.alpha": torch.tensor(2.0)}))
+    path = tmp_path / "ia3.safetensors"
+    path.write_bytes(safetensors_save({f"{name}.weight": torch.ones(32), f"{name}.on_input": torch.tensor(False)}))
     with pytest.raises(AdapterFileError, match=f"{name}.*not support"):
         load_network(tiny_pipeline("sd1"), path)

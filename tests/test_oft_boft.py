@@ -559,7 +559,7 @@ def test_wants():
 def test_registry():
     assert get_method("oft") is OFTModule and get_method("diag-oft") is OFTModule
     assert get_method("boft") is BOFTModule
-    assert OFTModule.multiplicative and BOFTModule.multiplicative
+    assert OFTModule.delta_uses_base and BOFTModule.delta_uses_base
     assert OFTModule.description and BOFTModule.description
     assert method_for_file_module({"oft_blocks", "alpha", "rescale"}) is OFTModule
     assert not BOFTModule.claims({"oft_blocks"})

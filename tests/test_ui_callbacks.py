@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from methods.base import ConfigError
@@ -762,6 +763,18 @@ def test_results_metadata_of_a_saved_adapter(ui, tiny_pipeline, tmp_path):
     with pytest.raises(WorkspaceError):
         ui.adapter_info(str(write(tmp_path / "junk.safetensors", b"junk")))
     assert ui.adapter_info(None)[0] == "No adapter selected."
+
+
+def test_results_refuse_an_adapter_holding_nan(ui, tiny_pipeline, ws):
+    from methods.apply import create_network, save_network
+
+    network = create_network(tiny_pipeline("sd1"), "lora", {"rank": 2})
+    name = next(iter(network.adapters))
+    with torch.no_grad():
+        network.adapters[name].lora_up[0, 0] = float("nan")
+    path = save_network(network, ws.outputs / "run" / "nan.safetensors")
+    with pytest.raises(WorkspaceError, match=f"module {name} holds non-finite values"):
+        ui.adapter_info(str(path))
 
 
 def test_try_it_renders_with_and_without_the_adapter(ui, tiny_pipeline, randomize, tmp_path):

@@ -418,30 +418,32 @@ class RankwrightUI:
     def adapter_info(self, path: str | None) -> tuple[str, dict]:
         if not path:
             return "No adapter selected.", {}
-        from safetensors import safe_open
+        from methods.files import AdapterFileError
+        from methods.tools import inspect_adapter
 
         file = Path(path)
         if not file.is_file():
             raise WorkspaceError(f"{path}: no such file")
         try:
-            with safe_open(str(file), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = len(list(handle.keys()))
-        except Exception as error:  # safetensors raises its own error class
-            raise WorkspaceError(f"{file.name}: not a readable .safetensors file ({error})") from None
+            report = inspect_adapter(file)  # what `python -m trainer inspect` shows; refuses NaN/Inf tensors
+        except AdapterFileError as error:
+            raise WorkspaceError(str(error)) from None
+        metadata = report["metadata"]
         shown = {}
-        for key, value in sorted(metadata.items()):
+        for key, value in metadata.items():
             try:
                 shown[key] = json.loads(value) if value[:1] in "{[" else value
             except ValueError:
                 shown[key] = value
-        args = shown.get("ss_network_args") if isinstance(shown.get("ss_network_args"), dict) else {}
-        method = args.get("algo") or metadata.get("ss_network_module", "?").removeprefix("networks.")
-        parts = [f"**{file.name}**", pipelines.format_bytes(file.stat().st_size), f"{tensors} tensors",
-                 f"method **{method}**"]
-        if metadata.get("ss_network_dim") not in (None, "", "None"):
-            parts.append(f"rank {metadata['ss_network_dim']}, alpha {metadata.get('ss_network_alpha', '?')}")
-        parts += [f"base {metadata.get('ss_base_model_version', '?')}", f"{metadata.get('ss_steps', '?')} steps"]
+
+        def listed(histogram: dict[str, int]) -> str:
+            return ", ".join(histogram) if len(histogram) > 1 else next(iter(histogram), "?")
+
+        method = listed(report["methods"]) + (" + DoRA" if report["dora_modules"] else "")
+        parts = [f"**{file.name}**", pipelines.format_bytes(report["size_bytes"]), f"{report['tensors']} tensors",
+                 f"method **{method}**", f"rank {listed(report['ranks'])}, alpha {listed(report['alphas'])}",
+                 f"{report['modules']} modules", f"base {report['architecture'] or '?'}",
+                 f"{metadata.get('ss_steps', '?')} steps"]
         if metadata.get("modelspec.trigger_phrase"):
             parts.append(f"trigger “{metadata['modelspec.trigger_phrase']}”")
         return " · ".join(parts), shown

@@ -68,7 +68,8 @@ INFOS = {
     "output.dir": "where the adapter, previews, events.jsonl and resumable state are written",
     "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
 }
-METHOD_LABELS = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT"}
+# The familiar methods head the method menu; every other registered method follows (labels: each method's class).
+FAMILIAR_METHODS = ("lora", "loha", "lokr", "oft", "boft")
 PRESET_LABELS = {"attention": "attention (q/k/v/out)", "attention_mlp": "attention + MLP (kohya default)",
                  "full": "all linear + conv (LoCon style)"}
 _NUMBER_KINDS = ("int", "float", "optional_int", "optional_float")
@@ -195,7 +196,7 @@ def config_fields() -> tuple[Field, ...]:
             default = getattr(getattr(defaults, section), field.name)
             kind, choices = _kind(hints[field.name], key), CHOICES.get(key, ())
             if key == "network.method":
-                kind, choices = "choice", tuple((METHOD_LABELS.get(m, m), m) for m in ordered_methods())
+                kind, choices = "choice", tuple((method_label(m), m) for m in ordered_methods())
             elif key == "network.preset":
                 kind, choices = "choice", tuple((PRESET_LABELS.get(p, p), p) for p in PRESETS)
             elif key == "network.text_encoder_preset":
@@ -237,11 +238,17 @@ def ordered_methods() -> list[str]:
     from methods.registry import available_methods
 
     methods = available_methods()
-    return [m for m in METHOD_LABELS if m in methods] + [m for m in methods if m not in METHOD_LABELS]
+    return [m for m in FAMILIAR_METHODS if m in methods] + [m for m in methods if m not in FAMILIAR_METHODS]
 
 
 def all_fields() -> tuple[Field, ...]:
     return config_fields() + tuple(f for fields in method_fields().values() for f in fields)
+
+
+def method_label(method: str) -> str:
+    from methods.registry import get_method
+
+    return get_method(method).label or method
 
 
 def method_description(method: str) -> str:
