@@ -31,6 +31,7 @@ from trainer.models import (
     ModelLoadError,
     load_pipeline,
     pipeline_to_ldm,
+    save_pipeline_folder,
     save_single_file,
     sd2_predicts_v,
 )
@@ -243,6 +244,36 @@ def in_memory_merge(work, adapters: list[tuple[str, float]]):
     return pipe
 
 
+def text_encoder_keys(folder: Path) -> list[str]:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        return list(handle.keys())
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_saved_folders_keep_the_text_model_level(arch, tokenizer_dir, tmp_path):
+    """transformers 4.x loads CLIP text encoders saved without ``text_model.`` (transformers 5 naming) as random
+    weights, silently; every folder we write — and the committed toy model — uses the long names."""
+    pipe = build_tiny_pipeline(arch, tokenizer_dir, seed=3)
+    out = save_pipeline_folder(pipe, tmp_path / "folder")
+    for part in ("text_encoder", "text_encoder_2") if arch == "sdxl" else ("text_encoder",):
+        keys = text_encoder_keys(out / part)
+        # SDXL's second encoder (with projection) has its text_projection beside the text model in every version
+        assert keys and all(key.startswith(("text_model.", "text_projection.")) for key in keys), (part, keys[:3])
+        assert any(key.startswith("text_model.encoder.") for key in keys)
+    reloaded, _ = load_pipeline(out)
+    assert_same_weights(pipe, reloaded)  # the rename is lossless
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left
+    assert oct((out / "text_encoder").stat().st_mode & 0o777) == oct(0o777 & ~current_umask())
+    toy_keys = text_encoder_keys(ROOT / "presets" / "toy" / "model" / "text_encoder")
+    assert all(key.startswith("text_model.") for key in toy_keys)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_merge_into_folder_matches_in_memory_merge(work, capsys):
     second = "loha" if "loha" in work["files"] else "dora"
     out = work["root"] / "merged_folder"
@@ -258,6 +289,8 @@ def test_merge_into_folder_matches_in_memory_merge(work, capsys):
     assert_same_weights(reference, merged)
     to_q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert not torch.equal(weights(merged)[to_q], weights(base_pipe(work))[to_q])
+    assert text_encoder_keys(out / "text_encoder") and all(
+        key.startswith("text_model.") for key in text_encoder_keys(out / "text_encoder"))
 
     # Never overwrite silently; --overwrite replaces.
     code = cli.main(["merge", "--base", str(work["root"] / "base"), "--adapter", str(work["files"]["lora"]),
@@ -527,3 +560,28 @@ def test_inspect_into_a_closed_pipe_prints_no_traceback(work, tmp_path):
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.stdout.startswith("file:") and len(result.stdout.splitlines()) == 1
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+# ----- installation -----------------------------------------------------------------------------------------------
+def test_a_foreign_distribution_of_our_top_level_names_is_refused_clearly(tmp_path):
+    from trainer.install_check import InstallationConflict, check_installation
+
+    site = tmp_path / "site-packages"
+    (site / "trainer").mkdir(parents=True)
+    ours = site / "rankwright-0.1.0.dist-info"
+    ours.mkdir()
+    (ours / "top_level.txt").write_text("methods\ntrainer\n")
+    check_installation(site / "trainer")  # only ours: fine
+    theirs = site / "trainer-0.0.36.dist-info"  # PyPI's "trainer" (setuptools: top_level.txt)
+    theirs.mkdir()
+    (theirs / "top_level.txt").write_text("trainer\n")
+    hatch = site / "methods_kit-1.0.dist-info"  # a wheel without top_level.txt: its RECORD tells
+    hatch.mkdir()
+    (hatch / "RECORD").write_text("methods/__init__.py,sha256=x,10\nmethods_kit-1.0.dist-info/RECORD,,\n")
+    with pytest.raises(InstallationConflict) as caught:
+        check_installation(site / "trainer")
+    message = str(caught.value)
+    assert "'trainer' is also installed by trainer 0.0.36" in message
+    assert "'methods' is also installed by methods_kit 1.0" in message
+    assert "pip uninstall" in message and "virtual environment" in message
+    check_installation(ROOT / "trainer")  # this checkout: no distribution records beside it
+

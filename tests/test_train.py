@@ -36,7 +36,8 @@ from methods.base import ConfigError
 from trainer.config import TrainerConfig, TrainSection
 from trainer.loop import STATE_FILE, Trainer, TrainingError
 from trainer.models import load_pipeline
-from trainer.optim import build_optimizer, lr_lambda
+from trainer.objective import DiffusionObjective
+from trainer.optim import build_optimizer, build_scheduler
 
 METHODS = ("lora", "loha", "lokr", "oft", "boft")
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,9 +296,9 @@ def test_sigterm_saves_and_exits_cleanly(models, data, tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save(models, data, tmp_path, monkeypatch):
     original = Trainer._training_loss
 
-    def poisoned(self, batch, keys):
-        loss = original(self, batch, keys)
-        return loss * float("nan") if self.progress.step >= 3 else loss
+    def poisoned(self, state, batch, keys):
+        loss = original(self, state, batch, keys)
+        return loss * float("nan") if state.progress.step >= 3 else loss
 
     monkeypatch.setattr(Trainer, "_training_loss", poisoned)
     out = tmp_path / "out"
@@ -380,13 +381,13 @@ def test_buckets_and_latent_cache(cache, models, tmp_path, counted_vae, monkeypa
     shapes: list[tuple] = []
     original = Trainer._training_loss
 
-    def recording(self, batch, keys):
+    def recording(self, state, batch, keys):
         if batch["latents"] is not None:
             shapes.append(tuple(batch["latents"].shape))
         else:  # pixels; the tiny VAE halves each side
             b, _, h, w = batch["pixels"].shape
             shapes.append((b, 4, h // 2, w // 2))
-        return original(self, batch, keys)
+        return original(self, state, batch, keys)
 
     monkeypatch.setattr(Trainer, "_training_loss", recording)
     config = make_config(models("sd1")["folder"], root, tmp_path / "out", dataset={"latent_cache": cache},
@@ -575,20 +576,21 @@ def test_min_snr_noise_offset_and_v_prediction_paths(arch, prediction, models, d
     trainer = Trainer(config)
     result = trainer.run()
     expected = "v_prediction" if arch == "sd2" or prediction == "v_prediction" else "epsilon"
-    assert trainer.prediction_type == trainer.noise_scheduler.config.prediction_type == expected
+    objective = trainer.models.objective
+    assert trainer.models.prediction_type == objective.scheduler.config.prediction_type == expected
     assert all(math.isfinite(x) for x in result.losses)
     timesteps = torch.tensor([0, 500, 999])
-    alphas = trainer.noise_scheduler.alphas_cumprod[timesteps]
+    alphas = objective.scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    weights = trainer._min_snr_weights(timesteps)
+    weights = objective.min_snr_weights(timesteps)
     denominator = snr + 1 if expected == "v_prediction" else snr
     assert torch.allclose(weights, torch.clamp(snr, max=5.0) / denominator)
     # the noise offset shifts each sample's noise by one value per channel
     latents = torch.zeros(2, 4, 8, 8)
-    noise, steps = trainer._noise(latents, [("k", 0), ("k", 1)])
+    noise, steps = objective.draw(latents, [("k", 0), ("k", 1)])
     plain = trainer.config.with_overrides(["train.noise_offset=0.0"])
-    trainer.config = plain
-    noise0, steps0 = trainer._noise(latents, [("k", 0), ("k", 1)])
+    without_offset = DiffusionObjective(objective.scheduler.config, expected, plain.train)
+    noise0, steps0 = without_offset.draw(latents, [("k", 0), ("k", 1)])
     assert torch.equal(steps, steps0)
     shift = (noise - noise0).flatten(2)
     assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6) and shift.abs().max() > 0.01
@@ -613,8 +615,16 @@ def test_optional_optimizers_name_their_package(optimizer, package, monkeypatch)
 
 def test_scheduler_shapes():
     def curve(scheduler: str, total: int = 100, warmup: int = 0, **options) -> list[float]:
-        factor = lr_lambda(TrainSection(scheduler=scheduler, warmup_steps=warmup, **options), total)
-        return [factor(step) for step in range(total)]
+        """The learning rate of each step for a base rate of 1."""
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([parameter], lr=1.0)
+        schedule = build_scheduler(optimizer, TrainSection(scheduler=scheduler, warmup_steps=warmup, **options), total)
+        rates = []
+        for _ in range(total):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return rates
 
     constant = curve("constant", warmup=4)
     assert constant[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and set(constant[4:]) == {1.0}
@@ -643,8 +653,8 @@ def test_gradient_checkpointing_and_accumulation(models, data, tmp_path):
     checkpointed = Trainer(make_config(base, data, tmp_path / "gc",
                                        train={**settings, "gradient_checkpointing": True}))
     result = checkpointed.run()
-    assert checkpointed.pipe.unet.is_gradient_checkpointing
-    assert checkpointed.progress.micro_step == plain.progress.micro_step == 4
+    assert checkpointed.models.pipe.unet.is_gradient_checkpointing
+    assert checkpointed.state.progress.micro_step == plain.state.progress.micro_step == 4
     assert result.losses == pytest.approx(plain_result.losses, abs=1e-5)  # recomputation does not change the math
     a, b = load_file(plain_result.output_file), load_file(result.output_file)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
@@ -656,12 +666,12 @@ def test_text_encoder_training_and_learning_rates(arch, models, data, tmp_path):
     rates = {"learning_rate": 1e-3, "unet_lr": 2e-3, "text_encoder_lr": 3e-3, "text_encoder_2_lr": 4e-3}
     trainer = Trainer(make_config(base, data, tmp_path / "on", train={**rates, "max_steps": 2}))
     result = trainer.run()
-    groups = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    groups = {g["name"]: g["lr"] for g in trainer.state.optimizer.param_groups}
     if arch == "sdxl":
         assert groups == {"lora_unet": 2e-3, "lora_te1": 3e-3, "lora_te2": 4e-3}
     else:
         assert groups == {"lora_unet": 2e-3, "lora_te": 3e-3}
-    assert trainer.text_cache is None  # the text encoders change, so their outputs are not cached
+    assert trainer.state.text_cache is None  # the text encoders change, so their outputs are not cached
     saved = load_file(result.output_file)
     for prefix in groups:
         assert any(float(t.abs().max()) > 0 for k, t in saved.items()
@@ -669,8 +679,8 @@ def test_text_encoder_training_and_learning_rates(arch, models, data, tmp_path):
 
     frozen = Trainer(make_config(base, data, tmp_path / "off", train={**rates, "train_text_encoder": False}))
     frozen_result = frozen.run()
-    assert [g["name"] for g in frozen.optimizer.param_groups] == ["lora_unet"]
-    assert frozen.text_cache is not None and len(frozen.text_cache) == 1
+    assert [g["name"] for g in frozen.state.optimizer.param_groups] == ["lora_unet"]
+    assert frozen.state.text_cache is not None and len(frozen.state.text_cache) == 1
     assert all(k.startswith("lora_unet_") for k in load_file(frozen_result.output_file))
 
 

@@ -37,9 +37,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import shutil  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -91,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .install_check import check_installation
+
+    check_installation()  # again: another distribution may have replaced trainer/__init__.py, not this file
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
@@ -253,31 +254,13 @@ def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
 
 
-def save_pipeline_folder(pipe: Any, out: Path, overwrite: bool = False) -> Path:
-    """``save_pretrained`` into a sibling temporary folder, then move it into place (never half-written)."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.save_pretrained(str(temporary), safe_serialization=True)
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        os.replace(temporary, out)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return out
 
 
 @command("merge", "bake adapters (any method) into a copy of a base model", _merge_arguments)
 def run_merge(args: argparse.Namespace) -> int:
     from methods.tools import bake_adapters, read_adapter
 
-    from .models import load_pipeline, save_single_file
+    from .models import load_pipeline, save_pipeline_folder, save_single_file
 
     out = Path(args.out).expanduser()
     single_file = out.suffix == ".safetensors"
@@ -382,23 +365,13 @@ def run_convert(args: argparse.Namespace) -> int:
 
 # ----- train ------------------------------------------------------------------------------------------------------
 def print_training_event(event: dict[str, Any]) -> None:
-    """The lines ``train`` prints for a run's events (only the main process gets events)."""
-    kind = event["event"]
-    if kind == "ready":
-        _say(f"training {event['method']} ({event['trainable_parameters']:,} parameters) for "
-             f"{event['total_steps']} steps on {event['processes']} × {event['device']}")
-    elif kind in ("skipped_image", "warning"):
-        _say(f"warning: {event.get('path', '')}{': ' if 'path' in event else ''}"
-             f"{event.get('reason') or event.get('message')}")
-    elif kind == "save":
-        check = "self-check ok" if event["check_ok"] else "SELF-CHECK FAILED"
-        _say(f"saved {event['path']} at step {event['step']} ({check}, max difference "
-             f"{event['check_max_difference']:.1e})")
-    elif kind == "stopping":
-        _say(f"stopping at step {event['step']} ({event['reason']}); saving")
-    elif kind == "done":
-        _say(f"{'stopped' if event['stopped'] else 'done'} after {event['step']} steps; peak memory "
-             f"{event['peak_mb']:.0f} MB")
+    """The lines ``train`` and ``compare`` print for a run's events (only the main process gets events); the text
+    is :func:`trainer.events.describe`'s, the same the web UI logs."""
+    from .events import describe
+
+    line = describe(event, cli=True)
+    if line:
+        _say(line)
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -456,23 +429,8 @@ def run_compare(args: argparse.Namespace) -> int:
         method, key, value = parse_method_override(text)
         per_method.setdefault(method, {})[key] = value
 
-    def report(event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "compare_start":
-            _say(f"comparing {', '.join(event['methods'])} on {event['base']} → {event['folder']}")
-        elif kind == "compare_method_start":
-            dropped = event["dropped_options"]
-            _say(f"[{event['index'] + 1}/{event['count']}] {event['method']}"
-                 + (f" (options not accepted, left out: {', '.join(dropped)})" if dropped else ""))
-        elif kind == "compare_method_done" and event["status"] in ("failed", "skipped"):
-            _say(f"{event['method']}: {event['status']}{': ' + event['message'] if event['message'] else ''}")
-        elif kind == "compare_render":
-            _say(f"rendering previews and prior drift: {event['row']} ({event['index'] + 1}/{event['total']})")
-        elif kind not in ("compare_method_done", "compare_done"):
-            print_training_event(event)
-
     result = compare(config, methods, Path(args.out).expanduser() if args.out else None, overrides=per_method,
-                     on_event=report, drift_prompts=args.drift_prompts)
+                     on_event=print_training_event, drift_prompts=args.drift_prompts)
     _say()
     _say(format_table(result.table()))
     _say()

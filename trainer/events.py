@@ -1,18 +1,23 @@
-"""What a run tells the world: a JSON-lines event log, TensorBoard scalars, callbacks, and stop requests.
+"""What a run tells the world: typed events, their one-line text, a JSON-lines log, TensorBoard, stop requests.
 
-The web UI reads ``events.jsonl``; the Python API passes every event to ``on_event``. A stop can be requested
-from another thread (:meth:`StopSignal.request`) or another process (by creating the ``STOP`` file).
+Every event is a small dataclass (:class:`Step`, :class:`Save`, …). :meth:`EventLog.emit` writes it to
+``events.jsonl`` as ``{"event": KIND, "time": …, **fields}`` and passes the same dict to ``on_event`` callbacks.
+:func:`describe` turns such a dict — live or read back from an old log — into the one line of text that both the
+command line (``trainer.cli``) and the web UI's job log (``ui.jobs``) show, so the two never disagree.
+
+A stop can be requested from another thread (:meth:`StopSignal.request`) or another process (the ``STOP`` file).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 log = logging.getLogger("rankwright")
 
@@ -37,6 +42,346 @@ class StopSignal:
         return self._event.is_set()
 
 
+# ----- the events ------------------------------------------------------------------------------------------------
+# Every field has a default: describe() also reads logs written by older versions, which may lack a field.
+@dataclasses.dataclass
+class Event:
+    KIND: ClassVar[str] = ""
+    ON_CLI: ClassVar[bool] = True  # printed by `python -m trainer train` (which shows steps as a progress bar)
+
+    def text(self) -> str | None:
+        """The line shown for this event (None: nothing to show)."""
+        return None
+
+    def fields(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Start(Event):
+    KIND = "start"
+    ON_CLI = False
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    processes: int = 1
+    resume: str | None = None
+
+    def text(self) -> str:
+        config = self.config
+        output = config.get("output", {})
+        return (f"started: {config.get('network', {}).get('method', '?')} on {config.get('model', {}).get('base', '?')}"
+                f", output {output.get('dir', '?')}/{output.get('name', '?')}")
+
+
+@dataclasses.dataclass
+class SkippedImage(Event):
+    KIND = "skipped_image"
+    path: str = ""
+    reason: str = ""
+
+    def text(self) -> str:
+        return f"skipped image {self.path}: {self.reason}"
+
+
+@dataclasses.dataclass
+class RunWarning(Event):
+    KIND = "warning"
+    message: str = ""
+
+    def text(self) -> str:
+        return f"warning: {self.message}"
+
+
+@dataclasses.dataclass
+class Model(Event):
+    KIND = "model"
+    ON_CLI = False
+    arch: str = ""
+    prediction_type: str = ""
+    source: str = ""
+    base: str = ""
+
+    def text(self) -> str:
+        return f"model: {self.arch} ({self.prediction_type}) from {self.source}"
+
+
+@dataclasses.dataclass
+class Ready(Event):
+    """The model is loaded, latents are cached, the optimizer is built: training starts."""
+
+    KIND = "ready"
+    seconds: float = 0.0
+    method: str = ""
+    modules: dict[str, int] = dataclasses.field(default_factory=dict)
+    trainable_parameters: int = 0
+    parameter_groups: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    train_text_encoder: bool = False
+    images: int = 0
+    samples_per_epoch: int = 0
+    batches_per_epoch: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    global_batch_size: int = 0
+    latents_cached: bool = False
+    text_embeddings_cached: bool = False
+    buckets: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    skipped_images: int = 0
+    device: str = ""
+    processes: int = 1
+    start_step: int = 0
+
+    def text(self) -> str:
+        modules = ", ".join(f"{part.removeprefix('lora_')} {count}" for part, count in self.modules.items())
+        return (f"ready in {self.seconds} s: training {self.method} ({self.trainable_parameters:,} parameters in "
+                f"{modules or 'no'} modules) on {self.images} image(s) with repeats for {self.total_steps} steps on "
+                f"{self.processes} × {self.device}")
+
+
+@dataclasses.dataclass
+class Resumed(Event):
+    KIND = "resumed"
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    path: str = ""
+
+    def text(self) -> str:
+        return f"resumed at step {self.step} from {self.path}"
+
+
+@dataclasses.dataclass
+class Step(Event):
+    KIND = "step"
+    ON_CLI = False
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    epoch: int = 0
+    grad_norm: float | None = None
+    its: float | None = None
+    eta_seconds: float | None = None
+
+    def text(self) -> str:
+        return (f"step {self.step}/{self.total}  loss {_number(self.loss)}  lr {_number(self.lr, 'e')}  "
+                f"{_number(self.its)} it/s  ETA {format_seconds(self.eta_seconds)}")
+
+
+@dataclasses.dataclass
+class Memory(Event):
+    KIND = "memory"
+    ON_CLI = False
+    step: int = 0
+    peak_mb: float = 0.0
+
+
+@dataclasses.dataclass
+class Validation(Event):
+    KIND = "validation"
+    ON_CLI = False
+    step: int = 0
+    loss: float | None = None
+
+    def text(self) -> str:
+        return f"validation loss {_number(self.loss)} at step {self.step}"
+
+
+@dataclasses.dataclass
+class Preview(Event):
+    KIND = "preview"
+    ON_CLI = False
+    step: int = 0
+    paths: list[str] = dataclasses.field(default_factory=list)
+    prompts: list[str] = dataclasses.field(default_factory=list)
+
+    def text(self) -> str:
+        images = [p for p in self.paths if "_grid" not in Path(p).stem] or self.paths
+        return f"preview at step {self.step}: {len(images)} image(s)"
+
+
+@dataclasses.dataclass
+class Save(Event):
+    """An adapter file was written, reloaded into fresh adapters and compared with the live weights."""
+
+    KIND = "save"
+    step: int = 0
+    path: str = ""
+    final: bool = False
+    state: str | None = None
+    size_bytes: int | None = None
+    seconds: float = 0.0
+    ema: bool = False
+    check_modules: int = 0
+    check_missing: int = 0
+    check_unmatched: int = 0
+    check_max_difference: float | None = None
+    check_max_relative_difference: float | None = None
+    check_tolerance: float | None = None
+    check_ok: bool = False
+
+    def text(self) -> str:
+        check = "self-check ok" if self.check_ok else "SELF-CHECK FAILED"
+        size = f"{self.size_bytes / 1e6:.1f} MB, " if isinstance(self.size_bytes, int | float) else ""
+        return (f"saved {self.path} at step {self.step} ({size}{check}, max difference "
+                f"{_number(self.check_max_difference, '.1e')})")
+
+
+@dataclasses.dataclass
+class Stopping(Event):
+    KIND = "stopping"
+    step: int = 0
+    reason: str = ""
+
+    def text(self) -> str:
+        return f"stopping at step {self.step} ({self.reason}); saving"
+
+
+@dataclasses.dataclass
+class Done(Event):
+    KIND = "done"
+    step: int = 0
+    output: str | None = None
+    stopped: bool = False
+    reason: str = ""
+    state: str | None = None
+    peak_mb: float | None = None
+    seconds_to_ready: float = 0.0
+    seconds_to_first_step: float = 0.0
+
+    def text(self) -> str:
+        peak = f"; peak memory {self.peak_mb:.0f} MB" if isinstance(self.peak_mb, int | float) else ""
+        ended = "stopped" if self.stopped else "done"
+        return f"{ended} after {self.step} steps: {self.output or 'nothing saved'}{peak}"
+
+
+@dataclasses.dataclass
+class RunError(Event):
+    KIND = "error"
+    ON_CLI = False  # the command line prints the exception itself
+    message: str = "unknown error"
+    kind: str = ""
+    last_good_save: str | None = None
+
+    def text(self) -> str:
+        return f"error: {self.message}" + (f" (last good save: {self.last_good_save})" if self.last_good_save else "")
+
+
+# A method comparison (trainer.compare) emits these around the runs' own events, which carry a "method" field.
+@dataclasses.dataclass
+class CompareStart(Event):
+    KIND = "compare_start"
+    folder: str = ""
+    methods: list[str] = dataclasses.field(default_factory=list)
+    steps: int = 0
+    base: str = ""
+
+    def text(self) -> str:
+        return f"comparing {', '.join(self.methods)} on {self.base} → {self.folder}"
+
+
+@dataclasses.dataclass
+class CompareMethodStart(Event):
+    KIND = "compare_method_start"
+    method: str = ""
+    index: int = 0
+    count: int = 0
+    dropped_options: list[str] = dataclasses.field(default_factory=list)
+
+    def text(self) -> str:
+        dropped = ""
+        if self.dropped_options:
+            dropped = f" (options not accepted, left out: {', '.join(self.dropped_options)})"
+        return f"[{self.index + 1}/{self.count}] {self.method}{dropped}"
+
+
+@dataclasses.dataclass
+class CompareMethodDone(Event):
+    KIND = "compare_method_done"
+    method: str = ""
+    status: str = ""
+    message: str = ""
+    row: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def text(self) -> str | None:
+        if self.status not in ("failed", "skipped"):
+            return None  # its own "done" event said it
+        return f"{self.method}: {self.status}" + (f": {self.message}" if self.message else "")
+
+
+@dataclasses.dataclass
+class CompareRender(Event):
+    KIND = "compare_render"
+    row: str = ""
+    index: int = 0
+    total: int = 0
+
+    def text(self) -> str:
+        return f"rendering previews and prior drift: {self.row} ({self.index + 1}/{self.total})"
+
+
+@dataclasses.dataclass
+class CompareDone(Event):
+    KIND = "compare_done"
+    ON_CLI = False  # the command prints the report's table instead
+    markdown: str = ""
+    stopped: bool = False
+
+    def text(self) -> str:
+        return f"report written: {self.markdown}"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {cls.KIND: cls for cls in (
+    Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Validation, Preview, Save, Stopping, Done,
+    RunError, CompareStart, CompareMethodStart, CompareMethodDone, CompareRender, CompareDone)}
+
+
+def parse_event(event: dict[str, Any]) -> Event | None:
+    """The typed event of a dict (unknown keys ignored, missing ones at their defaults), None for an unknown kind."""
+    cls = EVENT_TYPES.get(event.get("event", ""))
+    if cls is None:
+        return None
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in event.items() if key in names})
+
+
+def describe(event: dict[str, Any], *, cli: bool = False) -> str | None:
+    """The one line shown for an event dict, or None. ``cli``: only what the command line prints.
+
+    Events of one run inside a method comparison carry its ``method`` and are prefixed with it.
+    """
+    typed = parse_event(event)
+    if typed is None:
+        if cli:
+            return None
+        fields = {key: value for key, value in event.items() if key not in ("event", "time")}
+        return f"{event.get('event', '?')}: " + json.dumps(fields, default=str)[:300]
+    if cli and not typed.ON_CLI:
+        return None
+    try:
+        text = typed.text()
+    except (TypeError, ValueError, AttributeError):  # a hand-edited or foreign log: show it raw, never crash
+        text = f"{typed.KIND}: {json.dumps(typed.fields(), default=str)[:300]}"
+    method = event.get("method")
+    if text and method and not typed.KIND.startswith("compare_"):
+        text = f"[{method}] {text}"
+    return text
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(float(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _number(value: Any, style: str = ".4f") -> str:
+    if not isinstance(value, int | float):
+        return "?"
+    return format(value, ".2e" if style == "e" else style)
+
+
+# ----- where events go -----------------------------------------------------------------------------------------
 class EventLog:
     """Appends events to ``events.jsonl`` and forwards them to callbacks and TensorBoard (main process only)."""
 
@@ -56,19 +401,22 @@ class EventLog:
             except ImportError:  # tensorboard is optional
                 log.warning("TensorBoard logging is on but tensorboard is not installed (pip install tensorboard)")
 
-    def emit(self, kind: str, /, **fields: Any) -> dict[str, Any]:
-        event = {"event": kind, "time": time.time(), **fields}
+    def emit(self, event: Event | str, /, **fields: Any) -> dict[str, Any]:
+        """Log a typed event (or, for callers that pass their own kinds through, a kind and its fields)."""
+        if isinstance(event, Event):
+            event, fields = event.KIND, event.fields()
+        record = {"event": event, "time": time.time(), **fields}
         if not self.enabled:
-            return event
+            return record
         if self.path is not None:
             with self.path.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(event, default=str) + "\n")
+                stream.write(json.dumps(record, default=str) + "\n")
         for callback in self.callbacks:
             try:
-                callback(event)
+                callback(record)
             except Exception:  # a listener must never stop training
-                log.exception("event callback failed for %s", kind)
-        return event
+                log.exception("event callback failed for %s", event)
+        return record
 
     @property
     def has_tensorboard(self) -> bool:

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -478,6 +479,88 @@ def sd2_predicts_v(unet: Any) -> bool:
     context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, device=parameter.device, dtype=parameter.dtype)
     out = unet(x, torch.tensor([999], device=parameter.device), encoder_hidden_states=context).sample
     return bool((out.float() - x.float()).mean().item() < -1)
+
+
+# ----- diffusers folders ------------------------------------------------------------------------------------------
+# Text-encoder classes whose transformers 4.x module tree has a ``text_model.`` level that transformers 5 dropped.
+CANONICAL_TEXT_MODEL_PREFIX = {"CLIPTextModel": "text_model."}
+
+
+def save_pipeline_folder(pipe: Any, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``pipe`` as a diffusers folder that every supported transformers version loads.
+
+    ``save_pretrained`` goes into a sibling temporary folder, the text encoders are rewritten in the canonical
+    key layout (:func:`canonical_text_encoder_layout`), and the folder is moved into place, so ``out`` is never
+    half-written.
+    """
+    import shutil
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    temporary.mkdir()  # not mkdtemp: its 0700 would make the folder unreadable to other users of a shared UI
+    try:
+        pipe.save_pretrained(str(temporary), safe_serialization=True)
+        canonical_text_encoder_layout(temporary)
+        if out.exists():
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+        os.replace(temporary, out)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return out
+
+
+def canonical_text_encoder_layout(folder: str | os.PathLike) -> list[Path]:
+    """Rename the text encoders' weights of a diffusers folder to the ``text_model.*`` layout; returns the files
+    changed.
+
+    transformers 5 saves ``CLIPTextModel`` without its ``text_model.`` level (and strips that prefix again when
+    loading), but transformers 4.x — which kohya pins and our dependency range allows — does not know the short
+    names and silently leaves the encoder at random weights. The long names load in both. The rename is lossless
+    (same tensors, same dtypes); ``CLIPTextModelWithProjection`` (SDXL's second encoder) keeps the level anyway.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    changed: list[Path] = []
+    for part in sorted(Path(folder).glob("text_encoder*")):
+        config_path = part / "config.json"
+        if not config_path.is_file():
+            continue
+        architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
+        prefix = CANONICAL_TEXT_MODEL_PREFIX.get(architectures[0]) if len(architectures) == 1 else None
+        if prefix is None:
+            continue
+        index_path = part / "model.safetensors.index.json"
+        index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.is_file() else None
+        files = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+        for name in files:
+            path = part / name
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            if all(key.startswith(prefix) for key in tensors):
+                continue
+            renamed = {key if key.startswith(prefix) else prefix + key: tensor for key, tensor in tensors.items()}
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # save_file: the usual file mode
+            try:
+                save_file(renamed, str(temporary), metadata=metadata)
+                os.replace(temporary, path)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+            changed.append(path)
+        if index:
+            index["weight_map"] = {key if key.startswith(prefix) else prefix + key: file
+                                   for key, file in index["weight_map"].items()}
+            index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return changed
 
 
 # ----- diffusers → ldm/sgm ----------------------------------------------------------------------------------------

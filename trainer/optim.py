@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,6 +11,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from methods.base import ConfigError
 
 from .config import TrainSection
+
+# Our names → diffusers' (every schedule has a warmup; diffusers' "constant" has none).
+SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine",
+                   "cosine_with_restarts": "cosine_with_restarts"}
 
 
 class Lion(torch.optim.Optimizer):
@@ -76,33 +79,27 @@ def build_optimizer(train: TrainSection, groups: list[dict[str, Any]]) -> torch.
     raise ConfigError(f"train.optimizer = {train.optimizer!r} is not supported")
 
 
-def lr_lambda(train: TrainSection, total_steps: int):
-    """Multiplier of the base learning rate at a step: warmup, then the chosen decay."""
-    warmup = max(0, train.warmup_steps)
-    schedule = train.scheduler
-    cycles = max(1, train.scheduler_cycles)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        progress = min(max(progress, 0.0), 1.0)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if schedule == "cosine_with_restarts":
-            if progress >= 1.0:
-                return 0.0
-            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
-        if schedule == "polynomial":
-            return max(0.0, (1.0 - progress)) ** train.scheduler_power
-        raise ConfigError(f"train.scheduler = {schedule!r} is not supported")
-
-    return factor
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, lr_lambda(train, total_steps))
+    """diffusers' learning-rate schedule of ``train.scheduler``, with our warmup.
+
+    Our warmup ramps (step + 1)/(warmup + 1), so the first step never has a zero learning rate (diffusers' ramp
+    step/warmup starts at 0), and ``constant`` warms up too. That is diffusers' schedule for ``warmup + 1`` and
+    ``total + 1`` steps read one step ahead — what the scheduler is built as (``last_epoch=0`` starts it at step
+    1). After the warmup the values are diffusers' own: linear (total − step)/(total − warmup), half a cosine,
+    ``scheduler_cycles`` hard restarts, or (1 − progress)^power.
+    """
+    from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
+
+    warmup = max(0, train.warmup_steps) + 1
+    total = max(total_steps, warmup) + 1  # a run that is all warmup: diffusers' polynomial divides by total − warmup
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    if train.scheduler == "polynomial":
+        # get_scheduler fixes lr_end at 1e-7, an absolute floor that would stop the decay short of 0 (and refuse
+        # learning rates at or below it); lr_end=0 is the decay to zero this option always meant.
+        return get_polynomial_decay_schedule_with_warmup(optimizer, warmup, total, lr_end=0.0,
+                                                         power=train.scheduler_power, last_epoch=0)
+    if train.scheduler not in SCHEDULER_NAMES:
+        raise ConfigError(f"train.scheduler = {train.scheduler!r} is not supported")
+    return get_scheduler(SCHEDULER_NAMES[train.scheduler], optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total, num_cycles=max(1, train.scheduler_cycles), last_epoch=0)

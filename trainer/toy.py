@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -433,6 +432,8 @@ def pretrain(out_dir: str | Path, seed: int = 0, minutes_budget: float | None = 
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from .models import save_pipeline_folder
+
     recipe = recipe or ToyRecipe()
     torch.set_num_threads(recipe.threads)
     started, cpu_started = time.time(), time.process_time()
@@ -477,9 +478,7 @@ def pretrain(out_dir: str | Path, seed: int = 0, minutes_budget: float | None = 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                                    unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    save_pipeline_folder(pipe, out_dir, overwrite=True)  # text encoder in the layout every transformers loads
     # vocab.json + merges.txt beside tokenizer.json, so transformers 4.x's slow CLIPTokenizer loads it too
     write_tiny_tokenizer(out_dir / "tokenizer", TOY_WORDS)
     stats["total_seconds"] = round(time.time() - started, 1)

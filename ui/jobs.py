@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.events import read_events
+from trainer.events import describe, format_seconds, read_events
 
 JOB_FILE = "job.json"
 EXIT_FILE = "exit.json"
@@ -127,26 +127,15 @@ class JobView:
 
     # ----- events
     def apply(self, event: dict[str, Any]) -> None:
+        """Fold one event into the state shown; its log line is :func:`trainer.events.describe`'s (as the CLI's)."""
         kind = event.get("event", "")
-        stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
-        line = None
         if kind == "start":
             self.status = "loading"
-            config = event.get("config", {})
-            network, train = config.get("network", {}), config.get("train", {})
-            self.total = int(train.get("max_steps", 0) or 0)
-            line = (f"started: {network.get('method', '?')} on {config.get('model', {}).get('base', '?')}, "
-                    f"output {config.get('output', {}).get('dir', '?')}/{config.get('output', {}).get('name', '?')}")
-        elif kind == "model":
-            line = f"model: {event.get('arch')} ({event.get('prediction_type')}) from {event.get('source')}"
+            self.total = int(event.get("config", {}).get("train", {}).get("max_steps", 0) or 0)
         elif kind == "ready":
             self.status = "training"
             self.summary = {k: v for k, v in event.items() if k not in ("event", "time")}
             self.total = int(event.get("total_steps") or self.total)
-            line = (f"ready in {event.get('seconds')} s: {event.get('method')}, "
-                    f"{event.get('trainable_parameters', 0):,} trainable parameters, modules {event.get('modules')}, "
-                    f"{event.get('images')} image(s) with repeats, {event.get('total_steps')} steps on "
-                    f"{event.get('device')}")
         elif kind == "step":
             if self.status in ("starting", "loading"):
                 self.status = "training"
@@ -157,49 +146,35 @@ class JobView:
             loss = event.get("loss")
             if isinstance(loss, int | float):
                 self.losses.append((self.step, float(loss)))
-            line = (f"step {self.step}/{self.total}  loss {_number(loss)}  lr {_number(event.get('lr'), 'e')}  "
-                    f"{_number(self.its)} it/s  ETA {format_seconds(self.eta)}")
         elif kind == "validation":
             self.validation.append((int(event.get("step", 0)), float(event.get("loss", 0.0))))
-            line = f"validation loss {_number(event.get('loss'))} at step {event.get('step')}"
         elif kind == "preview":
-            paths = [p for p in event.get("paths", []) if "_grid" not in Path(p).stem] or event.get("paths", [])
-            self.previews.extend(paths)
-            line = f"preview at step {event.get('step')}: {len(paths)} image(s)"
+            paths = event.get("paths", [])
+            self.previews.extend([p for p in paths if "_grid" not in Path(p).stem] or paths)
         elif kind == "save":
             self.saves.append({k: v for k, v in event.items() if k != "event"})
-            check = "self-check ok" if event.get("check_ok") else "SELF-CHECK FAILED"
-            line = f"saved {event.get('path')} ({_size(event.get('size_bytes'))}, {check})"
         elif kind == "stopping":
             self.status = "stopping"
-            line = f"stopping at step {event.get('step')} ({event.get('reason')}); saving"
         elif kind == "done":
             self.finished = True
             self.status = "stopped" if event.get("stopped") else "done"
             self.output = event.get("output") or ""
-            line = f"{'stopped' if event.get('stopped') else 'done'} after {event.get('step')} steps: {self.output}"
         elif kind == "error":
             self.finished = True
             self.status = "error"
             self.error = str(event.get("message", "unknown error"))
-            kept = event.get("last_good_save")
-            line = f"error: {self.error}" + (f" (last good save: {kept})" if kept else "")
-        elif kind == "warning":
-            line = f"warning: {event.get('message')}"
         elif kind == "skipped_image":
             self.skipped.append((str(event.get("path")), str(event.get("reason"))))
-            line = f"skipped image {event.get('path')}: {event.get('reason')}"
-        elif kind == "resumed":
-            line = f"resumed at step {event.get('step')} from {event.get('path')}"
         elif kind == "memory":
-            line = None  # shown in the summary only
             self.summary["peak_mb"] = event.get("peak_mb")
-        else:
-            line = f"{kind}: " + json.dumps({k: v for k, v in event.items() if k not in ("event", "time")},
-                                            default=str)[:300]
-        if line:
-            self.log.append(f"[{stamp}] {line}")
+        self._log(event)
         self.version += 1
+
+    def _log(self, event: dict[str, Any]) -> None:
+        line = describe(event)
+        if line:
+            stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
+            self.log.append(f"[{stamp}] {line}")
 
     def fail(self, message: str) -> None:
         self.finished = True
@@ -252,10 +227,8 @@ class CompareView(JobView):
         method = event.get("method")
         if kind.startswith("compare_"):
             self._apply_compare(kind, event)
-        elif method and kind in ("done", "error"):
-            ended = "failed: " + str(event.get("message")) if kind == "error" else (
-                "stopped" if event.get("stopped") else "done")
-            self._log(event, f"{method}: {ended} after {event.get('step', self.step)} steps")
+        elif method and kind in ("done", "error"):  # one run ended, not the comparison
+            self._log(event)
         else:
             if kind == "step" and method:
                 self.method_losses.setdefault(method, []).append(float(event.get("loss", math.nan)))
@@ -267,30 +240,21 @@ class CompareView(JobView):
         if kind == "compare_start":
             self.methods = list(event.get("methods", []))
             self.status = "loading"
-            self._log(event, f"comparing {', '.join(self.methods)} on {event.get('base')} → {event.get('folder')}")
         elif kind == "compare_method_start":
             self.method, self.step, self.losses, self.its, self.eta = event.get("method", ""), 0, [], None, None
             self.status = "loading"
-            self._log(event, f"[{int(event.get('index', 0)) + 1}/{event.get('count')}] {self.method}")
         elif kind == "compare_method_done":
             self.finished_runs += 1
             self.rows.append(event.get("row", {}))
-            if event.get("status") in ("failed", "skipped"):
-                self._log(event, f"{event.get('method')}: {event.get('status')} {event.get('message', '')}".strip())
         elif kind == "compare_render":
             self.status = "rendering"
-            self._log(event, f"rendering previews and prior drift: {event.get('row')}")
         elif kind == "compare_done":
             self.finished = True
             self.status = "stopped" if event.get("stopped") else "done"
             self.report = {k: v for k, v in event.items() if k not in ("event", "time", "table")}
             self.rows = list(event.get("table", self.rows))
             self.output = str(event.get("markdown", ""))
-            self._log(event, f"report written: {self.output}")
-
-    def _log(self, event: dict[str, Any], line: str) -> None:
-        stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
-        self.log.append(f"[{stamp}] {line}")
+        self._log(event)
 
     @property
     def fraction(self) -> float:
@@ -317,27 +281,6 @@ class CompareView(JobView):
 
 
 VIEWS: dict[str, type[JobView]] = {"train": JobView, "compare": CompareView}
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(float(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-
-
-def _number(value: Any, style: str = "f") -> str:
-    if not isinstance(value, int | float):
-        return "?"
-    return f"{value:.2e}" if style == "e" else f"{value:.4f}"
-
-
-def _size(size: Any) -> str:
-    from ui.pipelines import format_bytes
-
-    return format_bytes(size) if isinstance(size, int | float) else "?"
 
 
 # ----- the runner --------------------------------------------------------------------------------------------
