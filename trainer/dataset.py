@@ -139,7 +139,7 @@ def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
     ``scan.skipped`` and logged as warnings.
     """
     skipped: list[tuple[Path, str]] = []
-    caption_extension = _caption_extension(section.caption_extension)
+    caption_extension = normalize_caption_extension(section.caption_extension)
     train, train_concepts = _scan_root(Path(section.dir).expanduser(), "dataset.dir", section, caption_extension,
                                        skipped, is_reg=False)
     reg: list[ImageItem] = []
@@ -160,12 +160,12 @@ def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
     )
 
 
-def _caption_extension(extension: str) -> str:
+def normalize_caption_extension(extension: str) -> str:
     extension = extension.strip() or ".txt"
     return extension if extension.startswith(".") else "." + extension
 
 
-def _parse_folder_name(name: str) -> tuple[int, str]:
+def parse_folder_name(name: str) -> tuple[int, str]:
     """``"10_my char"`` → (10, "my char"); a name without a repeat prefix → (1, name)."""
     match = _REPEAT_PREFIX.match(name)
     if match:
@@ -173,20 +173,25 @@ def _parse_folder_name(name: str) -> tuple[int, str]:
     return 1, name
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def training_images(files: Sequence[Path]) -> list[Path]:
+    """The training images among one folder's ``files``: visible image files, loss masks excluded."""
+    images = [p for p in files if is_image_name(p.name)]
+    stems = {p.stem for p in images}
+    # "<stem>_mask.png" beside "<stem>.<ext>" is a loss mask, never a training image.
+    return [p for p in images if not (p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems)]
 
 
 def _concept(folder: Path) -> _Concept | None:
     """The folder's images (sorted) and files, or None when it holds no image directly."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    images = [p for p in files if _is_image_name(p.name)]
-    stems = {p.stem for p in images}
-    # "<stem>_mask.png" beside "<stem>.<ext>" is a loss mask, never a training image.
-    images = [p for p in images if not (p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems)]
+    images = training_images(files)
     if not images:
         return None
-    repeats, class_word = _parse_folder_name(folder.name)
+    repeats, class_word = parse_folder_name(folder.name)
     lowered: dict[str, Path] = {}
     for path in files:
         lowered.setdefault(path.name.lower(), path)
@@ -267,7 +272,7 @@ def _inspect_item(path: Path, concept: _Concept, section: DatasetSection, captio
             except UnusableImage as error:
                 raise UnusableImage(f"its mask {candidate.name} is unusable: {error}") from None
             mask_path = candidate
-    caption, multi_line = _read_caption(path, caption_extension, concept.files)
+    caption, multi_line = read_caption(path, caption_extension, concept.files)
     if not caption:  # no sidecar, or a blank one
         caption = concept.class_word if section.missing_caption == "class_word" else ""
     return ImageItem(path=path, caption=caption, folder=concept.name, n_repeats=concept.n_repeats,
@@ -323,14 +328,14 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _read_caption(image_path: Path, extension: str, files: dict[str, Path]) -> tuple[str | None, bool]:
+def read_caption(image_path: Path, extension: str, files: dict[str, Path] | None = None) -> tuple[str | None, bool]:
     """(first non-blank line of the sidecar or None when there is none, whether the file has several lines).
 
     ``files``: the folder's files by lower-cased name, so "IMG.TXT" serves "IMG.jpg" on case-sensitive disks.
     """
     caption_path = image_path.with_suffix(extension)
     if not caption_path.is_file():
-        caption_path = files.get(caption_path.name.lower())
+        caption_path = (files or {}).get(caption_path.name.lower())
         if caption_path is None:
             return None, False
     try:
