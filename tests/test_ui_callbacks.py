@@ -221,6 +221,28 @@ def test_gallery_shows_cached_thumbnails_and_checks_each_file_once(ui, ws, monke
     assert len(paths) == 2 and "Left out" not in summary and calls.count("latin1.png") == 2
 
 
+def test_the_gallery_follows_the_trainers_folder_rules(ws):
+    """The UI lists what trainer.dataset would train on (its own rules: N_name repeats, image extensions, loss
+    masks, hidden files, the caption's first line), not a copy of them."""
+    from trainer.config import DatasetSection
+    from trainer.dataset import scan_dataset
+
+    folder = ws.datasets / "rules"
+    write(folder / "3_dog" / "a.PNG", png_bytes())
+    write(folder / "3_dog" / "a.txt", "first line\n\nsecond line")
+    write(folder / "3_dog" / "a_mask.png", png_bytes("white"))
+    write(folder / "3_dog" / ".hidden.png", png_bytes())
+    write(folder / "3_dog" / "notes.md", "not an image")
+    write(folder / "cat" / "b.webp", png_bytes("blue"))
+    write(folder / "root.jpg", png_bytes("green"))
+    scan = scan_dataset(DatasetSection(dir=str(folder)))
+    images = workspace.list_images(folder)
+    assert {i.path: i.caption for i in images} == {item.path: item.caption for item in scan.items}
+    assert {i.path.name for i in images} == {"a.PNG", "b.webp", "root.jpg"}
+    concepts = {c.folder: c.repeats for c in workspace.list_concepts(folder)}
+    assert concepts == {name: info["n_repeats"] for name, info in scan.dataset_dirs.items() if name != "rules"}
+
+
 # ================================================================================================ captions
 @pytest.fixture
 def dataset(ws) -> Path:

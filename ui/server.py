@@ -174,14 +174,14 @@ def describe_address(host: str, port: int, auth: bool, workspace: str = "") -> t
 
 # ----- launching ---------------------------------------------------------------------------------------------
 def launch(ws: Any, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           throttle: LoginThrottle | None = None) -> tuple[Any, Any]:
-    """Build and start the app on ``host:port`` (returns at once; ``demo.block_thread()`` waits). Raises OSError
-    when the port cannot be used."""
+           throttle: LoginThrottle | None = None, ui: Any = None) -> tuple[Any, Any]:
+    """Build and start the app on ``host:port`` (returns at once; ``demo.block_thread()`` waits); ``ui``: the
+    callbacks (a RankwrightUI of ``ws``; a new one by default). Raises OSError when the port cannot be used."""
     from starlette.middleware import Middleware
 
     from ui.app import CSS, THEME, build_app
 
-    demo, ui = build_app(ws)
+    demo, ui = build_app(ws, ui)
     demo.queue(default_concurrency_limit=2)
     middleware = [Middleware(LoginBackoff, throttle=throttle or LoginThrottle())] if auth else []
     demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=list(ui.allowed_paths), theme=THEME,
