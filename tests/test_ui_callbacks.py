@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from ui_helpers import png_bytes, write
 
 from methods.base import ConfigError
 from trainer.config import TrainerConfig
@@ -23,18 +23,6 @@ from ui.jobs import JobBusy, JobError, JobRunner
 from ui.workspace import Workspace, WorkspaceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning/gr.Info outside a request
-
-
-def png_bytes(colour: str = "red", size: tuple[int, int] = (48, 40)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
 
 
 @pytest.fixture

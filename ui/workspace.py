@@ -127,30 +127,26 @@ class Workspace:
     def dataset_folder(self, text: str | os.PathLike) -> Path:
         """The dataset folder a browser named, resolved: a relative name lies in ``datasets/``; the folder (links
         followed, ``..`` collapsed) must lie in ``datasets/`` or a ``--data-dir``, else WorkspaceError."""
-        path = _claimed_path(text, self.datasets, "give a dataset folder")
-        if not any(is_within(path, root) for root in self.dataset_roots):
-            allowed = ", ".join(str(root) for root in self.dataset_roots)
-            raise WorkspaceError(
-                f"{str(text).strip()}: the web UI opens datasets only in {allowed}. Type a name such as `my_dataset` "
-                f"(for {self.datasets / 'my_dataset'}) and upload the images there, or restart the server with "
-                "`python app.py --data-dir FOLDER` to work on a folder elsewhere.")
-        return path
+        allowed = ", ".join(str(root) for root in self.dataset_roots)
+        return confined(text, self.datasets, self.dataset_roots, "give a dataset folder",
+                        f"the web UI opens datasets only in {allowed}. Type a name such as `my_dataset` (for "
+                        f"{self.datasets / 'my_dataset'}) and upload the images there, or restart the server with "
+                        "`python app.py --data-dir FOLDER` to work on a folder elsewhere.")
 
     def output_folder(self, text: str | os.PathLike) -> Path:
         """The output folder a browser named, resolved into ``outputs/`` (a relative name lies there)."""
-        path = _claimed_path(text, self.outputs, "give an output folder")
-        if not is_within(path, self.outputs):
-            raise WorkspaceError(
-                f"output.dir {str(text).strip()}: runs started from the web UI write into {self.outputs} (the only "
-                f"place the UI serves files from). Type a folder name such as `my_run` (for {self.outputs / 'my_run'})"
-                ", or train from a shell (`python -m trainer train`) to write elsewhere.")
-        return path
+        return confined(
+            text, self.outputs, [self.outputs], "give an output folder",
+            f"runs started from the web UI write into {self.outputs} (the only place the UI serves files from). "
+            f"Type a folder name such as `my_run` (for {self.outputs / 'my_run'}), or train from a shell "
+            "(`python -m trainer train`) to write elsewhere.", label="output.dir ")
 
     def output_file(self, text: str | os.PathLike) -> Path:
         """An existing file a browser named that a run of this workspace wrote (inside ``outputs/``)."""
-        path = _claimed_path(text, self.outputs, "choose a file")
-        if not is_within(path, self.outputs) or not path.is_file():
-            raise WorkspaceError(f"{str(text).strip()}: not a file in {self.outputs}; choose one from the list")
+        refusal = f"not a file in {self.outputs}; choose one from the list"
+        path = confined(text, self.outputs, [self.outputs], "choose a file", refusal)
+        if not path.is_file():
+            raise WorkspaceError(f"{str(text).strip()}: {refusal}")
         return path
 
     def is_served(self, path: str | os.PathLike) -> bool:
@@ -159,12 +155,18 @@ class Workspace:
         return any(is_within(resolved, folder) for folder in self.served)
 
 
-def _claimed_path(text: str | os.PathLike, base: Path, missing: str) -> Path:
-    text = str(text or "").strip()
-    if not text:
+def confined(text: str | os.PathLike, base: Path, roots: Iterable[Path], missing: str, refusal: str,
+             label: str = "") -> Path:
+    """A path a browser sent, resolved (relative to ``base``, links followed, ``..`` collapsed), if it lies in one
+    of ``roots``; else WorkspaceError ``"<label><text>: <refusal>"`` (``missing`` when it is empty)."""
+    shown = str(text or "").strip()
+    if not shown:
         raise WorkspaceError(missing)
-    path = Path(text).expanduser()
-    return (path if path.is_absolute() else base / path).resolve()
+    path = Path(shown).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    if not any(is_within(path, root) for root in roots):
+        raise WorkspaceError(f"{label}{shown}: {refusal}")
+    return path
 
 
 def is_within(path: Path, folder: Path) -> bool:
