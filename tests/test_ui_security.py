@@ -168,6 +168,11 @@ def test_the_caption_editor_stays_out_of_folders_outside_the_workspace(ws, forei
                 function(*args)
     message, _ = ui.guard(ui.start, 2, 0)(*form_args(ui, **{"dataset.dir": str(foreign)}))
     assert message.startswith("⚠️") and "--data-dir" in message
+    inside = ws.default_dataset()
+    write(inside / "1_dog" / "a.png", png_bytes())
+    for function, *args in ((ui.add_trigger, str(inside), "zq", ".txt", image),  # the "selected" image is sent too
+                            (ui.find_replace, str(inside), "zq", "zz", ".txt", image)):
+        assert "a caption outside" not in json.dumps(function(*args)[:2])
     assert sorted(p.name for p in foreign.iterdir()) == ["app.conf", "app.png", "app.txt"]
     assert (foreign / "app.conf").read_text() == "password = hunter2\n"
     assert (foreign / "app.txt").read_text() == "a caption outside"
@@ -244,6 +249,19 @@ def test_the_operator_can_allow_folders_outside_the_workspace(tmp_path, foreign)
     message, _ = ui.start(*form_args(ui, **{"dataset.dir": str(foreign)}))
     assert TrainerConfig.load(ui.runner.current().config_path).dataset.dir == str(foreign)
     assert str(foreign) not in ui.allowed_paths  # opened and trained on, never served
+
+
+def test_presets_and_adapters_are_read_only_from_the_workspace(ws, tmp_path):
+    """The preset and adapter dropdowns send paths back: only the listed ones are read."""
+    ui = RankwrightUI(ws, runner=idle_runner(ws), preset_dirs=[ws.presets])
+    other = write(tmp_path / "other_app" / "settings.toml", '[model]\nbase = "db-password-hunter2"\n')
+    with pytest.raises(WorkspaceError, match="not one of the presets"):
+        ui.load_preset(str(other), *form_args(ui))
+    adapter = write(tmp_path / "private.safetensors", b"weights")
+    for function, *args in ((ui.adapter_info, str(adapter)),
+                            (ui.try_it, "model", "auto", "auto", "", str(adapter), "a cat", 1.0, 1, 1, 32)):
+        with pytest.raises(WorkspaceError, match="not a file in"):
+            function(*args)
 
 
 # ================================================================================================ item 4

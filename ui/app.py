@@ -62,6 +62,7 @@ class RankwrightUI:
         # What the web server may send, fixed at launch: never widened by anything a browser sends.
         self.allowed_paths: list[str] = [str(folder) for folder in ws.served]
         self.checker = workspace.ImageChecker()
+        self.foreign_jobs: set[str] = set()  # job records on disk that are ignored (warned about once)
         self.demo: gr.Blocks | None = None
 
     # ================================================================ helpers
@@ -158,8 +159,10 @@ class RankwrightUI:
         """``record`` if its output folder lies in this workspace's outputs, else None: a job record on disk (from
         an older version, or edited by hand) never makes the UI read or serve another folder."""
         if record is not None and not workspace.is_within(Path(record.output_dir).resolve(), self.ws.outputs):
-            log.warning("ignoring job %s: its output folder %s is outside %s", record.id, record.output_dir,
-                        self.ws.outputs)
+            if record.id not in self.foreign_jobs:
+                self.foreign_jobs.add(record.id)
+                log.warning("ignoring job %s: its output folder %s is outside %s", record.id, record.output_dir,
+                            self.ws.outputs)
             return None
         return record
 
@@ -232,19 +235,24 @@ class RankwrightUI:
         """(status, the selected image's caption as it is now, *dataset_view)."""
         folder = self.ws.dataset_folder(dataset_dir)
         count = workspace.add_trigger_word(folder, word, extension)
-        return (f"Added “{word.strip()}” to {count} caption(s).", self._caption_of(selected, extension),
+        return (f"Added “{word.strip()}” to {count} caption(s).", self._caption_of(folder, selected, extension),
                 *self.dataset_view(dataset_dir, extension))
 
     def find_replace(self, dataset_dir: str, find: str, replace: str, extension: str = ".txt",
                      selected: str = "") -> tuple:
         folder = self.ws.dataset_folder(dataset_dir)
         count = workspace.find_replace(folder, find, replace, extension)
-        return (f"Replaced “{find}” with “{replace}” in {count} caption(s).", self._caption_of(selected, extension),
+        return (f"Replaced “{find}” with “{replace}” in {count} caption(s).",
+                self._caption_of(folder, selected, extension),
                 *self.dataset_view(dataset_dir, extension))
 
     @staticmethod
-    def _caption_of(selected: str, extension: str) -> Any:
-        return workspace.read_caption(Path(selected), extension) if selected else gr.skip()
+    def _caption_of(folder: Path, selected: str, extension: str) -> Any:
+        """The caption of the image the browser says is selected, if it is one of the dataset's."""
+        try:
+            return workspace.read_caption(workspace.check_image(folder, selected), extension)
+        except WorkspaceError:
+            return gr.skip()
 
     def set_repeats(self, dataset_dir: str, concept: str, repeats: float | None, extension: str = ".txt") -> tuple:
         folder = self.ws.dataset_folder(dataset_dir)
