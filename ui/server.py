@@ -72,7 +72,9 @@ class LoginThrottle:
         state.last_failure = self.clock()
 
     def succeeded(self, address: str) -> None:
-        self.clients.pop(address, None)
+        state = self.clients.get(address)
+        if state is not None:  # kept (with its lock): attempts already in line stay in line
+            state.failures = 0
 
 
 class LoginBackoff:
@@ -99,18 +101,16 @@ class LoginBackoff:
                 wait = self.throttle.delay(address)
                 if wait > 0:
                     await asyncio.sleep(wait)
-                status: list[int] = []
 
                 async def watch(message: dict) -> None:
-                    if message["type"] == "http.response.start":
-                        status.append(message["status"])
+                    if message["type"] == "http.response.start":  # counted before the client hears the answer
+                        if message["status"] < 300:
+                            self.throttle.succeeded(address)
+                        elif message["status"] in (400, 401, 403):
+                            self.throttle.failed(address)
                     await send(message)
 
                 await self.app(scope, receive, watch)
-                if status and status[0] < 300:
-                    self.throttle.succeeded(address)
-                elif status and status[0] in (400, 401, 403):
-                    self.throttle.failed(address)
         finally:
             state.waiting -= 1
 
