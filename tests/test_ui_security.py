@@ -340,6 +340,16 @@ def test_zip_members_are_streamed_not_held_in_memory(tmp_path):
     assert [p.name for p in report.added] == ["good.png"] and len(report.rejected) == 4
 
 
+def test_an_upload_larger_than_a_zip_may_unpack_to_is_refused_over_http(ws, monkeypatch):
+    monkeypatch.setattr(workspace, "MAX_ZIP_TOTAL_BYTES", 1000)
+    with served(ws) as (url, _):
+        def upload(size: int) -> int:
+            files = {"files": ("big.zip", b"x" * size, "application/zip")}
+            return httpx.post(f"{url}/gradio_api/upload", files=files, timeout=30).status_code
+
+        assert upload(900) == 200 and upload(5000) == 413
+
+
 def test_zip_members_with_other_compression_methods_are_skipped(tmp_path):
     archive = tmp_path / "bz.zip"
     with zipfile.ZipFile(archive, "w") as handle:

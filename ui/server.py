@@ -2,7 +2,7 @@
 
 :func:`launch` is what ``python app.py`` runs (and what the HTTP tests run): the app is served with
 ``allowed_paths`` fixed to :attr:`ui.workspace.Workspace.served` (the workspace's ``outputs/`` and
-``thumbnails/``) and, with a login, behind :class:`LoginBackoff`.
+``thumbnails/``), uploads no larger than a zip may unpack to, and, with a login, behind :class:`LoginBackoff`.
 """
 
 from __future__ import annotations
@@ -180,11 +180,12 @@ def launch(ws: Any, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, 
     from starlette.middleware import Middleware
 
     from ui.app import CSS, THEME, build_app
+    from ui.workspace import MAX_ZIP_TOTAL_BYTES
 
     demo, ui = build_app(ws, ui)
     demo.queue(default_concurrency_limit=2)
     middleware = [Middleware(LoginBackoff, throttle=throttle or LoginThrottle())] if auth else []
     demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=list(ui.allowed_paths), theme=THEME,
                 css=CSS, show_error=True, quiet=True, prevent_thread_lock=True, inbrowser=False, footer_links=[],
-                app_kwargs={"middleware": middleware})
+                max_file_size=MAX_ZIP_TOTAL_BYTES, app_kwargs={"middleware": middleware})
     return demo, ui
