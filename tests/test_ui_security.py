@@ -183,7 +183,7 @@ def test_caption_extensions_come_from_a_fixed_list(ws):
     dataset = ws.default_dataset()
     image = write(dataset / "1_dog" / "a.png", png_bytes())
     write(dataset / "1_dog" / "a.conf", "not a caption")
-    for extension in (".conf", "conf", ".png", ".txt/../../x", ".py"):
+    for extension in (".conf", "conf", ".png", ".txt/../../x", ".py", "tags"):
         for function, *args in ((ui.save_caption, str(dataset), str(image), "pwned", extension),
                                 (ui.dataset_view, str(dataset), extension),
                                 (ui.add_trigger, str(dataset), "pwned", extension),
@@ -193,7 +193,7 @@ def test_caption_extensions_come_from_a_fixed_list(ws):
         message, _ = ui.guard(ui.start, 2, 0)(*form_args(ui, **{"dataset.caption_extension": extension}))
         assert message.startswith("⚠️ caption extension")
     assert (dataset / "1_dog" / "a.conf").read_text() == "not a caption" and image.is_file()
-    for extension in (".txt", ".caption", "tags", ".TXT"):
+    for extension in (".txt", ".caption", ".tags", " .TXT "):
         ui.save_caption(str(dataset), str(image), f"a dog {extension}", extension)
     assert sorted(p.name for p in (dataset / "1_dog").iterdir()) == ["a.caption", "a.conf", "a.png", "a.tags",
                                                                     "a.txt"]

@@ -139,7 +139,7 @@ def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
     ``scan.skipped`` and logged as warnings.
     """
     skipped: list[tuple[Path, str]] = []
-    caption_extension = normalize_caption_extension(section.caption_extension)
+    caption_extension = _caption_extension(section.caption_extension)
     train, train_concepts = _scan_root(Path(section.dir).expanduser(), "dataset.dir", section, caption_extension,
                                        skipped, is_reg=False)
     reg: list[ImageItem] = []
@@ -160,7 +160,7 @@ def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
     )
 
 
-def normalize_caption_extension(extension: str) -> str:
+def _caption_extension(extension: str) -> str:
     extension = extension.strip() or ".txt"
     return extension if extension.startswith(".") else "." + extension
 
@@ -328,16 +328,30 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
+def caption_file(image_path: Path, extension: str, files: dict[str, Path] | None = None) -> Path | None:
+    """The caption sidecar of ``image_path`` that training reads: ``<stem><extension>``, else the same name in
+    another letter case ("IMG.TXT" serves "IMG.jpg" on case-sensitive disks), else None.
+
+    ``files``: the folder's files by lower-cased name (listed here when not given).
+    """
+    caption_path = image_path.with_suffix(_caption_extension(extension))
+    if caption_path.is_file():
+        return caption_path
+    if files is None:
+        files = {}
+        for path in sorted(p for p in image_path.parent.iterdir() if p.is_file()):
+            files.setdefault(path.name.lower(), path)
+    return files.get(caption_path.name.lower())
+
+
 def read_caption(image_path: Path, extension: str, files: dict[str, Path] | None = None) -> tuple[str | None, bool]:
     """(first non-blank line of the sidecar or None when there is none, whether the file has several lines).
 
-    ``files``: the folder's files by lower-cased name, so "IMG.TXT" serves "IMG.jpg" on case-sensitive disks.
+    Raises :class:`UnusableImage` for a caption file that is not UTF-8 or cannot be read.
     """
-    caption_path = image_path.with_suffix(extension)
-    if not caption_path.is_file():
-        caption_path = (files or {}).get(caption_path.name.lower())
-        if caption_path is None:
-            return None, False
+    caption_path = caption_file(image_path, extension, files)
+    if caption_path is None:
+        return None, False
     try:
         text = caption_path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:

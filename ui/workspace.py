@@ -44,7 +44,6 @@ from trainer.dataset import (
     UnusableImage,
     inspect_image,
     is_image_name,
-    normalize_caption_extension,
     parse_folder_name,
     training_images,
 )
@@ -509,6 +508,14 @@ def _image_files(folder: Path) -> list[Path]:
     return training_images(sorted(p for p in folder.iterdir() if p.is_file()))
 
 
+def _readable_files(folder: Path) -> dict[str, Path]:
+    """The folder's files by lower-cased name (the trainer's caption look-up), links out of it left out."""
+    files: dict[str, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not _linked_out(p, folder)):
+        files.setdefault(path.name.lower(), path)
+    return files
+
+
 def concept_folders(dataset_dir: Path) -> list[Path]:
     """The dataset folder itself and its immediate visible sub-folders (what the trainer reads)."""
     if not dataset_dir.is_dir():
@@ -522,9 +529,10 @@ def list_images(dataset_dir: Path, extension: str = CAPTION_EXTENSION) -> list[D
     images = []
     for folder in concept_folders(dataset_dir):
         name = "" if folder == dataset_dir else folder.name
+        files = _readable_files(folder)
         for path in _image_files(folder):
             if is_within(path.resolve(), root):
-                images.append(DatasetImage(path, name, read_caption(path, extension)))
+                images.append(DatasetImage(path, name, read_caption(path, extension, files)))
             else:
                 images.append(DatasetImage(path, name, "", linked_out=True))
     return images
@@ -539,8 +547,8 @@ def list_concepts(dataset_dir: Path) -> list[Concept]:
 
 
 def caption_extension(extension: str) -> str:
-    """The caption extension a browser sent, if it is one of :data:`CAPTION_EXTENSIONS`."""
-    normalized = normalize_caption_extension(str(extension or "")).lower()
+    """The caption extension a browser sent, if it is one of :data:`CAPTION_EXTENSIONS` (any letter case)."""
+    normalized = str(extension or "").strip().lower()
     if normalized not in CAPTION_EXTENSIONS:
         raise WorkspaceError(f"caption extension {extension!r}: the web UI reads and writes only "
                              f"{', '.join(CAPTION_EXTENSIONS)} caption files; choose one of them")
@@ -556,17 +564,23 @@ def _linked_out(path: Path, folder: Path) -> bool:
     return path.is_symlink() and not is_within(path.resolve(), folder.resolve())
 
 
-def read_caption(image: Path, extension: str = CAPTION_EXTENSION) -> str:
-    """The caption the trainer would read for ``image`` ("" for none or an unreadable one); a caption file that
-    links out of the image's folder is not read."""
-    path = caption_path(image, extension)
-    if _linked_out(path, image.parent):
-        return ""
+def _trainer_caption(image: Path, extension: str, files: dict[str, Path] | None = None) -> str | None:
+    """The trainer's caption of ``image`` (:func:`trainer.dataset.read_caption`, UnusableImage for an unreadable
+    file), never read through a link out of the image's folder. ``files``: :func:`_readable_files` of it."""
+    exact = image.with_suffix(extension)
+    if _linked_out(exact, image.parent):
+        return None
+    if files is None:  # only an image without its exact sidecar needs the folder's other names
+        files = {} if exact.is_file() else _readable_files(image.parent)
+    return read_trainer_caption(image, extension, files)[0]
+
+
+def read_caption(image: Path, extension: str = CAPTION_EXTENSION, files: dict[str, Path] | None = None) -> str:
+    """The caption the trainer would read for ``image``: "" for none or an unreadable one."""
     try:
-        caption, _ = read_trainer_caption(image, path.suffix)
+        return _trainer_caption(image, caption_extension(extension), files) or ""
     except UnusableImage:
         return ""
-    return caption or ""
 
 
 def check_image(dataset_dir: Path, image: str | os.PathLike) -> Path:
@@ -661,8 +675,7 @@ def image_problem(image: Path, extension: str = CAPTION_EXTENSION, max_pixels: i
     """Why the trainer would skip ``image`` (its own decode and caption checks), or None."""
     try:
         inspect_image(image, max_pixels)
-        if not _linked_out(caption_path(image, extension), image.parent):
-            read_trainer_caption(image, caption_extension(extension))
+        _trainer_caption(image, caption_extension(extension))
     except UnusableImage as reason:
         return str(reason)
     return None
