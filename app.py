@@ -2,7 +2,8 @@
 
 Options: ``--host`` (default 127.0.0.1; 0.0.0.0 to serve the network — then use ``--auth``), ``--port`` (7860),
 ``--auth user:pass``, ``--workspace DIR`` (default ./workspace: datasets, outputs, presets and jobs live there),
-``--data-dir DIR`` (repeatable: a dataset folder outside the workspace the UI may open, caption and train on).
+``--data-dir DIR`` (repeatable: a dataset folder outside the workspace the UI may open, caption and train on),
+``--tensorboard PORT`` (also start TensorBoard on 127.0.0.1:PORT for the workspace's outputs and link it).
 Training runs in a worker process; Ctrl+C here also asks a running job to save and stop.
 """
 
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", action="append", default=[], metavar="DIR",
                         help="also let the UI open, caption and train on datasets in DIR (repeatable); only the "
                              "workspace's datasets/ otherwise")
+    parser.add_argument("--tensorboard", type=int, default=None, metavar="PORT",
+                        help="also start TensorBoard on 127.0.0.1:PORT for the workspace's outputs and link it in "
+                             "the Training tab (off by default: the UI starts no other server unless asked)")
     args = parser.parse_args(argv)
     for folder in args.data_dir:
         if not os.path.isdir(os.path.expanduser(folder)):
@@ -36,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not user or not password:
             parser.error("--auth must be USER:PASS (both non-empty)")
         args.auth = (user, password)
-    if not 0 < args.port < 65536:
-        parser.error(f"--port must be 1-65535, got {args.port}")
+    for name, port in (("--port", args.port), ("--tensorboard", args.tensorboard)):
+        if port is not None and not 0 < port < 65536:
+            parser.error(f"{name} must be 1-65535, got {port}")
     return args
 
 
@@ -48,14 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*SOCKS support")  # urllib3's note about an optional extra
-    from ui.server import describe_address, launch
+    from ui.server import describe_address, launch, start_tensorboard
     from ui.workspace import Workspace
 
     ws = Workspace(args.workspace, data_dirs=args.data_dir)
+    tensorboard, tensorboard_url = None, None
+    if args.tensorboard:
+        tensorboard, tensorboard_url = start_tensorboard(str(ws.outputs), args.tensorboard)
+        print(f"TensorBoard: {tensorboard_url} (logs of {ws.outputs})", flush=True)
     try:
-        demo, _ = launch(ws, host=args.host, port=args.port, auth=args.auth)
+        demo, _ = launch(ws, host=args.host, port=args.port, auth=args.auth, tensorboard_url=tensorboard_url)
     except OSError as error:
         print(f"error: cannot serve on {args.host}:{args.port} ({error})", file=sys.stderr)
+        if tensorboard is not None:
+            tensorboard.terminate()
         return 2
     message, warning = describe_address(args.host, args.port, args.auth is not None, str(ws.root))
     print(message, flush=True)
@@ -67,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         demo.close()
+        if tensorboard is not None:
+            tensorboard.terminate()
     return 0
 
 

@@ -583,17 +583,39 @@ def test_second_start_is_refused_while_a_job_runs(fake_runner, ws):
     assert second.id != record.id and runner.current().id == second.id
 
 
-def test_ui_start_refusal_is_a_message(ws, fake_runner, tmp_path):
+def test_start_while_a_job_runs_queues_it(ws, fake_runner):
+    """Start during a run queues the job (issue 13, item 7): positions, reorder, remove, one at a time, and the
+    queue lives in the workspace (a new runner — a restarted server — sees it and carries on)."""
     ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
     ws.default_dataset().mkdir(parents=True)
     values = form.config_to_values(fake_config(ws, steps=400, delay=0.05))
     start = ui.guard(ui.start, 2, 0)
-    message, _ = start(*ui.ordered(values))
-    assert message.startswith("Started job")
-    values["output.name"] = "second"
-    message, _ = start(*ui.ordered(values))
-    assert message.startswith("⚠️ A training job is already running")
-    assert len(ui.runner.history()) == 1
+    assert start(*ui.ordered(values))[0].startswith("Started job")
+    first = ui.runner.current()
+    assert start(*ui.ordered(values))[0].startswith("⚠️ job")  # the same output file as the running job
+    for name in ("second", "third"):
+        values["output.name"] = name
+        message, _ = start(*ui.ordered(values))
+        assert message.startswith("Queued job") and f"{name}.safetensors" in message
+    assert "at position 2" in message and ui.runner.current().id == first.id
+    assert start(*ui.ordered(values))[0].startswith("⚠️ job")  # "third" is already queued
+    queued = ui.runner.queue()
+    assert [r.output_name for r in queued] == ["second", "third"] and len(ui.runner.history()) == 1
+    assert json.loads((ws.jobs / "queue.json").read_text())["ids"] == [r.id for r in queued]
+    table, choices, _ = ui.poll_queue({})
+    assert [row[:2] for row in table["data"]] == [[1, queued[0].id], [2, queued[1].id]]
+    assert [value for _, value in choices["choices"]] == [r.id for r in queued]
+    assert "position 1" in ui.queue_move(queued[1].id, -1)
+    assert [r.output_name for r in fake_runner().queue()] == ["third", "second"]  # as another server sees it
+    assert "Removed" in ui.queue_remove(queued[0].id) and not Path(queued[0].folder).exists()
+    assert ui.guard(ui.queue_remove, 1, 0)(queued[0].id).startswith("⚠️ that job is not in the queue")
+    assert ui.runner.dispatch() is None  # one at a time: "first" still runs
+    restarted = fake_runner()  # a new server on the same workspace takes over the queue
+    ui.stop()
+    wait_for(lambda: restarted.dispatch() or restarted.current().id != first.id, timeout=60)
+    assert restarted.current().output_name == "third" and restarted.queue() == []
+    assert wait_for(lambda: (v := ui.runner.view(first)).finished and v).status == "stopped"
+    restarted.kill()
 
 
 def test_stop_writes_the_stop_file_and_the_run_ends_with_a_save(fake_runner, ws):
@@ -663,19 +685,30 @@ def test_a_crashed_worker_is_reported(fake_runner, ws):
 
 def test_poll_renders_the_current_job(ws, fake_runner):
     ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
-    status, progress, plot, previews, log_text, files, choices, session = ui.poll({})
-    assert status == "No training job yet." and files is None
+    status, progress, plot, previews, log_text, files, compared, choices, runs, session = ui.poll({})
+    assert status == "No training job yet." and files is None and compared is None and runs["choices"] == []
     assert ui.poll(session)[0] == {"__type__": "update"}  # nothing changed: nothing re-sent
     record = ui.runner.start(fake_config(ws, steps=3))
     wait_for(lambda: ui.runner.view(record).finished)
-    status, progress, plot, previews, log_text, files, choices, session = ui.poll(session)
+    status, progress, plot, previews, log_text, files, compared, choices, runs, session = ui.poll(session)
     assert "finished" in status and record.id in status
     assert "step 3/3" in progress and 'aria-valuenow="100"' in progress
-    assert plot.size == (720, 320)
-    assert "done after 3 steps" in log_text
+    # a native plot's data: the raw and the smoothed loss per step (issue 13, item 9)
+    assert list(plot.columns) == ["step", "loss", "series"]
+    assert plot[plot.series == "loss (raw)"].loss.tolist() == [1.0, 0.5, 1 / 3]
+    assert plot[plot.series == "loss (smoothed)"].loss.iloc[0] == 1.0  # debiased: no pull towards 0
+    log_lines = log_text.splitlines()
+    assert "done after 3 steps" in log_lines[0] and "started" in log_lines[-1]  # the newest line first
     assert [Path(f).name for f in files] == ["fake.safetensors"] and choices["value"] == files[0]
-    assert choices["choices"] == [("outputs/fake.safetensors", files[0])]
-    assert all(value == {"__type__": "update"} for value in ui.poll(session)[:7])
+    assert choices["choices"] == [("outputs/fake.safetensors", files[0])] and compared is None
+    assert all(value == {"__type__": "update"} for value in ui.poll(session)[:9])
+    # the user's choice of adapter stays when new files appear (issue 13, item 2)
+    other = ui.runner.start(fake_config(ws, steps=1, name="newer"))
+    wait_for(lambda: ui.runner.view(other).finished)
+    choices = ui.poll({}, files[0])[7]
+    assert choices["value"] == files[0] and len(choices["choices"]) == 2
+    log_plot = ui.replot(0.0, True)
+    assert log_plot.loss.tolist() == [0.0]  # the newer job's one step: log10(1.0)
     assert "width:50.0%" in progress_html(0.5, "x")
 
 
@@ -719,16 +752,18 @@ def test_one_job_at_a_time_whether_training_or_comparing(ws, fake_runner):
     values = form.config_to_values(fake_config(ws, steps=400, delay=0.05))
     compare, start = ui.guard(ui.compare, 2, 0), ui.guard(ui.start, 2, 0)
     assert compare(["lora", "oft"], None, "", *ui.ordered(values))[0].startswith("Started comparison")
-    assert start(*ui.ordered(values))[0].startswith("⚠️ A method comparison is already running")
-    assert compare(["lora"], None, "", *ui.ordered(values))[0].startswith("⚠️ A method comparison is already")
+    assert start(*ui.ordered(values))[0].startswith("Queued job")  # training and comparing share the queue
+    message = compare(["lora"], None, "", *ui.ordered(values))[0]
+    assert message.startswith("Queued comparison") and "position 2" in message and "fake-compare-1" in message
     ui.stop()
     view = wait_for(lambda: (v := ui.runner.view(ui.runner.current())).finished and v)
     assert view.status == "stopped" and view.rows[-1]["method"] == "lora" and len(view.rows) == 2
-    assert start(*ui.ordered(values))[0].startswith("Started job")
-    assert compare(["lora"], None, "", *ui.ordered(values))[0].startswith("⚠️ A training job is already running")
+    started = wait_for(lambda: ui.runner.dispatch())
+    assert started.kind == "train" and [r.kind for r in ui.runner.queue()] == ["compare"]
+    assert ui.runner.dispatch() is None  # the comparison waits for the training job
     assert compare(["nope"], None, "", *ui.ordered(values))[0].startswith("⚠️ unknown adapter method 'nope'")
     assert compare(["lora"], 2.5, "", *ui.ordered(values))[0].startswith("⚠️ steps per method must be a whole")
-    assert len(ui.runner.history()) == 2
+    assert len(ui.runner.history()) == 2 and len(ui.runner.queue()) == 1
 
 
 def real_job_outcome(ui: RankwrightUI):

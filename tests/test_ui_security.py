@@ -27,7 +27,7 @@ from ui_helpers import free_port, png_bytes, write
 from trainer.config import TrainerConfig
 from ui import form, workspace
 from ui.app import RankwrightUI
-from ui.jobs import JobRunner
+from ui.jobs import JobError, JobRunner
 from ui.server import LoginThrottle, describe_address, launch
 from ui.workspace import Workspace, WorkspaceError
 
@@ -118,8 +118,11 @@ def test_job_records_on_disk_do_not_reopen_foreign_folders(ws, secret):
         ui.poll_compare({})
         for path in (adapter, preview, SYSTEM_FILE):
             assert fetch(url, path) == 403
-        status, _, _, previews, _, files, choices, _ = shown
+        status, _, _, previews, _, files, compared, choices, runs, _ = shown
         assert status == "No training job yet." and files is None and choices["choices"] == []
+        assert compared is None and runs["choices"] == [] and ui.resumable_runs() == []
+        with pytest.raises(JobError, match="choose a training run"):  # nor continued from its "state"
+            ui.train_more("20240101-000000-aaaaaa", 10)
         assert ui.poll_compare({})[0] == "No comparison yet."
         assert ui.saved_files() == [] and ui.results()[0] is None
         with pytest.raises(WorkspaceError):
@@ -258,10 +261,36 @@ def test_presets_and_adapters_are_read_only_from_the_workspace(ws, tmp_path):
     with pytest.raises(WorkspaceError, match="not one of the presets"):
         ui.load_preset(str(other), *form_args(ui))
     adapter = write(tmp_path / "private.safetensors", b"weights")
-    for function, *args in ((ui.adapter_info, str(adapter)),
-                            (ui.try_it, "model", "auto", "auto", "", str(adapter), "a cat", 1.0, 1, 1, 32)):
+    for function, *args in ((ui.adapter_info, str(adapter)), (ui.adapter_details, str(adapter)),
+                            (ui.try_it, "model", "auto", "auto", "", str(adapter), "a cat", 1.0, 1, 1, 32),
+                            (ui.try_start, "model", "auto", "auto", "", str(adapter), "a cat", 1.0, 1, 1, 32)):
         with pytest.raises(WorkspaceError, match="not a file in"):
             function(*args)
+    assert ui.trying.task is None  # nothing was rendered
+
+
+def test_captioning_models_come_from_the_workspace_or_the_hub(ws, tmp_path, monkeypatch):
+    """The auto-captioner loads a folder inside the workspace (a name is taken in models/) or a hub id — never a
+    folder elsewhere on the server, also not one a hub-id-like name would find relative to the server's folder."""
+    outside = tmp_path / "elsewhere" / "captioner"
+    write(outside / "config.json", '{"model_type": "blip"}')
+    inside = write(ws.models / "tiny" / "config.json", '{"model_type": "blip"}').parent
+    assert ws.captioner("tiny") == str(inside) and ws.captioner(str(inside)) == str(inside)
+    assert ws.captioner("Salesforce/blip-image-captioning-base") == "Salesforce/blip-image-captioning-base"
+    monkeypatch.chdir(tmp_path)  # "elsewhere/captioner" now names a folder relative to the server's folder
+    for name in (str(outside), "elsewhere/captioner", "../../elsewhere/captioner", str(ws.models / ".." / ".."),
+                 "/etc", ""):
+        with pytest.raises(WorkspaceError):
+            ws.captioner(name)
+    ui = RankwrightUI(ws, runner=idle_runner(ws), preset_dirs=[])
+    ws.default_dataset().mkdir(parents=True)
+    write(ws.default_dataset() / "a.png", png_bytes())
+    message = ui.guard(ui.caption_start, 1, 0)(str(ws.default_dataset()), ".txt", str(outside), "auto",
+                                               "skip_existing", "", "", "", "", 1, 5, 0.35, "cpu")
+    assert message.startswith("⚠️") and "models" in message and ui.captioning.task is None
+    message = ui.guard(ui.caption_start, 1, 0)("/etc", ".txt", "tiny", "auto", "skip_existing", "", "", "", "",
+                                               1, 5, 0.35, "cpu")
+    assert message.startswith("⚠️") and ui.captioning.task is None
 
 
 # ================================================================================================ item 4

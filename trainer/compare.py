@@ -21,7 +21,9 @@ Events: each run's training events pass through ``on_event`` (and ``out_dir/even
 between ``compare_start``, ``compare_method_start``/``compare_method_done`` per method, ``compare_render`` per
 rendered row and ``compare_done`` (with the report's paths). A stop (``stop.request()``, SIGINT/SIGTERM during a
 run, or a ``STOP`` file in ``out_dir``) ends the current run with a save and skips the remaining methods; the
-methods that finished are still rendered and reported.
+methods that finished are still rendered and reported. A stop asked for while rendering (also a second one) ends
+the rendering within a denoising step; the report then lists the runs without grid and scores. ``phase`` events
+(:class:`trainer.events.Phase`) count the rendering's denoising steps, with an ETA.
 """
 
 from __future__ import annotations
@@ -234,6 +236,15 @@ def render_row(pipe: Any, plan: RenderPlan, seed_offset: int = 0) -> RowImages:
         same = plan.concept_prompts == plan.preview_prompts
         concept = previews if same else render_previews(pipe, plan.concept_prompts, **options)
     return RowImages(previews, render_previews(pipe, plan.drift_prompts, **options), concept)
+
+
+def rendered_images(plan: RenderPlan, adapters: int) -> int:
+    """How many images :func:`evaluate_adapters` renders: per row (the base model, then each adapter) what
+    :func:`render_row` renders, and the base model's drift prompts once more at another seed."""
+    per_row = len(plan.preview_prompts) + len(plan.drift_prompts)
+    if plan.concept_prompts is not None and plan.concept_prompts != plan.preview_prompts:
+        per_row += len(plan.concept_prompts)
+    return per_row * (adapters + 1) + len(plan.drift_prompts)
 
 
 @dataclasses.dataclass
@@ -493,7 +504,7 @@ def compare(config: TrainerConfig, methods: Sequence[str] = DEFAULT_METHODS, out
     try:
         runs = [_train_method(entry, index, len(configs), events, stop) for index, entry in enumerate(configs)]
         report = CompareReport(out_dir, runs, settings, stopped=stop.requested())
-        _evaluate(config, report, plan, events)
+        _evaluate(config, report, plan, events, stop)
         losses = {run.method: run.losses for run in runs if run.losses}
         if losses:
             from .plots import loss_curves_png
@@ -548,19 +559,40 @@ def _summary(run: MethodRun, index: int, count: int) -> dict[str, Any]:
     return {**fields, "index": index, "count": count, "row": run.row()}
 
 
-def _evaluate(config: TrainerConfig, report: CompareReport, plan: RenderPlan, events: EventLog) -> None:
-    """Render and score the methods that finished (a stopped run is half-trained: shown in the table only)."""
+def _evaluate(config: TrainerConfig, report: CompareReport, plan: RenderPlan, events: EventLog,
+              stop: StopSignal) -> None:
+    """Render and score the methods that finished (a stopped run is half-trained: shown in the table only).
+
+    A stop asked for from here on (also a second one, after a stop during training) ends the rendering within a
+    denoising step: the report then has no grid and no scores."""
+    from .events import Phase, PhaseProgress
+    from .sampling import RenderStopped, on_denoising_step
+
     finished = {run.method: run.output_file for run in report.runs if run.status == "done" and run.output_file}
     if not finished:
         return
+    mark = stop.mark()
+    events.emit(Phase(phase="loading", detail="the base model, to render the comparison"))
     pipe = load_base_pipeline(config)
 
     def on_row(label: str, index: int, total: int) -> None:
         events.emit("compare_render", row=label, index=index, total=total)
 
-    evaluation = evaluate_adapters(pipe, finished, plan, on_row)
-    del pipe
-    _free_memory()
+    images = rendered_images(plan, len(finished))
+    counter = PhaseProgress(events.emit, "rendering", images * plan.options["steps"], "denoising steps",
+                            detail=f"{images} images", should_stop=lambda: stop.requested_since(mark),
+                            stopped=RenderStopped)
+    try:
+        with on_denoising_step(counter.advance):
+            evaluation = evaluate_adapters(pipe, finished, plan, on_row)
+    except RenderStopped:
+        report.stopped = True
+        events.emit("warning", message="rendering stopped: the report has no preview grid and no scores")
+        return
+    finally:
+        del pipe
+        _free_memory()
+    events.emit(Phase(phase="scoring", detail="prior drift and the grid"))
     from .sampling import save_png_unique
 
     rows = {"rows": json.dumps(["base", *finished]), "prompts": json.dumps(plan.preview_prompts)}

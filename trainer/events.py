@@ -25,16 +25,35 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 
 class StopSignal:
-    """Set by SIGINT/SIGTERM, the UI's Stop button (through a file) or code; checked once per step."""
+    """Set by SIGINT/SIGTERM, the UI's Stop button (through a file) or code; checked once per step (and per
+    denoising step while previews render: see :meth:`requested_since`)."""
 
     def __init__(self, stop_file: Path | None = None):
         self._event = threading.Event()
         self.reason = ""
         self.stop_file = stop_file
+        self.requests = 0  # how many times a stop was asked for in this process
 
     def request(self, reason: str = "stop requested") -> None:
         self.reason = self.reason or reason
+        self.requests += 1
         self._event.set()
+
+    def requested_since(self, mark: tuple[int, float]) -> bool:
+        """Whether a stop was asked for after :meth:`mark` was taken: a new request in this process, or a stop file
+        written since. A phase that runs after an earlier stop (a comparison renders the methods that finished)
+        ends on a second Stop."""
+        requests, started = mark
+        if self.requests > requests:
+            return True
+        try:
+            return self.stop_file is not None and self.stop_file.stat().st_mtime > started
+        except OSError:
+            return False
+
+    def mark(self) -> tuple[int, float]:
+        self.requested()
+        return self.requests, time.time()
 
     def requested(self) -> bool:
         if not self._event.is_set() and self.stop_file is not None and self.stop_file.exists():
@@ -265,6 +284,61 @@ class RunError(Event):
         return f"error: {self.message}" + (f" (last good save: {self.last_good_save})" if self.last_good_save else "")
 
 
+PHASE_LABELS = {"loading": "loading the model", "caching": "caching latents", "training": "training",
+                "previews": "rendering previews", "rendering": "rendering the comparison", "scoring": "scoring",
+                "saving": "saving"}
+
+
+@dataclasses.dataclass
+class Phase(Event):
+    """Progress of a phase that is not a training step (:data:`PHASE_LABELS`): ``done`` of ``total`` units
+    (images, denoising steps), with an ETA once one unit is done. Sent when the phase starts and then at most
+    about once a second (:class:`PhaseProgress`)."""
+
+    KIND = "phase"
+    ON_CLI = False
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    unit: str = ""
+    eta_seconds: float | None = None
+    detail: str = ""
+
+    def text(self) -> str | None:
+        if self.done:
+            return None  # the log shows where a phase starts; its progress is the progress bar's
+        detail = f" ({self.detail})" if self.detail else ""
+        count = f": {self.total} {self.unit}" if self.total else ""
+        return f"{PHASE_LABELS.get(self.phase, self.phase)}{detail}{count}"
+
+
+class PhaseProgress:
+    """Counts a phase's units and emits :class:`Phase` events: at the start, then at most every ``interval``
+    seconds and at the end. ``advance()`` raises ``stopped`` (an exception) once ``should_stop()`` is true."""
+
+    def __init__(self, emit: Callable[[Event], Any], phase: str, total: int, unit: str = "", detail: str = "",
+                 should_stop: Callable[[], bool] | None = None, stopped: type[BaseException] | None = None,
+                 interval: float = 1.0):
+        self.emit, self.phase, self.total, self.unit, self.detail = emit, phase, max(0, int(total)), unit, detail
+        self.should_stop, self.stopped, self.interval = should_stop, stopped, interval
+        self.done = 0
+        self.started = self.last = time.time()
+        emit(Phase(phase=phase, done=0, total=self.total, unit=unit, detail=detail))
+
+    def advance(self, count: int = 1) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise (self.stopped or KeyboardInterrupt)(f"stop requested while {PHASE_LABELS.get(self.phase)}")
+        self.done += count
+        self.total = max(self.total, self.done)  # an estimated total grows rather than overflows
+        now = time.time()
+        if now - self.last >= self.interval or self.done == self.total:
+            self.last = now
+            rate = self.done / (now - self.started) if now > self.started else 0.0
+            eta = (self.total - self.done) / rate if rate else None
+            self.emit(Phase(phase=self.phase, done=self.done, total=self.total, unit=self.unit,
+                            eta_seconds=round(eta, 1) if eta is not None else None, detail=self.detail))
+
+
 # A method comparison (trainer.compare) emits these around the runs' own events, which carry a "method" field.
 @dataclasses.dataclass
 class CompareStart(Event):
@@ -331,7 +405,7 @@ class CompareDone(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.KIND: cls for cls in (
     Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Validation, Preview, Save, Stopping, Done,
-    RunError, CompareStart, CompareMethodStart, CompareMethodDone, CompareRender, CompareDone)}
+    RunError, Phase, CompareStart, CompareMethodStart, CompareMethodDone, CompareRender, CompareDone)}
 
 
 def parse_event(event: dict[str, Any]) -> Event | None:

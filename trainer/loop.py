@@ -33,6 +33,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,10 @@ MEMORY_EVERY = 50  # "memory" events every N steps (and at step 1)
 
 class TrainingError(RuntimeError):
     """The run could not continue (NaN loss, unusable data); the message says what was kept."""
+
+
+class PhaseStopped(Exception):
+    """A stop was asked for while preparing (caching latents); the run ends before its first step, with a save."""
 
 
 @dataclasses.dataclass
@@ -213,6 +218,7 @@ class Trainer:
 
     # ================================================================================================ load
     def _load(self) -> Models:
+        self.events.emit(ev.Phase(phase="loading", detail=self.config.model.base))
         models = load_models(self.config, self.accelerator.device)
         self.events.emit(ev.Model(arch=models.arch, prediction_type=models.prediction_type,
                                   source=models.source_kind, base=self.config.model.base))
@@ -298,14 +304,30 @@ class Trainer:
         for dataset in (data.dataset, data.validation):
             if dataset is None:
                 continue
-            report = cache.encode_all(dataset, models.encode_pixels,
-                                      batch_size=config.train.batch_size, process_index=accelerator.process_index,
-                                      num_processes=accelerator.num_processes)
+            progress = self._phase_counter("caching") if cached else None
+            try:
+                report = cache.encode_all(dataset, models.encode_pixels, progress=progress,
+                                          batch_size=config.train.batch_size, process_index=accelerator.process_index,
+                                          num_processes=accelerator.num_processes)
+            except PhaseStopped:  # the loop sees the stop at once and ends the run with a save
+                return False
             cached = cached and report.active
             if not report.active and config.dataset.latent_cache != "off":
                 self.events.emit(ev.RunWarning(message=f"latent cache off: {report.reason}"))
         accelerator.wait_for_everyone()
         return cached
+
+    def _phase_counter(self, phase: str) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` callback emitting ``phase`` events; raises PhaseStopped once a stop was asked
+        for, so a long phase ends within one unit."""
+        counter = ev.PhaseProgress(self.events.emit, phase, 0, "images", should_stop=self.stop.requested,
+                                   stopped=PhaseStopped)
+
+        def progress(done: int, total: int) -> None:
+            counter.total = total
+            counter.advance(done - counter.done)
+
+        return progress
 
     def _ready_event(self, state: RunState) -> ev.Ready:
         config, accelerator, data = self.config, self.accelerator, self.data
@@ -490,13 +512,21 @@ class Trainer:
         if not self.main or not self.config.sample.prompts:
             self.accelerator.wait_for_everyone()
             return
-        from .sampling import preview_options, render_previews, save_previews
+        from .sampling import RenderStopped, on_denoising_step, preview_options, render_previews, save_previews
 
         sample = self.config.sample
-        with ema_weights(state):
-            images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
-                                     extra_modules=[state.network],
-                                     **preview_options(sample, self.config.dataset.resolution))
+        counter = ev.PhaseProgress(self.events.emit, "previews", len(sample.prompts) * sample.steps, "denoising steps",
+                                   detail=f"step {state.progress.step}", should_stop=self.stop.requested,
+                                   stopped=RenderStopped)
+        try:
+            with ema_weights(state), on_denoising_step(counter.advance):
+                images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
+                                         extra_modules=[state.network],
+                                         **preview_options(sample, self.config.dataset.resolution))
+        except RenderStopped:  # the loop sees the stop next and ends the run with a save
+            self.events.emit(ev.RunWarning(message=f"previews of step {state.progress.step} skipped: stop requested"))
+            self.accelerator.wait_for_everyone()
+            return
         paths = save_previews(images, self.output_dir / "samples", state.progress.step, sample.prompts)
         self.events.emit(ev.Preview(step=state.progress.step, paths=[str(p) for p in paths],
                                     prompts=list(sample.prompts)))
@@ -526,6 +556,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         path = None
         if self.main:
+            self.events.emit(ev.Phase(phase="saving", detail=f"step {state.progress.step}"))
             started = time.time()
             config, models = self.config, self.models
             name = config.output.name

@@ -4,6 +4,10 @@ Every prompt is rendered on its own with the generator seeded ``seed + index``, 
 same noise at every step of a run (and does not depend on the other prompts). Rendering borrows the pipeline: it
 swaps in the chosen sampler, puts the models in eval mode and silences the progress bar, and gives everything back
 as it was afterwards, also when rendering fails.
+
+Long renders report each denoising step to the callback installed with :func:`on_denoising_step` (per thread): a
+progress bar counts them, and a callback that raises (e.g. :class:`RenderStopped` when a stop was asked for) ends
+the render within one step.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,23 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = ("euler_a", "dpmpp_2m", "ddim", "euler")
 SAMPLER_LABELS = {"euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "euler": "Euler"}
+_STEP_HOOK = threading.local()
+
+
+class RenderStopped(Exception):
+    """A render ended early because a stop was asked for (raised by a denoising-step callback)."""
+
+
+@contextlib.contextmanager
+def on_denoising_step(callback: Callable[[], None]) -> Iterator[None]:
+    """Call ``callback()`` after every denoising step that :func:`render_previews` runs in this thread, inside the
+    block; an exception it raises ends the render (the pipeline is restored as after any failure)."""
+    previous = getattr(_STEP_HOOK, "callback", None)
+    _STEP_HOOK.callback = callback
+    try:
+        yield
+    finally:
+        _STEP_HOOK.callback = previous
 
 
 # ================================================================================================ schedulers
@@ -181,9 +203,22 @@ def render_previews(
                 kwargs["guidance_rescale"] = float(guidance_rescale)
             if sdxl:
                 kwargs["original_size"] = kwargs["target_size"] = (int(height), int(width))
+            hook = getattr(_STEP_HOOK, "callback", None)
+            if hook is not None:
+                kwargs["callback_on_step_end"] = _step_callback(hook)
             latents = pipe(**kwargs).images
             images.extend(decode_latents(pipe, latents))
     return images
+
+
+def _step_callback(hook: Callable[[], None]) -> Callable:
+    """diffusers' ``callback_on_step_end`` around ``hook`` (it must hand back the tensors it was given)."""
+
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        hook()
+        return tensors
+
+    return callback
 
 
 def _skipped_embeddings(pipe: Any, prompt: str, negative_prompt: str, clip_skip: int) -> dict[str, Any]:

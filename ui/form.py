@@ -51,18 +51,118 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sample.sampler": config_module.SAMPLERS,
     "output.save_dtype": config_module.SAVE_DTYPES,
 }
+# A human label for every key (a key without one gets :func:`humanize`'s, which spells out abbreviations).
 LABELS = {
     "model.base": "Base model (hub id, diffusers folder, or .safetensors/.ckpt file)",
+    "model.arch": "Architecture",
+    "model.prediction_type": "Prediction type",
+    "model.vae": "Separate VAE (folder or file; empty = the base model's)",
+    "model.vae_fp32": "Run the VAE in fp32",
+    "model.tokenizer": "Tokenizer folder (for single-file checkpoints)",
     "dataset.dir": "Dataset folder",
+    "dataset.resolution": "Training resolution (px)",
+    "dataset.caption_extension": "Caption file extension",
+    "dataset.missing_caption": "Image without a caption gets",
+    "dataset.trigger_word": "Trigger word (put first in every caption)",
+    "dataset.reg_dir": "Regularisation images folder",
+    "dataset.reg_weight": "Regularisation loss weight",
+    "dataset.enable_buckets": "Aspect-ratio buckets (no square crop)",
+    "dataset.min_bucket_side": "Smallest bucket side (px)",
+    "dataset.max_bucket_side": "Largest bucket side (px)",
+    "dataset.bucket_step": "Bucket side step (px)",
+    "dataset.crop": "Crop position",
+    "dataset.flip": "Random horizontal flip",
+    "dataset.shuffle_caption": "Shuffle caption tags",
+    "dataset.keep_tokens": "Tags kept in place when shuffling",
+    "dataset.caption_dropout": "Caption dropout (probability)",
+    "dataset.max_pixels": "Largest image (pixels)",
+    "dataset.latent_cache": "Latent cache",
+    "dataset.cache_text_encoder_outputs": "Cache text-encoder outputs",
+    "dataset.masked_loss": "Masked loss (alpha channel or _mask.png)",
+    "dataset.validation_split": "Validation split (fraction held out)",
+    "dataset.num_workers": "Data-loader worker processes",
+    "network.method": "Method",
     "network.preset": "Target layers",
     "network.text_encoder_preset": "Text-encoder target layers",
-    "sample.prompts": "Preview prompts (one per line)",
-    "sample.every_n_steps": "Preview every N steps (0 = only at the end)",
     "network.include": "Include layers (regular expressions, one per line)",
     "network.exclude": "Exclude layers (regular expressions, one per line)",
+    "network.init_from": "Start from an adapter file (in outputs/)",
+    "train.max_steps": "Training steps",
+    "train.epochs": "Epochs (0 = use training steps)",
+    "train.batch_size": "Batch size",
+    "train.gradient_accumulation": "Gradient accumulation steps",
+    "train.learning_rate": "Learning rate",
+    "train.unet_lr": "UNet learning rate (0 = learning rate)",
+    "train.text_encoder_lr": "Text-encoder learning rate (0 = learning rate)",
+    "train.text_encoder_2_lr": "Second text-encoder learning rate (SDXL; 0 = text-encoder rate)",
+    "train.train_text_encoder": "Train the text encoder too",
+    "train.optimizer": "Optimizer",
+    "train.weight_decay": "Weight decay",
     "train.optimizer_args": "Optimizer arguments (TOML, one key = value per line)",
+    "train.scheduler": "Learning-rate schedule",
+    "train.warmup_steps": "Warm-up steps",
+    "train.scheduler_cycles": "Restart cycles (cosine with restarts)",
+    "train.scheduler_power": "Polynomial power",
+    "train.mixed_precision": "Mixed precision",
+    "train.gradient_checkpointing": "Gradient checkpointing (less memory, slower)",
+    "train.max_grad_norm": "Gradient clipping norm (0 = off)",
+    "train.seed": "Seed",
+    "train.clip_skip": "CLIP skip (1 = last layer)",
+    "train.min_snr_gamma": "Min-SNR gamma (0 = off)",
+    "train.noise_offset": "Noise offset",
+    "train.ema_decay": "EMA of the weights: decay (0 = off)",
+    "train.validation_every_n_steps": "Validation loss every N steps (0 = off)",
+    "train.sdpa": "Scaled-dot-product attention (PyTorch SDPA)",
+    "train.fixed_noise": "Fixed noise per sample (debugging only)",
+    "sample.every_n_steps": "Preview every N steps (0 = only at the end)",
+    "sample.prompts": "Preview prompts (one per line)",
+    "sample.negative_prompt": "Preview negative prompt",
+    "sample.sampler": "Preview sampler",
+    "sample.steps": "Preview denoising steps",
+    "sample.guidance_scale": "Preview guidance scale (CFG)",
+    "sample.seed": "Preview seed",
+    "sample.width": "Preview width (0 = training resolution)",
+    "sample.height": "Preview height (0 = training resolution)",
+    "output.dir": "Output folder (in outputs/)",
+    "output.name": "Output name",
     "output.save_every_n_steps": "Save every N steps (0 = only at the end)",
+    "output.save_every_n_epochs": "Save every N epochs (0 = off)",
+    "output.save_dtype": "Saved weights precision",
+    "output.save_state": "Save resumable state with each save",
+    "output.overwrite": "Overwrite an existing output file",
+    "output.tensorboard": "TensorBoard logs",
+    "output.title": "Title in the file's metadata (empty = output name)",
+    "output.author": "Author in the file's metadata",
+    "output.description": "Description in the file's metadata",
 }
+# Method options, by option name (the same name means the same thing in every method).
+OPTION_LABELS = {
+    "rank": "Rank (dim)",
+    "alpha": "Alpha (empty = rank)",
+    "conv_rank": "Conv rank (k×k convs; empty = rank, 0 = none)",
+    "conv_alpha": "Conv alpha (empty = alpha)",
+    "dora": "DoRA (weight-decomposed)",
+    "use_tucker": "Tucker decomposition for convs",
+    "dropout": "Dropout",
+    "rank_dropout": "Rank dropout",
+    "module_dropout": "Module dropout",
+    "factor": "Kronecker factor (-1 = balanced)",
+    "decompose_both": "Decompose both Kronecker factors",
+    "full_matrix": "Full second factor (ignores alpha)",
+    "block_size": "Block size (empty = method default)",
+    "block_count": "Block count (instead of block size)",
+    "constraint": "Norm constraint (COFT; 0 = off)",
+    "rescale": "Learn a per-channel gain",
+    "include_conv": "Adapt k×k convs too",
+    "boft_m": "Butterfly stages (empty = all)",
+}
+# Words a generated label spells out (for keys added later without an entry above).
+ABBREVIATIONS = {"lr": "learning rate", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2",
+                 "unet": "UNet", "vae": "VAE", "ema": "EMA", "sdpa": "SDPA attention", "snr": "SNR", "dir": "folder",
+                 "num": "number of", "n": "N", "dtype": "precision", "reg": "regularisation", "fp8": "fp8",
+                 "fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "cfg": "CFG", "dim": "dim", "max": "maximum",
+                 "min": "minimum", "lycoris": "LyCORIS", "kohya": "kohya", "tb": "TensorBoard", "wandb": "W&B",
+                 "dit": "DiT", "t5": "T5", "clip": "CLIP", "ss": "ss", "ohem": "OHEM", "huber": "Huber"}
 INFOS = {
     "dataset.dir": "the training images, in the workspace's datasets/ (a name is enough) or a server --data-dir; "
                    "a sub-folder named N_name repeats its images N times per epoch",
@@ -171,8 +271,15 @@ def _kind(hint: Any, key: str) -> str:
     return "str"
 
 
-def _label(key: str, name: str) -> str:
-    return LABELS.get(key, name.replace("_", " ").capitalize())
+def _label(key: str, name: str, option: bool = False) -> str:
+    return (OPTION_LABELS.get(name) if option else None) or LABELS.get(key) or humanize(name)
+
+
+def humanize(name: str) -> str:
+    """``max_grad_norm`` → "Maximum grad norm", ``unet_lr`` → "UNet learning rate": a label for a key without one."""
+    words = [ABBREVIATIONS.get(word.lower(), word) for word in name.split("_") if word]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:] if text else name
 
 
 def _info(comment: str, default: Any) -> str:
@@ -230,7 +337,7 @@ def method_fields() -> dict[str, tuple[Field, ...]]:
             default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
             key = f"network.{method}.{field.name}"
             fields.append(Field(key, "network", field.name, _kind(hints[field.name], key), default,
-                                _label(key, field.name), _info(comments.get(field.name, ""), default),
+                                _label(key, field.name, option=True), _info(comments.get(field.name, ""), default),
                                 main=field.name in ("rank", "alpha", "factor", "block_size", "dora"), method=method))
         result[method] = tuple(fields)
     return result
@@ -325,3 +432,72 @@ def _shell_quote(text: str) -> str:
     import shlex
 
     return shlex.quote(text)
+
+
+# ----- effective values of empty fields ------------------------------------------------------------------------
+def effective_values(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, what it means) for every field left empty or 0 whose value then comes from another field, for the
+    selected method: "Alpha (empty = rank)" → "16 (the rank)". Unusable values are skipped (the form's own
+    validation names them)."""
+    from methods.registry import get_method
+
+    def number(key: str) -> float | None:
+        try:
+            return _field(key).from_ui(values.get(key))
+        except (ConfigError, KeyError):
+            return None
+
+    def shown(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    found: list[tuple[str, str]] = []
+    learning_rate = number("train.learning_rate")
+    for key, fallback, why in (("train.unet_lr", learning_rate, "the learning rate"),
+                               ("train.text_encoder_lr", learning_rate, "the learning rate")):
+        if values.get(key) in (0, 0.0, "", None) and fallback is not None:
+            found.append((_field(key).label, f"{shown(fallback)} ({why})"))
+    resolution = number("dataset.resolution")
+    for key in ("sample.width", "sample.height"):
+        if values.get(key) in (0, "", None) and resolution:
+            found.append((_field(key).label, f"{resolution} px (the training resolution)"))
+    if not str(values.get("output.title") or "").strip():
+        found.append((_field("output.title").label, f"“{values.get('output.name', '')}” (the output name)"))
+    if not values.get("network.text_encoder_preset"):
+        found.append((_field("network.text_encoder_preset").label,
+                      f"{values.get('network.preset')} (the UNet's target layers)"))
+    try:
+        method = canonical_method(str(values.get("network.method") or "lora"))
+        method_class = get_method(method)
+    except ConfigError:
+        return found
+    options = {field.name: field for field in method_fields().get(method, ())}
+
+    def option(name: str) -> Any:
+        field = options.get(name)
+        if field is None:
+            return None
+        try:
+            return field.from_ui(values.get(field.key))
+        except ConfigError:
+            return "?"
+
+    rank, alpha = option("rank"), option("alpha")
+    if "alpha" in options and not alpha and rank not in (None, "?"):
+        found.append((options["alpha"].label, f"{shown(rank)} (the rank: scale 1)"))
+    if "conv_rank" in options and option("conv_rank") is None and rank not in (None, "?"):
+        found.append((options["conv_rank"].label, f"{shown(rank)} (the rank)"))
+    if "conv_alpha" in options and option("conv_alpha") is None:
+        conv = option("conv_rank")
+        found.append((options["conv_alpha"].label, f"{shown(alpha) if alpha else shown(conv or rank)} "
+                                                   f"({'the alpha' if alpha else 'the conv rank: scale 1'})"))
+    default_block = getattr(method_class.config_class, "default_block_size", None)
+    if "block_size" in options and option("block_size") is None and option("block_count") is None and default_block:
+        found.append((options["block_size"].label, f"{default_block} ({method_class.label or method}'s default)"))
+    if "boft_m" in options and option("boft_m") is None:
+        found.append((options["boft_m"].label, "log2(blocks) + 1 per layer (the most LyCORIS loads)"))
+    return found
+
+
+@functools.cache
+def _field(key: str) -> Field:
+    return next(field for field in all_fields() if field.key == key)

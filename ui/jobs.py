@@ -1,30 +1,30 @@
-"""One training job at a time, in a worker process, with all of its state on disk.
+"""Jobs run one at a time, in a worker process, from a queue; all of their state is on disk.
 
-``JobRunner.start(config)`` writes ``jobs/<id>/config.toml`` (the exact TOML the CLI reads) and starts
-``python -m ui.worker`` on it, which calls :func:`trainer.loop.train`. The job's record (``job.json``: pid, output
-folder, where its events start in ``events.jsonl``) and ``jobs/current.json`` live in the workspace, so a reloaded
-page — or a restarted server — finds the running job again. :class:`JobView` folds the job's events (read
-incrementally with :func:`trainer.events.read_events`) into what the UI shows: progress, losses, previews, saves,
-a log and the final status.
+``JobRunner.submit(config)`` writes ``jobs/<id>/config.toml`` (the exact TOML the CLI reads) and ``job.json`` and
+puts the job at the end of the queue (``jobs/queue.json``, written atomically). :meth:`JobRunner.dispatch` — called
+by a background thread of the server (:meth:`JobRunner.start_dispatcher`) and after every submit — starts the first
+queued job in ``python -m ui.worker`` once no job runs; the worker calls :func:`trainer.loop.train`. The queue can be
+reordered and queued jobs removed; since it lives in the workspace, a reloaded page or a restarted server finds it
+(and the running job, through ``jobs/current.json`` and the worker's pid) as it was. :class:`ui.views.JobView`
+folds the job's events (read incrementally with :func:`trainer.events.read_events`) into what the UI shows.
 
-Stop writes the ``STOP`` file into the output folder; the trainer sees it at the next step, saves and ends. A
-second start while a job runs raises :class:`JobBusy` with a message for the user.
+Stop writes the ``STOP`` file into the output folder; the trainer checks it every step (and every denoising step of
+previews, every cached batch): it saves and ends within seconds. ``JobRunner.start(config)`` starts a job at once
+and raises :class:`JobBusy` while another runs (what the queue calls when it is the job's turn).
 
-``JobRunner.start_compare(config, methods, out_dir)`` runs a method comparison (:func:`trainer.compare.compare`)
-as such a job: the job folder also holds ``compare.json`` (methods, report folder, per-method overrides), which
-tells the worker what to run, and :class:`CompareView` folds its events. Training and comparing share the one-job
-limit.
+A comparison (:meth:`JobRunner.submit_compare`, :func:`trainer.compare.compare`) is such a job: its folder also
+holds ``compare.json`` (methods, report folder, per-method overrides), which tells the worker what to run. A job
+that continues a run from its saved state holds ``resume.json`` (the state folder; ``train(config, resume=...)``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -33,17 +33,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.events import describe, format_seconds, read_events
+from trainer.events import read_events
+
+from .views import LOG_LINES, VIEWS, CompareView, JobView  # noqa: F401  (re-exported: tests and scripts use them)
 
 JOB_FILE = "job.json"
 EXIT_FILE = "exit.json"
 LOG_FILE = "worker.log"
 CONFIG_FILE = "config.toml"
 CURRENT_FILE = "current.json"
+QUEUE_FILE = "queue.json"
 COMPARE_FILE = "compare.json"  # in a job folder: the job is a method comparison (methods, folder, overrides)
+RESUME_FILE = "resume.json"  # in a job folder: the run continues from {"state": folder}
 STOP_FILE = "STOP"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LOG_LINES = 400
+DISPATCH_INTERVAL = 1.0  # seconds between the dispatcher's looks at the queue
 
 
 class JobError(RuntimeError):
@@ -63,14 +67,20 @@ class JobRecord:
     output_name: str
     events_offset: int = 0  # where this job's events start in output_dir/events.jsonl (runs may share a folder)
     pid: int | None = None
-    started: float = 0.0
+    started: float = 0.0  # 0 while queued
     stop_requested: bool = False
     max_steps: int = 0
     kind: str = "train"  # train or compare
+    queued: float = 0.0  # when it was submitted
+    description: str = ""  # what the queue shows: method, steps, resume …
 
     @property
     def label(self) -> str:
         return "method comparison" if self.kind == "compare" else "training job"
+
+    @property
+    def is_queued(self) -> bool:
+        return not self.started
 
     @property
     def events_path(self) -> Path:
@@ -101,194 +111,18 @@ class JobRecord:
             return None
 
 
-# ----- what a job shows --------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class JobView:
-    """A job's events folded into UI state. ``version`` changes whenever anything shown changes."""
-
-    job_id: str
-    offset: int = 0
-    status: str = "starting"  # starting, loading, training, stopping, done, stopped, error
-    finished: bool = False
-    step: int = 0
-    total: int = 0
-    its: float | None = None
-    eta: float | None = None
-    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
-    validation: list[tuple[int, float]] = dataclasses.field(default_factory=list)
-    previews: list[str] = dataclasses.field(default_factory=list)
-    saves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    log: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
-    error: str = ""
-    output: str = ""
-    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-    version: int = 0
-
-    # ----- events
-    def apply(self, event: dict[str, Any]) -> None:
-        """Fold one event into the state shown; its log line is :func:`trainer.events.describe`'s (as the CLI's)."""
-        kind = event.get("event", "")
-        if kind == "start":
-            self.status = "loading"
-            self.total = int(event.get("config", {}).get("train", {}).get("max_steps", 0) or 0)
-        elif kind == "ready":
-            self.status = "training"
-            self.summary = {k: v for k, v in event.items() if k not in ("event", "time")}
-            self.total = int(event.get("total_steps") or self.total)
-        elif kind == "step":
-            if self.status in ("starting", "loading"):
-                self.status = "training"
-            self.step = int(event.get("step", self.step))
-            self.total = int(event.get("total") or self.total)
-            self.its = event.get("its")
-            self.eta = event.get("eta_seconds")
-            loss = event.get("loss")
-            if isinstance(loss, int | float):
-                self.losses.append((self.step, float(loss)))
-        elif kind == "validation":
-            self.validation.append((int(event.get("step", 0)), float(event.get("loss", 0.0))))
-        elif kind == "preview":
-            paths = event.get("paths", [])
-            self.previews.extend([p for p in paths if "_grid" not in Path(p).stem] or paths)
-        elif kind == "save":
-            self.saves.append({k: v for k, v in event.items() if k != "event"})
-        elif kind == "stopping":
-            self.status = "stopping"
-        elif kind == "done":
-            self.finished = True
-            self.status = "stopped" if event.get("stopped") else "done"
-            self.output = event.get("output") or ""
-        elif kind == "error":
-            self.finished = True
-            self.status = "error"
-            self.error = str(event.get("message", "unknown error"))
-        elif kind == "skipped_image":
-            self.skipped.append((str(event.get("path")), str(event.get("reason"))))
-        elif kind == "memory":
-            self.summary["peak_mb"] = event.get("peak_mb")
-        self._log(event)
-        self.version += 1
-
-    def _log(self, event: dict[str, Any]) -> None:
-        line = describe(event)
-        if line:
-            stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
-            self.log.append(f"[{stamp}] {line}")
-
-    def fail(self, message: str) -> None:
-        self.finished = True
-        self.status = "error"
-        self.error = message
-        self.log.append(f"[{time.strftime('%H:%M:%S')}] error: {message}")
-        self.version += 1
-
-    # ----- text
-    @property
-    def fraction(self) -> float:
-        if self.status == "done":
-            return 1.0
-        return min(1.0, self.step / self.total) if self.total else 0.0
-
-    def progress_text(self) -> str:
-        parts = [f"step {self.step}/{self.total or '?'}"]
-        if self.its:
-            parts.append(f"{self.its:.2f} it/s")
-        if not self.finished and self.eta is not None:
-            parts.append(f"ETA {format_seconds(self.eta)}")
-        return " · ".join(parts)
-
-    def status_text(self) -> str:
-        labels = {"starting": "starting the worker", "loading": "loading the model and data",
-                  "training": "training", "stopping": "stopping (saving)",
-                  "stop requested": "stop requested: the run saves and ends after the current step", "done": "finished",
-                  "stopped": "stopped early (saved)", "error": "failed"}
-        text = labels.get(self.status, self.status)
-        return f"{text}: {self.error}" if self.status == "error" and self.error else text
-
-
-@dataclasses.dataclass
-class CompareView(JobView):
-    """A method comparison's events (trainer.compare): one training run per method, then rendering, then the report.
-
-    The runs' own events carry their ``method``; a run's "done" or "error" ends that run, not the comparison.
-    ``losses`` and ``step`` are the current run's, as for a training job; ``method_losses`` keeps every run's.
-    """
-
-    methods: list[str] = dataclasses.field(default_factory=list)
-    method: str = ""  # the method training now
-    finished_runs: int = 0
-    method_losses: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    rows: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the report table (partial until done)
-    report: dict[str, Any] = dataclasses.field(default_factory=dict)  # compare_done: report, markdown, grid, …
-
-    def apply(self, event: dict[str, Any]) -> None:
-        kind = event.get("event", "")
-        method = event.get("method")
-        if kind.startswith("compare_"):
-            self._apply_compare(kind, event)
-        elif method and kind in ("done", "error"):  # one run ended, not the comparison
-            self._log(event)
-        else:
-            if kind == "step" and method:
-                self.method_losses.setdefault(method, []).append(float(event.get("loss", math.nan)))
-            super().apply(event)
-            return
-        self.version += 1
-
-    def _apply_compare(self, kind: str, event: dict[str, Any]) -> None:
-        if kind == "compare_start":
-            self.methods = list(event.get("methods", []))
-            self.status = "loading"
-        elif kind == "compare_method_start":
-            self.method, self.step, self.losses, self.its, self.eta = event.get("method", ""), 0, [], None, None
-            self.status = "loading"
-        elif kind == "compare_method_done":
-            self.finished_runs += 1
-            self.rows.append(event.get("row", {}))
-        elif kind == "compare_render":
-            self.status = "rendering"
-        elif kind == "compare_done":
-            self.finished = True
-            self.status = "stopped" if event.get("stopped") else "done"
-            self.report = {k: v for k, v in event.items() if k not in ("event", "time", "table")}
-            self.rows = list(event.get("table", self.rows))
-            self.output = str(event.get("markdown", ""))
-        self._log(event)
-
-    @property
-    def fraction(self) -> float:
-        if self.status == "done":
-            return 1.0
-        if not self.methods:
-            return 0.0
-        current = min(1.0, self.step / self.total) if self.total and self.finished_runs < len(self.methods) else 0.0
-        return min(1.0, (self.finished_runs + current) / len(self.methods))
-
-    def progress_text(self) -> str:
-        count = len(self.methods) or "?"
-        if self.status == "rendering" or self.finished:
-            return f"{self.finished_runs}/{count} methods trained"
-        run = f"{self.method} ({min(self.finished_runs + 1, len(self.methods) or 1)}/{count})"
-        return f"{run} · {super().progress_text()}" if self.method else f"{self.finished_runs}/{count} methods"
-
-    def status_text(self) -> str:
-        if self.status == "rendering":
-            return "rendering previews and scoring the adapters"
-        if self.status == "training" and self.method:
-            return f"training {self.method}"
-        return super().status_text()
-
-
-VIEWS: dict[str, type[JobView]] = {"train": JobView, "compare": CompareView}
-
-
 # ----- the runner --------------------------------------------------------------------------------------------
 WorkerCommand = Callable[[Path, Path], list[str]]
 
 
 def worker_command(config_path: Path, job_folder: Path) -> list[str]:
     return [sys.executable, "-m", "ui.worker", "--config", str(config_path), "--job-dir", str(job_folder)]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from methods.files import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(data, indent=1).encode())
 
 
 class JobRunner:
@@ -299,6 +133,8 @@ class JobRunner:
         self._processes: dict[str, subprocess.Popen] = {}
         self._views: dict[str, JobView] = {}
         self._lock = threading.RLock()
+        self._dispatcher: threading.Thread | None = None
+        self._closing = threading.Event()
 
     # ----- records
     def current(self) -> JobRecord | None:
@@ -309,14 +145,15 @@ class JobRunner:
         return self.record(job_id)
 
     def record(self, job_id: str) -> JobRecord | None:
-        if not job_id or "/" in job_id or job_id.startswith("."):
+        if not isinstance(job_id, str) or not job_id or "/" in job_id or "\\" in job_id or job_id.startswith("."):
             return None
         return JobRecord.load(self.jobs_dir / job_id)
 
     def history(self) -> list[JobRecord]:
-        """Every job in the workspace, newest first."""
+        """Every job that ran (or runs) in the workspace, newest first; queued ones are :meth:`queue`'s."""
         records = [JobRecord.load(folder) for folder in self.jobs_dir.iterdir() if folder.is_dir()]
-        return sorted((r for r in records if r is not None), key=lambda r: r.started, reverse=True)
+        return sorted((r for r in records if r is not None and not r.is_queued), key=lambda r: r.started,
+                      reverse=True)
 
     def is_running(self, record: JobRecord) -> bool:
         process = self._processes.get(record.id)
@@ -330,9 +167,135 @@ class JobRunner:
         record = self.current()
         return record if record is not None and self.is_running(record) else None
 
+    def busy(self) -> JobRecord | None:
+        """The job that keeps the next one waiting: running and not yet finished (a job that wrote its last event
+        is over, even while its process is still exiting)."""
+        current = self.current()
+        if current is not None and self.is_running(current) and not self.view(current).finished:
+            return current
+        return None
+
+    # ----- the queue
+    def queue(self) -> list[JobRecord]:
+        """The queued jobs, next first (ids whose folder went missing are left out)."""
+        return [record for record in map(self.record, self._queue_ids()) if record is not None and record.is_queued]
+
+    def _queue_ids(self) -> list[str]:
+        try:
+            ids = json.loads((self.jobs_dir / QUEUE_FILE).read_text(encoding="utf-8"))["ids"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        return [job_id for job_id in ids if isinstance(job_id, str)] if isinstance(ids, list) else []
+
+    def _write_queue(self, ids: list[str]) -> None:
+        _write_json(self.jobs_dir / QUEUE_FILE, {"ids": ids})
+
+    def position(self, job_id: str) -> int | None:
+        """1 for the job that starts next, None when ``job_id`` is not queued."""
+        ids = [record.id for record in self.queue()]
+        return ids.index(job_id) + 1 if job_id in ids else None
+
+    def move(self, job_id: str, offset: int) -> int:
+        """Move a queued job ``offset`` places (negative: earlier); returns its new position."""
+        with self._lock, _file_lock(self.jobs_dir / ".lock"):
+            ids = [record.id for record in self.queue()]
+            if job_id not in ids:
+                raise JobError("that job is not in the queue any more (it started or was removed)")
+            index = ids.index(job_id)
+            target = max(0, min(len(ids) - 1, index + int(offset)))
+            ids.insert(target, ids.pop(index))
+            self._write_queue(ids)
+            return target + 1
+
+    def remove(self, job_id: str) -> JobRecord:
+        """Take a queued job out of the queue (its folder, which holds only its settings, is deleted)."""
+        with self._lock, _file_lock(self.jobs_dir / ".lock"):
+            queued = {record.id: record for record in self.queue()}
+            record = queued.get(job_id)
+            if record is None:
+                raise JobError("that job is not in the queue any more (it started or was removed)")
+            self._write_queue([i for i in queued if i != job_id])
+            shutil.rmtree(record.folder, ignore_errors=True)
+            return record
+
+    def submit(self, config: Any, resume: str | os.PathLike | None = None, description: str = "") -> JobRecord:
+        """Queue training ``config`` (a validated TrainerConfig), continuing from the state folder ``resume`` if
+        given; it starts at once when no job runs. Refused when its output file exists or another queued or running
+        job writes the same file."""
+        output_dir = Path(config.output.dir).expanduser().resolve()
+        output_file = output_dir / f"{config.output.name}.safetensors"
+        with self._lock, _file_lock(self.jobs_dir / ".lock"):
+            if output_file.exists() and not config.output.overwrite:
+                raise JobError(f"{output_file} already exists: change the output name or tick "
+                               "output.overwrite (Advanced).")
+            self._refuse_same_output(output_dir, config.output.name)
+            extra = {RESUME_FILE: {"state": str(resume)}} if resume else {}
+            record = self._prepare(config, output_dir, config.output.name, int(config.train.max_steps), extra=extra,
+                                   description=description)
+            self._write_queue([*self._queue_ids(), record.id])
+        self.dispatch()
+        return self.record(record.id) or record
+
+    def submit_compare(self, config: Any, methods: list[str], out_dir: str | os.PathLike,
+                       overrides: dict[str, dict[str, Any]] | None = None,
+                       drift_prompts: list[str] | None = None) -> JobRecord:
+        """Queue a method comparison (trainer.compare) of ``config`` into the new folder ``out_dir``."""
+        with self._lock, _file_lock(self.jobs_dir / ".lock"):
+            output_dir = self._compare_folder(out_dir)
+            record = self._prepare(config, output_dir, output_dir.name, int(config.train.max_steps) * len(methods),
+                                   kind="compare", extra={COMPARE_FILE: self._compare_spec(
+                                       methods, output_dir, overrides, drift_prompts)},
+                                   description=", ".join(methods))
+            self._write_queue([*self._queue_ids(), record.id])
+        self.dispatch()
+        return self.record(record.id) or record
+
+    def _refuse_same_output(self, output_dir: Path, name: str) -> None:
+        for other in [*self.queue(), *filter(None, [self.busy()])]:
+            if other.kind == "train" and Path(other.output_dir) == output_dir and other.output_name == name:
+                raise JobError(f"job {other.id} ({'queued' if other.is_queued else 'running'}) already writes "
+                               f"{output_dir / name}.safetensors: change the output name")
+
+    def dispatch(self) -> JobRecord | None:
+        """Start the first queued job if none runs; returns the job started (None: nothing to start now)."""
+        with self._lock, _file_lock(self.jobs_dir / ".lock"):
+            if self.busy() is not None:
+                return None
+            for record in self.queue():
+                self._write_queue([i for i in self._queue_ids() if i != record.id])
+                try:
+                    return self._run(record)
+                except OSError as error:  # the worker could not even start: the job's view says so
+                    _write_json(Path(record.folder) / EXIT_FILE, {"ok": False,
+                                                                  "message": f"cannot start the worker ({error})"})
+                    record.started = time.time()
+                    record.save()
+            return None
+
+    def start_dispatcher(self, interval: float = DISPATCH_INTERVAL) -> None:
+        """Look at the queue every ``interval`` seconds in a daemon thread (the server's; idempotent)."""
+        if self._dispatcher is not None and self._dispatcher.is_alive():
+            return
+
+        def loop() -> None:
+            while not self._closing.wait(interval):
+                try:
+                    self.dispatch()
+                except Exception:  # keep dispatching: one bad record must not stop the queue
+                    import logging
+
+                    logging.getLogger("rankwright.ui").exception("queue dispatch failed")
+
+        self._closing.clear()
+        self._dispatcher = threading.Thread(target=loop, name="rankwright-queue", daemon=True)
+        self._dispatcher.start()
+
+    def stop_dispatcher(self) -> None:
+        self._closing.set()
+
     # ----- control
     def start(self, config: Any) -> JobRecord:
-        """Start training ``config`` (a validated TrainerConfig) in a worker; JobBusy if a job is running."""
+        """Start training ``config`` (a validated TrainerConfig) in a worker now; JobBusy if a job is running."""
         with self._lock, _file_lock(self.jobs_dir / ".lock"):
             self._refuse_if_busy()
             output_dir = Path(config.output.dir).expanduser().resolve()
@@ -340,61 +303,78 @@ class JobRunner:
             if output_file.exists() and not config.output.overwrite:
                 raise JobError(f"{output_file} already exists: change the output name or tick "
                                "output.overwrite (Advanced).")
-            return self._launch(config, output_dir, config.output.name, int(config.train.max_steps))
+            return self._run(self._prepare(config, output_dir, config.output.name, int(config.train.max_steps)))
 
     def start_compare(self, config: Any, methods: list[str], out_dir: str | os.PathLike,
                       overrides: dict[str, dict[str, Any]] | None = None,
                       drift_prompts: list[str] | None = None) -> JobRecord:
-        """Start a method comparison (trainer.compare) of ``config`` into the new folder ``out_dir``."""
+        """Start a method comparison (trainer.compare) of ``config`` into the new folder ``out_dir`` now."""
         with self._lock, _file_lock(self.jobs_dir / ".lock"):
             self._refuse_if_busy()
-            output_dir = Path(out_dir).expanduser().resolve()
-            if output_dir.exists() and any(output_dir.iterdir()):
-                raise JobError(f"{output_dir} already exists and is not empty: a comparison never replaces an "
-                               "earlier one.")
-            spec = {"methods": list(methods), "out_dir": str(output_dir), "overrides": overrides or {},
-                    "drift_prompts": list(drift_prompts or []) or None}
-            return self._launch(config, output_dir, output_dir.name, int(config.train.max_steps) * len(methods),
-                                kind="compare", spec=spec)
+            output_dir = self._compare_folder(out_dir)
+            spec = self._compare_spec(methods, output_dir, overrides, drift_prompts)
+            return self._run(self._prepare(config, output_dir, output_dir.name,
+                                           int(config.train.max_steps) * len(methods), kind="compare",
+                                           extra={COMPARE_FILE: spec}, description=", ".join(methods)))
+
+    @staticmethod
+    def _compare_folder(out_dir: str | os.PathLike) -> Path:
+        output_dir = Path(out_dir).expanduser().resolve()
+        if output_dir.exists() and any(output_dir.iterdir()):
+            raise JobError(f"{output_dir} already exists and is not empty: a comparison never replaces an earlier "
+                           "one.")
+        return output_dir
+
+    @staticmethod
+    def _compare_spec(methods: list[str], output_dir: Path, overrides: dict[str, dict[str, Any]] | None,
+                      drift_prompts: list[str] | None) -> dict[str, Any]:
+        return {"methods": list(methods), "out_dir": str(output_dir), "overrides": overrides or {},
+                "drift_prompts": list(drift_prompts or []) or None}
 
     def _refuse_if_busy(self) -> None:
-        current = self.current()
-        # A job that wrote its last event ("done"/"error") is over, even while its process is still exiting.
-        if current is not None and self.is_running(current) and not (view := self.view(current)).finished:
+        current = self.busy()
+        if current is not None:
+            view = self.view(current)
             raise JobBusy(f"A {current.label} is already running ({current.output_name}, {view.status_text()}, "
                           f"{view.progress_text()}). Only one job runs at a time: stop it or wait until it ends.")
 
-    def _launch(self, config: Any, output_dir: Path, output_name: str, max_steps: int, kind: str = "train",
-                spec: dict[str, Any] | None = None) -> JobRecord:
-        """Write the job folder (config, and the comparison's spec) and start the worker on it."""
+    def _prepare(self, config: Any, output_dir: Path, output_name: str, max_steps: int, kind: str = "train",
+                 extra: dict[str, Any] | None = None, description: str = "") -> JobRecord:
+        """Write the job folder (config, job.json, and ``extra`` files such as the comparison's spec) and create
+        the output folder (so a later comparison picks another one)."""
         output_dir.mkdir(parents=True, exist_ok=True)
         job_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         folder = self.jobs_dir / job_id
         folder.mkdir(parents=True)
         config_path = folder / CONFIG_FILE
         config_path.write_text(config.to_toml(), encoding="utf-8")
-        if spec is not None:
-            (folder / COMPARE_FILE).write_text(json.dumps(spec, indent=1), encoding="utf-8")
-        events = output_dir / "events.jsonl"
-        record = JobRecord(job_id, str(folder), str(config_path), str(output_dir), output_name,
-                           events.stat().st_size if events.exists() else 0, None, time.time(),
-                           max_steps=max_steps, kind=kind)
+        for name, data in (extra or {}).items():
+            _write_json(folder / name, data)
+        record = JobRecord(job_id, str(folder), str(config_path), str(output_dir), output_name, max_steps=max_steps,
+                           kind=kind, queued=time.time(),
+                           description=description or f"{config.network.method}, {max_steps} steps")
+        record.save()
+        return record
+
+    def _run(self, record: JobRecord) -> JobRecord:
+        """Start the worker on a prepared job folder and make it the current job."""
+        events = record.events_path
+        record.events_offset = events.stat().st_size if events.exists() else 0
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
         env.setdefault("PYTHONUNBUFFERED", "1")
+        folder = Path(record.folder)
         with (folder / LOG_FILE).open("wb") as log:
-            process = subprocess.Popen(self.command(config_path, folder), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env)
-        self._processes[job_id] = process
-        record.pid = process.pid
+            process = subprocess.Popen(self.command(Path(record.config_path), folder), stdout=log,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=os.getcwd(), env=env)
+        self._processes[record.id] = process
+        record.pid, record.started = process.pid, time.time()
         record.save()
-        from methods.files import atomic_write_bytes
-
-        atomic_write_bytes(self.jobs_dir / CURRENT_FILE, json.dumps({"id": job_id}).encode())
+        _write_json(self.jobs_dir / CURRENT_FILE, {"id": record.id})
         return record
 
     def stop(self) -> JobRecord:
-        """Ask the running job to stop: it saves its adapter at the next step and ends."""
+        """Ask the running job to stop: it saves its adapter within seconds (whatever phase it is in) and ends."""
         with self._lock:
             record = self.current()
             if record is None or not self.is_running(record):
@@ -424,8 +404,11 @@ class JobRunner:
         with self._lock:
             record = self.record(record.id) or record  # stop_requested may have been set by another call
             view = self._views.get(record.id)
-            if view is None:
+            if view is None or (view.status == "queued" and not record.is_queued):
                 view = self._views[record.id] = VIEWS.get(record.kind, JobView)(record.id, offset=record.events_offset)
+            if record.is_queued:
+                view.status = "queued"
+                return view
             if view.finished:
                 return view
             running = self.is_running(record)  # before reading: events written before the exit are all there

@@ -174,14 +174,17 @@ def describe_address(host: str, port: int, auth: bool, workspace: str = "") -> t
 
 # ----- launching ---------------------------------------------------------------------------------------------
 def launch(ws: Any, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, str] | None = None,
-           throttle: LoginThrottle | None = None, ui: Any = None) -> tuple[Any, Any]:
+           throttle: LoginThrottle | None = None, ui: Any = None,
+           tensorboard_url: str | None = None) -> tuple[Any, Any]:
     """Build and start the app on ``host:port`` (returns at once; ``demo.block_thread()`` waits); ``ui``: the
-    callbacks (a RankwrightUI of ``ws``; a new one by default). Raises OSError when the port cannot be used."""
+    callbacks (a RankwrightUI of ``ws``; a new one by default); ``tensorboard_url``: where the operator's
+    TensorBoard is (the Training tab links it). Raises OSError when the port cannot be used."""
     from starlette.middleware import Middleware
 
-    from ui.app import CSS, THEME, build_app
+    from ui.app import CSS, THEME, RankwrightUI, build_app
     from ui.workspace import MAX_ZIP_TOTAL_BYTES
 
+    ui = ui or RankwrightUI(ws, tensorboard_url=tensorboard_url)
     demo, ui = build_app(ws, ui)
     demo.queue(default_concurrency_limit=2)
     middleware = [Middleware(LoginBackoff, throttle=throttle or LoginThrottle())] if auth else []
@@ -189,3 +192,16 @@ def launch(ws: Any, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, 
                 css=CSS, show_error=True, quiet=True, prevent_thread_lock=True, inbrowser=False, footer_links=[],
                 max_file_size=MAX_ZIP_TOTAL_BYTES, app_kwargs={"middleware": middleware})
     return demo, ui
+
+
+def start_tensorboard(logdir: str, port: int) -> tuple[Any, str]:
+    """``tensorboard --logdir LOGDIR`` on 127.0.0.1:``port`` (TensorBoard has no login: it never listens beyond
+    this machine), as the operator's ``python app.py --tensorboard PORT`` asks; (process, its URL)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--port", str(port), "--host",
+               "127.0.0.1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdin=subprocess.DEVNULL)
+    return process, f"http://127.0.0.1:{port}/"

@@ -1,9 +1,9 @@
 """The training worker the UI starts: ``python -m ui.worker --config CONFIG.toml --job-dir JOB``.
 
-It loads the TOML exactly as the CLI does and calls :func:`trainer.loop.train` — or, when the job folder holds
-``compare.json``, :func:`trainer.compare.compare`; everything the run does is in the output folder's
-``events.jsonl``. At the end it writes ``JOB/exit.json`` (``ok``, ``message``), so the UI can tell
-a finished job from a crashed one even when the trainer never got to write an event.
+It loads the TOML exactly as the CLI does and calls :func:`trainer.loop.train` (resuming from the state folder in
+``resume.json`` when the job folder holds one) — or, when it holds ``compare.json``, :func:`trainer.compare.compare`;
+everything the run does is in the output folder's ``events.jsonl``. At the end it writes ``JOB/exit.json`` (``ok``,
+``message``), so the UI can tell a finished job from a crashed one even when the trainer never got to write an event.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from trainer.config import TrainerConfig
-        from ui.jobs import COMPARE_FILE
+        from ui.jobs import COMPARE_FILE, RESUME_FILE
 
         config = TrainerConfig.load(args.config)
         spec_path = job_dir / COMPARE_FILE
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from trainer.loop import train
 
-            result = train(config)
+            resume_path = job_dir / RESUME_FILE
+            resume = json.loads(resume_path.read_text(encoding="utf-8"))["state"] if resume_path.is_file() else None
+            result = train(config, resume=resume)
             exit_info = {"output": str(result.output_file) if result.output_file else None, "steps": result.steps,
                          "stopped": result.stopped_early}
     except BaseException as error:  # noqa: BLE001 - everything ends in exit.json, also KeyboardInterrupt

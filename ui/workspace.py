@@ -5,6 +5,7 @@ Workspace layout (``--workspace DIR``, default ``./workspace``)::
     datasets/<name>/<N>_<concept>/   uploaded images and their caption files (kohya layout: N repeats)
     outputs/                         output.dir of runs started from the UI (always inside this folder)
     presets/<name>.toml              presets saved from the UI
+    models/<name>/                   captioning models the Dataset tab may load (besides hub ids)
     jobs/<id>/                       one folder per training job (config.toml, job.json, worker.log, exit.json)
     thumbnails/                      small JPEGs the dataset gallery shows (a cache; safe to delete)
     last_config.toml                 the settings of the last Start or Save, shown again when the page loads
@@ -108,6 +109,10 @@ class Workspace:
         return self.root / "thumbnails"
 
     @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
     def last_config(self) -> Path:
         return self.root / "last_config.toml"
 
@@ -147,6 +152,23 @@ class Workspace:
         if not path.is_file():
             raise WorkspaceError(f"{str(text).strip()}: {refusal}")
         return path
+
+    def captioner(self, text: str) -> str:
+        """A captioning model a browser named: a folder inside the workspace (a name is taken in ``models/``),
+        or a hub id (``owner/name``) that names no folder on the server; WorkspaceError otherwise."""
+        shown = str(text or "").strip()
+        if not shown:
+            raise WorkspaceError("give a captioning model: a hub id such as Salesforce/blip-image-captioning-base, "
+                                 f"or the name of a model folder in {self.models}")
+        path = Path(shown).expanduser()
+        local = (path if path.is_absolute() else self.models / path).resolve()
+        if local.is_dir() and is_within(local, self.root):
+            return str(local)
+        hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", shown) and ".." not in shown
+        if hub_id and not path.exists():  # the captioner would take a folder of that name as the model
+            return shown
+        raise WorkspaceError(f"{shown}: the web UI loads captioning models only from {self.models} (put the model "
+                             "folder there and give its name) or by hub id (owner/name)")
 
     def is_served(self, path: str | os.PathLike) -> bool:
         """Whether ``path`` (links followed) lies in a folder the web server may send files from."""

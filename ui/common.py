@@ -1,0 +1,96 @@
+"""What the tabs share: the errors a callback turns into a message, the progress bar, form components and the
+layout context each tab builds into."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from methods.base import ConfigError
+
+from . import form
+from .jobs import JobError
+from .workspace import WorkspaceError
+
+USER_ERRORS = (ConfigError, WorkspaceError, JobError, ValueError, OSError, KeyError, tomllib.TOMLDecodeError)
+
+
+def progress_html(fraction: float, text: str) -> str:
+    percent = max(0.0, min(1.0, float(fraction))) * 100
+    return (f'<div class="rw-progress" role="progressbar" aria-valuenow="{percent:.0f}" aria-valuemin="0" '
+            f'aria-valuemax="100"><div class="bar" style="width:{percent:.1f}%"></div>'
+            f'<div class="label">{html.escape(text)}</div></div>')
+
+
+def adapter_label(path: str) -> str:
+    """``outputs/my_adapter.safetensors``: the file and its folder, for the adapter list."""
+    file = Path(path)
+    return f"{file.parent.name}/{file.name}"
+
+
+def component(field: form.Field, value: Any, **extra: Any):
+    """The input for one field, showing ``value`` (already in its UI form, see Field.to_ui)."""
+    common = {"label": field.label, "info": field.info, "elem_id": "f-" + field.key.replace(".", "-"),
+              "value": value, **extra}
+    if field.kind == "choice":
+        return gr.Dropdown(choices=list(field.choices), **common)
+    if field.kind == "bool":
+        return gr.Checkbox(**common)
+    if field.kind == "int":
+        return gr.Number(precision=0, **common)
+    if field.kind == "float":
+        return gr.Number(**common)
+    if field.kind.startswith("optional"):  # empty means "not set" (None), which a gr.Number cannot express
+        return gr.Textbox(placeholder="empty = not set", **common)
+    if field.kind in ("lines", "table", "text"):
+        return gr.Textbox(lines=3 if field.kind == "lines" else 2, **common)
+    return gr.Textbox(**common)
+
+
+def job_controls(start_label: str, idle_status: str, ids: tuple[str, str, str, str, str]) -> tuple:
+    """Start and Stop buttons, the message of the last click, the job's status line and its progress bar."""
+    start_id, stop_id, message_id, status_id, progress_id = ids
+    with gr.Row():
+        start = gr.Button(start_label, variant="primary", elem_id=start_id)
+        stop = gr.Button("Stop", variant="stop", elem_id=stop_id)
+    message = gr.Markdown(elem_id=message_id)
+    status = gr.Markdown(idle_status, elem_id=status_id)
+    progress = gr.HTML(progress_html(0, "idle"), elem_id=progress_id)
+    return start, stop, message, status, progress
+
+
+@dataclasses.dataclass
+class Layout:
+    """What :func:`ui.app.build_app` hands each tab's builder: the form's components by key (``make`` creates one
+    showing the initial value), the timer and the components other tabs wire to."""
+
+    values: dict[str, Any]
+    fields: dict[str, form.Field]
+    guard: Callable
+    comps: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tabs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # each tab's components by name
+    timer: Any = None
+
+    @property
+    def inputs(self) -> list[Any]:
+        """The form's components in field order (what ``RankwrightUI.values`` reads)."""
+        return [self.comps[field.key] for field in form.all_fields()]
+
+    def make(self, key: str, **extra: Any):
+        self.comps[key] = component(self.fields[key], self.values[key], **extra)
+        return self.comps[key]
+
+    def grid(self, keys: list[str], columns: int = 3) -> None:
+        for start in range(0, len(keys), columns):
+            with gr.Row():
+                for key in keys[start:start + columns]:
+                    self.make(key)
+
+    def keys_of(self, section: str) -> list[str]:
+        return [f.key for f in form.config_fields() if f.section == section]

@@ -1,0 +1,350 @@
+"""The Training tab: Start (which queues when a job runs), Stop, the queue, continuing a run from its saved state,
+and the running job's phase, progress, loss plot, previews and log.
+
+Every Start goes through the workspace's queue (:meth:`ui.jobs.JobRunner.submit`): it runs at once when nothing
+else does, else waits its turn; the queue is listed with its order and can be changed. A run that stopped or
+finished with resumable state (``output.save_state``) can be resumed, or trained N steps further, from that state
+(``train(config, resume=state)``); a finished run's continuation writes ``<name>-<steps>steps.safetensors``, so the
+first file stays as it was.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from trainer.config import TrainerConfig
+
+from . import form
+from .common import Layout, job_controls, progress_html
+from .jobs import JobError, JobRecord
+from .views import JobView
+
+LOG_SHOWN = 200  # log lines sent to the page (newest first)
+PREVIEWS_SHOWN = 24
+SMOOTHING = 0.6  # the loss plot's default EMA smoothing (TensorBoard's)
+
+
+class TrainingCallbacks:
+    """Mixed into :class:`ui.app.RankwrightUI`."""
+
+    tensorboard_url: str | None = None
+
+    # ================================================================ start, stop
+    def start(self, *args) -> tuple[str, dict]:
+        config = self.confine(self.config_from(args))
+        self.remember(config)
+        warning = self.crop_warning(config)
+        record = self.runner.submit(config)
+        return self._submitted(record, f"{config.network.method} → `{record.output_dir}/{config.output.name}"
+                                       ".safetensors`") + (f"\n\n⚠️ {warning}" if warning else ""), {}
+
+    def _submitted(self, record: JobRecord, what: str) -> str:
+        command = form.cli_command(record.config_path)
+        position = self.runner.position(record.id)
+        if position is None:
+            gr.Info("Training started")
+            return f"Started job `{record.id}`: {what}. Same run from a shell: `{command}`"
+        gr.Info(f"Queued at position {position}")
+        return (f"Queued job `{record.id}` at position {position}: {what}. It starts when the jobs before it end; "
+                "reorder or remove it under *Queue*.")
+
+    def crop_warning(self, config: TrainerConfig) -> str:
+        """A sentence when buckets are off and some images are not square (training crops them), else ""."""
+        if config.dataset.enable_buckets:
+            return ""
+        from trainer.dataset import image_files, inspect_image
+
+        cropped = 0
+        for path in image_files(config.dataset.dir)[:2000]:
+            try:
+                height, width = inspect_image(path, config.dataset.max_pixels)[:2]
+            except Exception:  # the trainer reports unusable files itself
+                continue
+            cropped += width != height
+        if not cropped:
+            return ""
+        return (f"Aspect-ratio buckets are off: {cropped} non-square image(s) are cropped to a square. Tick "
+                "*Aspect-ratio buckets* (Advanced) to keep them whole; the Dataset tab's report shows the crops.")
+
+    def stop(self) -> str:
+        record = self.own_job(self.runner.current())
+        if record is None:
+            raise JobError("No training job is running.")
+        self.runner.stop()
+        view = self.runner.view(record)
+        if record.kind == "compare" and view.phase.name in ("rendering", "scoring", "loading") \
+                and view.finished_runs >= len(view.methods or [1]):
+            return f"Stop requested for `{record.id}`: the rendering ends within a denoising step."
+        if record.kind == "compare":
+            return (f"Stop requested for `{record.id}`: the current method saves and ends within seconds; the "
+                    "methods that finished are still rendered (press Stop again to skip that).")
+        return f"Stop requested for `{record.id}`: it saves the adapter and ends within seconds."
+
+    # ================================================================ the running job
+    def poll(self, session: dict | None, adapter: str | None = None, smoothing: float = SMOOTHING,
+             log_scale: bool = False) -> tuple:
+        """Timer tick: the current job's status, progress, loss plot, previews, log, the saved files and the runs
+        that can be continued; nothing is re-sent while nothing changed."""
+        return self._tick(self.runner.current,
+                          lambda record, view, shown: self._show_job(record, view, shown, adapter, smoothing,
+                                                                     log_scale),
+                          lambda: self._no_job(adapter), 9, session)
+
+    def _no_job(self, adapter: str | None) -> tuple:
+        return ("No training job yet.", progress_html(0, "idle"), None, [], "", *self.results(adapter),
+                gr.update(choices=self.resumable_runs()))
+
+    def _show_job(self, record: Any, view: JobView, session: dict, adapter: str | None = None,
+                  smoothing: float = SMOOTHING, log_scale: bool = False) -> tuple:
+        skip = gr.skip()
+        status = f"**{view.status_text()}** — job `{record.id}` · {record.output_name}"
+        progress = progress_html(view.fraction, view.progress_text())
+        plot = skip
+        points = (len(view.losses), sum(len(v) for v in view.series.values()))
+        if points != session.get("losses"):
+            session["losses"] = points
+            plot = loss_frame(view, smoothing, log_scale)
+        previews = skip
+        if len(view.previews) != session.get("previews"):
+            session["previews"] = len(view.previews)
+            previews = [(p, view.preview_captions.get(p, Path(p).name))
+                        for p in self.servable(newest_first(view.previews))][:PREVIEWS_SHOWN]
+        log_text = "\n".join(itertools.islice(reversed(view.log), LOG_SHOWN))
+        files = (skip,) * 3
+        runs = skip
+        if (len(view.saves), view.finished) != session.get("saves"):
+            session["saves"] = (len(view.saves), view.finished)
+            files = self.results(adapter)
+            runs = gr.update(choices=self.resumable_runs())
+        return status, progress, plot, previews, log_text, *files, runs
+
+    def _tick(self, find, show, idle, outputs: int, session: dict | None) -> tuple:
+        """One timer tick of a tab showing a job: ``idle()`` when there is none, nothing re-sent while the job's
+        view is unchanged, else ``show(record, view, session)``; the session state comes last."""
+        session = dict(session or {})
+        skips = (gr.skip(),) * outputs
+        try:
+            record = self.own_job(find())
+            if record is None:
+                return (*skips, session) if session.get("job") == "none" else (*idle(), {"job": "none"})
+            view = self.runner.view(record)
+            if session.get("job") != record.id:
+                session = {"job": record.id}
+            if session.get("version") == view.version:
+                return (*skips, session)
+            session["version"] = view.version
+            return (*show(record, view, session), session)
+        except Exception:  # a broken tick must not flood the page with errors every second
+            import logging
+
+            logging.getLogger("rankwright.ui").exception("poll of %s failed", getattr(show, "__name__", "a tab"))
+            return (*skips, session)
+
+    def replot(self, smoothing: float, log_scale: bool) -> Any:
+        record = self.own_job(self.runner.current())
+        if record is None or record.kind != "train":
+            return None
+        return loss_frame(self.runner.view(record), smoothing, log_scale)
+
+    # ================================================================ the queue
+    def poll_queue(self, session: dict | None) -> tuple:
+        """(the queue's table, the queued-job dropdown, session); nothing re-sent while the queue is unchanged."""
+        session = dict(session or {})
+        queued = [record for record in self.runner.queue() if self.own_job(record) is not None]
+        signature = [record.id for record in queued]
+        if session.get("queue") == signature:
+            return gr.skip(), gr.skip(), session
+        session["queue"] = signature
+        rows = [[position, record.id, record.label, record.output_name, record.description]
+                for position, record in enumerate(queued, start=1)]
+        table = {"headers": ["position", "job", "kind", "output", "what"], "data": rows} if rows else None
+        choices = [(f"{position}. {record.output_name} ({record.description})", record.id)
+                   for position, record in enumerate(queued, start=1)]
+        return table, gr.update(choices=choices, value=choices[0][1] if choices else None), session
+
+    def queue_move(self, job_id: str | None, offset: int) -> str:
+        if not job_id:
+            raise JobError("choose a queued job first")
+        position = self.runner.move(job_id, offset)
+        return f"Job `{job_id}` is now at position {position}."
+
+    def queue_remove(self, job_id: str | None) -> str:
+        if not job_id:
+            raise JobError("choose a queued job first")
+        record = self.runner.remove(job_id)
+        return f"Removed `{record.id}` ({record.output_name}) from the queue."
+
+    # ================================================================ continuing a run
+    def resumable_runs(self) -> list[tuple[str, str]]:
+        """Training runs of this workspace that ended with resumable state, newest first: (label, job id)."""
+        runs = []
+        for record in self.runner.history():
+            if record.kind != "train" or self.own_job(record) is None:
+                continue
+            view = self.runner.view(record)
+            if not view.finished or view.status not in ("done", "stopped") or not self._state_of(view):
+                continue
+            ended = f"stopped at step {view.step}/{view.total}" if view.status == "stopped" else \
+                f"finished, {view.step} steps"
+            runs.append((f"{record.output_name} — {ended} ({record.id})", record.id))
+        return runs
+
+    def _state_of(self, view: JobView) -> Path | None:
+        """The run's last resumable state folder, if it is one of this workspace's outputs."""
+        if not view.state:
+            return None
+        from .workspace import is_within
+
+        folder = Path(view.state).resolve()
+        return folder if folder.is_dir() and is_within(folder, self.ws.outputs) else None
+
+    def _run_to_continue(self, job_id: str | None) -> tuple[JobRecord, JobView, Path, TrainerConfig]:
+        record = self.own_job(self.runner.record(job_id or ""))
+        if record is None or record.kind != "train":
+            raise JobError("choose a training run from the list (refresh it after a run ends)")
+        view = self.runner.view(record)
+        state = self._state_of(view) if view.finished else None
+        if state is None:
+            raise JobError(f"{record.output_name} has no resumable state (output.save_state was off, or it is "
+                           "still running)")
+        return record, view, state, TrainerConfig.load(record.config_path)
+
+    def resume(self, job_id: str | None) -> str:
+        """Continue a stopped run from its last save to the steps it was started with."""
+        record, view, state, config = self._run_to_continue(job_id)
+        if view.status != "stopped":
+            raise JobError(f"{record.output_name} finished all its {view.step} steps: use “Train N more steps”")
+        config = self.confine(config)
+        queued = self.runner.submit(config, resume=state, description=f"resume {record.output_name} from step "
+                                                                        f"{view.step} to {view.total}")
+        return self._submitted(queued, f"{record.output_name} from step {view.step} to {view.total}")
+
+    def train_more(self, job_id: str | None, steps: float | None) -> str:
+        """Train a run ``steps`` further from its last save; a finished run's continuation gets its own name."""
+        if steps in (None, "") or not float(steps).is_integer() or float(steps) < 1:
+            raise JobError(f"give the number of steps to add (a whole number ≥ 1), got {steps!r}")
+        record, view, state, config = self._run_to_continue(job_id)
+        total = view.step + int(steps)
+        name = config.output.name
+        if view.status == "done":  # the finished run's file stays: the continuation gets its own name
+            name = re.sub(r"-\d+steps$", "", name) + f"-{total}steps"
+        config = self.confine(config.with_overrides([f"train.max_steps={total}", "train.epochs=0",
+                                                     f"output.name={json.dumps(name)}"]))
+        queued = self.runner.submit(config, resume=state, description=f"{record.output_name} +{int(steps)} steps "
+                                                                        f"(to {total})")
+        return self._submitted(queued, f"{record.output_name} from step {view.step} to {total} → `{name}.safetensors`")
+
+
+# ====================================================================================================== rendering
+def newest_first(previews: list[str]) -> list[str]:
+    """Preview files (``step000050_0.png``, ``step000050_1.png``, …) with the latest step first and each step's
+    prompts in order: the newest previews show what the adapter does now, without scrolling."""
+    batches = [list(batch) for _, batch in itertools.groupby(previews, key=lambda p: Path(p).name.rsplit("_", 1)[0])]
+    return [path for batch in reversed(batches) for path in batch]
+
+
+def loss_frame(view: JobView, smoothing: float = SMOOTHING, log_scale: bool = False) -> Any:
+    """The loss plot's data: the training loss (raw and smoothed) and any validation/prior series, by step;
+    ``log_scale`` plots log10 of the values (the plot's y axis says so)."""
+    import pandas as pd
+
+    from trainer.plots import ema
+
+    if not view.losses:
+        return None
+    steps = [step for step, _ in view.losses]
+    raw = [value for _, value in view.losses]
+    series = {"loss": list(zip(steps, raw))}
+    smoothing = float(smoothing or 0.0)
+    if 0 < smoothing < 1 and len(raw) > 1:
+        series = {"loss (raw)": series["loss"], "loss (smoothed)": list(zip(steps, ema(raw, smoothing)))}
+    series.update(view.series)
+    rows = []
+    for name, points in series.items():
+        for step, value in points:
+            if log_scale:
+                if value <= 0:
+                    continue
+                value = math.log10(value)
+            rows.append({"step": step, "loss": value, "series": name})
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+# ====================================================================================================== layout
+def layout(ui: Any, L: Layout) -> None:
+    with gr.Row():
+        preset = gr.Dropdown(choices=ui.preset_choices(), value=None, label="Preset", elem_id="preset", scale=3,
+                             info="presets/*.toml and presets saved in the workspace")
+        load_preset = gr.Button("Load preset", scale=1, elem_id="load-preset")
+    sections = ("train", "sample", "output", "dataset")
+    main_keys = [k for s in sections for k in L.keys_of(s) if L.fields[k].main and k != "dataset.dir"]
+    L.grid(main_keys, 4)
+    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+        for section in sections:
+            gr.Markdown(f"**{section.capitalize()}**")
+            L.grid([k for k in L.keys_of(section) if not L.fields[k].main], 4)
+    effective = gr.Markdown(elem_id="effective-training")
+    start, stop, message, status, progress = job_controls(
+        "Start training", "No training job yet.", ids=("start", "stop", "job-message", "job-status", "progress"))
+    with gr.Accordion("Queue", open=True, elem_id="queue"):
+        queue_table = gr.Dataframe(label="Waiting (runs one at a time, first to last)", interactive=False,
+                                   elem_id="queue-table")
+        with gr.Row():
+            queue_select = gr.Dropdown(label="Queued job", choices=[], elem_id="queue-select", scale=3)
+            queue_up = gr.Button("Move up", elem_id="queue-up", scale=1)
+            queue_down = gr.Button("Move down", elem_id="queue-down", scale=1)
+            queue_remove = gr.Button("Remove", elem_id="queue-remove", variant="stop", scale=1)
+        queue_message = gr.Markdown(elem_id="queue-message")
+    with gr.Accordion("Continue a run", open=False, elem_id="continue"):
+        with gr.Row():
+            resume_run = gr.Dropdown(label="Run (with saved state)", choices=ui.resumable_runs(), elem_id="resume-run",
+                                     scale=3)
+            resume_button = gr.Button("Resume", elem_id="resume", scale=1)
+            more_steps = gr.Number(value=100, precision=0, minimum=1, label="Steps to add", elem_id="more-steps",
+                                   scale=1)
+            more_button = gr.Button("Train N more steps", elem_id="train-more", scale=1)
+        resume_message = gr.Markdown(elem_id="resume-message")
+    with gr.Row():
+        with gr.Column(scale=3):
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot", height=320,
+                                    x_title="step", y_title="loss")
+            with gr.Row():
+                smoothing = gr.Slider(0.0, 0.99, value=SMOOTHING, step=0.01, label="Smoothing", elem_id="smoothing")
+                log_scale = gr.Checkbox(label="Log scale (log10)", value=False, elem_id="log-scale")
+        previews = gr.Gallery(label="Previews (newest first)", columns=3, height=320, elem_id="previews",
+                              allow_preview=True, scale=2)
+    log_box = gr.Textbox(label="Log (newest first)", lines=12, max_lines=12, elem_id="log", elem_classes="rw-mono",
+                         interactive=False)
+    tensorboard = gr.Markdown(ui.tensorboard_text(), elem_id="tensorboard")
+    L.tabs["training"] = {name: value for name, value in locals().items() if name not in ("ui", "L", "sections")}
+
+
+def wire(ui: Any, L: Layout) -> None:
+    s, guard, inputs = L.tabs["training"], L.guard, L.inputs
+    results = L.tabs["results"]
+    session = gr.State({})
+    s["start"].click(guard(ui.start, 2, 0), inputs, [s["message"], session], concurrency_limit=1)
+    s["stop"].click(guard(ui.stop, 1, 0), None, [s["message"]])
+    s["load_preset"].click(guard(ui.load_preset, len(inputs) + 1, len(inputs)), [s["preset"], *inputs],
+                           [*inputs, s["message"]])
+    outputs = [s["status"], s["progress"], s["loss_plot"], s["previews"], s["log_box"], results["train_files"],
+               results["compare_files"], results["adapter"], s["resume_run"], session]
+    L.timer.tick(ui.poll, [session, results["adapter"], s["smoothing"], s["log_scale"]], outputs,
+                 show_progress="hidden", concurrency_limit=None, queue=False)
+    gr.on([s["smoothing"].release, s["log_scale"].change], ui.replot, [s["smoothing"], s["log_scale"]],
+          [s["loss_plot"]], show_progress="hidden")
+    queue_session = gr.State({})
+    L.timer.tick(ui.poll_queue, [queue_session], [s["queue_table"], s["queue_select"], queue_session],
+                 show_progress="hidden", concurrency_limit=None, queue=False)
+    s["queue_up"].click(guard(lambda job: ui.queue_move(job, -1), 1, 0), [s["queue_select"]], [s["queue_message"]])
+    s["queue_down"].click(guard(lambda job: ui.queue_move(job, 1), 1, 0), [s["queue_select"]], [s["queue_message"]])
+    s["queue_remove"].click(guard(ui.queue_remove, 1, 0), [s["queue_select"]], [s["queue_message"]])
+    s["resume_button"].click(guard(ui.resume, 1, 0), [s["resume_run"]], [s["resume_message"]])
+    s["more_button"].click(guard(ui.train_more, 1, 0), [s["resume_run"], s["more_steps"]], [s["resume_message"]])
