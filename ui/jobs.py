@@ -419,6 +419,8 @@ class JobRunner:
                 view.log.append(f"cannot read {record.events_path}: {error}")
             for event in events:
                 view.apply(event)
+                if view.finished:  # what follows in a shared events.jsonl belongs to the next job
+                    break
             if not view.finished and running and record.stop_requested and view.status != "stopping":
                 if not record.stop_path.exists():  # the trainer clears STOP when it starts: ask again
                     with contextlib.suppress(OSError):
