@@ -19,7 +19,7 @@ from ui_helpers import png_bytes, write
 from methods.base import ConfigError
 from trainer.config import TrainerConfig
 from ui import form, pipelines, workspace
-from ui.app import RankwrightUI, progress_html
+from ui.app import RankwrightUI, loss_frame, progress_html
 from ui.jobs import JobBusy, JobError, JobRunner
 from ui.workspace import Workspace, WorkspaceError
 
@@ -603,7 +603,7 @@ def test_start_while_a_job_runs_queues_it(ws, fake_runner):
     assert [r.output_name for r in queued] == ["second", "third"] and len(ui.runner.history()) == 1
     assert json.loads((ws.jobs / "queue.json").read_text())["ids"] == [r.id for r in queued]
     table, choices, _ = ui.poll_queue({})
-    assert [row[:2] for row in table["data"]] == [[1, queued[0].id], [2, queued[1].id]]
+    assert f"| 1 | `{queued[0].id}` | training job | second |" in table and f"| 2 | `{queued[1].id}` |" in table
     assert [value for _, value in choices["choices"]] == [r.id for r in queued]
     assert "position 1" in ui.queue_move(queued[1].id, -1)
     assert [r.output_name for r in fake_runner().queue()] == ["third", "second"]  # as another server sees it
@@ -693,10 +693,12 @@ def test_poll_renders_the_current_job(ws, fake_runner):
     status, progress, plot, previews, log_text, files, compared, choices, runs, session = ui.poll(session)
     assert "finished" in status and record.id in status
     assert "step 3/3" in progress and 'aria-valuenow="100"' in progress
-    # a native plot's data: the raw and the smoothed loss per step (issue 13, item 9)
-    assert list(plot.columns) == ["step", "loss", "series"]
-    assert plot[plot.series == "loss (raw)"].loss.tolist() == [1.0, 0.5, 1 / 3]
-    assert plot[plot.series == "loss (smoothed)"].loss.iloc[0] == 1.0  # debiased: no pull towards 0
+    # a native plot: the raw and the smoothed loss per step (issue 13, item 9)
+    assert plot.colors_in_legend == ["loss (raw)", "loss (smoothed)"]
+    frame = loss_frame(ui.runner.view(record))
+    assert list(frame.columns) == ["step", "loss", "series"]
+    assert frame[frame.series == "loss (raw)"].loss.tolist() == [1.0, 0.5, 1 / 3]
+    assert frame[frame.series == "loss (smoothed)"].loss.iloc[0] == 1.0  # debiased: no pull towards 0
     log_lines = log_text.splitlines()
     assert "done after 3 steps" in log_lines[0] and "started" in log_lines[-1]  # the newest line first
     assert [Path(f).name for f in files] == ["fake.safetensors"] and choices["value"] == files[0]
@@ -708,7 +710,8 @@ def test_poll_renders_the_current_job(ws, fake_runner):
     choices = ui.poll({}, files[0])[7]
     assert choices["value"] == files[0] and len(choices["choices"]) == 2
     log_plot = ui.replot(0.0, True)
-    assert log_plot.loss.tolist() == [0.0]  # the newer job's one step: log10(1.0)
+    assert log_plot.colors_in_legend == ["loss"] and log_plot.y_title == "log10(loss)"
+    assert loss_frame(ui.runner.view(other), 0.0, True).loss.tolist() == [0.0]  # one step: log10(1.0)
     assert "width:50.0%" in progress_html(0.5, "x")
 
 

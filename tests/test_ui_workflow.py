@@ -379,3 +379,12 @@ def test_real_worker_trains_a_finished_run_further_from_its_state(ws, tiny_pipel
     assert view.summary["start_step"] == 2 and view.step == 4 and [s for s, _ in view.losses] == [3, 4]
     assert any("resumed at step 2" in line for line in view.log)
     assert Path(view.output).name == "grow-4steps.safetensors" and (ws.outputs / "grow.safetensors").is_file()
+
+
+def test_the_key_of_the_browsers_stored_forms_is_the_workspaces_and_private(ws):
+    from ui.app import browser_state_secret
+
+    key = browser_state_secret(ws)
+    assert len(key) == 64 and browser_state_secret(ws) == key  # kept across restarts
+    path = ws.root / ".browser_state_key"
+    assert path.stat().st_mode & 0o777 == 0o600 and not ws.is_served(path)

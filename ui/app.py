@@ -293,14 +293,20 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
             for module, name, tab_id in ((dataset_tab, "Dataset", "dataset"), (model_tab, "Model & method", "model"),
                                          (training_tab, "Training", "training"), (compare_tab, "Compare", "compare"),
                                          (results_tab, "Results", "results"), (config_tab, "Config", "config")):
-                with gr.Tab(name, id=tab_id, elem_id=f"tab-{tab_id}"):
+                with gr.Tab(name, id=tab_id, elem_id=f"tab-{tab_id}") as tab:
                     module.layout(ui, L)
+                L.tab_components[tab_id] = tab
         L.timer = gr.Timer(1.0)
+        L.visible_tab = gr.State("dataset")
+        for tab_id, tab in L.tab_components.items():
+            tab.select(lambda shown=tab_id: shown, None, [L.visible_tab], show_progress="hidden", queue=False)
         for module in (dataset_tab, model_tab, training_tab, compare_tab, results_tab, config_tab):
             module.wire(ui, L)
 
         theme.click(None, js=THEME_TOGGLE_JS)
-        go.click(lambda: gr.Tabs(selected="training"), None, [tabs])
+        go.click(lambda: (gr.Tabs(selected="training"), "training"), None, [tabs, L.visible_tab]).then(
+            ui.replot, [L.tabs["training"]["smoothing"], L.tabs["training"]["log_scale"]],
+            [L.tabs["training"]["loss_plot"]], show_progress="hidden")
         compare, preset = L.tabs["compare"], L.tabs["training"]["preset"]
         kept = [*L.inputs, preset, compare["methods"], compare["steps"], compare["drift"]]
         stored = gr.BrowserState({}, storage_key=FORM_STORAGE_KEY, secret=browser_state_secret(ws))

@@ -75,7 +75,9 @@ class Layout:
     guard: Callable
     comps: dict[str, Any] = dataclasses.field(default_factory=dict)
     tabs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # each tab's components by name
+    tab_components: dict[str, Any] = dataclasses.field(default_factory=dict)  # the gr.Tab of each tab, by id
     timer: Any = None
+    visible_tab: Any = None  # a gr.State: the id of the tab the browser shows
 
     @property
     def inputs(self) -> list[Any]:

@@ -8,9 +8,10 @@ before *Detect* loads it — the toy demo's 64 px model is not counted as SD1.5.
 :func:`memory_estimate` adds up, in bytes: the frozen base weights (parameters × bytes of the run's precision; the
 VAE in fp32 when ``model.vae_fp32``), the adapter's weights, gradients and optimizer states (fp32), the EMA copy,
 and the activations of one training step, scaled from reference figures per latent pixel and sample
-(:data:`ACTIVATION_GB`, for half precision; gradient checkpointing keeps about a quarter of them), plus the CUDA
-context. The larger of that and the VAE's encode peak while latents are cached is the estimate. The reference
-figures are typical reports of kohya-style LoRA training with SDPA attention; the estimate is not measured here.
+(:data:`ACTIVATION_GB`, for half precision; gradient checkpointing keeps about a quarter of them) and by the
+model's size relative to the standard one of its architecture, plus the CUDA context. The larger of that and the
+VAE's encode peak while latents are cached is the estimate. The reference figures are typical reports of kohya-style
+LoRA training with SDPA attention; the estimate is not measured here.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ CUDA_CONTEXT_GB = 0.6
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16, "adafactor": 4, "lion": 4, "sgd": 4}
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "no": 4}
 VAE_PARAMETERS = 83_653_863  # the SD/SDXL AutoencoderKL (trainer.architectures.SD_VAE)
+# (UNet, text encoders) parameters of the models the activation figures are for; another model's activations are
+# scaled by its size relative to these (a small test model has small activations).
+REFERENCE_PARAMETERS = {"sd1": (859_520_964, 123_060_480), "sd2": (865_910_724, 340_387_840),
+                        "sdxl": (2_567_463_684, 817_244_160)}
 
 
 @dataclasses.dataclass
@@ -70,12 +75,15 @@ def memory_estimate(config: Any, arch: str, base_parameters: dict[str, int], ada
     per_parameter = 8 + OPTIMIZER_STATE_BYTES.get(train.optimizer, 8) + (4 if train.ema_decay else 0)
     adapter = adapter_parameters * per_parameter
     without, with_checkpointing = ACTIVATION_GB.get(arch, ACTIVATION_GB["sd1"])
+    unet_size, encoder_size = REFERENCE_PARAMETERS.get(arch, REFERENCE_PARAMETERS["sd1"])
     latent_pixels = (dataset.resolution / 8) ** 2 / 4096
     samples = train.batch_size
     activations = (with_checkpointing if train.gradient_checkpointing else without) * latent_pixels * samples
+    activations *= base_parameters.get("unet", unet_size) / unet_size
     if text_encoder_trained:
         activations += TEXT_ENCODER_ACTIVATION_GB.get(arch, 0.15) * samples * (
-            0.3 if train.gradient_checkpointing else 1.0)
+            0.3 if train.gradient_checkpointing else 1.0) * base_parameters.get("text_encoders", encoder_size) \
+            / encoder_size
     activations *= 2 if weight_bytes == 4 else 1
     megapixels = dataset.resolution ** 2 / 1e6
     vae_encode = 0.0

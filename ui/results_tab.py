@@ -100,7 +100,7 @@ class ResultsCallbacks:
             return summary, metadata, [], gr.skip(), gr.skip()
         save = next((s for s in self.saved_files() if s["path"] == str(self.ws.output_file(path))), None)
         previews: list[tuple[str, str]] = []
-        default_prompt = ""
+        default_prompt, size = "", None
         if save is not None:
             record = self.runner.record(save["job"])
             view = self.runner.view(record)
@@ -110,15 +110,16 @@ class ResultsCallbacks:
             else:
                 previews = [(p, view.preview_captions.get(p, Path(p).name))
                             for p in self.servable(list(reversed(view.previews)))][:12]
-            try:
+            try:  # the run's own settings: the size its previews were rendered at, its first prompt
                 from trainer.config import TrainerConfig
 
-                prompts = TrainerConfig.load(record.config_path).sample.prompts
-                default_prompt = prompts[0] if prompts else ""
-            except Exception:  # an old job's settings: no default prompt
-                default_prompt = ""
+                config = TrainerConfig.load(record.config_path)
+                default_prompt = config.sample.prompts[0] if config.sample.prompts else ""
+                size = max(config.sample.width, config.sample.height) or config.dataset.resolution
+            except Exception:  # an old job's settings: the file's metadata only
+                pass
         default_prompt = default_prompt or str(metadata.get("modelspec.trigger_phrase") or "")
-        size = training_size(metadata)
+        size = size or training_size(metadata)
         return (summary, metadata, previews, size if size else gr.skip(),
                 default_prompt if default_prompt and not (prompt or "").strip() else gr.skip())
 
@@ -223,7 +224,7 @@ def layout(ui: Any, L: Layout) -> None:
     adapter = gr.Dropdown(label="Adapter", choices=[], elem_id="adapter")
     summary = gr.Markdown(elem_id="adapter-summary")
     previews = gr.Gallery(label="Its previews", columns=6, height=200, elem_id="adapter-previews",
-                          allow_preview=True)
+                          allow_preview=True, object_fit="contain")
     with gr.Accordion("Metadata", open=False):
         metadata = gr.JSON(label="Metadata", elem_id="metadata")
     gr.Markdown("### Try it\nThe same prompt and seed with the adapter and without it (base model from the Model "

@@ -89,12 +89,13 @@ class TrainingCallbacks:
 
     # ================================================================ the running job
     def poll(self, session: dict | None, adapter: str | None = None, smoothing: float = SMOOTHING,
-             log_scale: bool = False) -> tuple:
+             log_scale: bool = False, visible_tab: str = "training") -> tuple:
         """Timer tick: the current job's status, progress, loss plot, previews, log, the saved files and the runs
-        that can be continued; nothing is re-sent while nothing changed."""
+        that can be continued; nothing is re-sent while nothing changed. The plot is sent only while the Training
+        tab shows (a chart drawn while hidden has no size; selecting the tab draws it, see :meth:`replot`)."""
         return self._tick(self.runner.current,
                           lambda record, view, shown: self._show_job(record, view, shown, adapter, smoothing,
-                                                                     log_scale),
+                                                                     log_scale, visible_tab == "training"),
                           lambda: self._no_job(adapter), 9, session)
 
     def _no_job(self, adapter: str | None) -> tuple:
@@ -102,15 +103,15 @@ class TrainingCallbacks:
                 gr.update(choices=self.resumable_runs()))
 
     def _show_job(self, record: Any, view: JobView, session: dict, adapter: str | None = None,
-                  smoothing: float = SMOOTHING, log_scale: bool = False) -> tuple:
+                  smoothing: float = SMOOTHING, log_scale: bool = False, plot_shown: bool = True) -> tuple:
         skip = gr.skip()
         status = f"**{view.status_text()}** — job `{record.id}` · {record.output_name}"
         progress = progress_html(view.fraction, view.progress_text())
         plot = skip
         points = (len(view.losses), sum(len(v) for v in view.series.values()))
-        if points != session.get("losses"):
+        if points != session.get("losses") and plot_shown:
             session["losses"] = points
-            plot = loss_frame(view, smoothing, log_scale)
+            plot = loss_plot(view, smoothing, log_scale)
         previews = skip
         if len(view.previews) != session.get("previews"):
             session["previews"] = len(view.previews)
@@ -151,7 +152,7 @@ class TrainingCallbacks:
         record = self.own_job(self.runner.current())
         if record is None or record.kind != "train":
             return None
-        return loss_frame(self.runner.view(record), smoothing, log_scale)
+        return loss_plot(self.runner.view(record), smoothing, log_scale)
 
     # ================================================================ the queue
     def poll_queue(self, session: dict | None) -> tuple:
@@ -162,9 +163,10 @@ class TrainingCallbacks:
         if session.get("queue") == signature:
             return gr.skip(), gr.skip(), session
         session["queue"] = signature
-        rows = [[position, record.id, record.label, record.output_name, record.description]
-                for position, record in enumerate(queued, start=1)]
-        table = {"headers": ["position", "job", "kind", "output", "what"], "data": rows} if rows else None
+        table = "No job is waiting." if not queued else "\n".join(
+            ["| # | job | kind | output | what |", "|---|---|---|---|---|"]
+            + [f"| {position} | `{record.id}` | {record.label} | {record.output_name} | {record.description} |"
+               for position, record in enumerate(queued, start=1)])
         choices = [(f"{position}. {record.output_name} ({record.description})", record.id)
                    for position, record in enumerate(queued, start=1)]
         return table, gr.update(choices=choices, value=choices[0][1] if choices else None), session
@@ -250,6 +252,17 @@ def newest_first(previews: list[str]) -> list[str]:
     return [path for batch in reversed(batches) for path in batch]
 
 
+def loss_plot(view: JobView, smoothing: float = SMOOTHING, log_scale: bool = False) -> Any:
+    """The loss plot's new value: the whole plot (not only its data), so that series which appear later — the
+    smoothed curve, validation or prior losses — are drawn too (an update of the data alone keeps the first
+    series' colours and drops the others)."""
+    frame = loss_frame(view, smoothing, log_scale)
+    if frame is None:
+        return None
+    return gr.LinePlot(value=frame, colors_in_legend=list(dict.fromkeys(frame["series"])),
+                       y_title="log10(loss)" if log_scale else "loss")
+
+
 def loss_frame(view: JobView, smoothing: float = SMOOTHING, log_scale: bool = False) -> Any:
     """The loss plot's data: the training loss (raw and smoothed) and any validation/prior series, by step;
     ``log_scale`` plots log10 of the values (the plot's y axis says so)."""
@@ -294,8 +307,9 @@ def layout(ui: Any, L: Layout) -> None:
     start, stop, message, status, progress = job_controls(
         "Start training", "No training job yet.", ids=("start", "stop", "job-message", "job-status", "progress"))
     with gr.Accordion("Queue", open=True, elem_id="queue"):
-        queue_table = gr.Dataframe(label="Waiting (runs one at a time, first to last)", interactive=False,
-                                   elem_id="queue-table")
+        gr.Markdown("Jobs started while another runs wait here and run one at a time, first to last; the queue "
+                    "is kept in the workspace (a reload or a server restart finds it).")
+        queue_table = gr.Markdown("No job is waiting.", elem_id="queue-table")
         with gr.Row():
             queue_select = gr.Dropdown(label="Queued job", choices=[], elem_id="queue-select", scale=3)
             queue_up = gr.Button("Move up", elem_id="queue-up", scale=1)
@@ -313,7 +327,7 @@ def layout(ui: Any, L: Layout) -> None:
         resume_message = gr.Markdown(elem_id="resume-message")
     with gr.Row():
         with gr.Column(scale=3):
-            loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot", height=320,
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", elem_id="loss-plot",
                                     x_title="step", y_title="loss")
             with gr.Row():
                 smoothing = gr.Slider(0.0, 0.99, value=SMOOTHING, step=0.01, label="Smoothing", elem_id="smoothing")
@@ -336,10 +350,10 @@ def wire(ui: Any, L: Layout) -> None:
                            [*inputs, s["message"]])
     outputs = [s["status"], s["progress"], s["loss_plot"], s["previews"], s["log_box"], results["train_files"],
                results["compare_files"], results["adapter"], s["resume_run"], session]
-    L.timer.tick(ui.poll, [session, results["adapter"], s["smoothing"], s["log_scale"]], outputs,
+    L.timer.tick(ui.poll, [session, results["adapter"], s["smoothing"], s["log_scale"], L.visible_tab], outputs,
                  show_progress="hidden", concurrency_limit=None, queue=False)
-    gr.on([s["smoothing"].release, s["log_scale"].change], ui.replot, [s["smoothing"], s["log_scale"]],
-          [s["loss_plot"]], show_progress="hidden")
+    gr.on([s["smoothing"].release, s["log_scale"].change, L.tab_components["training"].select], ui.replot,
+          [s["smoothing"], s["log_scale"]], [s["loss_plot"]], show_progress="hidden")
     queue_session = gr.State({})
     L.timer.tick(ui.poll_queue, [queue_session], [s["queue_table"], s["queue_select"], queue_session],
                  show_progress="hidden", concurrency_limit=None, queue=False)
