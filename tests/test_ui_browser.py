@@ -114,6 +114,7 @@ def page(env):
         expect.set_options(timeout=30_000)  # two busy cores: the page may take a while to update
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("pageerror", lambda error: print("page error:", error, (error.stack or "")[:1500], flush=True))
         page.goto(env["url"])
         # loaded: a first start shows the toy demo's dataset
         expect(page.locator("#dataset-summary")).to_contain_text("12 usable image(s)", timeout=120_000)
@@ -242,6 +243,11 @@ def test_first_start_shows_the_demo_and_where_to_start(page, env):
     says where to press Start, and Start trains it (stopped after a few steps here, to keep the suite short)."""
     expect(page.locator("#demo-banner")).to_be_visible()
     expect(page.locator("#demo-hint")).to_contain_text("Start training")
+    page.locator("#theme-toggle").click()  # the theme toggle, and it is remembered
+    assert page.evaluate("document.body.classList.contains('dark')")
+    page.locator("#theme-toggle").click()
+    assert not page.evaluate("document.body.classList.contains('dark')")
+    assert page.evaluate("localStorage.getItem('rankwright-theme')") == "light"
     tab(page, "Model & method")
     expect(page.locator("#estimate")).to_contain_text("measured on the SD1.x model folder's configs", timeout=60_000)
     expect(page.locator("#estimate")).to_contain_text("GPU memory ≈")
@@ -385,7 +391,7 @@ def test_the_whole_workflow(page, env):
     def lap(name: str) -> None:
         timings[name] = round(time.time() - last[0], 1)
         last[0] = time.time()
-        print(f"walk: {name} {timings[name]} s", flush=True)
+        print(f"walk: {name} {timings[name]} s (page errors so far: {len(page.errors)})", flush=True)
 
     # upload 6 images of mixed sizes into a new dataset
     tab(page, "Dataset")

@@ -99,7 +99,7 @@ class TrainingCallbacks:
                           lambda: self._no_job(adapter), 9, session)
 
     def _no_job(self, adapter: str | None) -> tuple:
-        return ("No training job yet.", progress_html(0, "idle"), None, [], "", *self.results(adapter),
+        return ("No training job yet.", progress_html(0, "idle"), gr.skip(), [], "", *self.results(adapter),
                 gr.update(choices=self.resumable_runs()))
 
     def _show_job(self, record: Any, view: JobView, session: dict, adapter: str | None = None,
@@ -150,8 +150,8 @@ class TrainingCallbacks:
 
     def replot(self, smoothing: float, log_scale: bool) -> Any:
         record = self.own_job(self.runner.current())
-        if record is None or record.kind != "train":
-            return None
+        if record is None:
+            return gr.skip()
         return loss_plot(self.runner.view(record), smoothing, log_scale)
 
     # ================================================================ the queue
@@ -257,8 +257,10 @@ def loss_plot(view: JobView, smoothing: float = SMOOTHING, log_scale: bool = Fal
     smoothed curve, validation or prior losses — are drawn too (an update of the data alone keeps the first
     series' colours and drops the others)."""
     frame = loss_frame(view, smoothing, log_scale)
-    if frame is None:
-        return None
+    if frame is None:  # an empty plot, not None: a chart taken off the page while hidden breaks Gradio's resizing
+        import pandas as pd
+
+        frame = pd.DataFrame(columns=["step", "loss", "series"])
     return gr.LinePlot(value=frame, colors_in_legend=list(dict.fromkeys(frame["series"])),
                        y_title="log10(loss)" if log_scale else "loss")
 
