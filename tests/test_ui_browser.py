@@ -219,16 +219,20 @@ def open_accordion(page, elem_id: str) -> None:
         accordion.locator("button").first.click()
 
 
-def select_gallery_image(page, gallery_id: str, index: int) -> None:
-    gallery = page.locator(f"#{gallery_id}")
+def select_gallery_image(page, gallery_id: str, index: int, name: str = "") -> str:
+    """Click the gallery's ``index``-th image until the caption editor shows an image whose name contains ``name``;
+    returns the selected file name."""
+    gallery, label = page.locator(f"#{gallery_id}"), page.locator("#selected-label")
+    shown = re.compile(rf"Selected\s+\S*{re.escape(name)}")
     for _ in range(5):  # a click while the gallery re-renders can get lost
         gallery.locator("img").nth(index).click()
         try:
-            expect(page.locator("#selected-label")).to_contain_text("Selected", timeout=10_000)
-            return
+            expect(label).to_contain_text(shown, timeout=10_000)
+            break
         except AssertionError:
             continue
-    expect(page.locator("#selected-label")).to_contain_text("Selected")
+    expect(label).to_contain_text(shown)
+    return text(page, "selected-label").split()[-1].strip("`")
 
 
 
@@ -292,8 +296,7 @@ def test_dataset_upload_caption_and_corrupt_file(page, env):
     folder = env["workspace"] / "datasets" / "my_dataset" / "1_subject"
     assert sorted(p.name for p in folder.iterdir()) == ["blue.png", "green.png", "red.png"]
 
-    select_gallery_image(page, "dataset-gallery", 2)
-    selected = text(page, "selected-label").split()[-1]
+    selected = select_gallery_image(page, "dataset-gallery", 2)
     fill(page, "caption", "a red square on white")
     page.locator("#save-caption").click()
     expect(page.locator("#dataset-status")).to_contain_text("Caption saved")
@@ -418,8 +421,7 @@ def test_the_whole_workflow(page, env):
     lap("auto-caption")
 
     # fix one caption
-    select_gallery_image(page, "dataset-gallery", 0)
-    selected = text(page, "selected-label").split()[-1].strip("`")
+    selected = select_gallery_image(page, "dataset-gallery", 0, "walk")
     expect(field(page, "caption")).to_have_value("zq, cat cat cat")
     fill(page, "caption", "zq, a red square on white")
     page.locator("#save-caption").click()
