@@ -27,14 +27,15 @@ def create_network(pipe: Any, method: str = "lora", options: dict[str, Any] | No
 def save_network(network: AdapterNetwork, path: str | os.PathLike, *, title: str | None = None,
                  dtype: str | torch.dtype = "fp16", prediction_type: str = "epsilon",
                  extra_metadata: dict[str, Any] | None = None, portable: bool = True,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, extra_network_args: dict[str, Any] | None = None) -> Path:
     """Write the network as a Civitai-style file with kohya and ModelSpec metadata."""
     path = Path(path)
     options = network.config.to_dict() if network.config is not None else {}
     metadata = build_metadata(method=network.method, arch=network.arch, options=options, title=title or path.stem,
                               output_name=path.stem, rank=options.get("rank"),
                               alpha=options.get("alpha") or options.get("rank"),
-                              prediction_type=prediction_type, extra=extra_metadata)
+                              prediction_type=prediction_type, extra=extra_metadata,
+                              extra_network_args=extra_network_args)
     return save_adapter_file(path, network.export_state_dict(portable=portable), metadata, dtype, overwrite)
 
 

@@ -61,6 +61,7 @@ def build_metadata(
     prediction_type: str = "epsilon",
     resolution: int | tuple[int, int] | None = None,
     extra: dict[str, Any] | None = None,
+    extra_network_args: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The §3.4 block of kohya ``ss_*`` and ``modelspec.*`` keys (values stringified as kohya does).
 
@@ -84,6 +85,7 @@ def build_metadata(
         network_args[NETWORK_ARG_NAMES.get(key, key)] = value
     if options.get("dora"):
         network_args.update(dora_wd=True, wd_on_output=True)
+    network_args.update(extra_network_args or {})  # network options outside the method's (kohya's per-block ones)
     now = time.time()
     try:
         kohya_native = get_method(method).kohya_native and not options.get("dora")

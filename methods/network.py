@@ -93,7 +93,10 @@ class AdapterNetwork(nn.Module):
     # ----- construction ------------------------------------------------------------------------------------
     @classmethod
     def create(cls, parts: list[ModelPart], arch: str, method: str, options: dict[str, Any] | None = None,
-               target_config: targets.TargetConfig | None = None) -> AdapterNetwork:
+               target_config: targets.TargetConfig | None = None,
+               module_config: Callable[[str, nn.Module], AdapterConfig | None] | None = None) -> AdapterNetwork:
+        """Adapters of ``method`` on the targeted layers. ``module_config(file name, layer)`` may give a layer its
+        own config (kohya's per-block ranks, :mod:`methods.blocks`) or None for no adapter there."""
         method_class = get_method(method)
         config = method_class.config_class.from_dict(options)
         target_config = target_config or targets.TargetConfig()
@@ -105,12 +108,15 @@ class AdapterNetwork(nn.Module):
                 preset = target_config.text_encoder_preset or preset
             chosen = targets.select(part.model, preset, part.targets_of, _safe(part.file_name), target_config)
             for path, module in chosen.items():
-                if not config.wants(module):
+                if module_config is None and not config.wants(module):
                     continue
                 name = part.file_name(path)
+                own = module_config(name, module) if module_config is not None else config
+                if own is None or not own.wants(module):
+                    continue
                 if name in adapters:
                     raise ValueError(f"two modules map to the same file name {name}")
-                adapters[name] = method_class(name, module, config)
+                adapters[name] = method_class(name, module, own)
         return cls(adapters, arch, method_class.method, config, target_config, [p.model for p in parts])
 
     @classmethod
@@ -202,6 +208,25 @@ class AdapterNetwork(nn.Module):
             prefix = part_prefix(name)
             groups.setdefault(prefix, []).extend(p for p in adapter.parameters() if p.requires_grad)
         return groups
+
+    @torch.no_grad()
+    def cap_norms(self, max_norm: float) -> tuple[int, float, float]:
+        """sd-scripts' max-norm regularisation (``scale_weight_norms``): every module whose ‖ΔW‖ (Frobenius, at
+        strength 1, before DoRA's rescaling) exceeds ``max_norm`` has ΔW scaled down to it. Returns (modules scaled,
+        mean and max norm after scaling), what sd-scripts logs as keys_scaled, average_key_norm, max_key_norm."""
+        adapters = list(self)
+        if not adapters:
+            return 0, 0.0, 0.0
+        norms = torch.stack([adapter.delta_weight().float().norm().cpu() for adapter in adapters])
+        floored = norms.clamp(min=max_norm / 2)  # as sd-scripts: no 0/0 for a zero ΔW, the ratio is 1 below the cap
+        ratios = floored.clamp(max=max_norm) / floored
+        scaled = 0
+        for adapter, ratio in zip(adapters, ratios.tolist()):
+            if ratio != 1.0:
+                adapter.scale_delta(ratio)
+                scaled += 1
+        capped = norms * ratios
+        return scaled, float(capped.mean()), float(capped.max())
 
     def trainable_parameter_count(self) -> int:
         return sum(adapter.trainable_parameter_count() for adapter in self)

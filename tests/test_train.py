@@ -587,10 +587,12 @@ def test_min_snr_noise_offset_and_v_prediction_paths(arch, prediction, models, d
     assert torch.allclose(weights, torch.clamp(snr, max=5.0) / denominator)
     # the noise offset shifts each sample's noise by one value per channel
     latents = torch.zeros(2, 4, 8, 8)
-    noise, steps = objective.draw(latents, [("k", 0), ("k", 1)])
+    draw = objective.draw(latents, [("k", 0), ("k", 1)])
+    noise, steps = draw.noise, draw.timesteps
     plain = trainer.config.with_overrides(["train.noise_offset=0.0"])
     without_offset = DiffusionObjective(objective.scheduler.config, expected, plain.train)
-    noise0, steps0 = without_offset.draw(latents, [("k", 0), ("k", 1)])
+    draw0 = without_offset.draw(latents, [("k", 0), ("k", 1)])
+    noise0, steps0 = draw0.noise, draw0.timesteps
     assert torch.equal(steps, steps0)
     shift = (noise - noise0).flatten(2)
     assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6) and shift.abs().max() > 0.01

@@ -19,7 +19,7 @@ from methods.base import ConfigError
 from .conditioning import Conditioning, encode_captions, sdxl_time_ids
 from .config import TrainerConfig
 from .events import log
-from .objective import DiffusionObjective, NoisedBatch
+from .objective import DiffusionObjective, NoisedBatch, zero_terminal_snr_scheduler
 
 
 @dataclasses.dataclass
@@ -109,9 +109,13 @@ def load_models(config: TrainerConfig, device: torch.device) -> Models:
     if config.model.vae:
         pipe.vae = load_vae(config.model.vae, pipe.vae)
     vae_dtype = torch.float32 if config.model.vae_fp32 else weight_dtype
+    if config.train.zero_terminal_snr:
+        pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)  # previews sample with the rescaled schedule
     objective = DiffusionObjective(pipe.scheduler.config, info.prediction_type, config.train)
     models = Models(pipe, info.arch, info.prediction_type, info.source_kind, device, weight_dtype, vae_dtype,
                     objective)
+    if config.network.base_weights:
+        merge_base_weights(pipe, info.arch, config.network.base_weights, config.network.base_weights_multiplier)
     for model in models.text_encoders() + [pipe.unet, pipe.vae]:
         model.requires_grad_(False)
         model.eval()
@@ -119,6 +123,10 @@ def load_models(config: TrainerConfig, device: torch.device) -> Models:
     for encoder in models.text_encoders():
         encoder.to(device, weight_dtype)
     pipe.vae.to(device, vae_dtype)
+    if config.train.fp8_base or config.train.fp8_base_unet:
+        frozen = [pipe.unet] + ([] if config.train.fp8_base_unet else models.text_encoders())
+        for model in frozen:
+            store_in_fp8(model, weight_dtype, device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     if not config.train.sdpa:
@@ -126,6 +134,68 @@ def load_models(config: TrainerConfig, device: torch.device) -> Models:
 
         pipe.unet.set_attn_processor(AttnProcessor())
     return models
+
+
+def merge_base_weights(pipe: Any, arch: str, files: list[str], multipliers: list[float]) -> None:
+    """sd-scripts' ``base_weights``: merge each adapter file (of any method) into the frozen base, at its
+    ``base_weights_multiplier`` (default 1), before the new adapters are built — they then learn on top of it."""
+    from methods.apply import network_from_tensors
+    from methods.files import AdapterFileError, load_adapter_file
+
+    for index, file in enumerate(files):
+        multiplier = multipliers[index] if index < len(multipliers) else 1.0
+        try:
+            tensors, metadata = load_adapter_file(file)
+            network, _ = network_from_tensors(pipe, file, tensors, metadata, arch)
+        except (AdapterFileError, OSError) as error:
+            raise ConfigError(f"network.base_weights[{index}] = {file!r}: {error}") from error
+        network.merge(multiplier, keep_original=False)
+        log.info("merged %s (%d modules) into the base at strength %s", file, len(network), multiplier)
+
+
+FP8 = getattr(torch, "float8_e4m3fn", None)
+
+
+def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """sd-scripts' ``fp8_base``: keep a frozen model's Linear/Conv2d weights in float8 (e4m3) — a quarter of their fp32
+    memory — and upcast each to ``compute_dtype`` only inside its own call. CUDA only; elsewhere a ConfigError.
+    Returns the number of layers stored in fp8 (see :func:`cast_weights_to_fp8`)."""
+    if FP8 is None:
+        raise ConfigError(f"train.fp8_base needs the float8 dtypes of torch ≥ 2.1; this is torch {torch.__version__}")
+    if device.type != "cuda":
+        raise ConfigError(f"train.fp8_base stores the base model in fp8 to save GPU memory, and this run is on "
+                          f"{device.type}, which has no fp8 kernels worth it; set train.fp8_base = false "
+                          "(and fp8_base_unet)")
+    return cast_weights_to_fp8(model, compute_dtype)
+
+
+def cast_weights_to_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """The mechanism of :func:`store_in_fp8`, on any device: each Linear/Conv2d weight becomes float8 and the layer's
+    ``forward`` upcasts it for the call. A weight an adapter lends for a call (``W + s·ΔW``, already in a compute
+    dtype) is used as it is; adapters never lend over fp8 (:meth:`methods.base.AdapterModule.rebuilds_weight`).
+    Norms, embeddings and biases stay as they are: they are small, and sensitive to rounding."""
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d) or module.weight.dtype == FP8:
+            continue
+        module.weight.data = module.weight.data.to(FP8)
+        module.forward = _upcasting_forward(module, type(module).forward, compute_dtype)
+        count += 1
+    return count
+
+
+def _upcasting_forward(module: torch.nn.Module, forward: Callable, compute_dtype: torch.dtype) -> Callable:
+    def upcast_forward(x: torch.Tensor) -> torch.Tensor:
+        stored = module._parameters["weight"]
+        if stored.dtype != FP8:
+            return forward(module, x)
+        module._parameters["weight"] = stored.to(compute_dtype)
+        try:
+            return forward(module, x)
+        finally:
+            module._parameters["weight"] = stored
+
+    return upcast_forward
 
 
 def load_vae(source: str, current: Any):
@@ -145,4 +215,4 @@ def load_vae(source: str, current: Any):
     raise ConfigError(f"model.vae = {source!r}: no such file or folder")
 
 
-__all__ = ["Models", "load_models", "load_vae"]
+__all__ = ["Models", "cast_weights_to_fp8", "load_models", "load_vae", "merge_base_weights", "store_in_fp8"]

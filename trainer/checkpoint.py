@@ -81,6 +81,26 @@ def training_metadata(config: Any, scan: Any, dataset: Any, state: Any, processe
         "modelspec.author": config.output.author or None,
         "modelspec.description": config.output.description or None,
         "modelspec.encoder_layer": train.clip_skip if train.clip_skip > 1 else None,
+        **kohya_option_metadata(config),
+    }
+
+
+def kohya_option_metadata(config: Any) -> dict[str, Any]:
+    """sd-scripts' ``ss_*`` keys of its loss, noise, memory and regularisation options, under its names and with its
+    values (``None`` where an option is off and sd-scripts' default is None, written "None" as sd-scripts does)."""
+    train, network = config.train, config.network
+    return {
+        "ss_loss_type": train.loss_type, "ss_huber_schedule": train.huber_schedule, "ss_huber_c": train.huber_c,
+        "ss_huber_scale": train.huber_scale, "ss_debiased_estimation": train.debiased_estimation_loss,
+        "ss_zero_terminal_snr": train.zero_terminal_snr,
+        "ss_ip_noise_gamma": train.ip_noise_gamma or "None",
+        "ss_ip_noise_gamma_random_strength": train.ip_noise_gamma_random_strength,
+        "ss_multires_noise_iterations": train.multires_noise_iterations or "None",
+        "ss_multires_noise_discount": train.multires_noise_discount,
+        "ss_adaptive_noise_scale": train.adaptive_noise_scale or "None",
+        "ss_noise_offset_random_strength": train.noise_offset_random_strength,
+        "ss_full_fp16": train.full_fp16, "ss_fp8_base": train.fp8_base, "ss_fp8_base_unet": train.fp8_base_unet,
+        "ss_scale_weight_norms": network.scale_weight_norms or "None", "ss_max_grad_norm": train.max_grad_norm,
     }
 
 
@@ -136,6 +156,8 @@ def save_resume_state(folder: Path, state: Any, scaler: Any, config: Any, proces
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(), "ema": state.ema.state_dict() if state.ema is not None else None,
         "config": config.to_dict(), "processes": processes,
+        # full_fp16/bf16 with fp32 master weights: the masters are the weights (the saved half ones their rounding)
+        "half_precision": state.half_precision.state_dict() if getattr(state, "half_precision", None) else None,
     }
     torch.save(saved, temporary / STATE_FILE)
     if folder.exists():
@@ -174,6 +196,8 @@ def load_resume_state(folder: Path, state: Any, scaler: Any, config: Any, proces
     if saved.get("ema") is not None and state.ema is not None:
         state.ema.load_state_dict(saved["ema"])
         state.ema.to(device)
+    if saved.get("half_precision") and getattr(state, "half_precision", None) is not None:
+        state.half_precision.load_state_dict(saved["half_precision"], device)
     set_rng_state(saved["rng"])
     return changed
 

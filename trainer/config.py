@@ -25,6 +25,9 @@ SAVE_DTYPES = ("fp16", "bf16", "fp32")
 CROPS = ("center", "random")
 MISSING_CAPTION = ("empty", "class_word")
 LATENT_CACHE = ("memory", "disk", "off")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+HALF_PRECISION_UPDATES = ("stochastic_rounding", "fp32_master", "plain")
 
 
 @dataclasses.dataclass
@@ -72,7 +75,21 @@ class NetworkSection:
     exclude: list[str] = dataclasses.field(default_factory=list)
     # Method options (rank, alpha, factor, block_size, dora, …) are written directly in [network] and land here.
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    init_from: str = ""  # start from an existing adapter file
+    init_from: str = ""  # start from an existing adapter file (kohya's network_weights)
+    dim_from_weights: bool = False  # take modules, ranks and alphas from the init_from file
+    # kohya's per-block options for the UNet (networks.lora syntax: comma-separated numbers, or for the lr weights a
+    # preset cosine/sine/linear/reverse_linear/zeros with an optional +offset); see methods.blocks
+    down_lr_weight: str = ""  # learning-rate factors of the down (SDXL: input) blocks, shallow → deep
+    mid_lr_weight: str = ""  # of the mid block(s)
+    up_lr_weight: str = ""  # of the up (SDXL: output) blocks, deep → shallow
+    block_lr_zero_threshold: float = 0.0  # factors at or below it become 0 (the block gets no adapter)
+    block_dims: str = ""  # rank per block: 25 numbers (SD1/SD2), 23 (SDXL)
+    block_alphas: str = ""  # alpha per block (default: alpha)
+    conv_block_dims: str = ""  # rank per block for k×k convs
+    conv_block_alphas: str = ""
+    scale_weight_norms: float = 0.0  # > 0: after each step cap every module's ‖ΔW‖ at this (max-norm regularisation)
+    base_weights: list[str] = dataclasses.field(default_factory=list)  # adapter files merged into the base first
+    base_weights_multiplier: list[float] = dataclasses.field(default_factory=list)  # their strengths (default 1)
 
 
 @dataclasses.dataclass
@@ -106,6 +123,31 @@ class TrainSection:
     # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
     # fixed batch the loss measures pure fitting and must fall; never for real training.
     fixed_noise: bool = False
+    # kohya's loss options (sd-scripts names; trainer.objective): the element-wise loss, timestep range and weights
+    loss_type: str = "l2"  # l2, l1, huber or smooth_l1
+    huber_schedule: str = "snr"  # huber/smooth_l1 threshold over timesteps: snr, exponential or constant
+    huber_c: float = 0.1  # the huber/smooth_l1 threshold (its value at t = 0 for the exponential schedule)
+    huber_scale: float = 1.0  # multiplies the exponential/constant threshold
+    debiased_estimation_loss: bool = False  # weight the loss by 1/√SNR (ε) or 1/(SNR+1) (v)
+    scale_v_pred_loss_like_noise_pred: bool = False  # v-prediction only: weight by SNR/(SNR+1)
+    v_pred_like_loss: float = 0.0  # ε-prediction only: add this much of a v-prediction-like loss
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep)
+    max_timestep: int | None = None  # None → the scheduler's num_train_timesteps
+    # kohya's noise options
+    zero_terminal_snr: bool = False  # rescale the noise schedule to ᾱ_T = 0 (Lin et al. 2023), previews too
+    noise_offset_random_strength: bool = False  # each sample's noise offset scaled by U(0, 1)
+    adaptive_noise_scale: float = 0.0  # adds this × |mean of the latent channel| to the noise offset
+    multires_noise_iterations: int = 0  # pyramid (multi-resolution) noise levels; 6-10 typical
+    multires_noise_discount: float = 0.3  # weight of each coarser level
+    ip_noise_gamma: float = 0.0  # input perturbation: the model input gets γ·extra noise, the target does not
+    ip_noise_gamma_random_strength: bool = False  # each sample's γ scaled by U(0, 1)
+    # kohya's memory options
+    full_fp16: bool = False  # adapter weights and gradients in fp16 (needs mixed_precision = "fp16")
+    full_bf16: bool = False  # adapter weights and gradients in bf16 (needs mixed_precision = "bf16")
+    # how full_fp16/bf16 apply an update: stochastic_rounding, fp32_master (an fp32 copy is stepped) or plain
+    half_precision_update: str = "stochastic_rounding"
+    fp8_base: bool = False  # frozen UNet and text encoders stored in fp8 (CUDA only), computed in mixed precision
+    fp8_base_unet: bool = False  # only the UNet in fp8
 
 
 @dataclasses.dataclass
@@ -127,10 +169,14 @@ class OutputSection:
     name: str = "my_adapter"
     save_every_n_steps: int = 0
     save_every_n_epochs: int = 0
+    save_last_n_steps: int = 0  # > 0: delete step saves (and their state) older than this many steps
+    save_last_n_epochs: int = 0  # > 0: keep only the last N epoch saves (and their state)
     save_dtype: str = "fp16"
     save_state: bool = True  # resumable state next to each save
     overwrite: bool = False
     tensorboard: bool = True
+    wandb_project: str = ""  # log to Weights & Biases under this project (needs the wandb package)
+    wandb_run_name: str = ""  # "" → output.name
     title: str = ""
     author: str = ""
     description: str = ""
@@ -237,6 +283,65 @@ class TrainerConfig:
             raise ConfigError(f"output.name must be a plain file name, got {self.output.name!r}")
         self.method_config()  # validates network.options against the chosen method
         self.target_config().validate()
+        self._validate_kohya_options()
+
+    def _validate_kohya_options(self) -> None:
+        """The sd-scripts options (loss, noise, memory, per-block network, saving): values and combinations that
+        cannot work, refused as sd-scripts refuses them."""
+        train, network, output = self.train, self.network, self.output
+        for key, value, allowed in (("train.loss_type", train.loss_type, LOSS_TYPES),
+                                    ("train.huber_schedule", train.huber_schedule, HUBER_SCHEDULES),
+                                    ("train.half_precision_update", train.half_precision_update,
+                                     HALF_PRECISION_UPDATES)):
+            if value not in allowed:
+                raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        if train.huber_c <= 0:
+            raise ConfigError(f"train.huber_c must be > 0, got {train.huber_c}")
+        if train.huber_schedule == "exponential" and train.loss_type in ("huber", "smooth_l1") and train.huber_c >= 1:
+            raise ConfigError(f"train.huber_c must be < 1 for the exponential schedule (it decays from 1 to huber_c), "
+                              f"got {train.huber_c}")
+        non_negative = [("train.min_timestep", train.min_timestep), ("train.v_pred_like_loss", train.v_pred_like_loss),
+                        ("train.ip_noise_gamma", train.ip_noise_gamma),
+                        ("train.multires_noise_iterations", train.multires_noise_iterations),
+                        ("train.multires_noise_discount", train.multires_noise_discount),
+                        ("network.scale_weight_norms", network.scale_weight_norms),
+                        ("network.block_lr_zero_threshold", network.block_lr_zero_threshold),
+                        ("output.save_last_n_steps", output.save_last_n_steps),
+                        ("output.save_last_n_epochs", output.save_last_n_epochs)]
+        for key, value in non_negative:
+            if value < 0:
+                raise ConfigError(f"{key} must be ≥ 0, got {value}")
+        if train.max_timestep is not None and not train.min_timestep <= train.max_timestep:
+            raise ConfigError(f"train.max_timestep {train.max_timestep} is below train.min_timestep "
+                              f"{train.min_timestep}")
+        needs = [("train.adaptive_noise_scale", bool(train.adaptive_noise_scale), "train.noise_offset",
+                  bool(train.noise_offset)),
+                 ("train.noise_offset_random_strength", train.noise_offset_random_strength, "train.noise_offset",
+                  bool(train.noise_offset)),
+                 ("train.ip_noise_gamma_random_strength", train.ip_noise_gamma_random_strength,
+                  "train.ip_noise_gamma", bool(train.ip_noise_gamma)),
+                 ("network.dim_from_weights", network.dim_from_weights, "network.init_from",
+                  bool(network.init_from)),
+                 ("output.save_last_n_steps", bool(output.save_last_n_steps), "output.save_every_n_steps",
+                  bool(output.save_every_n_steps)),
+                 ("output.save_last_n_epochs", bool(output.save_last_n_epochs), "output.save_every_n_epochs",
+                  bool(output.save_every_n_epochs))]
+        for key, on, needed, present in needs:
+            if on and not present:
+                raise ConfigError(f"{key} needs {needed} to be set")
+        for flag, precision in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+            if getattr(train, flag) and train.mixed_precision != precision:
+                raise ConfigError(f"train.{flag} needs train.mixed_precision = {precision!r} (got "
+                                  f"{train.mixed_precision!r})")
+        if (train.fp8_base or train.fp8_base_unet) and train.mixed_precision == "no":
+            raise ConfigError("train.fp8_base computes in the mixed precision: set train.mixed_precision to 'fp16' "
+                              "or 'bf16'")
+        if len(network.base_weights_multiplier) > len(network.base_weights):
+            raise ConfigError(f"network.base_weights_multiplier has {len(network.base_weights_multiplier)} value(s) "
+                              f"for {len(network.base_weights)} file(s) in network.base_weights")
+        from methods.blocks import check_block_options
+
+        check_block_options(network)
 
     def method_config(self):
         from methods.registry import get_method

@@ -391,6 +391,7 @@ class EventLog:
         self.callbacks = list(callbacks or [])
         self.path = folder / "events.jsonl" if folder is not None and enabled else None
         self._writer = None
+        self._wandb = None  # a wandb run (add_wandb)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard and enabled and folder is not None:
@@ -420,18 +421,37 @@ class EventLog:
 
     @property
     def has_tensorboard(self) -> bool:
-        return self._writer is not None and self.enabled
+        """Whether scalars go anywhere (TensorBoard, or Weights & Biases once :meth:`add_wandb` was called)."""
+        return (self._writer is not None or self._wandb is not None) and self.enabled
+
+    def add_wandb(self, project: str, run_name: str, config: dict[str, Any], folder: Path) -> None:
+        """Send scalars to Weights & Biases too (``output.wandb_project``); the package is imported only here."""
+        if not self.enabled:
+            return
+        try:
+            import wandb
+        except ImportError:
+            from methods.base import ConfigError
+
+            raise ConfigError(f"output.wandb_project = {project!r} needs the wandb package (pip install wandb, then "
+                              "wandb login); or leave output.wandb_project empty") from None
+        self._wandb = wandb.init(project=project, name=run_name, config=config, dir=str(folder))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None and self.enabled:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, step)
+        if self._wandb is not None and self.enabled:
+            self._wandb.log(dict(values), step=step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_events(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:

@@ -30,6 +30,7 @@ import dataclasses
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -40,9 +41,12 @@ import numpy as np
 import torch
 
 from methods.apply import save_network
+from methods.arch import UNET_PREFIX
 from methods.base import ConfigError
+from methods.blocks import block_network_args, lr_weights, module_configurator, unet_block_groups
 from methods.files import load_adapter_file
 from methods.network import AdapterNetwork, pipeline_parts
+from methods.registry import get_method
 
 from . import events as ev
 from .backbone import Models, load_models, load_vae
@@ -116,6 +120,8 @@ class RunState:
     progress: Progress = dataclasses.field(default_factory=Progress)
     boundary: Progress = dataclasses.field(default_factory=Progress)  # at the last optimizer step (what state saves)
     losses: list[float] = dataclasses.field(default_factory=list)
+    half_precision: Any | None = None  # trainer.optim.HalfPrecisionWeights under train.full_fp16/full_bf16
+    norm_caps: tuple[int, float, float] | None = None  # the last step's network.cap_norms (scale_weight_norms)
 
 
 @dataclasses.dataclass
@@ -124,6 +130,7 @@ class SaveRecord:
     last_good: Path | None = None
     last_state: Path | None = None
     step: int = -1  # the step of the last save (every process agrees on it)
+    periodic: list[tuple[str, int, Path]] = dataclasses.field(default_factory=list)  # (why, step, file) of this run
 
 
 def train(config: TrainerConfig, on_event: EventCallback | None = None, stop: StopSignal | None = None,
@@ -171,6 +178,10 @@ class Trainer:
         restore_signals = install_signal_handlers(self.stop)
         try:
             self._check_outputs()
+            output = self.config.output
+            if output.wandb_project:
+                self.events.add_wandb(output.wandb_project, output.wandb_run_name or output.name,
+                                      self.config.to_dict(), self.output_dir)
             self.events.emit(ev.Start(config=self.config.to_dict(), processes=self.accelerator.num_processes,
                                       resume=str(self.resume_from) if self.resume_from else None))
             self.data = self._prepare_data()  # first: a dataset problem is reported before minutes of model loading
@@ -216,6 +227,10 @@ class Trainer:
         models = load_models(self.config, self.accelerator.device)
         self.events.emit(ev.Model(arch=models.arch, prediction_type=models.prediction_type,
                                   source=models.source_kind, base=self.config.model.base))
+        if self.config.train.zero_terminal_snr and models.prediction_type != "v_prediction":
+            self.events.emit(ev.RunWarning(message="train.zero_terminal_snr with an epsilon-prediction model: at the "
+                                           "last timestep the input is pure noise and the target is that noise; "
+                                           "zero terminal SNR is meant for v-prediction (sd-scripts warns too)"))
         return models
 
     # ================================================================================================ prepare
@@ -224,7 +239,7 @@ class Trainer:
 
         from .cache import TextEmbeddingCache
         from .dataset import BucketBatchSampler, make_dataloader
-        from .optim import build_optimizer, build_scheduler
+        from .optim import HalfPrecisionWeights, build_optimizer, build_scheduler
 
         config, accelerator = self.config, self.accelerator
         torch.manual_seed(config.train.seed)
@@ -247,7 +262,13 @@ class Trainer:
 
         # Optimizer, data order and schedule. Only the optimizer is prepared: an accelerate-prepared scheduler
         # steps once per process, and the adapters live in hooks, not in a DDP-wrapped model.
-        optimizer = build_optimizer(config.train, parameter_groups(network, config.train))
+        half_precision = None
+        if config.train.full_fp16 or config.train.full_bf16:
+            half_precision = HalfPrecisionWeights(list(network.parameters()), models.weight_dtype,
+                                                  config.train.half_precision_update, config.train.seed)
+        block_weights = lr_weights(config.network, models.arch) if config.network.down_lr_weight or \
+            config.network.mid_lr_weight or config.network.up_lr_weight else None
+        optimizer = build_optimizer(config.train, parameter_groups(network, config.train, block_weights))
         sampler = BucketBatchSampler(data.dataset, config.train.batch_size, seed=config.train.seed)
         loader = accelerator.prepare(make_dataloader(data.dataset, sampler, config.dataset.num_workers))
         # Whole rounds only: accelerate would pad the last round by repeating an epoch's first batches.
@@ -261,7 +282,7 @@ class Trainer:
             decay = config.train.ema_decay
             ema = EMAModel(network.parameters(), decay=decay, min_decay=decay, foreach=True)
         state = RunState(network, optimizer, lr_scheduler, ema, sampler, loader, batches_per_epoch, steps_per_epoch,
-                         total_steps, train_text_encoder, latents_cached, text_cache)
+                         total_steps, train_text_encoder, latents_cached, text_cache, half_precision=half_precision)
         if self.resume_from:
             changed = load_resume_state(self.resume_from, state, accelerator.scaler, config,
                                         accelerator.num_processes, accelerator.device)
@@ -275,13 +296,21 @@ class Trainer:
     def _build_network(self, models: Models) -> AdapterNetwork:
         config = self.config
         parts, _ = pipeline_parts(models.pipe, models.arch)
-        network = AdapterNetwork.create(parts, models.arch, config.network.method, config.network.options,
-                                        config.target_config())
+        if config.network.dim_from_weights:
+            network = network_from_weights(Path(config.network.init_from), parts, models.arch, config)
+        else:
+            configure = module_configurator(config.network, models.arch, config.method_config())
+            network = AdapterNetwork.create(parts, models.arch, config.network.method, config.network.options,
+                                            config.target_config(), module_config=configure)
         if not len(network):
             raise ConfigError(f"network.preset = {config.network.preset!r} with include/exclude "
-                              f"{config.network.include}/{config.network.exclude} selects no layer of this model")
-        if config.network.init_from:
-            init_from_file(network, Path(config.network.init_from), models)
+                              f"{config.network.include}/{config.network.exclude} (and the per-block options) "
+                              "selects no layer of this model")
+        if config.network.init_from and not config.network.dim_from_weights:
+            fresh = init_from_file(network, Path(config.network.init_from), models)
+            if fresh:
+                self.events.emit(ev.RunWarning(message=f"network.init_from: {len(fresh)} module(s) of this network "
+                                               f"are not in the file and start fresh (first: {fresh[0]})"))
         network.to(self.accelerator.device)
         network.attach()
         network.train()
@@ -370,7 +399,8 @@ class Trainer:
                                          epoch=progress.epoch, grad_norm=grad_norm, its=round(its, 4),
                                          eta_seconds=round(remaining, 1) if remaining is not None else None))
                 self._log_scalars(state, loss_value, grad_norm)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                **({"keys_scaled": state.norm_caps[0]} if state.norm_caps else {}))
                 bar.update(1)
                 self._periodic(state)
                 if progress.step >= state.total_steps or self._stop_agreed():
@@ -399,7 +429,7 @@ class Trainer:
             state.boundary = dataclasses.replace(progress)
         every = self.config.output.save_every_n_epochs
         if every and progress.epoch % every == 0 and progress.step < state.total_steps:
-            self._save(state, final=False)
+            self._save(state, final=False, why="epoch")
 
     def _periodic(self, state: RunState) -> None:
         config, step = self.config, state.progress.step
@@ -409,7 +439,7 @@ class Trainer:
         if config.sample.every_n_steps and step % config.sample.every_n_steps == 0 and not last:
             self._sample(state)
         if config.output.save_every_n_steps and step % config.output.save_every_n_steps == 0 and not last:
-            self._save(state, final=False)
+            self._save(state, final=False, why="step")
         if step % MEMORY_EVERY == 0 or step == 1:
             self.events.emit(ev.Memory(step=step, peak_mb=round(peak_memory_mb(self.accelerator.device), 1)))
 
@@ -422,6 +452,9 @@ class Trainer:
             values[f"lr/{group.get('name', 'group')}"] = lr
         if step % NORM_EVERY == 0 or step == 1 or step == state.total_steps:
             values.update(adapter_norms(state.network))
+        if state.norm_caps is not None:  # sd-scripts' names for its max-norm report
+            values.update(zip(("max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm"),
+                              state.norm_caps))
         self.events.scalars(step, values)
 
     def _optimizer_step(self, state: RunState, loss: torch.Tensor) -> tuple[float, float]:
@@ -441,6 +474,8 @@ class Trainer:
         loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(loss_value):
             self._diverged(state, f"the loss became {loss_value}")
+        if state.half_precision is not None:  # full_fp16/bf16: fp32 values and gradients for clipping and the step
+            state.half_precision.before_step()
         max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))  # unscales fp16 gradients first
         if not math.isfinite(grad_norm) and accelerator.scaler is None:  # fp16: the scaler skips the step
@@ -448,6 +483,10 @@ class Trainer:
         state.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:
             state.lr_scheduler.step()
+        if self.config.network.scale_weight_norms:
+            state.norm_caps = state.network.cap_norms(self.config.network.scale_weight_norms)
+        if state.half_precision is not None:
+            state.half_precision.after_step(state.progress.step)
         state.optimizer.zero_grad(set_to_none=True)
         if state.ema is not None:
             state.ema.step(state.network.parameters())
@@ -521,8 +560,9 @@ class Trainer:
                 toml_path = unique_path(toml_path)
             write_text_atomic(toml_path, self.config.to_toml())
 
-    def _save(self, state: RunState, final: bool) -> Path | None:
-        """Write the adapter (and resumable state), then reload the file and compare it with the live weights."""
+    def _save(self, state: RunState, final: bool, why: str = "") -> Path | None:
+        """Write the adapter (and resumable state), then reload the file and compare it with the live weights.
+        ``why`` ("step"/"epoch") marks a periodic save, which output.save_last_n_steps/epochs may delete later."""
         self.accelerator.wait_for_everyone()
         path = None
         if self.main:
@@ -536,7 +576,8 @@ class Trainer:
             with ema_weights(state):
                 save_network(state.network, path, title=config.output.title or name, dtype=config.output.save_dtype,
                              prediction_type=models.prediction_type, extra_metadata=metadata,
-                             overwrite=final and config.output.overwrite)
+                             overwrite=final and config.output.overwrite,
+                             extra_network_args=block_network_args(config.network))
                 check = verify_file(path, state.network, models.pipe, models.arch, config.output.save_dtype)
             if not check["check_ok"]:
                 self.events.emit(ev.RunWarning(message=check_failure_text(path, check)))
@@ -547,12 +588,35 @@ class Trainer:
                 self.saved.last_state = folder
             self.saved.files.append(path)
             self.saved.last_good = path
+            if why:
+                self.saved.periodic.append((why, state.progress.step, path))
+                self._prune_saves(state.progress.step)
             self.events.emit(ev.Save(step=state.progress.step, path=str(path), final=final,
                                      state=str(folder) if folder else None, size_bytes=path.stat().st_size,
                                      seconds=round(time.time() - started, 3), ema=state.ema is not None, **check))
         self.saved.step = state.progress.step  # on every process: they must agree on whether to save again
         self.accelerator.wait_for_everyone()
         return path
+
+    def _prune_saves(self, step: int) -> None:
+        """sd-scripts' save_last_n_steps (step saves older than N steps go) and save_last_n_epochs (only the last N
+        epoch saves stay), each with its state folder. Only files this run wrote are ever deleted."""
+        output = self.config.output
+        epoch_saves = [record for record in self.saved.periodic if record[0] == "epoch"]
+        doomed = []
+        if output.save_last_n_steps:
+            doomed += [r for r in self.saved.periodic if r[0] == "step" and r[1] < step - output.save_last_n_steps]
+        if output.save_last_n_epochs:
+            doomed += epoch_saves[:-output.save_last_n_epochs]
+        for record in doomed:
+            _, _, path = record
+            path.unlink(missing_ok=True)
+            folder = state_dir(path)
+            if folder.is_dir():
+                shutil.rmtree(folder)
+            self.saved.periodic.remove(record)
+            self.saved.files.remove(path)
+            log.info("deleted %s (output.save_last_n_steps/epochs)", path.name)
 
     def _finish(self, state: RunState) -> TrainResult:
         step = state.progress.step
@@ -581,29 +645,88 @@ class Trainer:
 
 
 # ==================================================================================================== helpers
-def parameter_groups(network: AdapterNetwork, train: Any) -> list[dict[str, Any]]:
-    """One optimizer group per model part, each with its learning rate (train.unet_lr, text_encoder_lr, …)."""
+def parameter_groups(network: AdapterNetwork, train: Any,
+                     block_weights: list[float] | None = None) -> list[dict[str, Any]]:
+    """One optimizer group per model part, each with its learning rate (train.unet_lr, text_encoder_lr, …); with
+    kohya's per-block factors (``block_weights``, :func:`methods.blocks.lr_weights`) one UNet group per block,
+    named ``lora_unet_block<N>``, at the UNet rate × the block's factor."""
     rates = {"lora_unet": train.unet_lr or train.learning_rate,
              "lora_te": train.text_encoder_lr or train.learning_rate,
              "lora_te1": train.text_encoder_lr or train.learning_rate,
              "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate}
-    return [{"params": params, "lr": rates[prefix], "name": prefix}
-            for prefix, params in network.parameter_groups().items() if params]
+    groups = []
+    for prefix, params in network.parameter_groups().items():
+        if not params:
+            continue
+        if prefix != UNET_PREFIX or block_weights is None:
+            groups.append({"params": params, "lr": rates[prefix], "name": prefix})
+            continue
+        for index, block_params in unet_block_groups(network.adapters, network.arch).items():
+            inside = index >= 0
+            groups.append({"params": block_params, "lr": rates[prefix] * (block_weights[index] if inside else 1.0),
+                           "name": f"{prefix}_block{index}" if inside else prefix})
+    return groups
 
 
-def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> None:
-    """Start the adapters from an existing file of the same method and targets (network.init_from)."""
-    tensors, _ = load_adapter_file(path)
-    parts, _ = pipeline_parts(models.pipe, models.arch)
-    loaded, unmatched = AdapterNetwork.from_state_dict(parts, models.arch, tensors, source=str(path))
-    missing = [name for name in network.adapters if name not in loaded.adapters]
-    if missing or unmatched:
-        raise ConfigError(f"network.init_from = {str(path)!r} does not fit this network ({len(missing)} module(s) "
-                          f"missing, {len(unmatched)} unmatched); use the same method, targets and base model")
+def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> list[str]:
+    """Start the adapters from an existing file (``network.init_from``, sd-scripts' ``network_weights``): every
+    module of the file must fit one of this network's, with the same shapes and scale (else a ConfigError that
+    points to ``network.dim_from_weights``); modules of the network that the file lacks start fresh, as in
+    sd-scripts. Returns those."""
+    where = f"network.init_from = {str(path)!r}"
+    loaded, unmatched = _read_adapter_file(path, models.arch, pipeline_parts(models.pipe, models.arch)[0])
+    foreign = unmatched + [name for name in loaded.adapters if name not in network.adapters]
+    if foreign:
+        raise ConfigError(f"{where} has {len(foreign)} module(s) this network does not train (first: {foreign[0]}); "
+                          "use the same targets and base model, or set network.dim_from_weights = true to train "
+                          "exactly the file's modules")
+    fresh = [name for name in network.adapters if name not in loaded.adapters]
     with torch.no_grad():
-        for name, adapter in network.adapters.items():
-            source = loaded.adapters[name].state_dict()
-            adapter.load_state_dict({k: v.to(adapter.state_dict()[k]) for k, v in source.items()})
+        for name, source in loaded.adapters.items():
+            adapter = network.adapters[name]
+            own = adapter.state_dict()
+            try:
+                adapter.load_state_dict({k: v.to(own[k]) for k, v in source.state_dict().items()})
+            except (RuntimeError, KeyError) as error:
+                raise ConfigError(f"{where}: module {name} does not fit ({str(error).splitlines()[0]}); another "
+                                  "method, rank or layout — set network.dim_from_weights = true to take them from "
+                                  "the file") from error
+            expected = source.merged_delta().float()
+            got = adapter.merged_delta().float().to(expected.device)
+            if not torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max() or 1.0)):
+                raise ConfigError(f"{where}: module {name} loads with another scale (alpha) than the file's; set "
+                                  "network.alpha as in the file, or network.dim_from_weights = true")
+    return fresh
+
+
+def network_from_weights(path: Path, parts: list, arch: str, config: TrainerConfig) -> AdapterNetwork:
+    """sd-scripts' ``dim_from_weights``: the network is the file's — its modules, method, ranks, alphas and
+    weights; the [network] dropouts apply to it. The method must be the configured one."""
+    loaded, unmatched = _read_adapter_file(path, arch, parts)
+    where = f"network.init_from = {str(path)!r}"
+    if unmatched:
+        raise ConfigError(f"{where}: {len(unmatched)} module(s) match no layer of this model (first: "
+                          f"{unmatched[0]}); is it an adapter for another base model?")
+    user = config.method_config()
+    if loaded.method != get_method(config.network.method).method:
+        raise ConfigError(f"{where} is a {loaded.method} file and network.method is {config.network.method!r}; "
+                          "set network.method to the file's method to continue it")
+    dropouts = {f.name: getattr(user, f.name) for f in dataclasses.fields(user) if f.name.endswith("dropout")}
+    for adapter in loaded:
+        adapter.config = dataclasses.replace(adapter.config, **{k: v for k, v in dropouts.items()
+                                                                 if hasattr(adapter.config, k)})
+        for param in adapter.parameters():
+            param.requires_grad_(True)
+    loaded.config = next(iter(loaded)).config if len(loaded) else user  # what ss_network_dim/alpha/args report
+    return loaded
+
+
+def _read_adapter_file(path: Path, arch: str, parts: list) -> tuple[AdapterNetwork, list[str]]:
+    try:
+        tensors, _ = load_adapter_file(path)
+        return AdapterNetwork.from_state_dict(parts, arch, tensors, source=str(path))
+    except (ValueError, OSError) as error:  # AdapterFileError is a ValueError
+        raise ConfigError(f"network.init_from = {str(path)!r}: {error}") from error
 
 
 @contextlib.contextmanager
