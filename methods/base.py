@@ -53,7 +53,8 @@ def coerce_value(key: str, hint: Any, value: Any) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return list(value)
+        (item,) = typing.get_args(hint) or (Any,)
+        return [coerce_value(f"{key}[{index}]", item, element) for index, element in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {value!r}")

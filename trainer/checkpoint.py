@@ -10,6 +10,7 @@ temporary folder and moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -124,6 +125,9 @@ def verify_file(path: Path, network: AdapterNetwork, pipe: Any, arch: str, save_
             worst = max(worst, difference)
             worst_relative = max(worst_relative, difference / scale)
     tolerance = CHECK_TOLERANCE.get(save_dtype, CHECK_TOLERANCE["fp16"])
+    # full_fp16/bf16: the live ΔW itself is computed in half precision, the reloaded one in fp32
+    live = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    tolerance = max([tolerance] + [CHECK_TOLERANCE[live[p.dtype]] for p in network.parameters() if p.dtype in live])
     ok = not missing and not unmatched and worst_relative <= tolerance
     result = {"check_modules": len(reloaded.adapters), "check_missing": len(missing),
               "check_unmatched": len(unmatched), "check_max_difference": worst,
@@ -189,7 +193,9 @@ def load_resume_state(folder: Path, state: Any, scaler: Any, config: Any, proces
     state.progress = type(state.progress)(**saved["progress"])
     state.boundary = dataclasses.replace(state.progress)
     state.losses = list(saved["losses"])
-    state.optimizer.load_state_dict(saved["optimizer"])
+    half = getattr(state, "half_precision", None)
+    with half.fp32_values() if half is not None else contextlib.nullcontext():  # torch casts the state to the params'
+        state.optimizer.load_state_dict(saved["optimizer"])
     state.lr_scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler") and scaler is not None:
         scaler.load_state_dict(saved["scaler"])

@@ -339,6 +339,9 @@ class TrainerConfig:
         if len(network.base_weights_multiplier) > len(network.base_weights):
             raise ConfigError(f"network.base_weights_multiplier has {len(network.base_weights_multiplier)} value(s) "
                               f"for {len(network.base_weights)} file(s) in network.base_weights")
+        if network.dim_from_weights and (network.block_dims or network.conv_block_dims):
+            raise ConfigError("network.dim_from_weights takes every module's rank from the file; leave "
+                              "network.block_dims / conv_block_dims empty")
         from methods.blocks import check_block_options
 
         check_block_options(network)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -163,6 +164,19 @@ class HalfPrecisionWeights:
                 param.data = values.to(self.dtype)  # a master stays the fp32 tensor the optimizer stepped
             if param.grad is not None:
                 param.grad = None
+
+    @contextlib.contextmanager
+    def fp32_values(self):
+        """The parameters as fp32 for a moment (loading the optimizer state, which torch casts to their dtype, so it
+        stays fp32), then exactly the half values they had."""
+        held = [param.data for param in self.params]
+        for index, param in enumerate(self.params):
+            param.data = self.masters[index] if self.masters is not None else param.data.float()
+        try:
+            yield
+        finally:
+            for param, data in zip(self.params, held):
+                param.data = data
 
     def state_dict(self) -> dict[str, Any]:
         return {"masters": [m.cpu() for m in self.masters] if self.masters is not None else None}
