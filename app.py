@@ -1,7 +1,8 @@
 """Rankwright's web UI: ``python app.py`` serves it on http://127.0.0.1:7860.
 
 Options: ``--host`` (default 127.0.0.1; 0.0.0.0 to serve the network — then use ``--auth``), ``--port`` (7860),
-``--auth user:pass``, ``--workspace DIR`` (default ./workspace: datasets, outputs, presets and jobs live there).
+``--auth user:pass``, ``--workspace DIR`` (default ./workspace: datasets, outputs, presets and jobs live there),
+``--data-dir DIR`` (repeatable: a dataset folder outside the workspace the UI may open, caption and train on).
 Training runs in a worker process; Ctrl+C here also asks a running job to save and stop.
 """
 
@@ -23,7 +24,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     parser.add_argument("--workspace", default="workspace", metavar="DIR",
                         help="folder for datasets, outputs, presets and jobs (default ./workspace)")
+    parser.add_argument("--data-dir", action="append", default=[], metavar="DIR",
+                        help="also let the UI open, caption and train on datasets in DIR (repeatable); only the "
+                             "workspace's datasets/ otherwise")
     args = parser.parse_args(argv)
+    for folder in args.data_dir:
+        if not os.path.isdir(os.path.expanduser(folder)):
+            parser.error(f"--data-dir {folder}: no such folder")
     if args.auth is not None:
         user, _, password = args.auth.partition(":")
         if not user or not password:
@@ -41,21 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*SOCKS support")  # urllib3's note about an optional extra
-    from ui.app import CSS, THEME, build_app
+    from ui.server import describe_address, launch
     from ui.workspace import Workspace
 
-    ws = Workspace(args.workspace)
-    demo, ui = build_app(ws)
-    demo.queue(default_concurrency_limit=2)
+    ws = Workspace(args.workspace, data_dirs=args.data_dir)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, auth=args.auth, allowed_paths=ui.allowed_paths,
-                    theme=THEME, css=CSS, show_error=True, quiet=True, prevent_thread_lock=True, inbrowser=False,
-                    footer_links=[])
+        demo, _ = launch(ws, host=args.host, port=args.port, auth=args.auth)
     except OSError as error:
         print(f"error: cannot serve on {args.host}:{args.port} ({error})", file=sys.stderr)
         return 2
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    print(f"Rankwright web UI: http://{shown_host}:{args.port}  (workspace {ws.root})", flush=True)
+    message, warning = describe_address(args.host, args.port, args.auth is not None, str(ws.root))
+    print(message, flush=True)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     try:
         demo.block_thread()
     except KeyboardInterrupt:

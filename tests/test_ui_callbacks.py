@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from ui_helpers import png_bytes, write
 
 from methods.base import ConfigError
 from trainer.config import TrainerConfig
@@ -24,18 +24,6 @@ from ui.jobs import JobBusy, JobError, JobRunner
 from ui.workspace import Workspace, WorkspaceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning/gr.Info outside a request
-
-
-def png_bytes(colour: str = "red", size: tuple[int, int] = (48, 40)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def write(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.encode() if isinstance(data, str) else data)
-    return path
 
 
 @pytest.fixture
@@ -98,13 +86,14 @@ def test_uploads_never_overwrite_and_captions_follow_their_image(tmp_path):
 
 def test_names_with_folders_stay_inside_the_target(tmp_path):
     target = tmp_path / "data" / "1_x"
-    report = workspace.UploadReport()
-    workspace.store([workspace._Incoming("../../evil.png", png_bytes()),
-                     workspace._Incoming("/etc/evil2.png", png_bytes()),
-                     workspace._Incoming("..", png_bytes())], target, report)
+    target.mkdir(parents=True)
+    report, stems = workspace.UploadReport(), {}
+    upload = write(tmp_path / "upload" / "x.png", png_bytes())
+    for name in ("../../evil.png", "/etc/evil2.png", ".."):
+        workspace.store_image(workspace._Incoming(name, upload), target, report, stems)
     assert sorted(p.name for p in report.added) == ["evil.png", "evil2.png"]
     assert report.rejected == [("..", report.rejected[0][1])]
-    assert tree(tmp_path) == ["data/1_x/evil.png", "data/1_x/evil2.png"]
+    assert tree(tmp_path) == ["data/1_x/evil.png", "data/1_x/evil2.png", "upload/x.png"]
 
 
 def make_zip(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
@@ -145,8 +134,10 @@ def test_zip_bombs_and_symlinks_are_refused(tmp_path, monkeypatch):
     assert not report.added and "zip bomb" in report.rejected[0][1]
 
     link = make_zip(tmp_path / "link.zip", {"ok.png": png_bytes()}, symlink="passwd.png")
-    report = workspace.add_uploads([link], target)
-    assert not report.added and "symbolic link" in report.rejected[0][1]
+    report = workspace.add_uploads([link], target)  # the link is skipped, the image beside it kept
+    assert [p.name for p in report.added] == ["ok.png"] and report.rejected[0][0] == "passwd.png"
+    assert "symbolic link" in report.rejected[0][1] and not (target / "passwd.png").exists()
+    (target / "ok.png").unlink()
 
     monkeypatch.setattr(workspace, "MAX_ZIP_MEMBERS", 3)
     many = make_zip(tmp_path / "many.zip", {f"{i}.png": png_bytes() for i in range(5)})
@@ -185,8 +176,8 @@ def test_corrupt_uploads_are_reported_and_left_out(ui, ws, tmp_path):
     assert "1 usable image(s)" in summary and "`3_thing`: 1 image(s) × 3 repeat(s)" in summary
 
 
-def test_dataset_view_lists_files_the_trainer_would_skip(ui, tmp_path):
-    folder = tmp_path / "disk_dataset"
+def test_dataset_view_lists_files_the_trainer_would_skip(ui, ws):
+    folder = ws.datasets / "disk_dataset"
     write(folder / "5_dog" / "a.png", png_bytes())
     write(folder / "5_dog" / "a.txt", "a dog")
     write(folder / "5_dog" / "broken.png", b"not a png")
@@ -196,12 +187,12 @@ def test_dataset_view_lists_files_the_trainer_would_skip(ui, tmp_path):
     assert concepts["choices"] == [("dog", "dog")] or concepts["choices"] == ["dog"]
     assert "Left out (1)" in summary and "broken.png" in summary and "not an image file" in summary
     assert any(label == "a dog" for _, label in gallery)
-    _, _, _, missing = ui.dataset_view(str(tmp_path / "nowhere"))
+    _, _, _, missing = ui.dataset_view("nowhere")
     assert "does not exist" in missing
 
 
-def test_gallery_shows_cached_thumbnails_and_checks_each_file_once(ui, ws, tmp_path, monkeypatch):
-    folder = tmp_path / "big"
+def test_gallery_shows_cached_thumbnails_and_checks_each_file_once(ui, ws, monkeypatch):
+    folder = ws.datasets / "big"
     write(folder / "1_x" / "large.png", png_bytes(size=(1200, 900)))
     write(folder / "1_x" / "latin1.png", png_bytes())
     write(folder / "1_x" / "latin1.txt", "caf\xe9".encode("latin-1"))
@@ -217,6 +208,28 @@ def test_gallery_shows_cached_thumbnails_and_checks_each_file_once(ui, ws, tmp_p
     write(folder / "1_x" / "latin1.txt", "café")  # fixed: checked again, now usable
     _, paths, _, summary = ui.dataset_view(str(folder))
     assert len(paths) == 2 and "Left out" not in summary and calls.count("latin1.png") == 2
+
+
+def test_the_gallery_follows_the_trainers_folder_rules(ws):
+    """The UI lists what trainer.dataset would train on (its own rules: N_name repeats, image extensions, loss
+    masks, hidden files, the caption's first line), not a copy of them."""
+    from trainer.config import DatasetSection
+    from trainer.dataset import scan_dataset
+
+    folder = ws.datasets / "rules"
+    write(folder / "3_dog" / "a.PNG", png_bytes())
+    write(folder / "3_dog" / "a.txt", "first line\n\nsecond line")
+    write(folder / "3_dog" / "a_mask.png", png_bytes("white"))
+    write(folder / "3_dog" / ".hidden.png", png_bytes())
+    write(folder / "3_dog" / "notes.md", "not an image")
+    write(folder / "cat" / "b.webp", png_bytes("blue"))
+    write(folder / "root.jpg", png_bytes("green"))
+    scan = scan_dataset(DatasetSection(dir=str(folder)))
+    images = workspace.list_images(folder)
+    assert {i.path: i.caption for i in images} == {item.path: item.caption for item in scan.items}
+    assert {i.path.name for i in images} == {"a.PNG", "b.webp", "root.jpg"}
+    concepts = {c.folder: c.repeats for c in workspace.list_concepts(folder)}
+    assert concepts == {name: info["n_repeats"] for name, info in scan.dataset_dirs.items() if name != "rules"}
 
 
 # ================================================================================================ captions
@@ -756,12 +769,12 @@ def test_results_metadata_of_a_saved_adapter(ui, tiny_pipeline, tmp_path):
 
     pipe = tiny_pipeline("sd1")
     network = create_network(pipe, "loha", {"rank": 2})
-    path = save_network(network, tmp_path / "adapter.safetensors", extra_metadata={"ss_steps": 12})
+    path = save_network(network, ui.ws.outputs / "adapter.safetensors", extra_metadata={"ss_steps": 12})
     summary, metadata = ui.adapter_info(str(path))
     assert "adapter.safetensors" in summary and "12 steps" in summary and "method **loha** · rank 2" in summary
     assert metadata["ss_steps"] == "12" and "ss_network_module" in metadata
     with pytest.raises(WorkspaceError):
-        ui.adapter_info(str(write(tmp_path / "junk.safetensors", b"junk")))
+        ui.adapter_info(str(write(ui.ws.outputs / "junk.safetensors", b"junk")))
     assert ui.adapter_info(None)[0] == "No adapter selected."
 
 
@@ -785,7 +798,7 @@ def test_try_it_renders_with_and_without_the_adapter(ui, tiny_pipeline, randomiz
     pipe.save_pretrained(model)
     network = create_network(pipe, "lora", {"rank": 4})
     randomize(network, std=0.5)
-    adapter = save_network(network, tmp_path / "a.safetensors")
+    adapter = save_network(network, ui.ws.outputs / "a.safetensors")
     with_image, without_image, status = ui.try_it(str(model), "auto", "auto", "", str(adapter), "a red circle", 1.0,
                                                   7, 2, 32)
     assert with_image.size == without_image.size == (32, 32) and "seed 7" in status

@@ -165,7 +165,7 @@ def _caption_extension(extension: str) -> str:
     return extension if extension.startswith(".") else "." + extension
 
 
-def _parse_folder_name(name: str) -> tuple[int, str]:
+def parse_folder_name(name: str) -> tuple[int, str]:
     """``"10_my char"`` → (10, "my char"); a name without a repeat prefix → (1, name)."""
     match = _REPEAT_PREFIX.match(name)
     if match:
@@ -173,20 +173,25 @@ def _parse_folder_name(name: str) -> tuple[int, str]:
     return 1, name
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def training_images(files: Sequence[Path]) -> list[Path]:
+    """The training images among one folder's ``files``: visible image files, loss masks excluded."""
+    images = [p for p in files if is_image_name(p.name)]
+    stems = {p.stem for p in images}
+    # "<stem>_mask.png" beside "<stem>.<ext>" is a loss mask, never a training image.
+    return [p for p in images if not (p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems)]
 
 
 def _concept(folder: Path) -> _Concept | None:
     """The folder's images (sorted) and files, or None when it holds no image directly."""
     files = sorted(p for p in folder.iterdir() if p.is_file())
-    images = [p for p in files if _is_image_name(p.name)]
-    stems = {p.stem for p in images}
-    # "<stem>_mask.png" beside "<stem>.<ext>" is a loss mask, never a training image.
-    images = [p for p in images if not (p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems)]
+    images = training_images(files)
     if not images:
         return None
-    repeats, class_word = _parse_folder_name(folder.name)
+    repeats, class_word = parse_folder_name(folder.name)
     lowered: dict[str, Path] = {}
     for path in files:
         lowered.setdefault(path.name.lower(), path)

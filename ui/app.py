@@ -59,8 +59,10 @@ class RankwrightUI:
         self.fields = form.all_fields()
         self.keys = [field.key for field in self.fields]
         self.methods = list(form.method_fields())
-        self.allowed_paths: list[str] = [str(ws.root)]
+        # What the web server may send, fixed at launch: never widened by anything a browser sends.
+        self.allowed_paths: list[str] = [str(folder) for folder in ws.served]
         self.checker = workspace.ImageChecker()
+        self.foreign_jobs: set[str] = set()  # job records on disk that are ignored (warned about once)
         self.demo: gr.Blocks | None = None
 
     # ================================================================ helpers
@@ -136,23 +138,49 @@ class RankwrightUI:
     def remember(self, config: TrainerConfig) -> None:
         workspace.write_text_atomic(self.ws.last_config, config.to_toml().rstrip("\n"))
 
-    def allow(self, folder: str | Path) -> None:
-        """Let the app serve images from ``folder`` (datasets and outputs chosen by the user)."""
-        path = str(Path(folder).expanduser().resolve())
-        if not any(path == allowed or path.startswith(allowed.rstrip("/") + "/") for allowed in self.allowed_paths):
-            self.allowed_paths.append(path)
-            if self.demo is not None and path not in self.demo.allowed_paths:
-                self.demo.allowed_paths.append(path)
+    def confine(self, config: TrainerConfig) -> TrainerConfig:
+        """``config`` with every folder a browser chose checked against the workspace (WorkspaceError naming the fix
+        otherwise): the dataset and regularisation folders resolved into ``datasets/`` or a ``--data-dir`` and
+        existing, the output folder (and an adapter to start from) in ``outputs/``, a caption extension the UI
+        edits. Relative names are taken in those folders."""
+        for key in ("dir", "reg_dir"):
+            if key == "dir" or config.dataset.reg_dir:
+                folder = self.ws.dataset_folder(getattr(config.dataset, key))
+                if not folder.is_dir():
+                    raise WorkspaceError(f"the dataset folder {folder} does not exist: add images in the Dataset tab")
+                setattr(config.dataset, key, str(folder))
+        config.dataset.caption_extension = workspace.caption_extension(config.dataset.caption_extension)
+        config.output.dir = str(self.ws.output_folder(config.output.dir))
+        if config.network.init_from:
+            config.network.init_from = str(self.ws.output_file(config.network.init_from))
+        return config
+
+    def own_job(self, record: Any) -> Any:
+        """``record`` if its output folder lies in this workspace's outputs, else None: a job record on disk (from
+        an older version, or edited by hand) never makes the UI read or serve another folder."""
+        if record is not None and not workspace.is_within(Path(record.output_dir).resolve(), self.ws.outputs):
+            if record.id not in self.foreign_jobs:
+                self.foreign_jobs.add(record.id)
+                log.warning("ignoring job %s: its output folder %s is outside %s", record.id, record.output_dir,
+                            self.ws.outputs)
+            return None
+        return record
+
+    def servable(self, paths: list[str]) -> list[str]:
+        """The files among ``paths`` (read from a job's events) that exist and may be served."""
+        return [path for path in paths if path and Path(path).is_file() and self.ws.is_served(path)]
 
     # ================================================================ dataset
     def dataset_view(self, dataset_dir: str, extension: str = ".txt") -> tuple:
         """(gallery items, image paths, concept choices, summary markdown)."""
-        folder = workspace.dataset_folder(dataset_dir)
+        folder = self.ws.dataset_folder(dataset_dir)
         if not folder.is_dir():
             return [], [], gr.update(choices=["subject"]), (f"The folder `{folder}` does not exist yet: drop images "
                                                             "above to create it, or type an existing folder.")
-        images = workspace.list_images(folder, extension)
+        everything = workspace.list_images(folder, extension)
+        images = [item for item in everything if not item.linked_out]
         problems = self.checker.problems([item.path for item in images], extension)
+        problems += [(item.path, workspace.LINKED_OUT) for item in everything if item.linked_out]
         bad = {path.resolve() for path, _ in problems}
         gallery = [(str(workspace.thumbnail(item.path, self.ws.thumbnails)), item.caption
                     or f"{item.path.name} (no caption)") for item in images if item.path.resolve() not in bad]
@@ -179,7 +207,7 @@ class RankwrightUI:
         """Store uploaded images/captions/zips; returns (file input cleared, report, *dataset_view)."""
         if not files:
             return (None, "Nothing uploaded.", *self.dataset_view(dataset_dir, extension))
-        folder = workspace.dataset_folder(dataset_dir)
+        folder = self.ws.dataset_folder(dataset_dir)
         target = workspace.concept_folder(folder, concept or "subject", int(repeats or 1))
         report = workspace.add_uploads(files if isinstance(files, list) else [files], target)
         if report.rejected:
@@ -199,30 +227,35 @@ class RankwrightUI:
     def save_caption(self, dataset_dir: str, image: str, caption: str, extension: str = ".txt") -> tuple:
         if not image:
             raise WorkspaceError("select an image in the gallery first")
-        folder = workspace.dataset_folder(dataset_dir)
+        folder = self.ws.dataset_folder(dataset_dir)
         path = workspace.write_caption(folder, image, caption, extension)
         return (f"Caption saved to `{path.name}`.", *self.dataset_view(dataset_dir, extension))
 
     def add_trigger(self, dataset_dir: str, word: str, extension: str = ".txt", selected: str = "") -> tuple:
         """(status, the selected image's caption as it is now, *dataset_view)."""
-        folder = workspace.dataset_folder(dataset_dir)
+        folder = self.ws.dataset_folder(dataset_dir)
         count = workspace.add_trigger_word(folder, word, extension)
-        return (f"Added “{word.strip()}” to {count} caption(s).", self._caption_of(selected, extension),
+        return (f"Added “{word.strip()}” to {count} caption(s).", self._caption_of(folder, selected, extension),
                 *self.dataset_view(dataset_dir, extension))
 
     def find_replace(self, dataset_dir: str, find: str, replace: str, extension: str = ".txt",
                      selected: str = "") -> tuple:
-        folder = workspace.dataset_folder(dataset_dir)
+        folder = self.ws.dataset_folder(dataset_dir)
         count = workspace.find_replace(folder, find, replace, extension)
-        return (f"Replaced “{find}” with “{replace}” in {count} caption(s).", self._caption_of(selected, extension),
+        return (f"Replaced “{find}” with “{replace}” in {count} caption(s).",
+                self._caption_of(folder, selected, extension),
                 *self.dataset_view(dataset_dir, extension))
 
     @staticmethod
-    def _caption_of(selected: str, extension: str) -> Any:
-        return workspace.read_caption(Path(selected), extension) if selected else gr.skip()
+    def _caption_of(folder: Path, selected: str, extension: str) -> Any:
+        """The caption of the image the browser says is selected, if it is one of the dataset's."""
+        try:
+            return workspace.read_caption(workspace.check_image(folder, selected), extension)
+        except WorkspaceError:
+            return gr.skip()
 
     def set_repeats(self, dataset_dir: str, concept: str, repeats: float | None, extension: str = ".txt") -> tuple:
-        folder = workspace.dataset_folder(dataset_dir)
+        folder = self.ws.dataset_folder(dataset_dir)
         matches = [c for c in workspace.list_concepts(folder) if c.name == (concept or "").strip()]
         if not matches:
             raise WorkspaceError(f"no concept folder named “{concept}” in {folder}; upload images into it first")
@@ -232,7 +265,7 @@ class RankwrightUI:
     def delete_image(self, dataset_dir: str, image: str, extension: str = ".txt") -> tuple:
         if not image:
             raise WorkspaceError("select an image in the gallery first")
-        workspace.delete_image(workspace.dataset_folder(dataset_dir), image, extension)
+        workspace.delete_image(self.ws.dataset_folder(dataset_dir), image, extension)
         return ("", "", f"Deleted `{Path(image).name}`.", *self.dataset_view(dataset_dir, extension))
 
     # ================================================================ model and method
@@ -269,13 +302,9 @@ class RankwrightUI:
 
     # ================================================================ training
     def start(self, *args) -> tuple[str, dict]:
-        config = self.config_from(args)
-        dataset_dir = Path(config.dataset.dir).expanduser()
-        if not dataset_dir.is_dir():
-            raise WorkspaceError(f"the dataset folder {dataset_dir} does not exist: add images in the Dataset tab")
+        config = self.confine(self.config_from(args))
         self.remember(config)
         record = self.runner.start(config)
-        self.allow(record.output_dir)
         command = form.cli_command(record.config_path)
         message = (f"Started job `{record.id}`: {config.network.method} → `{record.output_dir}/"
                    f"{config.output.name}.safetensors`. Same run from a shell: `{command}`")
@@ -283,6 +312,8 @@ class RankwrightUI:
         return message, {}
 
     def stop(self) -> str:
+        if self.own_job(self.runner.current()) is None:
+            raise JobError("No training job is running.")
         record = self.runner.stop()
         return f"Stop requested for `{record.id}`: it saves the adapter at the next step and ends."
 
@@ -304,7 +335,7 @@ class RankwrightUI:
         previews = skip
         if len(view.previews) != session.get("previews"):
             session["previews"] = len(view.previews)
-            previews = [(p, Path(p).name) for p in newest_first(view.previews) if Path(p).is_file()][:24]
+            previews = [(p, Path(p).name) for p in self.servable(newest_first(view.previews))][:24]
         log_text = "\n".join(view.log)
         files, choices = skip, skip
         if len(view.saves) != session.get("saves"):
@@ -319,11 +350,10 @@ class RankwrightUI:
         session = dict(session or {})
         skips = (gr.skip(),) * outputs
         try:
-            record = find()
+            record = self.own_job(find())
             if record is None:
                 return (*skips, session) if session.get("job") == "none" else (*idle(), {"job": "none"})
             view = self.runner.view(record)
-            self.allow(record.output_dir)  # also after a restart: previews and files are served from there
             if session.get("job") != record.id:
                 session = {"job": record.id}
             if session.get("version") == view.version:
@@ -339,10 +369,7 @@ class RankwrightUI:
         """Start a comparison of the ticked methods on the form's settings, each method with its own options."""
         from trainer.compare import OPTIONS_KEY, default_out_dir, resolve_methods
 
-        config = self.config_from(args)
-        if not Path(config.dataset.dir).expanduser().is_dir():
-            raise WorkspaceError(f"the dataset folder {config.dataset.dir} does not exist: add images in the "
-                                 "Dataset tab")
+        config = self.confine(self.config_from(args))
         self.remember(config)
         if steps not in (None, ""):
             if not float(steps).is_integer() or float(steps) < 1:
@@ -355,17 +382,17 @@ class RankwrightUI:
                               ["options"]} for method in methods}
         prompts = [line.strip() for line in (drift_prompts or "").splitlines() if line.strip()]
         record = self.runner.start_compare(config, methods, default_out_dir(config), overrides, prompts)
-        self.allow(record.output_dir)
         gr.Info("Comparison started")
         return (f"Started comparison `{record.id}`: {', '.join(methods)}, {config.train.max_steps} steps each → "
                 f"`{record.output_dir}`. The report (report.md, grid.png, losses.png) is written there."), {}
 
     def latest_comparison(self) -> Any:
         """The running comparison, else the newest one of the workspace (None if there is none)."""
-        current = self.runner.current()
+        current = self.own_job(self.runner.current())
         if current is not None and current.kind == "compare":
             return current
-        return next((record for record in self.runner.history() if record.kind == "compare"), None)
+        return next((record for record in self.runner.history() if record.kind == "compare"
+                     and self.own_job(record) is not None), None)
 
     def poll_compare(self, session: dict | None) -> tuple:
         """Timer tick of the Compare tab: status, progress, table, preview grid, loss plot, report files."""
@@ -385,20 +412,20 @@ class RankwrightUI:
             plot = loss_curves_png(view.method_losses, title="training loss per method", width=720, height=320) \
                 if points else None
         report = view.report
-        grid = report.get("grid") if report.get("grid") and Path(report["grid"]).is_file() else None
-        files = [path for path in (report.get("markdown"), report.get("report"), report.get("grid"),
-                                   report.get("loss_plot")) if path and Path(path).is_file()]
+        grid = next(iter(self.servable([report.get("grid")])), None)
+        files = self.servable([report.get("markdown"), report.get("report"), report.get("grid"),
+                               report.get("loss_plot")])
         return status, progress_html(view.fraction, view.progress_text()), table, grid, plot, files or None
 
     # ================================================================ results
     def saved_files(self) -> list[dict[str, Any]]:
         """Every adapter saved by a job of this workspace that still exists, newest first."""
         found, seen = [], set()
-        for record in self.runner.history():
+        for record in filter(self.own_job, self.runner.history()):
             view = self.runner.view(record)
             for save in reversed(view.saves):
                 path = Path(save.get("path", ""))
-                if path.is_file() and str(path) not in seen:
+                if self.servable([str(path)]) and str(path) not in seen:
                     seen.add(str(path))
                     found.append({**save, "job": record.id, "size_bytes": path.stat().st_size})
         return found
@@ -406,8 +433,6 @@ class RankwrightUI:
     def results(self) -> tuple[Any, Any]:
         """(the file list for download, the adapter dropdown update)."""
         saves = self.saved_files()
-        for save in saves:
-            self.allow(Path(save["path"]).parent)
         paths = [save["path"] for save in saves]
         choices = [(adapter_label(path), path) for path in paths]
         return paths or None, gr.update(choices=choices, value=paths[0] if paths else None)
@@ -421,9 +446,7 @@ class RankwrightUI:
         from methods.files import AdapterFileError
         from methods.tools import inspect_adapter
 
-        file = Path(path)
-        if not file.is_file():
-            raise WorkspaceError(f"{path}: no such file")
+        file = self.ws.output_file(path)
         try:
             report = inspect_adapter(file)  # what `python -m trainer inspect` shows; refuses NaN/Inf tensors
         except AdapterFileError as error:
@@ -457,8 +480,9 @@ class RankwrightUI:
         started = time.time()
         try:
             with_image, without_image = pipelines.try_adapter(
-                self.cache, base, adapter, prompt, float(strength), int(seed or 0), steps=int(steps or 20),
-                size=int(size or 512), arch=arch, prediction_type=prediction_type, tokenizer=tokenizer)
+                self.cache, base, str(self.ws.output_file(adapter)), prompt, float(strength), int(seed or 0),
+                steps=int(steps or 20), size=int(size or 512), arch=arch, prediction_type=prediction_type,
+                tokenizer=tokenizer)
         except Exception as error:
             from methods.files import AdapterFileError
             from trainer.models import ModelLoadError
@@ -495,8 +519,8 @@ class RankwrightUI:
         if not path:
             raise WorkspaceError("choose a preset first")
         file = Path(path)
-        if not file.is_file():
-            raise WorkspaceError(f"{path}: preset not found (refresh the list)")
+        if path not in {value for _, value in self.preset_choices()} or not file.is_file():
+            raise WorkspaceError(f"{path}: not one of the presets (refresh the list)")
         try:
             data = tomllib.loads(file.read_text(encoding="utf-8"))
             # Paths in a preset of the project (a demo model or dataset) are relative to the project folder.

@@ -64,8 +64,11 @@ LABELS = {
     "output.save_every_n_steps": "Save every N steps (0 = only at the end)",
 }
 INFOS = {
-    "dataset.dir": "the training images; a sub-folder named N_name repeats its images N times per epoch",
-    "output.dir": "where the adapter, previews, events.jsonl and resumable state are written",
+    "dataset.dir": "the training images, in the workspace's datasets/ (a name is enough) or a server --data-dir; "
+                   "a sub-folder named N_name repeats its images N times per epoch",
+    "output.dir": "where the adapter, previews, events.jsonl and resumable state are written: a folder in the "
+                  "workspace's outputs/ (a name is enough)",
+    "dataset.caption_extension": "caption files beside the images: .txt, .caption or .tags",
     "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
 }
 # The familiar methods head the method menu; every other registered method follows (labels: each method's class).

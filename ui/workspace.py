@@ -3,22 +3,31 @@
 Workspace layout (``--workspace DIR``, default ``./workspace``)::
 
     datasets/<name>/<N>_<concept>/   uploaded images and their caption files (kohya layout: N repeats)
-    outputs/                         default output.dir of runs started from the UI
+    outputs/                         output.dir of runs started from the UI (always inside this folder)
     presets/<name>.toml              presets saved from the UI
     jobs/<id>/                       one folder per training job (config.toml, job.json, worker.log, exit.json)
     thumbnails/                      small JPEGs the dataset gallery shows (a cache; safe to delete)
     last_config.toml                 the settings of the last Start or Save, shown again when the page loads
 
+The web UI is a server, and every path a browser sends is a claim to be checked (:class:`Workspace`): dataset
+folders resolve (links followed, ``..`` collapsed) into ``datasets/`` or a folder the operator named with
+``python app.py --data-dir DIR``; output folders resolve into ``outputs/``; an image to caption or delete must lie in
+the dataset opened, and the caption extension is one of :data:`CAPTION_EXTENSIONS`. Only ``outputs/`` and
+``thumbnails/`` are ever served over HTTP (:attr:`Workspace.served`).
+
 Uploads never escape their folder and never overwrite: a file name is reduced to its last component, stripped of
 unsafe characters, and given a ``-1``, ``-2``… suffix when an image with the same stem (caption files are
 per stem) already exists. Every image is decoded completely before it is kept (the trainer's own
 :func:`trainer.dataset.inspect_image`); a file that cannot be trained on is reported with the reason and left out.
-Zip files are read member by member into sanitized names (never ``extractall``), with limits on the member count,
-the total uncompressed size and the compression ratio (zip bombs).
+Zip files are streamed member by member to disk in chunks (never ``extractall``, never a whole member in memory),
+with limits on the member count, each member's size, the total uncompressed size and the compression ratio of the
+archive and of every member (zip bombs). A member that breaks a rule is skipped and named in the report; what was
+unpacked before it is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -27,21 +36,35 @@ import shutil
 import stat
 import unicodedata
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from trainer.dataset import IMAGE_EXTENSIONS, MASK_SUFFIX, UnusableImage, inspect_image
+from trainer.dataset import (
+    IMAGE_EXTENSIONS,
+    UnusableImage,
+    inspect_image,
+    is_image_name,
+    parse_folder_name,
+    training_images,
+)
+from trainer.dataset import read_caption as read_trainer_caption
 
 CAPTION_EXTENSION = ".txt"
+CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")  # the only sidecars the UI reads or writes
 MAX_NAME_LENGTH = 100
 MAX_PIXELS = 40_000_000  # as dataset.max_pixels' default
-MAX_FILE_BYTES = 200 * 2**20  # one uploaded image or caption
+MAX_FILE_BYTES = 200 * 2**20  # one uploaded image or caption, also inside a zip
 MAX_ZIP_MEMBERS = 5_000
 MAX_ZIP_TOTAL_BYTES = 2 * 2**30  # uncompressed, all members together
-MAX_ZIP_RATIO = 100  # uncompressed / compressed, per member above 1 MiB (zip-bomb guard)
+MAX_ZIP_RATIO = 100  # uncompressed / compressed, for the whole archive and for every member (zip-bomb guard)
+RATIO_FLOOR_BYTES = 4096  # a member is compared with at least this many compressed bytes (tiny files compress oddly)
+ARCHIVE_RATIO_FLOOR_BYTES = 2**20  # likewise for the whole archive
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # bzip2/lzma inflate without an output bound per read
+CHUNK_BYTES = 2**20
 MAX_CAPTION_BYTES = 64 * 1024
+MAX_LISTED = 20  # rejected files listed one by one in an upload report
+LINKED_OUT = "a link to a file outside this dataset folder: not shown or edited here (the trainer still reads it)"
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 
 class WorkspaceError(ValueError):
@@ -50,10 +73,19 @@ class WorkspaceError(ValueError):
 
 # ----- workspace ---------------------------------------------------------------------------------------------
 class Workspace:
-    def __init__(self, root: str | os.PathLike):
+    """The folders the UI reads, writes and serves; ``data_dirs`` are extra dataset folders the operator allows
+    (``python app.py --data-dir DIR``), never something a browser can set."""
+
+    def __init__(self, root: str | os.PathLike, data_dirs: Iterable[str | os.PathLike] = ()):
         self.root = Path(root).expanduser().resolve()
         for folder in (self.datasets, self.outputs, self.presets, self.jobs):
             folder.mkdir(parents=True, exist_ok=True)
+        self.data_dirs: tuple[Path, ...] = ()
+        for folder in data_dirs:
+            path = Path(folder).expanduser().resolve()
+            if not path.is_dir():
+                raise WorkspaceError(f"--data-dir {folder}: no such folder")
+            self.data_dirs += (path,)
 
     @property
     def datasets(self) -> Path:
@@ -79,8 +111,66 @@ class Workspace:
     def last_config(self) -> Path:
         return self.root / "last_config.toml"
 
+    @property
+    def dataset_roots(self) -> tuple[Path, ...]:
+        return (self.datasets, *self.data_dirs)
+
+    @property
+    def served(self) -> tuple[Path, ...]:
+        """The only folders whose files the web server may send: what runs wrote, and the gallery's thumbnails."""
+        return self.outputs, self.thumbnails
+
     def default_dataset(self) -> Path:
         return self.datasets / "my_dataset"
+
+    def dataset_folder(self, text: str | os.PathLike) -> Path:
+        """The dataset folder a browser named, resolved: a relative name lies in ``datasets/``; the folder (links
+        followed, ``..`` collapsed) must lie in ``datasets/`` or a ``--data-dir``, else WorkspaceError."""
+        allowed = ", ".join(str(root) for root in self.dataset_roots)
+        return confined(text, self.datasets, self.dataset_roots, "give a dataset folder",
+                        f"the web UI opens datasets only in {allowed}. Type a name such as `my_dataset` (for "
+                        f"{self.datasets / 'my_dataset'}) and upload the images there, or restart the server with "
+                        "`python app.py --data-dir FOLDER` to work on a folder elsewhere.")
+
+    def output_folder(self, text: str | os.PathLike) -> Path:
+        """The output folder a browser named, resolved into ``outputs/`` (a relative name lies there)."""
+        return confined(
+            text, self.outputs, [self.outputs], "give an output folder",
+            f"runs started from the web UI write into {self.outputs} (the only place the UI serves files from). "
+            f"Type a folder name such as `my_run` (for {self.outputs / 'my_run'}), or train from a shell "
+            "(`python -m trainer train`) to write elsewhere.", label="output.dir ")
+
+    def output_file(self, text: str | os.PathLike) -> Path:
+        """An existing file a browser named that a run of this workspace wrote (inside ``outputs/``)."""
+        refusal = f"not a file in {self.outputs}; choose one from the list"
+        path = confined(text, self.outputs, [self.outputs], "choose a file", refusal)
+        if not path.is_file():
+            raise WorkspaceError(f"{str(text).strip()}: {refusal}")
+        return path
+
+    def is_served(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` (links followed) lies in a folder the web server may send files from."""
+        resolved = Path(path).expanduser().resolve()
+        return any(is_within(resolved, folder) for folder in self.served)
+
+
+def confined(text: str | os.PathLike, base: Path, roots: Iterable[Path], missing: str, refusal: str,
+             label: str = "") -> Path:
+    """A path a browser sent, resolved (relative to ``base``, links followed, ``..`` collapsed), if it lies in one
+    of ``roots``; else WorkspaceError ``"<label><text>: <refusal>"`` (``missing`` when it is empty)."""
+    shown = str(text or "").strip()
+    if not shown:
+        raise WorkspaceError(missing)
+    path = Path(shown).expanduser()
+    path = (path if path.is_absolute() else base / path).resolve()
+    if not any(is_within(path, root) for root in roots):
+        raise WorkspaceError(f"{label}{shown}: {refusal}")
+    return path
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or below it (both taken as they are: resolve them first)."""
+    return path == folder or folder in path.parents
 
 
 # ----- names -------------------------------------------------------------------------------------------------
@@ -121,16 +211,8 @@ def unique_image_path(folder: Path, name: str) -> Path:
     return folder / (candidate + suffix)
 
 
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 def is_inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
+    return is_within(path.resolve(), folder.resolve())
 
 
 # ----- uploads -----------------------------------------------------------------------------------------------
@@ -145,16 +227,20 @@ class UploadReport:
         lines = [f"{len(self.added)} image(s) added" + (f", {len(self.captions)} caption(s) written"
                                                          if self.captions else "")]
         lines += [f"renamed {old} → {new} (the name was taken or unsafe)" for old, new in self.renamed]
-        lines += [f"left out {name}: {reason}" for name, reason in self.rejected]
+        lines += [f"left out {name}: {reason}" for name, reason in self.rejected[:MAX_LISTED]]
+        if len(self.rejected) > MAX_LISTED:
+            lines.append(f"… and {len(self.rejected) - MAX_LISTED} more file(s) left out")
         return "\n".join(lines)
 
 
 @dataclasses.dataclass
 class _Incoming:
-    """One uploaded file: its original name (with any folder inside a zip) and its bytes."""
+    """One uploaded file: its original name (with any folder inside a zip) and where its bytes are on disk;
+    ``staged`` files were unpacked by us (into the target's staging folder) and may be moved or deleted."""
 
     name: str
-    data: bytes
+    path: Path
+    staged: bool = False
 
 
 def concept_folder(dataset_dir: Path, concept: str, repeats: int) -> Path:
@@ -162,126 +248,196 @@ def concept_folder(dataset_dir: Path, concept: str, repeats: int) -> Path:
     concept = sanitize_folder_name(concept)
     if dataset_dir.is_dir():
         for folder in sorted(p for p in dataset_dir.iterdir() if p.is_dir()):
-            match = _REPEATS.match(folder.name)
-            if (match.group(2) if match else folder.name) == concept:
+            if parse_folder_name(folder.name)[1] == concept:
                 return folder
     return dataset_dir / f"{max(1, int(repeats))}_{concept}"
 
 
 def add_uploads(paths: Iterable[str | os.PathLike], target: Path, max_pixels: int = MAX_PIXELS) -> UploadReport:
-    """Copy uploaded images, caption ``.txt`` files and ``.zip`` archives of them into ``target``."""
+    """Copy uploaded images, caption files and ``.zip`` archives of them into ``target``."""
     report = UploadReport()
-    incoming: list[_Incoming] = []
-    for raw in paths:
-        path = Path(raw)
-        shown = path.name
-        try:
-            size = path.stat().st_size
-        except OSError as error:
-            report.rejected.append((shown, f"cannot read the upload ({error.strerror or error})"))
-            continue
-        if path.suffix.lower() == ".zip":
-            try:
-                incoming.extend(read_zip(path))
-            except WorkspaceError as error:
-                report.rejected.append((shown, str(error)))
-            continue
-        if size > MAX_FILE_BYTES:
-            report.rejected.append((shown, f"file too large ({size / 2**20:.0f} MiB > {MAX_FILE_BYTES // 2**20} MiB)"))
-            continue
-        incoming.append(_Incoming(shown, path.read_bytes()))
-    store(incoming, target, report, max_pixels)
+    target.mkdir(parents=True, exist_ok=True)
+    with _staging(target) as stage:
+        captions: list[_Incoming] = []
+        stems: dict[tuple[str, str], str] = {}  # (folder inside the upload, uploaded stem) → stored stem
+        for raw in paths:
+            path = Path(raw)
+            if path.suffix.lower() == ".zip":
+                members = unpack_zip(path, stage, report)
+            else:
+                members = iter([_Incoming(path.name, path)])
+            for item in members:  # each image is stored as soon as it is unpacked: later failures never lose it
+                if item.name.lower().endswith(CAPTION_EXTENSION):
+                    captions.append(item)
+                else:
+                    store_image(item, target, report, stems, max_pixels)
+        for item in captions:
+            store_caption(item, target, report, stems)
     return report
 
 
-def read_zip(path: Path) -> list[_Incoming]:
-    """The usable members of a zip archive, read within the size limits (nothing is written here)."""
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A hidden folder in ``target`` (the same file system: stored files are hard links) removed afterwards."""
+    stage = target / f".upload-{secrets.token_hex(6)}"
+    stage.mkdir()
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _ratio_too_high(unpacked: int, packed: int, floor: int) -> bool:
+    return unpacked > MAX_ZIP_RATIO * max(packed, floor)
+
+
+def unpack_zip(path: Path, stage: Path, report: UploadReport) -> Iterator[_Incoming]:
+    """Stream the archive's usable members into ``stage`` one at a time, in chunks. An archive that is not a zip,
+    has too many members, unpacks too large or compresses too well as a whole is refused before anything is
+    written; a member that breaks a rule (link, encryption, method, size, ratio) is skipped with the reason."""
+    shown = path.name
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
-        raise WorkspaceError(f"not a readable zip archive ({error})") from None
-    members: list[_Incoming] = []
+        report.rejected.append((shown, f"not a readable zip archive ({error})"))
+        return
     with archive:
         infos = [info for info in archive.infolist() if not info.is_dir()]
-        if len(infos) > MAX_ZIP_MEMBERS:
-            raise WorkspaceError(f"too many files in the archive ({len(infos)} > {MAX_ZIP_MEMBERS})")
         total = sum(info.file_size for info in infos)
+        if len(infos) > MAX_ZIP_MEMBERS:
+            report.rejected.append((shown, f"too many files in the archive ({len(infos)} > {MAX_ZIP_MEMBERS})"))
+            return
         if total > MAX_ZIP_TOTAL_BYTES:
-            raise WorkspaceError(f"the archive unpacks to {total / 2**30:.1f} GiB, more than the "
-                                 f"{MAX_ZIP_TOTAL_BYTES / 2**30:.0f} GiB allowed")
-        read_total = 0
+            report.rejected.append((shown, f"the archive unpacks to {total / 2**30:.1f} GiB, more than the "
+                                           f"{MAX_ZIP_TOTAL_BYTES / 2**30:.0f} GiB allowed"))
+            return
+        size = path.stat().st_size
+        if _ratio_too_high(total, size, ARCHIVE_RATIO_FLOOR_BYTES):
+            report.rejected.append((shown, f"the archive unpacks to {total / 2**20:.0f} MiB from "
+                                           f"{size / 2**20:.1f} MiB, a ratio above {MAX_ZIP_RATIO}:1 (zip bomb?); "
+                                           "nothing was unpacked"))
+            return
+        unpacked = 0
         for info in infos:
             parts = info.filename.replace("\\", "/").split("/")
+            name = "/".join(parts)
             if any(part.startswith(".") and part not in (".", "..") or part == "__MACOSX" for part in parts):
                 continue  # hidden files and macOS resource forks
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise WorkspaceError(f"{info.filename}: symbolic links are not allowed in an archive")
-            if info.flag_bits & 0x1:
-                raise WorkspaceError(f"{info.filename}: encrypted archives are not supported")
-            if info.file_size > MAX_FILE_BYTES:
-                raise WorkspaceError(f"{info.filename}: file too large ({info.file_size / 2**20:.0f} MiB)")
-            if info.file_size > 2**20 and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
-                raise WorkspaceError(f"{info.filename}: compression ratio above {MAX_ZIP_RATIO}:1 (zip bomb?)")
-            try:
-                with archive.open(info) as stream:  # zipfile stops at the declared size and checks the CRC
-                    data = stream.read(MAX_FILE_BYTES + 1)
-            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError) as error:
-                raise WorkspaceError(f"{info.filename}: cannot be unpacked ({error})") from None
-            read_total += len(data)
-            if len(data) > MAX_FILE_BYTES or read_total > MAX_ZIP_TOTAL_BYTES:
-                raise WorkspaceError(f"{info.filename}: unpacks beyond the size limits")
-            members.append(_Incoming("/".join(parts), data))
-    return members
-
-
-def store(files: list[_Incoming], target: Path, report: UploadReport, max_pixels: int = MAX_PIXELS) -> None:
-    """Validate and write images first, then captions (each follows its image's stored stem)."""
-    target.mkdir(parents=True, exist_ok=True)
-    stored_stems: dict[tuple[str, str], str] = {}  # (folder inside the upload, uploaded stem) → stored stem
-    captions: list[_Incoming] = []
-    for item in files:
-        folder, _, base = item.name.rpartition("/")
-        if base.lower().endswith(CAPTION_EXTENSION):
-            captions.append(item)
-            continue
-        if not is_image_name(base):
-            report.rejected.append((item.name, f"not an image or caption file (accepted: {', '.join(IMAGE_EXTENSIONS)}"
-                                               f", {CAPTION_EXTENSION}, .zip)"))
-            continue
-        name = sanitize_name(base, fallback="image")
-        if not is_image_name(name):  # the extension did not survive sanitizing
-            name = os.path.splitext(name)[0] + ".png"
-        path = write_new_image(item.data, target, name, max_pixels, item.name, report)
-        if path is not None:
-            stored_stems[(folder, os.path.splitext(base)[0])] = path.stem
-    for item in captions:
-        folder, _, base = item.name.rpartition("/")
-        stem = os.path.splitext(base)[0]
-        stored = stored_stems.get((folder, stem))
-        if stored is None:
-            existing = [p for p in target.iterdir() if p.stem == sanitize_name(stem) and is_image_name(p.name)]
-            if not existing:
-                report.rejected.append((item.name, "caption file without an image of the same name"))
+            reason = _member_problem(info)
+            if reason is None and unpacked + info.file_size > MAX_ZIP_TOTAL_BYTES:
+                reason = "not unpacked: the archive's total size limit was reached"
+            if reason is not None:
+                report.rejected.append((name, reason))
                 continue
-            stored = existing[0].stem
-        try:
-            text = decode_caption(item.data)
-        except WorkspaceError as error:
-            report.rejected.append((item.name, str(error)))
-            continue
-        caption_path = target / (stored + CAPTION_EXTENSION)
-        write_text_atomic(caption_path, text)
-        report.captions.append(caption_path)
+            staged = stage / f"{secrets.token_hex(8)}{os.path.splitext(parts[-1])[1].lower()[:9]}"
+            try:
+                written = _copy_member(archive, info, staged)
+            except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, ValueError) as error:
+                staged.unlink(missing_ok=True)
+                report.rejected.append((name, f"cannot be unpacked ({error})"))
+                continue
+            unpacked += written
+            yield _Incoming(name, staged, staged=True)
 
 
-def write_new_image(data: bytes, target: Path, name: str, max_pixels: int, shown: str,
-                    report: UploadReport) -> Path | None:
-    """Write ``data`` under a fresh name in ``target`` after decoding it completely; None (and a reason) if unusable."""
-    if not data:
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why a member is not unpacked (from its header: zipfile never returns more than the declared size)."""
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symbolic links are not allowed in an archive"
+    if info.flag_bits & 0x1:
+        return "encrypted files are not supported"
+    if info.compress_type not in ZIP_METHODS:
+        return "compressed with a method other than deflate or store (re-create the zip with a common tool)"
+    if info.file_size > MAX_FILE_BYTES:
+        return f"file too large ({info.file_size / 2**20:.0f} MiB > {MAX_FILE_BYTES // 2**20} MiB)"
+    if _ratio_too_high(info.file_size, info.compress_size, RATIO_FLOOR_BYTES):
+        return (f"unpacks to {info.file_size:,} bytes from {info.compress_size:,}, a compression ratio above "
+                f"{MAX_ZIP_RATIO}:1 (zip bomb?)")
+    return None
+
+
+def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> int:
+    """Write one member to ``path`` in chunks; returns the bytes written (at most the declared, checked size)."""
+    written = 0
+    with archive.open(info) as source, path.open("xb") as sink:  # zipfile checks the CRC at the end
+        while chunk := source.read(CHUNK_BYTES):
+            written += len(chunk)
+            if written > min(info.file_size, MAX_FILE_BYTES):
+                raise ValueError("more data than the archive declares")
+            sink.write(chunk)
+    return written
+
+
+def store_image(item: _Incoming, target: Path, report: UploadReport, stems: dict[tuple[str, str], str],
+                max_pixels: int = MAX_PIXELS) -> Path | None:
+    """Keep one uploaded image under a fresh, safe name in ``target`` after decoding it completely."""
+    folder, _, base = item.name.rpartition("/")
+    if not is_image_name(base.lstrip(".")):
+        report.rejected.append((item.name, f"not an image or caption file (accepted: {', '.join(IMAGE_EXTENSIONS)}"
+                                           f", {CAPTION_EXTENSION}, .zip)"))
+        return None
+    name = sanitize_name(base, fallback="image")
+    if not is_image_name(name):  # the extension did not survive sanitizing
+        name = os.path.splitext(name)[0] + ".png"
+    path = write_new_image(item, target, name, max_pixels, report)
+    if path is not None:
+        stems[(folder, os.path.splitext(base)[0])] = path.stem
+    return path
+
+
+def store_caption(item: _Incoming, target: Path, report: UploadReport, stems: dict[tuple[str, str], str]) -> None:
+    """Write an uploaded caption beside the image it belongs to (the one stored from the same upload, else an
+    existing image of the same stem)."""
+    folder, _, base = item.name.rpartition("/")
+    stem = os.path.splitext(base)[0]
+    stored = stems.get((folder, stem))
+    if stored is None:
+        existing = [p for p in target.iterdir() if p.stem == sanitize_name(stem) and is_image_name(p.name)]
+        if not existing:
+            report.rejected.append((item.name, "caption file without an image of the same name"))
+            return
+        stored = existing[0].stem
+    try:
+        text = decode_caption(_read_limited(item.path, MAX_CAPTION_BYTES))
+    except WorkspaceError as error:
+        report.rejected.append((item.name, str(error)))
+        return
+    except OSError as error:
+        report.rejected.append((item.name, f"cannot read the upload ({error.strerror or error})"))
+        return
+    caption_path = target / (stored + CAPTION_EXTENSION)
+    write_text_atomic(caption_path, text)
+    report.captions.append(caption_path)
+
+
+def _read_limited(path: Path, limit: int) -> bytes:
+    with path.open("rb") as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise WorkspaceError(f"caption file too large (more than {limit} bytes)")
+    return data
+
+
+def write_new_image(item: _Incoming, target: Path, name: str, max_pixels: int, report: UploadReport) -> Path | None:
+    """Decode the upload completely, then link it into ``target`` under a name no file uses; None (and a reason in
+    the report) if it is unusable."""
+    shown = item.name
+    try:
+        size = item.path.stat().st_size
+    except OSError as error:
+        report.rejected.append((shown, f"cannot read the upload ({error.strerror or error})"))
+        return None
+    if not size:
         report.rejected.append((shown, "empty file (0 bytes)"))
         return None
-    temporary = target / f".upload-{secrets.token_hex(6)}{os.path.splitext(name)[1]}"
-    temporary.write_bytes(data)
+    if size > MAX_FILE_BYTES:
+        report.rejected.append((shown, f"file too large ({size / 2**20:.0f} MiB > {MAX_FILE_BYTES // 2**20} MiB)"))
+        return None
+    if item.staged:
+        temporary = item.path
+    else:  # an upload of the web server's: copy it (in chunks) beside its final place
+        temporary = target / f".upload-{secrets.token_hex(6)}{os.path.splitext(name)[1]}"
+        shutil.copyfile(item.path, temporary)
     try:
         try:
             inspect_image(temporary, max_pixels)
@@ -330,11 +486,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 # ----- datasets ----------------------------------------------------------------------------------------------
+# The folder rules (N_name repeats, image extensions, loss masks, caption sidecars) are the trainer's own
+# (trainer.dataset); here they are only applied to what a browser may see and change.
 @dataclasses.dataclass
 class DatasetImage:
     path: Path
     folder: str  # concept folder name ("10_subject"), "" for images directly in the dataset folder
     caption: str
+    linked_out: bool = False  # a link to a file outside the dataset folder: neither shown nor edited
 
 
 @dataclasses.dataclass
@@ -345,16 +504,16 @@ class Concept:
     images: int
 
 
-def dataset_folder(text: str | os.PathLike) -> Path:
-    if not str(text).strip():
-        raise WorkspaceError("give a dataset folder")
-    return Path(str(text).strip()).expanduser().resolve()
-
-
 def _image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_name(p.name))
-    stems = {p.stem for p in files}
-    return [p for p in files if not (p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems)]
+    return training_images(sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+def _readable_files(folder: Path) -> dict[str, Path]:
+    """The folder's files by lower-cased name (the trainer's caption look-up), links out of it left out."""
+    files: dict[str, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not _linked_out(p, folder)):
+        files.setdefault(path.name.lower(), path)
+    return files
 
 
 def concept_folders(dataset_dir: Path) -> list[Path]:
@@ -365,45 +524,89 @@ def concept_folders(dataset_dir: Path) -> list[Path]:
 
 
 def list_images(dataset_dir: Path, extension: str = CAPTION_EXTENSION) -> list[DatasetImage]:
+    extension = caption_extension(extension)
+    root = dataset_dir.resolve()
     images = []
     for folder in concept_folders(dataset_dir):
         name = "" if folder == dataset_dir else folder.name
-        images += [DatasetImage(path, name, read_caption(path, extension)) for path in _image_files(folder)]
+        files = _readable_files(folder)
+        for path in _image_files(folder):
+            if is_within(path.resolve(), root):
+                images.append(DatasetImage(path, name, read_caption(path, extension, files)))
+            else:
+                images.append(DatasetImage(path, name, "", linked_out=True))
     return images
 
 
 def list_concepts(dataset_dir: Path) -> list[Concept]:
     concepts = []
     for folder in concept_folders(dataset_dir)[1:]:
-        match = _REPEATS.match(folder.name)
-        repeats, name = (int(match.group(1)), match.group(2)) if match else (1, folder.name)
+        repeats, name = parse_folder_name(folder.name)
         concepts.append(Concept(folder.name, name, repeats, len(_image_files(folder))))
     return concepts
 
 
+def caption_extension(extension: str) -> str:
+    """The caption extension a browser sent, if it is one of :data:`CAPTION_EXTENSIONS` (any letter case)."""
+    normalized = str(extension or "").strip().lower()
+    if normalized not in CAPTION_EXTENSIONS:
+        raise WorkspaceError(f"caption extension {extension!r}: the web UI reads and writes only "
+                             f"{', '.join(CAPTION_EXTENSIONS)} caption files; choose one of them")
+    return normalized
+
+
 def caption_path(image: Path, extension: str = CAPTION_EXTENSION) -> Path:
-    extension = extension.strip() or CAPTION_EXTENSION
-    return image.with_suffix(extension if extension.startswith(".") else "." + extension)
+    return image.with_suffix(caption_extension(extension))
 
 
-def read_caption(image: Path, extension: str = CAPTION_EXTENSION) -> str:
-    path = caption_path(image, extension)
+def _linked_out(path: Path, folder: Path) -> bool:
+    """A link (or a file behind a linked folder) whose target is outside ``folder``."""
+    return path.is_symlink() and not is_within(path.resolve(), folder.resolve())
+
+
+def _trainer_caption(image: Path, extension: str, files: dict[str, Path] | None = None) -> str | None:
+    """The trainer's caption of ``image`` (:func:`trainer.dataset.read_caption`, UnusableImage for an unreadable
+    file), never read through a link out of the image's folder. ``files``: :func:`_readable_files` of it."""
+    exact = image.with_suffix(extension)
+    if _linked_out(exact, image.parent):
+        return None
+    if files is None:  # only an image without its exact sidecar needs the folder's other names
+        files = {} if exact.is_file() else _readable_files(image.parent)
+    return read_trainer_caption(image, extension, files)[0]
+
+
+def read_caption(image: Path, extension: str = CAPTION_EXTENSION, files: dict[str, Path] | None = None) -> str:
+    """The caption the trainer would read for ``image``: "" for none or an unreadable one."""
     try:
-        return decode_caption(path.read_bytes())
-    except (OSError, WorkspaceError):
+        return _trainer_caption(image, caption_extension(extension), files) or ""
+    except UnusableImage:
         return ""
 
 
 def check_image(dataset_dir: Path, image: str | os.PathLike) -> Path:
-    """``image`` as a path inside the dataset (the UI sends it back from the browser: never trust it)."""
-    path = Path(image).expanduser().resolve()
-    if not is_inside(path, dataset_dir) or not path.is_file() or not is_image_name(path.name):
+    """``image`` (sent back by the browser: never trusted) as an image file of the dataset, without ``..``, and
+    inside the dataset also with links followed. Returns the path as named (a link stays a link)."""
+    text = str(image).strip()
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else dataset_dir / path
+    root = dataset_dir.resolve()
+    if not text or ".." in path.parts or not is_within(path, dataset_dir) or not is_within(path.resolve(), root) \
+            or not path.is_file() or not is_image_name(path.name):
         raise WorkspaceError(f"{image}: not an image of the dataset {dataset_dir}; select an image in the gallery")
     return path
 
 
+def writable_caption(image: Path, extension: str) -> Path:
+    """The caption file of a checked image, unless it is a link (the UI never writes through a link)."""
+    path = caption_path(image, extension)
+    if path.is_symlink():
+        raise WorkspaceError(f"{path.name} is a link; the web UI does not write through links (edit the file it "
+                             "points to directly)")
+    return path
+
+
 def write_caption(dataset_dir: Path, image: str | os.PathLike, text: str, extension: str = CAPTION_EXTENSION) -> Path:
-    path = caption_path(check_image(dataset_dir, image), extension)
+    path = writable_caption(check_image(dataset_dir, image), extension)
     write_text_atomic(path, clean_caption(text))
     return path
 
@@ -411,9 +614,12 @@ def write_caption(dataset_dir: Path, image: str | os.PathLike, text: str, extens
 def _rewrite_captions(dataset_dir: Path, change, extension: str) -> int:
     changed = 0
     for item in list_images(dataset_dir, extension):
+        path = caption_path(item.path, extension)
+        if item.linked_out or path.is_symlink():
+            continue
         new = clean_caption(change(item.caption))
         if new != item.caption:
-            write_text_atomic(caption_path(item.path, extension), new)
+            write_text_atomic(path, new)
             changed += 1
     return changed
 
@@ -445,13 +651,11 @@ def set_repeats(dataset_dir: Path, folder: str, repeats: int) -> Path:
     repeats = int(repeats)
     if repeats < 1:
         raise WorkspaceError(f"repeats must be ≥ 1, got {repeats}")
-    source = (dataset_dir / folder).resolve()
-    if not folder or source == dataset_dir or not is_inside(source, dataset_dir) or not source.is_dir() \
-            or source.parent != dataset_dir:
+    source = dataset_dir / folder
+    if not folder or "/" in folder or folder.startswith(".") or not source.is_dir():
         raise WorkspaceError("images directly in the dataset folder count once; upload into a concept (sub-folder) "
                              "to set repeats" if not folder else f"{folder}: not a concept folder of {dataset_dir}")
-    match = _REPEATS.match(source.name)
-    name = match.group(2) if match else source.name
+    name = parse_folder_name(source.name)[1]
     target = dataset_dir / f"{repeats}_{name}"
     if target == source:
         return target
@@ -463,24 +667,17 @@ def set_repeats(dataset_dir: Path, folder: str, repeats: int) -> Path:
 
 def delete_image(dataset_dir: Path, image: str | os.PathLike, extension: str = CAPTION_EXTENSION) -> None:
     path = check_image(dataset_dir, image)
-    caption_path(path, extension).unlink(missing_ok=True)
+    caption_path(path, extension).unlink(missing_ok=True)  # a link is removed, never what it points to
     path.unlink()
 
 
 def image_problem(image: Path, extension: str = CAPTION_EXTENSION, max_pixels: int = MAX_PIXELS) -> str | None:
-    """Why the trainer would skip ``image`` (its own decode check, and an unreadable caption), or None."""
+    """Why the trainer would skip ``image`` (its own decode and caption checks), or None."""
     try:
         inspect_image(image, max_pixels)
+        _trainer_caption(image, caption_extension(extension))
     except UnusableImage as reason:
         return str(reason)
-    caption = caption_path(image, extension)
-    if caption.is_file():
-        try:
-            caption.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as error:
-            return f"caption file {caption.name} is not UTF-8 ({error.reason} at byte {error.start})"
-        except OSError as error:
-            return f"cannot read caption file {caption.name} ({error.strerror or error})"
     return None
 
 
