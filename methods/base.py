@@ -59,6 +59,17 @@ def coerce_value(key: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {value!r}")
         return dict(value)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):  # a typed table (e.g. dataset.subsets[0])
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table of keys, got {value!r}")
+        names = [field.name for field in dataclasses.fields(hint)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+        hints = typing.get_type_hints(hint)
+        return hint(**{name: coerce_value(f"{key}.{name}", hints[name], item) for name, item in value.items()})
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -34,6 +34,8 @@ class Models:
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
     objective: DiffusionObjective
+    max_token_length: int = 75  # dataset.max_token_length: captions beyond 77 tokens in chunks (sd-scripts)
+    weighted_captions: bool = False  # dataset.weighted_captions: (word:1.2) attention weights
 
     @property
     def is_sdxl(self) -> bool:
@@ -66,13 +68,15 @@ class Models:
         """Text conditioning on the device in the weight dtype; from ``text_cache`` while the encoders are frozen."""
         if text_cache is None:
             with torch.set_grad_enabled(train_text_encoder and torch.is_grad_enabled()):
-                conditioning = encode_captions(self.pipe, captions, clip_skip, self.is_sdxl)
+                conditioning = encode_captions(self.pipe, captions, clip_skip, self.is_sdxl, self.max_token_length,
+                                               self.weighted_captions)
             return conditioning.to(self.device, self.weight_dtype)
 
         def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
             # One caption at a time: an entry must not depend on which captions it was first batched with
             # (CPU kernels may round differently per batch size), or a resumed run would drift from the original.
-            parts = [encode_captions(self.pipe, [text], clip_skip, self.is_sdxl) for text in texts]
+            parts = [encode_captions(self.pipe, [text], clip_skip, self.is_sdxl, self.max_token_length,
+                                     self.weighted_captions) for text in texts]
             stacked = Conditioning.stack(parts)
             return stacked.hidden_states, stacked.pooled
 
@@ -113,7 +117,7 @@ def load_models(config: TrainerConfig, device: torch.device) -> Models:
         pipe.scheduler = zero_terminal_snr_scheduler(pipe.scheduler)  # previews sample with the rescaled schedule
     objective = DiffusionObjective(pipe.scheduler.config, info.prediction_type, config.train)
     models = Models(pipe, info.arch, info.prediction_type, info.source_kind, device, weight_dtype, vae_dtype,
-                    objective)
+                    objective, config.dataset.max_token_length, config.dataset.weighted_captions)
     if config.network.base_weights:
         merge_base_weights(pipe, info.arch, config.network.base_weights, config.network.base_weights_multiplier)
     for model in models.text_encoders() + [pipe.unet, pipe.vae]:

@@ -83,13 +83,14 @@ def training_metadata(config: Any, scan: Any, dataset: Any, state: Any, processe
         "modelspec.description": config.output.description or None,
         "modelspec.encoder_layer": train.clip_skip if train.clip_skip > 1 else None,
         **kohya_option_metadata(config),
+        "ss_datasets": subsets_metadata(config, scan, dataset) if data.subsets else None,
     }
 
 
 def kohya_option_metadata(config: Any) -> dict[str, Any]:
     """sd-scripts' ``ss_*`` keys of its loss, noise, memory and regularisation options, under its names and with its
     values (``None`` where an option is off and sd-scripts' default is None, written "None" as sd-scripts does)."""
-    train, network = config.train, config.network
+    train, network, data = config.train, config.network, config.dataset
     return {
         "ss_loss_type": train.loss_type, "ss_huber_schedule": train.huber_schedule, "ss_huber_c": train.huber_c,
         "ss_huber_scale": train.huber_scale, "ss_debiased_estimation": train.debiased_estimation_loss,
@@ -102,7 +103,35 @@ def kohya_option_metadata(config: Any) -> dict[str, Any]:
         "ss_noise_offset_random_strength": train.noise_offset_random_strength,
         "ss_full_fp16": train.full_fp16, "ss_fp8_base": train.fp8_base, "ss_fp8_base_unet": train.fp8_base_unet,
         "ss_scale_weight_norms": network.scale_weight_norms or "None", "ss_max_grad_norm": train.max_grad_norm,
+        "ss_caption_tag_dropout_rate": data.caption_tag_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": data.caption_dropout_every_n_epochs,
+        "ss_max_token_length": data.max_token_length if data.max_token_length > 75 else "None",
+        "ss_color_aug": data.color_aug, "ss_bucket_no_upscale": data.bucket_no_upscale,
     }
+
+
+def subsets_metadata(config: Any, scan: Any, dataset: Any) -> list[dict[str, Any]]:
+    """sd-scripts' ``ss_datasets`` (written when a dataset config is used): one dataset with its subsets."""
+    from .dataset import subset_section
+
+    data, train = config.dataset, config.train
+    subsets = []
+    for index, subset in enumerate(data.subsets):
+        own = subset_section(data, index)
+        entry = {"img_count": scan.subset_images[index] if index < len(scan.subset_images) else 0,
+                 "num_repeats": subset.num_repeats, "color_aug": own.color_aug, "flip_aug": own.flip,
+                 "random_crop": data.crop == "random", "shuffle_caption": own.shuffle_caption,
+                 "keep_tokens": own.keep_tokens, "caption_prefix": own.caption_prefix or None,
+                 "caption_suffix": own.caption_suffix or None, "image_dir": Path(subset.image_dir).name,
+                 "class_tokens": subset.class_tokens, "is_reg": subset.is_reg}
+        if subset.resolution is not None:
+            entry["resolution"] = (subset.resolution, subset.resolution)  # ours: sd-scripts sets it per dataset
+        subsets.append(entry)
+    return [{"is_dreambooth": True, "batch_size_per_device": train.batch_size,
+             "num_train_images": scan.num_train_images, "num_reg_images": scan.num_reg_images,
+             "resolution": (data.resolution, data.resolution), "enable_bucket": data.enable_buckets,
+             "min_bucket_reso": data.min_bucket_side, "max_bucket_reso": data.max_bucket_side,
+             "tag_frequency": scan.tag_frequency, "bucket_info": dataset.bucket_info(), "subsets": subsets}]
 
 
 # ----- self-check ----------------------------------------------------------------------------------------------

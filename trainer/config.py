@@ -41,6 +41,29 @@ class ModelSection:
 
 
 @dataclasses.dataclass
+class SubsetSection:
+    """One folder of images in a run of several (sd-scripts' ``[[datasets.subsets]]``): written as
+    ``[[dataset.subsets]]`` tables. Unset (None) settings take the [dataset] value."""
+
+    image_dir: str = ""  # the images, directly inside this folder (sub-folders are not read)
+    num_repeats: int = 1
+    is_reg: bool = False  # regularisation images (weighted by dataset.reg_weight)
+    resolution: int | None = None  # its own bucket resolution
+    caption_extension: str | None = None
+    class_tokens: str | None = None  # the caption of images without a caption file
+    trigger_word: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = None
+    caption_dropout: float | None = None
+    caption_tag_dropout_rate: float | None = None
+    caption_dropout_every_n_epochs: int | None = None
+    flip: bool | None = None
+    color_aug: bool | None = None
+
+
+@dataclasses.dataclass
 class DatasetSection:
     dir: str = "data"
     resolution: int = 512
@@ -64,6 +87,16 @@ class DatasetSection:
     masked_loss: bool = False  # weight the loss by the alpha channel or a <name>_mask.png image
     validation_split: float = 0.0  # fraction of images held out for a validation loss
     num_workers: int = 0
+    # sd-scripts' caption and data options
+    caption_prefix: str = ""  # added before every caption (with a space), before shuffling
+    caption_suffix: str = ""  # added after every caption (with a space)
+    caption_tag_dropout_rate: float = 0.0  # each tag after keep_tokens is dropped with this probability
+    caption_dropout_every_n_epochs: int = 0  # every Nth epoch trains without captions
+    max_token_length: int = 75  # 150 or 225: longer captions, encoded in 77-token chunks as sd-scripts does
+    weighted_captions: bool = False  # read (word:1.2), (word), [word] attention weights in captions
+    bucket_no_upscale: bool = False  # buckets never larger than the image (small images are not enlarged)
+    color_aug: bool = False  # a weak random hue shift or gamma (latents then cannot be cached)
+    subsets: list[SubsetSection] = dataclasses.field(default_factory=list)  # several folders; replaces dir/reg_dir
 
 
 @dataclasses.dataclass
@@ -339,12 +372,51 @@ class TrainerConfig:
         if len(network.base_weights_multiplier) > len(network.base_weights):
             raise ConfigError(f"network.base_weights_multiplier has {len(network.base_weights_multiplier)} value(s) "
                               f"for {len(network.base_weights)} file(s) in network.base_weights")
+        self._validate_dataset_options()
         if network.dim_from_weights and (network.block_dims or network.conv_block_dims):
             raise ConfigError("network.dim_from_weights takes every module's rank from the file; leave "
                               "network.block_dims / conv_block_dims empty")
         from methods.blocks import check_block_options
 
         check_block_options(network)
+
+    def _validate_dataset_options(self) -> None:
+        data = self.dataset
+        if data.max_token_length not in (75, 150, 225):
+            raise ConfigError(f"dataset.max_token_length = {data.max_token_length} is not allowed; choose 75, 150 "
+                              "or 225 (tokens per caption, as sd-scripts)")
+        if data.caption_dropout_every_n_epochs < 0:
+            raise ConfigError(f"dataset.caption_dropout_every_n_epochs must be ≥ 0, got "
+                              f"{data.caption_dropout_every_n_epochs}")
+        if not 0.0 <= data.caption_tag_dropout_rate < 1.0:
+            raise ConfigError(f"dataset.caption_tag_dropout_rate must be in [0, 1), got "
+                              f"{data.caption_tag_dropout_rate}")
+        if data.bucket_no_upscale and not data.enable_buckets:
+            raise ConfigError("dataset.bucket_no_upscale picks each image's own bucket; it needs "
+                              "dataset.enable_buckets = true")
+        if not data.subsets:
+            return
+        if data.reg_dir:
+            raise ConfigError("dataset.reg_dir is not read when dataset.subsets are given; add the regularisation "
+                              "folder as a subset with is_reg = true")
+        for index, subset in enumerate(data.subsets):
+            where = f"dataset.subsets[{index}]"
+            if not subset.image_dir.strip():
+                raise ConfigError(f"{where}.image_dir is empty; give the folder of its images")
+            if subset.num_repeats < 1:
+                raise ConfigError(f"{where}.num_repeats must be ≥ 1, got {subset.num_repeats}")
+            if subset.resolution is not None and (subset.resolution < 8 or subset.resolution % 8):
+                raise ConfigError(f"{where}.resolution must be a positive multiple of 8, got {subset.resolution}")
+            for key in ("caption_dropout", "caption_tag_dropout_rate"):
+                value = getattr(subset, key)
+                if value is not None and not 0.0 <= value < 1.0:
+                    raise ConfigError(f"{where}.{key} must be in [0, 1), got {value}")
+            for key in ("keep_tokens", "caption_dropout_every_n_epochs"):
+                value = getattr(subset, key)
+                if value is not None and value < 0:
+                    raise ConfigError(f"{where}.{key} must be ≥ 0, got {value}")
+        if all(subset.is_reg for subset in data.subsets):
+            raise ConfigError("every dataset.subsets entry is is_reg = true; add a subset of training images")
 
     def method_config(self):
         from methods.registry import get_method
@@ -402,17 +474,25 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """TOML for our two-level config: one ``[section]`` per table, nested tables as ``[section.sub]``."""
+    """TOML for our two-level config: one ``[section]`` per table, nested tables as ``[section.sub]``, lists of tables
+    as ``[[section.key]]``."""
     lines: list[str] = []
 
-    def emit(prefix: str, table: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    def is_table_list(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    def emit(prefix: str, table: dict[str, Any], array: bool = False) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not is_table_list(v)}
         tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        lines.append(f"[{prefix}]")
+        lines.append(f"[[{prefix}]]" if array else f"[{prefix}]")
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items() if value is not None)
         lines.append("")
         for key, sub in tables.items():
             emit(f"{prefix}.{key}", sub)
+        for key, items in table.items():
+            if is_table_list(items):  # [[section.key]] array of tables (dataset.subsets)
+                for item in items:
+                    emit(f"{prefix}.{key}", item, array=True)
 
     for section, table in data.items():
         emit(section, table)

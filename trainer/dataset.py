@@ -89,6 +89,7 @@ class ImageItem:
     loss_weight: float = 1.0
     has_alpha: bool = False
     mask_path: Path | None = None  # <stem>_mask.png beside the image, when masked_loss and present
+    subset: int = -1  # its dataset.subsets entry (-1: dataset.dir or reg_dir)
 
 
 @dataclasses.dataclass
@@ -99,6 +100,7 @@ class DatasetScan:
     tag_frequency: dict[str, dict[str, int]]  # ss_tag_frequency
     dataset_dirs: dict[str, dict[str, int]]  # ss_dataset_dirs {folder: {"n_repeats", "img_count"}}
     reg_dataset_dirs: dict[str, dict[str, int]]  # ss_reg_dataset_dirs
+    subset_images: list[int] = dataclasses.field(default_factory=list)  # usable images per dataset.subsets entry
 
     @property
     def train_items(self) -> list[ImageItem]:
@@ -138,6 +140,8 @@ def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
     Raises ``ValueError`` when a folder is missing or holds no usable image. Unusable files are listed in
     ``scan.skipped`` and logged as warnings.
     """
+    if section.subsets:
+        return _scan_subsets(section, seed)
     skipped: list[tuple[Path, str]] = []
     caption_extension = _caption_extension(section.caption_extension)
     train, train_concepts = _scan_root(Path(section.dir).expanduser(), "dataset.dir", section, caption_extension,
@@ -158,6 +162,58 @@ def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
         dataset_dirs=_dataset_dirs(train_concepts, train),
         reg_dataset_dirs=_dataset_dirs(reg_concepts, reg),
     )
+
+
+def subset_section(section: DatasetSection, index: int) -> DatasetSection:
+    """The [dataset] settings as they apply to the images of ``dataset.subsets[index]``: the subset's own values
+    where set (-1: the [dataset] section itself)."""
+    if index < 0:
+        return section
+    subset = section.subsets[index]
+    shared = {field.name for field in dataclasses.fields(DatasetSection)}
+    own = {field.name: getattr(subset, field.name) for field in dataclasses.fields(subset)
+           if field.name in shared and getattr(subset, field.name) is not None}
+    return dataclasses.replace(section, **own, subsets=[])
+
+
+def _scan_subsets(section: DatasetSection, seed: int) -> DatasetScan:
+    """sd-scripts' dataset config: every subset is one folder of images with its own repeats, captions, flags."""
+    skipped: list[tuple[Path, str]] = []
+    train: list[ImageItem] = []
+    reg: list[ImageItem] = []
+    train_concepts: list[_Concept] = []
+    reg_concepts: list[_Concept] = []
+    counts: list[int] = []
+    names: set[str] = set()
+    for index, subset in enumerate(section.subsets):
+        where = f"dataset.subsets[{index}].image_dir"
+        folder = Path(subset.image_dir).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"{where} = {subset.image_dir!r} is not a folder")
+        concept = _concept(folder)
+        if concept is None:
+            raise ValueError(f"{where} = {subset.image_dir!r}: no image directly inside (accepted extensions: "
+                             f"{', '.join(IMAGE_EXTENSIONS)}); give each sub-folder its own subset")
+        name, number = folder.name, 2
+        while name in names:  # the same folder name twice: sd-scripts' "name (2)"
+            name, number = f"{folder.name} ({number})", number + 1
+        names.add(name)
+        class_word = subset.class_tokens if subset.class_tokens is not None else concept.class_word
+        concept = dataclasses.replace(concept, name=name, class_word=class_word, n_repeats=subset.num_repeats)
+        settings = subset_section(section, index)
+        missing_caption = "class_word" if subset.class_tokens else settings.missing_caption
+        items = _inspect_concept(concept, dataclasses.replace(settings, missing_caption=missing_caption),
+                                 _caption_extension(settings.caption_extension), skipped, subset.is_reg, where)
+        items = [dataclasses.replace(item, subset=index) for item in items]
+        counts.append(len(items))
+        (reg if subset.is_reg else train).extend(items)
+        (reg_concepts if subset.is_reg else train_concepts).append(concept)
+    train, validation = _split_validation(train, section.validation_split, seed)
+    reg = _balance_regularisation(reg, sum(item.n_repeats for item in train))
+    items = train + reg
+    return DatasetScan(items=items, validation=validation, skipped=skipped, tag_frequency=_tag_frequency(items),
+                       dataset_dirs=_dataset_dirs(train_concepts, train),
+                       reg_dataset_dirs=_dataset_dirs(reg_concepts, reg), subset_images=counts)
 
 
 def _caption_extension(extension: str) -> str:
@@ -228,6 +284,29 @@ def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension
         raise ValueError(f"{what} = {str(root)!r} is not a folder")
     exclude = Path(section.reg_dir).expanduser().resolve() if section.reg_dir and not is_reg else None
     concepts = _find_concepts(root, exclude)
+    items = _inspect_images(concepts, section, caption_extension, skipped, is_reg, root)
+    if not items:
+        bad = sum(1 for path, _ in skipped if path.is_relative_to(root))
+        detail = f" ({bad} file(s) skipped as unusable, see the warnings)" if bad else ""
+        raise ValueError(f"{what} = {str(root)!r}: no usable image found{detail}; accepted extensions: {accepted} "
+                         "(directly inside the folder or inside its immediate sub-folders such as '10_name')")
+    used = {item.folder for item in items}
+    return items, [concept for concept in concepts if concept.name in used]
+
+
+def _inspect_concept(concept: _Concept, section: DatasetSection, caption_extension: str,
+                     skipped: list[tuple[Path, str]], is_reg: bool, what: str) -> list[ImageItem]:
+    """The usable images of one subset folder (:func:`_inspect_images`); a ValueError naming ``what`` if none."""
+    folder = concept.images[0].parent
+    items = _inspect_images([concept], section, caption_extension, skipped, is_reg, folder)
+    if not items:
+        raise ValueError(f"{what} = {str(folder)!r}: no usable image found (see the warnings)")
+    return items
+
+
+def _inspect_images(concepts: list[_Concept], section: DatasetSection, caption_extension: str,
+                    skipped: list[tuple[Path, str]], is_reg: bool, root: Path) -> list[ImageItem]:
+    """Decode every image of ``concepts`` (in threads) into items; unusable ones go to ``skipped``."""
     jobs = [(concept, path) for concept in concepts for path in concept.images]
 
     def inspect(job: tuple[_Concept, Path]) -> tuple[ImageItem, bool] | tuple[Path, str]:
@@ -256,13 +335,7 @@ def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension
     if multi_line:
         logger.warning("%d caption file(s) in %s have several lines; only the first non-blank line is used",
                        multi_line, root)
-    if not items:
-        bad = sum(1 for path, _ in skipped if path.is_relative_to(root))
-        detail = f" ({bad} file(s) skipped as unusable, see the warnings)" if bad else ""
-        raise ValueError(f"{what} = {str(root)!r}: no usable image found{detail}; accepted extensions: {accepted} "
-                         "(directly inside the folder or inside its immediate sub-folders such as '10_name')")
-    used = {item.folder for item in items}
-    return items, [concept for concept in concepts if concept.name in used]
+    return items
 
 
 def _inspect_item(path: Path, concept: _Concept, section: DatasetSection, caption_extension: str,
@@ -515,6 +588,80 @@ def cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int
     return max(bucket_w, int(width * scale + 0.5)), max(bucket_h, int(height * scale + 0.5))
 
 
+def no_upscale_bucket(size: tuple[int, int], resolution: int, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """sd-scripts' ``bucket_no_upscale`` (``BucketManager.select_bucket``): an image (height, width) larger than
+    resolution² in area is shrunk to that area (its aspect ratio kept, one side rounded to ``step``, whichever keeps
+    the ratio better), a smaller one keeps its size; the bucket is that size rounded down to ``step`` (the image
+    is cropped, never enlarged). Returns (bucket, resized), both (width, height); a side below ``step`` becomes
+    ``step`` (the one case that enlarges)."""
+    height, width = size
+    ratio = width / height
+    max_area = resolution * resolution
+
+    def to_steps(value: float) -> int:
+        value = int(value + 0.5)
+        return max(step, value - value % step)
+
+    if width * height > max_area:
+        resized_width = math.sqrt(max_area * ratio)
+        resized_height = max_area / resized_width
+        by_width = to_steps(resized_width)
+        by_height = to_steps(resized_height)
+        width_error = abs(by_width / to_steps(by_width / ratio) - ratio)
+        height_error = abs(to_steps(by_height * ratio) / by_height - ratio)
+        if width_error < height_error:
+            resized = (by_width, int(by_width / ratio + 0.5))
+        else:
+            resized = (int(by_height * ratio + 0.5), by_height)
+    else:
+        resized = (width, height)
+    bucket = (max(step, resized[0] - resized[0] % step), max(step, resized[1] - resized[1] % step))
+    if bucket[0] > resized[0] or bucket[1] > resized[1]:
+        resized = cover_size(size, bucket)
+    return bucket, resized
+
+
+def bucket_geometry(items: Sequence[ImageItem], sections: Sequence[DatasetSection],
+                    section: DatasetSection) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int]]]:
+    """(buckets, each item's bucket index, each item's resized size): kohya's buckets of each item's resolution
+    (nearest aspect ratio), or with ``bucket_no_upscale`` :func:`no_upscale_bucket`; the square resolution when
+    buckets are off. The bucket list is every candidate bucket of the resolutions in use, sorted."""
+    candidates: dict[int, list[tuple[int, int]]] = {}
+    chosen: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    for item, own in zip(items, sections):
+        if not section.enable_buckets:
+            bucket = (own.resolution, own.resolution)
+            chosen.append((bucket, cover_size(item.size, bucket)))
+        elif section.bucket_no_upscale:
+            chosen.append(no_upscale_bucket(item.size, own.resolution, section.bucket_step))
+        else:
+            options = candidates.get(own.resolution)
+            if options is None:
+                options = candidates[own.resolution] = make_buckets(own.resolution, section.min_bucket_side,
+                                                                    section.max_bucket_side, section.bucket_step)
+            bucket = options[assign_bucket(item.size, options)]
+            chosen.append((bucket, cover_size(item.size, bucket)))
+    buckets = sorted(set().union(*candidates.values(), (bucket for bucket, _ in chosen)))
+    index = {bucket: position for position, bucket in enumerate(buckets)}
+    return buckets, [index[bucket] for bucket, _ in chosen], [resized for _, resized in chosen]
+
+
+def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """sd-scripts' ``color_aug``: a third of the time, either a hue shift of up to ±8 (of OpenCV's 180 hues) or a
+    gamma in [0.95, 1.05]; otherwise the image unchanged. (sd-scripts raises the raw 0–255 values to γ, which moves
+    mid-greys by up to ~30 levels; here γ acts on values in [0, 1], as the albumentations transform it replaced.)"""
+    if rng.random() > 0.33:
+        return image
+    if rng.random() > 0.5:
+        shift = round(rng.uniform(-8, 8) * 256 / 180)  # Pillow's hue runs over 0-255
+        hsv = np.asarray(image.convert("HSV")).copy()
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + shift) % 256).astype(np.uint8)
+        return Image.fromarray(hsv, "HSV").convert("RGB")
+    gamma = rng.uniform(0.95, 1.05)
+    values = np.asarray(image, dtype=np.float32) / 255.0
+    return Image.fromarray(np.clip(np.rint(255.0 * values**gamma), 0, 255).astype(np.uint8))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How one sample is cut from its image: resize to ``resized``, crop ``bucket`` at (left, top), maybe mirror."""
@@ -568,16 +715,25 @@ def _contains_word(text: str, word: str) -> bool:
 
 
 def process_caption(caption: str, rng: random.Random, *, trigger_word: str = "", shuffle: bool = False,
-                    keep_tokens: int = 0, dropout: float = 0.0) -> str:
+                    keep_tokens: int = 0, dropout: float = 0.0, tag_dropout: float = 0.0, prefix: str = "",
+                    suffix: str = "", drop: bool = False) -> str:
     """Caption as used for one sample.
 
-    * dropout: with probability ``dropout`` the whole caption (trigger included) becomes "" (unconditional).
+    * prefix/suffix (sd-scripts' caption_prefix/suffix): joined to the caption with a space, before anything else.
+    * dropout: with probability ``dropout`` (or always with ``drop``: sd-scripts' caption_dropout_every_n_epochs)
+      the whole caption (trigger included) becomes "" (unconditional).
     * trigger word: first, once. A caption that already has it as a tag gets it moved to the front; one that
       mentions it inside prose ("a photo of ohwx man") is left as written.
     * shuffle: comma-separated tags are shuffled except the first ``keep_tokens``, counted with the trigger first
       (kohya's usual "ohwx, ..." + keep_tokens = 1); the trigger itself is always kept in front.
+    * tag_dropout (sd-scripts' caption_tag_dropout_rate): after shuffling, each tag not kept in front is dropped
+      with this probability.
     """
-    if dropout > 0 and rng.random() < dropout:
+    if prefix:
+        caption = f"{prefix} {caption}"
+    if suffix:
+        caption = f"{caption} {suffix}"
+    if drop or (dropout > 0 and rng.random() < dropout):
         return ""
     caption = caption.strip()
     trigger = trigger_word.strip()
@@ -585,10 +741,13 @@ def process_caption(caption: str, rng: random.Random, *, trigger_word: str = "",
     as_tag = bool(trigger) and trigger in tags
     lead = [trigger] if as_tag or (trigger and not _contains_word(caption, trigger)) else []
     rest = [tag for tag in tags if tag != trigger] if lead else tags
-    if shuffle:
+    if shuffle or tag_dropout > 0:
         keep = max(0, keep_tokens - len(lead))
         fixed, free = rest[:keep], rest[keep:]
-        rng.shuffle(free)
+        if shuffle:
+            rng.shuffle(free)
+        if tag_dropout > 0:
+            free = [tag for tag in free if rng.random() >= tag_dropout]
         return ", ".join(lead + fixed + free)
     if not lead or tags[:1] == lead:
         return caption
@@ -616,17 +775,15 @@ class ImageDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.epoch = 0
         self.latent_cache: LatentCache | None = None
-        if section.enable_buckets:
-            self.buckets = make_buckets(section.resolution, section.min_bucket_side, section.max_bucket_side,
-                                        section.bucket_step)
-            self.item_buckets = [assign_bucket(item.size, self.buckets) for item in self.items]
-        else:
-            self.buckets = [(section.resolution, section.resolution)]
-            self.item_buckets = [0] * len(self.items)
-        self.item_resized = [cover_size(item.size, self.buckets[b]) for item, b in zip(self.items, self.item_buckets)]
+        # Each image's settings: [dataset], or its dataset.subsets entry's (own resolution, flip, captions, …).
+        by_subset = {index: subset_section(section, index) for index in {item.subset for item in self.items}}
+        self.item_sections = [by_subset[item.subset] for item in self.items]
+        self.buckets, self.item_buckets, self.item_resized = bucket_geometry(self.items, self.item_sections, section)
         self.sample_items = [i for i, item in enumerate(self.items) for _ in range(item.n_repeats if augment else 1)]
         self.random_crop = augment and section.crop == "random"
-        self.flip = augment and section.flip
+        self.item_flip = [augment and own.flip for own in self.item_sections]
+        self.item_color_aug = [augment and own.color_aug for own in self.item_sections]
+        self.flip = any(self.item_flip)
 
     # --- sizes and metadata ---
     def __len__(self) -> int:
@@ -659,8 +816,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def plan(self, index: int, epoch: int | None = None) -> Plan:
         """Geometry of sample ``index`` in ``epoch`` (default: the current epoch)."""
         crop_rng = self._rng("crop", index, epoch) if self.random_crop else None
-        flip = self.flip and self._rng("flip", index, epoch).random() < 0.5
-        return self._item_plan(self.sample_items[index], flip, crop_rng)
+        item_index = self.sample_items[index]
+        flip = self.item_flip[item_index] and self._rng("flip", index, epoch).random() < 0.5
+        return self._item_plan(item_index, flip, crop_rng)
 
     def _item_plan(self, item_index: int, flip: bool, crop_rng: random.Random | None = None) -> Plan:
         bucket = self.buckets[self.item_buckets[item_index]]
@@ -673,13 +831,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return Plan(bucket, resized, left, top, flip)
 
     def caption(self, index: int, epoch: int | None = None) -> str:
-        item = self.items[self.sample_items[index]]
-        section = self.section
+        item_index = self.sample_items[index]
+        item, own = self.items[item_index], self.item_sections[item_index]
         if not self.augment:
-            return process_caption(item.caption, random.Random(0), trigger_word=section.trigger_word)
-        return process_caption(item.caption, self._rng("caption", index, epoch), trigger_word=section.trigger_word,
-                               shuffle=section.shuffle_caption, keep_tokens=section.keep_tokens,
-                               dropout=section.caption_dropout)
+            return process_caption(item.caption, random.Random(0), trigger_word=own.trigger_word,
+                                   prefix=own.caption_prefix, suffix=own.caption_suffix)
+        every = own.caption_dropout_every_n_epochs  # sd-scripts counts epochs from 1: every Nth one is dropped
+        drop = bool(every) and ((self.epoch if epoch is None else epoch) + 1) % every == 0
+        return process_caption(item.caption, self._rng("caption", index, epoch), trigger_word=own.trigger_word,
+                               shuffle=own.shuffle_caption, keep_tokens=own.keep_tokens, dropout=own.caption_dropout,
+                               tag_dropout=own.caption_tag_dropout_rate, prefix=own.caption_prefix,
+                               suffix=own.caption_suffix, drop=drop)
 
     # --- latent caching support (trainer.cache) ---
     def cache_blocker(self) -> str | None:
@@ -687,12 +849,15 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.random_crop:
             return ("dataset.crop = 'random' picks a new crop at every step, so latents cannot be cached; the VAE "
                     "encodes every batch instead (use crop = 'center' to cache latents)")
+        if any(self.item_color_aug):
+            return ("dataset.color_aug changes the colours at every step, so latents cannot be cached; the VAE "
+                    "encodes every batch instead")
         return None
 
     def cache_plans(self) -> list[tuple[int, Plan]]:
         """Every (item index, plan) a sample can use — both mirror images when flipping — for precomputing."""
-        flips = (False, True) if self.flip else (False,)
-        return [(i, self._item_plan(i, flip)) for i in range(len(self.items)) for flip in flips]
+        return [(i, self._item_plan(i, flip)) for i in range(len(self.items))
+                for flip in ((False, True) if self.item_flip[i] else (False,))]
 
     def load_pixels(self, item_index: int, plan: Plan) -> torch.Tensor:
         image, _ = load_image(self.items[item_index].path)
@@ -725,7 +890,10 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise RuntimeError(f"no cached latents for {item.path} ({plan}); run LatentCache.encode_all on this "
                                    "dataset before training")
         else:
-            pixels = pixels_to_tensor(render(image, plan))
+            rendered = render(image, plan)
+            if self.item_color_aug[item_index]:
+                rendered = color_augment(rendered, self._rng("color", index, None))
+            pixels = pixels_to_tensor(rendered)
         if self.section.masked_loss:
             mask = self._mask(item, plan, image, alpha)
         return {
@@ -898,8 +1066,9 @@ def make_dataloader(dataset: ImageDataset, sampler: BucketBatchSampler, num_work
 
 __all__ = [
     "IMAGE_EXTENSIONS", "BucketBatchSampler", "DatasetScan", "ImageDataset", "ImageItem", "Plan", "UnusableImage",
-    "assign_bucket", "caption_file", "collate_batch", "cover_size", "image_files", "inspect_image", "load_datasets",
-    "load_image", "load_mask", "make_buckets", "make_dataloader", "process_caption", "read_caption", "render",
-    "scan_dataset", "split_tags", "to_rgb",
+    "assign_bucket", "bucket_geometry", "caption_file", "collate_batch", "color_augment", "cover_size", "image_files",
+    "inspect_image", "load_datasets", "load_image", "load_mask", "make_buckets", "make_dataloader",
+    "no_upscale_bucket", "process_caption", "read_caption", "render", "scan_dataset", "split_tags", "subset_section",
+    "to_rgb",
 ]
 

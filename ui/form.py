@@ -50,6 +50,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": config_module.MIXED_PRECISION,
     "sample.sampler": config_module.SAMPLERS,
     "output.save_dtype": config_module.SAVE_DTYPES,
+    "train.loss_type": config_module.LOSS_TYPES,
+    "train.huber_schedule": config_module.HUBER_SCHEDULES,
+    "train.half_precision_update": config_module.HALF_PRECISION_UPDATES,
 }
 LABELS = {
     "model.base": "Base model (hub id, diffusers folder, or .safetensors/.ckpt file)",
@@ -70,6 +73,9 @@ INFOS = {
                   "workspace's outputs/ (a name is enough)",
     "dataset.caption_extension": "caption files beside the images: .txt, .caption or .tags",
     "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
+    "dataset.subsets": "several image folders instead of the dataset folder, one [[subsets]] table each: "
+                       "image_dir = \"…\", num_repeats = 10, is_reg, resolution, class_tokens, trigger_word, "
+                       "caption_prefix/suffix, flip, color_aug, … (unset keys take the [dataset] value)",
 }
 # The familiar methods head the method menu; every other registered method follows (labels: each method's class).
 FAMILIAR_METHODS = ("lora", "loha", "lokr", "oft", "boft")
@@ -96,6 +102,10 @@ class Field:
             return "" if value is None else str(value)
         if self.kind == "lines":
             return "\n".join(str(v) for v in value or [])
+        if self.kind == "table" and isinstance(self.default, list):  # a list of tables: [[name]] blocks
+            items = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value or []]
+            text = dump_toml({"t": {self.name: items}}) if items else ""
+            return "\n".join(line.replace("[[t.", "[[") for line in text.splitlines()[1:]).strip()
         if self.kind == "table":
             return "\n".join(line for line in dump_toml({"t": value or {}}).splitlines()[1:] if line.strip())
         return value
@@ -122,9 +132,16 @@ class Field:
             return [line.strip() for line in str(value or "").splitlines() if line.strip()]
         if self.kind == "table":
             try:
-                return tomllib.loads(str(value or ""))
+                table = tomllib.loads(str(value or ""))
             except tomllib.TOMLDecodeError as error:
                 raise ConfigError(f"{self.key}: not valid TOML key = value lines ({error})") from None
+            if isinstance(self.default, list):
+                unknown = sorted(set(table) - {self.name})
+                if unknown:
+                    raise ConfigError(f"{self.key}: write each entry as a [[{self.name}]] table of keys, not "
+                                      f"{', '.join(unknown)}")
+                return table.get(self.name, [])
+            return table
         if self.kind == "str":
             return str(value or "").strip()
         if value is None:
@@ -155,7 +172,8 @@ def _kind(hint: Any, key: str) -> str:
             return "optional_" + inner[0].__name__
         return "str"
     if origin is list:
-        return "lines"
+        (item,) = typing.get_args(hint) or (str,)
+        return "table" if dataclasses.is_dataclass(item) else "lines"  # a list of typed tables (dataset.subsets)
     if origin is dict:
         return "table"
     if key in CHOICES:
