@@ -44,7 +44,13 @@ DIM_KEYS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"
 _UP_DOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
 
 
+UNET_ARCHITECTURES = ("sd1", "sd2", "sdxl")
+
+
 def is_sgm(arch: str) -> bool:
+    if arch not in UNET_ARCHITECTURES:
+        raise ConfigError(f"the per-block options (network.down_lr_weight, block_dims, …) are sd-scripts' UNet blocks "
+                          f"of SD1/SD2/SDXL; this model is {arch}")
     return get_architecture(arch).sgm_unet_names
 
 

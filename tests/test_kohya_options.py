@@ -543,3 +543,37 @@ def test_wandb_logs_scalars_when_installed_and_says_how_to_install_it(sd1, data,
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ConfigError, match="pip install wandb"):
         run(config.with_overrides([f"output.dir='{tmp_path / 'missing'}'"]))
+
+
+# ==================================================================================================== the toy demo
+@pytest.mark.slow
+def test_toy_demo_still_learns_with_sd_scripts_options_on(tmp_path):
+    """The toy demo (presets/toy_demo.toml, LoRA) for 100 steps with huber loss, pyramid noise, input perturbation,
+    random-strength offset noise, a timestep range, per-block learning rates, max-norm, tag dropout, 150-token
+    captions and save_last_n_steps on together. Measured on this machine (one thread, ~40 s): concept score
+    1.0 (the base model: 0), loss over the first/last 10 steps 0.030 → 0.019; the same run without the options
+    reaches 0.375 at 60 steps and 1.0 at 200."""
+    from methods.apply import apply_adapter
+    from trainer.toy import DEMO_PROMPTS, concept_score, generate, load_toy_pipeline
+
+    root = Path(__file__).resolve().parents[1]
+    config = TrainerConfig.load(root / "presets" / "toy_demo.toml")
+    config = config.with_overrides([
+        f"model.base='{root / config.model.base}'", f"dataset.dir='{root / config.dataset.dir}'",
+        f"output.dir='{tmp_path}'", "output.tensorboard=false", "output.save_state=false", "train.max_steps=100",
+        "train.warmup_steps=5", "sample.prompts=[]",
+        "train.loss_type='huber'", "train.multires_noise_iterations=6", "train.ip_noise_gamma=0.1",
+        "train.noise_offset=0.05", "train.noise_offset_random_strength=true", "train.max_timestep=950",
+        "network.scale_weight_norms=2.0", "network.up_lr_weight='linear+0.5'",
+        "dataset.caption_tag_dropout_rate=0.1", "dataset.max_token_length=150",
+        "output.save_every_n_steps=10", "output.save_last_n_steps=10"])
+    result, _ = run(config)
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "toy_zq-step000080.safetensors", "toy_zq-step000090.safetensors", "toy_zq.safetensors"]
+    pipe = load_toy_pipeline(config.model.base)
+    with apply_adapter(pipe, result.output_file):
+        score = concept_score(generate(pipe, DEMO_PROMPTS, range(len(DEMO_PROMPTS))))
+    print(f"losses first/last 10: {first:.4f} → {last:.4f}; concept score {score}")
+    assert score >= 0.6
