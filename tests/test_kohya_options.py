@@ -319,10 +319,13 @@ def test_scale_weight_norms_caps_norms_and_reports_keys_scaled(method, tiny_pipe
     assert mean_norm == pytest.approx(float(torch.stack([d.norm() for d in after.values()]).mean()), rel=1e-4)
 
 
-def test_scale_weight_norms_refuses_rotations(sd1, data, tmp_path):
-    config = make_config(sd1["folder"], data, tmp_path / "out", network={"method": "oft", "scale_weight_norms": 1.0})
+def test_rank_and_norm_options_refuse_methods_without_them(sd1, data, tmp_path):
     with pytest.raises(ConfigError, match="scale_weight_norms"):
-        run(config)
+        make_config(sd1["folder"], data, tmp_path / "out", network={"method": "oft", "scale_weight_norms": 1.0})
+    with pytest.raises(ConfigError, match="block_dims"):
+        make_config(sd1["folder"], data, tmp_path / "out", network={"method": "boft", "block_dims": "4," * 24 + "4"})
+    with pytest.raises(ConfigError, match="UNet blocks"):
+        lr_weights(NetworkSection(down_lr_weight="cosine"), "flux")
 
 
 # ==================================================================================================== training

@@ -376,9 +376,17 @@ class TrainerConfig:
         if network.dim_from_weights and (network.block_dims or network.conv_block_dims):
             raise ConfigError("network.dim_from_weights takes every module's rank from the file; leave "
                               "network.block_dims / conv_block_dims empty")
+        from methods.base import LowRankConfig
         from methods.blocks import check_block_options
+        from methods.registry import get_method
 
         check_block_options(network)
+        if (network.block_dims or network.conv_block_dims) and not isinstance(self.method_config(), LowRankConfig):
+            raise ConfigError(f"network.block_dims / conv_block_dims set ranks, and {network.method} has none; use "
+                              "them with lora, loha, lokr or glora")
+        if network.scale_weight_norms and not get_method(network.method).can_scale_delta():
+            raise ConfigError(f"network.scale_weight_norms caps ‖ΔW‖ by scaling it, and {network.method} has no such "
+                              "scale (it rotates the weight); set network.scale_weight_norms = 0")
 
     def _validate_dataset_options(self) -> None:
         data = self.dataset

@@ -306,10 +306,6 @@ class Trainer:
             raise ConfigError(f"network.preset = {config.network.preset!r} with include/exclude "
                               f"{config.network.include}/{config.network.exclude} (and the per-block options) "
                               "selects no layer of this model")
-        unable = sorted({adapter.label or adapter.method for adapter in network if not adapter.can_scale_delta()})
-        if config.network.scale_weight_norms and unable:
-            raise ConfigError(f"network.scale_weight_norms caps ‖ΔW‖ by scaling it, and {', '.join(unable)} has no "
-                              "such scale (it rotates the weight); set network.scale_weight_norms = 0")
         if config.network.init_from and not config.network.dim_from_weights:
             fresh = init_from_file(network, Path(config.network.init_from), models)
             if fresh:
