@@ -501,6 +501,8 @@ def test_sampler_is_lazy_in_the_number_of_samples(tmp_path: Path):
     assert min(counts[:3]) > 300  # the three images of the big folder are drawn about equally (1200 draws)
     assert time.perf_counter() - started < 5
     assert sampler.batch(7, 5) == BucketBatchSampler(dataset, 4, seed=3).batch(7, 5)  # keyed: reproducible
+    big = sampler.groups[dataset.item_buckets[0]]  # per bucket: its samples in order, as a lazy view
+    assert len(big) == 3 * 10**9 and big[0] == 0 and big[-1] == 3 * 10**9 - 1 and big[10**9] == 10**9
 
 
 @pytest.mark.parametrize("workers", [0, 2])

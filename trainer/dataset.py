@@ -828,6 +828,7 @@ class _EpochForwarder:
 class _Bucket:
     """One bucket's samples: the items in it and where each item's samples start among the bucket's members."""
 
+    index: int  # in dataset.buckets
     items: np.ndarray  # item indices
     starts: np.ndarray  # members before each item (len(items) + 1 entries; the last is the member count)
     batches: int  # batches per epoch
@@ -872,7 +873,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             starts = np.concatenate([[0], np.cumsum(dataset.repeats[items])])
             size = int(starts[-1])
             batches = size // self.batch_size if drop_last else -(-size // self.batch_size)
-            self.buckets.append(_Bucket(items, starts, batches))
+            self.buckets.append(_Bucket(bucket, items, starts, batches))
         self.batch_starts = np.concatenate([[0], np.cumsum([b.batches for b in self.buckets])])
         small = [b for b in self.buckets if b.size < self.batch_size]
         if drop_last and small:
@@ -884,6 +885,11 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if filled:
             logger.info("%d sample(s) per epoch repeat others of their bucket to complete the last batch of each "
                         "bucket (batch_size %d)", filled, self.batch_size)
+
+    @property
+    def groups(self) -> dict[int, Sequence[int]]:
+        """Bucket index → its sample indices in ascending order (a lazy view: nothing is listed per sample)."""
+        return {bucket.index: _BucketSamples(self, bucket) for bucket in self.buckets}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -925,6 +931,21 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         epoch = self.epoch
         for position in range(skip, len(self)):
             yield self.batch(epoch, position)
+
+
+class _BucketSamples(Sequence):
+    def __init__(self, sampler: BucketBatchSampler, bucket: _Bucket):
+        self.sampler, self.bucket = sampler, bucket
+
+    def __len__(self) -> int:
+        return self.bucket.size
+
+    def __getitem__(self, member):
+        if isinstance(member, slice):
+            return [self[i] for i in range(*member.indices(len(self)))]
+        if not -len(self) <= member < len(self):
+            raise IndexError(member)
+        return self.sampler._sample(self.bucket, member % len(self))
 
 
 def collate_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
