@@ -252,6 +252,19 @@ def test_resume_never_unpickles(models, data, tmp_path):
     assert not marker.exists()
 
 
+def test_a_state_that_needs_pickle_is_not_written_and_the_adapter_still_is(models, data, tmp_path, monkeypatch):
+    import trainer.saving
+
+    original = trainer.saving.resume_state_tree
+    monkeypatch.setattr(trainer.saving, "resume_state_tree",
+                        lambda *args: {**original(*args), "optimizer": {"state": {0: {"helper": object()}}}})
+    result, events = run(make_config(models("sd1")["folder"], data, tmp_path / "out", train={"max_steps": 1}))
+    assert result.output_file.is_file() and result.state_dir is None
+    assert not (tmp_path / "out" / "adapter-state").exists() and not list((tmp_path / "out").glob("*.tmp"))
+    assert any("no resumable state for adapter.safetensors: state.optimizer.state.0.helper: a object cannot be "
+               "stored" in e["message"] for e in of_kind(events, "warning"))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "lion", "sgd"])
 def test_state_file_round_trips_optimizer_scheduler_and_rng_exactly(optimizer, tmp_path):
     import random

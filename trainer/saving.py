@@ -29,7 +29,7 @@ from .checkpoint import (
     verify_file,
 )
 from .events import EventLog, TrainingError
-from .statefile import state_bytes
+from .statefile import StateFormatError, state_bytes
 
 
 @dataclasses.dataclass
@@ -117,6 +117,8 @@ class Saver:
             try:
                 save_resume_state(state_dir(path), state.network, tree)
                 folder = self.record.last_state = state_dir(path)
+            except StateFormatError as error:  # e.g. an optimizer keeping objects in its state: not resumable
+                self.events.emit(ev.RunWarning(message=f"no resumable state for {path.name}: {error}"))
             except OSError as error:
                 if not is_disk_error(error):
                     raise
