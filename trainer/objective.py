@@ -110,6 +110,11 @@ class DiffusionObjective:
             loss = loss * self.min_snr_weights(noised.timesteps)
         return (loss * sample_weights.to(loss.device, torch.float32)).mean()
 
+    def metadata(self) -> dict[str, Any]:
+        """kohya's ``ss_*`` keys for what this objective does (``"None"`` where an option is off, as kohya writes)."""
+        return {"ss_loss_type": "l2", "ss_noise_offset": self.noise_offset,
+                "ss_min_snr_gamma": self.min_snr_gamma or "None"}
+
     def min_snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """min(SNR, γ)/SNR for epsilon targets, min(SNR, γ)/(SNR+1) for v targets (Hang et al. 2023)."""
         alphas = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
