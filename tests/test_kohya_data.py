@@ -196,7 +196,7 @@ def test_subsets_have_their_own_folder_repeats_resolution_captions_flip_and_reg_
     dataset = ImageDataset(scan.items, section, seed=0)
     by_subset = {}
     for index in range(len(dataset)):
-        item = dataset.items[dataset.sample_items[index]]
+        item = dataset.items[dataset.item_index(index)]
         by_subset.setdefault(item.subset, []).append((dataset.plan(index), dataset.caption(index)))
     assert {plan.bucket for plan, _ in by_subset[0]} == {(16, 16)} and {c for _, c in by_subset[0]} == {
         "photo, a photo of zq"}  # the prefix first; the trigger is already in the prose

@@ -49,7 +49,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,23 +134,25 @@ class _Concept:
     files: dict[str, Path]  # every file of the folder by lower-cased name (caption look-up)
 
 
-def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
+def scan_dataset(section: DatasetSection, seed: int = 0, should_stop: Callable[[], bool] | None = None) -> DatasetScan:
     """Find every usable image (and caption) under ``section.dir`` and ``section.reg_dir``.
 
     Raises ``ValueError`` when a folder is missing or holds no usable image. Unusable files are listed in
-    ``scan.skipped`` and logged as warnings.
+    ``scan.skipped`` and logged as warnings. ``should_stop()`` is asked after every image; when it says yes the
+    scan ends with :class:`trainer.events.StopRequested`.
     """
+    should_stop = should_stop or (lambda: False)
     if section.subsets:
-        return _scan_subsets(section, seed)
+        return _scan_subsets(section, seed, should_stop)
     skipped: list[tuple[Path, str]] = []
     caption_extension = _caption_extension(section.caption_extension)
     train, train_concepts = _scan_root(Path(section.dir).expanduser(), "dataset.dir", section, caption_extension,
-                                       skipped, is_reg=False)
+                                       skipped, should_stop, is_reg=False)
     reg: list[ImageItem] = []
     reg_concepts: list[_Concept] = []
     if section.reg_dir:
         reg, reg_concepts = _scan_root(Path(section.reg_dir).expanduser(), "dataset.reg_dir", section,
-                                       caption_extension, skipped, is_reg=True)
+                                       caption_extension, skipped, should_stop, is_reg=True)
     train, validation = _split_validation(train, section.validation_split, seed)
     reg = _balance_regularisation(reg, sum(item.n_repeats for item in train))
     items = train + reg
@@ -176,7 +178,7 @@ def subset_section(section: DatasetSection, index: int) -> DatasetSection:
     return dataclasses.replace(section, **own, subsets=[])
 
 
-def _scan_subsets(section: DatasetSection, seed: int) -> DatasetScan:
+def _scan_subsets(section: DatasetSection, seed: int, should_stop: Callable[[], bool]) -> DatasetScan:
     """sd-scripts' dataset config: every subset is one folder of images with its own repeats, captions, flags."""
     skipped: list[tuple[Path, str]] = []
     train: list[ImageItem] = []
@@ -203,7 +205,8 @@ def _scan_subsets(section: DatasetSection, seed: int) -> DatasetScan:
         settings = subset_section(section, index)
         missing_caption = "class_word" if subset.class_tokens else settings.missing_caption
         items = _inspect_concept(concept, dataclasses.replace(settings, missing_caption=missing_caption),
-                                 _caption_extension(settings.caption_extension), skipped, subset.is_reg, where)
+                                 _caption_extension(settings.caption_extension), skipped, should_stop,
+                                 subset.is_reg, where)
         items = [dataclasses.replace(item, subset=index) for item in items]
         counts.append(len(items))
         (reg if subset.is_reg else train).extend(items)
@@ -278,13 +281,14 @@ def image_files(root: str | os.PathLike) -> list[Path]:
 
 
 def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension: str,
-               skipped: list[tuple[Path, str]], *, is_reg: bool) -> tuple[list[ImageItem], list[_Concept]]:
+               skipped: list[tuple[Path, str]], should_stop: Callable[[], bool], *,
+               is_reg: bool) -> tuple[list[ImageItem], list[_Concept]]:
     accepted = ", ".join(IMAGE_EXTENSIONS)
     if not root.is_dir():
         raise ValueError(f"{what} = {str(root)!r} is not a folder")
     exclude = Path(section.reg_dir).expanduser().resolve() if section.reg_dir and not is_reg else None
     concepts = _find_concepts(root, exclude)
-    items = _inspect_images(concepts, section, caption_extension, skipped, is_reg, root)
+    items = _inspect_images(concepts, section, caption_extension, skipped, should_stop, is_reg, root)
     if not items:
         bad = sum(1 for path, _ in skipped if path.is_relative_to(root))
         detail = f" ({bad} file(s) skipped as unusable, see the warnings)" if bad else ""
@@ -295,17 +299,19 @@ def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension
 
 
 def _inspect_concept(concept: _Concept, section: DatasetSection, caption_extension: str,
-                     skipped: list[tuple[Path, str]], is_reg: bool, what: str) -> list[ImageItem]:
+                     skipped: list[tuple[Path, str]], should_stop: Callable[[], bool], is_reg: bool,
+                     what: str) -> list[ImageItem]:
     """The usable images of one subset folder (:func:`_inspect_images`); a ValueError naming ``what`` if none."""
     folder = concept.images[0].parent
-    items = _inspect_images([concept], section, caption_extension, skipped, is_reg, folder)
+    items = _inspect_images([concept], section, caption_extension, skipped, should_stop, is_reg, folder)
     if not items:
         raise ValueError(f"{what} = {str(folder)!r}: no usable image found (see the warnings)")
     return items
 
 
 def _inspect_images(concepts: list[_Concept], section: DatasetSection, caption_extension: str,
-                    skipped: list[tuple[Path, str]], is_reg: bool, root: Path) -> list[ImageItem]:
+                    skipped: list[tuple[Path, str]], should_stop: Callable[[], bool], is_reg: bool,
+                    root: Path) -> list[ImageItem]:
     """Decode every image of ``concepts`` (in threads) into items; unusable ones go to ``skipped``."""
     jobs = [(concept, path) for concept in concepts for path in concept.images]
 
@@ -316,12 +322,7 @@ def _inspect_images(concepts: list[_Concept], section: DatasetSection, caption_e
         except UnusableImage as error:
             return path, str(error)
 
-    workers = max(1, min(8, os.cpu_count() or 1))
-    if len(jobs) > 1 and workers > 1:  # Pillow decodes with the GIL released
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(inspect, jobs))
-    else:
-        results = [inspect(job) for job in jobs]
+    results = _run_all(inspect, jobs, should_stop)
 
     items: list[ImageItem] = []
     multi_line = 0
@@ -336,6 +337,32 @@ def _inspect_images(concepts: list[_Concept], section: DatasetSection, caption_e
         logger.warning("%d caption file(s) in %s have several lines; only the first non-blank line is used",
                        multi_line, root)
     return items
+
+
+def _run_all(function: Callable[[Any], Any], jobs: list[Any], should_stop: Callable[[], bool]) -> list[Any]:
+    """``[function(job) for job in jobs]`` on a few threads (Pillow decodes with the GIL released), asking
+    ``should_stop()`` after each result; a stop cancels the jobs not started yet."""
+    from trainer.events import StopRequested
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    if len(jobs) <= 1 or workers <= 1:
+        results = []
+        for job in jobs:
+            results.append(function(job))
+            if should_stop():
+                raise StopRequested("stopped while scanning the images")
+        return results
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        futures = [pool.submit(function, job) for job in jobs]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            if should_stop():
+                raise StopRequested("stopped while scanning the images")
+        return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _inspect_item(path: Path, concept: _Concept, section: DatasetSection, caption_extension: str,
@@ -469,11 +496,9 @@ def _balance_regularisation(reg: list[ImageItem], target: int) -> list[ImageItem
             break
         repeats.append(item.n_repeats)
         total += item.n_repeats
-    position = 0
-    while total < target:
-        repeats[position % len(repeats)] += 1
-        total += 1
-        position += 1
+    if total < target:  # the deficit spread one by one over the images in turn, first ones first
+        whole, extra = divmod(target - total, len(repeats))
+        repeats = [n + whole + (position < extra) for position, n in enumerate(repeats)]
     if len(repeats) < len(reg):
         logger.info("%d of %d regularisation images used to balance %d training samples", len(repeats), len(reg),
                     target)
@@ -779,7 +804,10 @@ class ImageDataset(torch.utils.data.Dataset):
         by_subset = {index: subset_section(section, index) for index in {item.subset for item in self.items}}
         self.item_sections = [by_subset[item.subset] for item in self.items]
         self.buckets, self.item_buckets, self.item_resized = bucket_geometry(self.items, self.item_sections, section)
-        self.sample_items = [i for i, item in enumerate(self.items) for _ in range(item.n_repeats if augment else 1)]
+        # Sample indices count repeats: item i owns samples sample_starts[i] … sample_starts[i + 1] − 1. Kept as
+        # offsets, not one entry per sample: a folder named "100000000_x" must not build a 10⁸-long list.
+        self.repeats = np.array([item.n_repeats if augment else 1 for item in self.items], dtype=np.int64)
+        self.sample_starts = np.concatenate([[0], np.cumsum(self.repeats)])
         self.random_crop = augment and section.crop == "random"
         self.item_flip = [augment and own.flip for own in self.item_sections]
         self.item_color_aug = [augment and own.color_aug for own in self.item_sections]
@@ -787,7 +815,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
     # --- sizes and metadata ---
     def __len__(self) -> int:
-        return len(self.sample_items)
+        return int(self.sample_starts[-1])
+
+    def item_index(self, index: int) -> int:
+        """The item (image) of sample ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of a dataset of {len(self)}")
+        return int(np.searchsorted(self.sample_starts, index, side="right")) - 1
 
     @property
     def num_images(self) -> int:
@@ -797,11 +831,13 @@ class ImageDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def sample_bucket(self, index: int) -> int:
-        return self.item_buckets[self.sample_items[index]]
+        return self.item_buckets[self.item_index(index)]
 
     def bucket_info(self) -> dict[str, Any]:
         """ss_bucket_info: used buckets with their sample counts (repeats included) and the mean |AR error|."""
-        counts = Counter(self.item_buckets[i] for i in self.sample_items)
+        counts: Counter = Counter()
+        for bucket, repeats in zip(self.item_buckets, self.repeats):
+            counts[bucket] += int(repeats)
         errors = [abs(self.buckets[b][0] / self.buckets[b][1] - item.size[1] / item.size[0])
                   for item, b in zip(self.items, self.item_buckets)]
         return {
@@ -816,7 +852,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def plan(self, index: int, epoch: int | None = None) -> Plan:
         """Geometry of sample ``index`` in ``epoch`` (default: the current epoch)."""
         crop_rng = self._rng("crop", index, epoch) if self.random_crop else None
-        item_index = self.sample_items[index]
+        item_index = self.item_index(index)
         flip = self.item_flip[item_index] and self._rng("flip", index, epoch).random() < 0.5
         return self._item_plan(item_index, flip, crop_rng)
 
@@ -831,7 +867,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return Plan(bucket, resized, left, top, flip)
 
     def caption(self, index: int, epoch: int | None = None) -> str:
-        item_index = self.sample_items[index]
+        item_index = self.item_index(index)
         item, own = self.items[item_index], self.item_sections[item_index]
         if not self.augment:
             return process_caption(item.caption, random.Random(0), trigger_word=own.trigger_word,
@@ -875,7 +911,7 @@ class ImageDataset(torch.utils.data.Dataset):
     # --- fetching ---
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        item_index = self.sample_items[index]
+        item_index = self.item_index(index)
         item = self.items[item_index]
         plan = self.plan(index)
         pixels = latents = mask = None
@@ -922,15 +958,58 @@ class ImageDataset(torch.utils.data.Dataset):
         return mask_to_tensor(render(mask, plan, Image.Resampling.BILINEAR))
 
 
-def load_datasets(section: DatasetSection, seed: int) -> tuple[ImageDataset, ImageDataset | None, DatasetScan]:
+def load_datasets(section: DatasetSection, seed: int, should_stop: Callable[[], bool] | None = None
+                  ) -> tuple[ImageDataset, ImageDataset | None, DatasetScan]:
     """Scan ``section`` and build (training dataset, validation dataset or None, scan)."""
-    scan = scan_dataset(section, seed)
+    scan = scan_dataset(section, seed, should_stop)
     train = ImageDataset(scan.items, section, seed)
     validation = ImageDataset(scan.validation, section, seed, augment=False) if scan.validation else None
     return train, validation, scan
 
 
 # ----- batching ------------------------------------------------------------------------------------------------
+
+
+class KeyedPermutation:
+    """A pseudo-random permutation of ``range(size)`` fixed by ``key``, evaluated one position at a time.
+
+    A four-round Feistel network over the smallest even power of two ≥ ``size`` (a bijection), walked until it
+    lands inside the range (cycle walking keeps it a bijection of ``range(size)``). Memory is constant, so a
+    shuffled epoch of 10⁸ samples costs nothing until its batches are drawn.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, size: int, key: str):
+        self.size = int(size)
+        bits = max(2, (self.size - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        digest = hashlib.blake2b(key.encode(), digest_size=8 * self.ROUNDS).digest()
+        self.keys = [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(self.ROUNDS)]
+
+    def __call__(self, position: int) -> int:
+        if not 0 <= position < self.size:
+            raise IndexError(f"position {position} of a permutation of {self.size}")
+        value = position
+        while True:
+            value = self._encrypt(value)
+            if value < self.size:
+                return value
+
+    def _encrypt(self, value: int) -> int:
+        left, right = value >> self.half, value & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right ^ key) & self.mask)
+        return (left << self.half) | right
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: a fast, well-spread 64-bit hash of an integer."""
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
 
 
 class _EpochForwarder:
@@ -944,11 +1023,29 @@ class _EpochForwarder:
         self._owner.set_epoch(epoch)
 
 
+@dataclasses.dataclass
+class _Bucket:
+    """One bucket's samples: the items in it and where each item's samples start among the bucket's members."""
+
+    index: int  # in dataset.buckets
+    items: np.ndarray  # item indices
+    starts: np.ndarray  # members before each item (len(items) + 1 entries; the last is the member count)
+    batches: int  # batches per epoch
+
+    @property
+    def size(self) -> int:
+        return int(self.starts[-1])
+
+
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches of sample indices, each from one bucket and exactly ``batch_size`` long.
 
-    The order depends only on (seed, epoch). ``len()`` is the number of batches per epoch. Partial batches are
-    filled with other samples of their bucket (drawn from the same epoch order), or dropped with ``drop_last``.
+    The order depends only on (seed, epoch): each bucket's samples are shuffled and cut into batches, and the
+    batches of all buckets are shuffled together. ``len()`` is the number of batches per epoch. A bucket's last,
+    partial batch is filled with the first samples of its shuffled order, or dropped with ``drop_last``.
+
+    Nothing is built per sample: both shuffles are keyed permutations (:class:`KeyedPermutation`), so the sampler
+    works from the images and their repeat counts alone, and resuming mid-epoch costs nothing.
 
     With accelerate: ``accelerator.prepare(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch))``
     shards whole batches round-robin over processes; call ``dataloader.set_epoch(epoch)`` on the prepared loader
@@ -968,21 +1065,30 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.skip_batches = 0  # consumed by the next iteration
         self.sampler = _EpochForwarder(self)
-        groups: dict[int, list[int]] = {}
-        for index in range(len(dataset)):
-            groups.setdefault(dataset.sample_bucket(index), []).append(index)
-        self.groups = dict(sorted(groups.items()))  # bucket index → sample indices
-        small = [b for b, members in groups.items() if len(members) < self.batch_size]
+        item_buckets = np.asarray(dataset.item_buckets, dtype=np.int64)
+        self.buckets: list[_Bucket] = []
+        for bucket in sorted(set(dataset.item_buckets)):
+            items = np.flatnonzero(item_buckets == bucket)
+            starts = np.concatenate([[0], np.cumsum(dataset.repeats[items])])
+            size = int(starts[-1])
+            batches = size // self.batch_size if drop_last else -(-size // self.batch_size)
+            self.buckets.append(_Bucket(bucket, items, starts, batches))
+        self.batch_starts = np.concatenate([[0], np.cumsum([b.batches for b in self.buckets])])
+        small = [b for b in self.buckets if b.size < self.batch_size]
         if drop_last and small:
-            lost = sum(len(self.groups[b]) for b in small)
-            logger.warning("%d sample(s) in %d bucket(s) smaller than batch_size %d are never used (drop_last)", lost,
-                           len(small), self.batch_size)
+            logger.warning("%d sample(s) in %d bucket(s) smaller than batch_size %d are never used (drop_last)",
+                           sum(b.size for b in small), len(small), self.batch_size)
         if len(self) == 0:
             raise ValueError(f"batch_size {batch_size} is larger than every bucket and drop_last is set: no batch")
-        filled = 0 if drop_last else sum(-len(m) % self.batch_size for m in self.groups.values())
+        filled = 0 if drop_last else sum(-b.size % self.batch_size for b in self.buckets)
         if filled:
             logger.info("%d sample(s) per epoch repeat others of their bucket to complete the last batch of each "
                         "bucket (batch_size %d)", filled, self.batch_size)
+
+    @property
+    def groups(self) -> dict[int, Sequence[int]]:
+        """Bucket index → its sample indices in ascending order (a lazy view: nothing is listed per sample)."""
+        return {bucket.index: _BucketSamples(self, bucket) for bucket in self.buckets}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -994,35 +1100,51 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.skip_batches = int(batches_done)
 
     def __len__(self) -> int:
-        sizes = [len(members) for members in self.groups.values()]
-        if self.drop_last:
-            return sum(n // self.batch_size for n in sizes)
-        return sum(-(-n // self.batch_size) for n in sizes)
+        return int(self.batch_starts[-1])
+
+    def batch(self, epoch: int, position: int) -> list[int]:
+        """The ``position``-th batch of ``epoch``."""
+        if self.shuffle:
+            position = KeyedPermutation(len(self), f"batches/{self.seed}/{epoch}")(position)
+        number = int(np.searchsorted(self.batch_starts, position, side="right")) - 1
+        bucket = self.buckets[number]
+        order = (KeyedPermutation(bucket.size, f"members/{self.seed}/{epoch}/{number}") if self.shuffle
+                 else (lambda member: member))
+        first = (position - int(self.batch_starts[number])) * self.batch_size
+        # A partial last batch wraps around to the bucket's first samples (in this epoch's order).
+        return [self._sample(bucket, order(member % bucket.size)) for member in range(first, first + self.batch_size)]
+
+    def _sample(self, bucket: _Bucket, member: int) -> int:
+        """Sample index of the ``member``-th sample of a bucket (its items' samples, in item order)."""
+        slot = int(np.searchsorted(bucket.starts, member, side="right")) - 1
+        item = int(bucket.items[slot])
+        return int(self.dataset.sample_starts[item]) + member - int(bucket.starts[slot])
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches, without skipping."""
-        rng = random.Random(f"batches/{self.seed}/{epoch}")
-        batches = []
-        for members in self.groups.values():
-            members = list(members)
-            if self.shuffle:
-                rng.shuffle(members)
-            for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
-                if len(batch) < self.batch_size:
-                    if self.drop_last:
-                        continue
-                    needed = self.batch_size - len(batch)
-                    batch += [members[i % len(members)] for i in range(needed)]
-                batches.append(batch)
-        if self.shuffle:
-            rng.shuffle(batches)
-        return batches
+        """The epoch's batches, without skipping (for small datasets: tests, previews of the order)."""
+        return [self.batch(epoch, position) for position in range(len(self))]
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip_batches = self.skip_batches, 0
         self.dataset.set_epoch(self.epoch)
-        yield from self.batches(self.epoch)[skip:]
+        epoch = self.epoch
+        for position in range(skip, len(self)):
+            yield self.batch(epoch, position)
+
+
+class _BucketSamples(Sequence):
+    def __init__(self, sampler: BucketBatchSampler, bucket: _Bucket):
+        self.sampler, self.bucket = sampler, bucket
+
+    def __len__(self) -> int:
+        return self.bucket.size
+
+    def __getitem__(self, member):
+        if isinstance(member, slice):
+            return [self[i] for i in range(*member.indices(len(self)))]
+        if not -len(self) <= member < len(self):
+            raise IndexError(member)
+        return self.sampler._sample(self.bucket, member % len(self))
 
 
 def collate_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -6,7 +6,9 @@ decides (paths, counts, memory, losses, previews, saves, errors) is emitted as e
 :class:`Trainer` reads top to bottom: :meth:`Trainer._prepare_data` scans the images, :meth:`Trainer._load`
 returns the frozen :class:`Models`, :meth:`Trainer._prepare` returns the :class:`RunState` (adapters, optimizer,
 schedule, EMA, data order, caches, progress), :meth:`Trainer._loop` trains it and :meth:`Trainer._finish` saves.
-What the model predicts and how the loss is weighed is the objective's (:mod:`trainer.objective`).
+What the model predicts and how the loss is weighed is the objective's (:mod:`trainer.objective`); what a save
+writes, and where it goes when the disk refuses, is :mod:`trainer.saving`'s. A stop (signal, ``STOP`` file,
+``stop.request()``) is honoured in every phase: while scanning, loading or caching the run ends unsaved.
 
 Library parts: Accelerate owns devices, processes and mixed precision (``accelerator.autocast``, ``backward``,
 ``clip_grad_norm_`` and the prepared optimizer's fp16 gradient scaling), diffusers the learning-rate schedules
@@ -25,25 +27,24 @@ each optimizer step, stop requests are agreed on by all processes, and only the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import random
-import shutil
+import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from methods.apply import save_network
 from methods.arch import UNET_PREFIX
 from methods.base import ConfigError
-from methods.blocks import block_network_args, lr_weights, module_configurator, unet_block_groups
+from methods.blocks import lr_weights, module_configurator, unet_block_groups
 from methods.files import load_adapter_file
 from methods.network import AdapterNetwork, pipeline_parts
 from methods.registry import get_method
@@ -52,25 +53,24 @@ from . import events as ev
 from .backbone import Models, load_models, load_vae
 from .checkpoint import (
     STATE_FILE,
-    check_failure_text,
+    SaveFailure,
+    check_output_folder,
+    clean_leftovers,
+    keep_finished_run,
     load_resume_state,
-    save_resume_state,
+    read_resume_state,
+    run_metadata,
     state_dir,
-    training_metadata,
     unique_path,
-    verify_file,
     write_text_atomic,
 )
 from .config import TrainerConfig
-from .events import EventCallback, EventLog, StopSignal, log
+from .events import EventCallback, EventLog, StopRequested, StopSignal, TrainingError, log
 from .objective import noise_keys, stable_seed
+from .saving import Saver, ema_weights
 
 NORM_EVERY = 10  # adapter-norm scalars for TensorBoard every N steps (a pass over every adapter parameter)
 MEMORY_EVERY = 50  # "memory" events every N steps (and at step 1)
-
-
-class TrainingError(RuntimeError):
-    """The run could not continue (NaN loss, unusable data); the message says what was kept."""
 
 
 @dataclasses.dataclass
@@ -120,23 +120,21 @@ class RunState:
     progress: Progress = dataclasses.field(default_factory=Progress)
     boundary: Progress = dataclasses.field(default_factory=Progress)  # at the last optimizer step (what state saves)
     losses: list[float] = dataclasses.field(default_factory=list)
+    started_at: float = 0.0  # when training began (a resumed run keeps its first start)
     half_precision: Any | None = None  # trainer.optim.HalfPrecisionWeights under train.full_fp16/full_bf16
     norm_caps: tuple[int, float, float] | None = None  # the last step's network.cap_norms (scale_weight_norms)
 
 
-@dataclasses.dataclass
-class SaveRecord:
-    files: list[Path] = dataclasses.field(default_factory=list)
-    last_good: Path | None = None
-    last_state: Path | None = None
-    step: int = -1  # the step of the last save (every process agrees on it)
-    periodic: list[tuple[str, int, Path]] = dataclasses.field(default_factory=list)  # (why, step, file) of this run
-
-
 def train(config: TrainerConfig, on_event: EventCallback | None = None, stop: StopSignal | None = None,
-          resume: str | Path | None = None) -> TrainResult:
-    """Train an adapter as configured; ``stop.request()`` from another thread ends it with a save."""
-    return Trainer(config, on_event=on_event, stop=stop, resume=resume).run()
+          resume: str | Path | None = None,
+          on_save_error: Callable[[SaveFailure], str | Path | None] | None = None) -> TrainResult:
+    """Train an adapter as configured; ``stop.request()`` from another thread ends it with a save.
+
+    ``on_save_error(failure)`` is asked when the file system refuses the final save (full, read-only): it returns
+    the path to try next — the same one to retry once space is freed, or another — or None for the default
+    rescue folders (:func:`trainer.checkpoint.rescue_paths`). Meanwhile the trained weights stay in memory.
+    """
+    return Trainer(config, on_event=on_event, stop=stop, resume=resume, on_save_error=on_save_error).run()
 
 
 def make_accelerator(mixed_precision: str):
@@ -154,7 +152,8 @@ def make_accelerator(mixed_precision: str):
 
 class Trainer:
     def __init__(self, config: TrainerConfig, on_event: EventCallback | None = None,
-                 stop: StopSignal | None = None, resume: str | Path | None = None):
+                 stop: StopSignal | None = None, resume: str | Path | None = None,
+                 on_save_error: Callable[[SaveFailure], str | Path | None] | None = None):
         self.config = config
         self.accelerator = make_accelerator(config.train.mixed_precision)
         self.main = self.accelerator.is_main_process
@@ -165,7 +164,8 @@ class Trainer:
         self.resume_from = Path(resume) if resume else None
         self.events = EventLog(self.output_dir, [on_event] if on_event else [], tensorboard=config.output.tensorboard,
                                enabled=self.main)
-        self.saved = SaveRecord()
+        self.extending = False  # resuming the finished run of this very folder (see _check_outputs)
+        self.saver = Saver(config, self.output_file, self.events, self.accelerator, on_save_error)
         self.timings: dict[str, float] = {}
         # Filled by run(), in this order; kept afterwards for callers that inspect a finished run.
         self.data: TrainingData | None = None
@@ -177,23 +177,35 @@ class Trainer:
         started = time.time()
         restore_signals = install_signal_handlers(self.stop)
         try:
-            self._check_outputs()
+            removed = self._check_outputs()
             output = self.config.output
             if output.wandb_project:
                 self.events.add_wandb(output.wandb_project, output.wandb_run_name or output.name,
                                       self.config.to_dict(), self.output_dir)
             self.events.emit(ev.Start(config=self.config.to_dict(), processes=self.accelerator.num_processes,
                                       resume=str(self.resume_from) if self.resume_from else None))
+            if removed:
+                self.events.emit(ev.RunWarning(message=f"removed {len(removed)} temporary file(s) an interrupted save "
+                                               f"left behind: {', '.join(p.name for p in removed[:5])}"))
             self.data = self._prepare_data()  # first: a dataset problem is reported before minutes of model loading
+            self._check_stop("before loading the model")
             self.models = self._load()
+            self._check_stop("after loading the model")
             self.state = state = self._prepare(self.data, self.models)
+            self._check_stop("before the first step")
             self.timings["ready"] = time.time() - started
             self.events.emit(self._ready_event(state))
+            state.started_at = state.started_at or time.time()
+            self.saver.metadata = run_metadata(self.config, self.data, self.models, state,
+                                               self.accelerator.num_processes, session_id=secrets.randbelow(2**32))
             self._loop(state)
             return self._finish(state)
+        except StopRequested as stopped:
+            return self._stopped_before_training(str(stopped))
         except Exception as error:
             self.events.emit(ev.RunError(message=str(error), kind=type(error).__name__,
-                                         last_good_save=str(self.saved.last_good) if self.saved.last_good else None))
+                                         last_good_save=str(self.saver.record.last_good)
+                                         if self.saver.record.last_good else None))
             raise
         finally:
             restore_signals()
@@ -205,7 +217,8 @@ class Trainer:
 
         config, accelerator = self.config, self.accelerator
         try:
-            dataset, validation, scan = load_datasets(config.dataset, seed=config.train.seed)
+            dataset, validation, scan = load_datasets(config.dataset, seed=config.train.seed,
+                                                      should_stop=self.stop.requested)
         except ValueError as error:  # missing folder, no usable image: the message names the key
             raise ConfigError(str(error)) from error
         for path, reason in scan.skipped:
@@ -284,14 +297,29 @@ class Trainer:
         state = RunState(network, optimizer, lr_scheduler, ema, sampler, loader, batches_per_epoch, steps_per_epoch,
                          total_steps, train_text_encoder, latents_cached, text_cache, half_precision=half_precision)
         if self.resume_from:
-            changed = load_resume_state(self.resume_from, state, accelerator.scaler, config,
+            saved = read_resume_state(self.resume_from)
+            changed = load_resume_state(self.resume_from, saved, state, accelerator.scaler, config,
                                         accelerator.num_processes, accelerator.device)
+            state.started_at = float(saved.get("started_at") or 0.0)
             if changed:
                 self.events.emit(ev.RunWarning(message=f"resuming with changed settings: {', '.join(changed)}; the "
                                                "run will not match an uninterrupted one exactly"))
+            kept = self._extend_finished_run(state) if self.extending else None
             self.events.emit(ev.Resumed(step=state.progress.step, epoch=state.progress.epoch,
-                                        batch_in_epoch=state.progress.batch_in_epoch, path=str(self.resume_from)))
+                                        batch_in_epoch=state.progress.batch_in_epoch, path=str(self.resume_from),
+                                        kept=str(kept) if kept else None))
         return state
+
+    def _extend_finished_run(self, state: RunState) -> Path | None:
+        """Resuming this folder's finished run: keep its final file under its step name, train on to a new one."""
+        step = state.progress.step
+        if step >= state.total_steps:
+            raise ConfigError(f"resume: {self.resume_from} is already at step {step} of {state.total_steps}, so there "
+                              "is nothing to train; raise train.max_steps (or train.epochs) to extend the run")
+        self.accelerator.wait_for_everyone()  # every process has read the state before it moves
+        kept = keep_finished_run(self.output_file, step) if self.main else None
+        self.resume_from = state_dir(kept) if kept is not None else self.resume_from
+        return kept
 
     def _build_network(self, models: Models) -> AdapterNetwork:
         config = self.config
@@ -327,9 +355,9 @@ class Trainer:
         for dataset in (data.dataset, data.validation):
             if dataset is None:
                 continue
-            report = cache.encode_all(dataset, models.encode_pixels,
-                                      batch_size=config.train.batch_size, process_index=accelerator.process_index,
-                                      num_processes=accelerator.num_processes)
+            report = cache.encode_all(dataset, models.encode_pixels, batch_size=config.train.batch_size,
+                                      process_index=accelerator.process_index,
+                                      num_processes=accelerator.num_processes, should_stop=self.stop.requested)
             cached = cached and report.active
             if not report.active and config.dataset.latent_cache != "off":
                 self.events.emit(ev.RunWarning(message=f"latent cache off: {report.reason}"))
@@ -493,7 +521,7 @@ class Trainer:
         return loss_value, grad_norm
 
     def _diverged(self, state: RunState, what: str) -> None:
-        kept = (f"the last good save is {self.saved.last_good}" if self.saved.last_good
+        kept = (f"the last good save is {self.saver.record.last_good}" if self.saver.record.last_good
                 else "nothing was saved yet (set output.save_every_n_steps to keep intermediate files)")
         raise TrainingError(f"{what} at step {state.progress.step + 1}; training stopped and {kept}. Lower "
                             "train.learning_rate, keep train.max_grad_norm > 0, or use bf16/no mixed precision.")
@@ -542,105 +570,70 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # ================================================================================================ saving
-    def _check_outputs(self) -> None:
-        if not self.config.output.overwrite:
-            taken = [path for path in (self.output_file, state_dir(self.output_file)) if path.exists()
-                     and (path == self.output_file or self.config.output.save_state)]
-            if taken:
-                raise ConfigError(f"{taken[0]} already exists; change output.name or output.dir, or set "
-                                  "output.overwrite = true")
-        if self.resume_from is not None and not (self.resume_from / STATE_FILE).is_file():
-            raise ConfigError(f"resume: {self.resume_from} is not a resumable state folder (no {STATE_FILE}); pass "
-                              "a *-state folder written next to a save (output.save_state)")
-        if self.main:
+    def _check_outputs(self) -> list[Path]:
+        """Refuse to replace outputs, write the run's TOML, remove what a killed save left; returns the removed."""
+        self.extending = check_output_folder(self.output_file, self.config.output.overwrite,
+                                             self.config.output.save_state, self.resume_from)
+        if not self.main:
+            return []
+        try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.stop.stop_file.unlink(missing_ok=True)
+            removed = clean_leftovers(self.output_dir)
             toml_path = self.output_dir / f"{self.config.output.name}.toml"
             if toml_path.exists() and not self.config.output.overwrite:
                 toml_path = unique_path(toml_path)
             write_text_atomic(toml_path, self.config.to_toml())
+        except OSError as error:
+            raise ConfigError(f"output.dir = {str(self.output_dir)!r} cannot be written ({error.strerror or error}); "
+                              "choose a writable folder with free space") from error
+        return removed
 
-    def _save(self, state: RunState, final: bool, why: str = "") -> Path | None:
-        """Write the adapter (and resumable state), then reload the file and compare it with the live weights.
-        ``why`` ("step"/"epoch") marks a periodic save, which output.save_last_n_steps/epochs may delete later."""
+    def _save(self, state: RunState, final: bool, last: bool = False, why: str = "") -> Path | None:
+        """``why`` ("step"/"epoch") marks a periodic save, which output.save_last_n_steps/epochs may delete later."""
         self.accelerator.wait_for_everyone()
-        path = None
-        if self.main:
-            started = time.time()
-            config, models = self.config, self.models
-            name = config.output.name
-            step_file = self.output_dir / f"{name}-step{state.progress.step:06d}.safetensors"
-            path = self.output_file if final else unique_path(step_file)
-            metadata = training_metadata(config, self.data.scan, self.data.dataset, state,
-                                         self.accelerator.num_processes)
-            with ema_weights(state):
-                save_network(state.network, path, title=config.output.title or name, dtype=config.output.save_dtype,
-                             prediction_type=models.prediction_type, extra_metadata=metadata,
-                             overwrite=final and config.output.overwrite,
-                             extra_network_args=block_network_args(config.network))
-                check = verify_file(path, state.network, models.pipe, models.arch, config.output.save_dtype)
-            if not check["check_ok"]:
-                self.events.emit(ev.RunWarning(message=check_failure_text(path, check)))
-            folder = None
-            if config.output.save_state:
-                folder = state_dir(path)
-                save_resume_state(folder, state, self.accelerator.scaler, config, self.accelerator.num_processes)
-                self.saved.last_state = folder
-            self.saved.files.append(path)
-            self.saved.last_good = path
-            if why:
-                self.saved.periodic.append((why, state.progress.step, path))
-                self._prune_saves(state.progress.step)
-            self.events.emit(ev.Save(step=state.progress.step, path=str(path), final=final,
-                                     state=str(folder) if folder else None, size_bytes=path.stat().st_size,
-                                     seconds=round(time.time() - started, 3), ema=state.ema is not None, **check))
-        self.saved.step = state.progress.step  # on every process: they must agree on whether to save again
+        path = self.saver.save(state, self.models, final, last, why) if self.main else None
+        self.saver.record.step = state.progress.step  # on every process: they must agree on whether to save again
         self.accelerator.wait_for_everyone()
         return path
 
-    def _prune_saves(self, step: int) -> None:
-        """sd-scripts' save_last_n_steps (step saves older than N steps go) and save_last_n_epochs (only the last N
-        epoch saves stay), each with its state folder. Only files this run wrote are ever deleted."""
-        output = self.config.output
-        epoch_saves = [record for record in self.saved.periodic if record[0] == "epoch"]
-        doomed = []
-        if output.save_last_n_steps:
-            doomed += [r for r in self.saved.periodic if r[0] == "step" and r[1] < step - output.save_last_n_steps]
-        if output.save_last_n_epochs:
-            doomed += epoch_saves[:-output.save_last_n_epochs]
-        for record in doomed:
-            _, _, path = record
-            path.unlink(missing_ok=True)
-            folder = state_dir(path)
-            if folder.is_dir():
-                shutil.rmtree(folder)
-            self.saved.periodic.remove(record)
-            self.saved.files.remove(path)
-            log.info("deleted %s (output.save_last_n_steps/epochs)", path.name)
+    def _check_stop(self, when: str) -> None:
+        if self.stop.requested():
+            raise StopRequested(f"stopped {when}")
+
+    def _stopped_before_training(self, where: str) -> TrainResult:
+        """A stop while scanning, loading or caching: nothing was trained since the start (or the resumed state),
+        so nothing is saved; the events say where it stopped."""
+        step = self.state.progress.step if self.state is not None else 0
+        reason = self.stop.reason or "stop requested"
+        self.events.emit(ev.Stopping(step=step, reason=f"{reason}; {where}, before any training step", saving=False))
+        self.events.emit(ev.Done(step=step, output=None, stopped=True, reason=reason,
+                                 peak_mb=round(peak_memory_mb(self.accelerator.device), 1)))
+        return TrainResult(None, step, [], [], True, reason, None)
 
     def _finish(self, state: RunState) -> TrainResult:
         step = state.progress.step
         stopped = self.stop.requested() and step < state.total_steps
         if stopped:
             self.events.emit(ev.Stopping(step=step, reason=self.stop.reason))
-            if self.saved.step == step:  # e.g. save_every_n_steps saved this very step
-                path = self.saved.files[-1] if self.saved.files else None
+            if self.saver.record.step == step:  # e.g. save_every_n_steps saved this very step
+                path = self.saver.record.files[-1] if self.saver.record.files else None
             else:
-                path = self._save(state, final=False)
+                path = self._save(state, final=False, last=True)
         else:
             if self.config.train.validation_every_n_steps:
                 self._validate(state)
             if self.config.sample.prompts:
                 self._sample(state)
             path = self._save(state, final=True)
-        last_state = self.saved.last_state
+        last_state = self.saver.record.last_state
         self.events.emit(ev.Done(step=step, output=str(path) if path else None, stopped=stopped,
                                  reason=self.stop.reason if stopped else "",
                                  state=str(last_state) if last_state else None,
                                  peak_mb=round(peak_memory_mb(self.accelerator.device), 1),
                                  seconds_to_ready=round(self.timings.get("ready", 0.0), 2),
                                  seconds_to_first_step=round(self.timings.get("first_step", 0.0), 2)))
-        return TrainResult(path, step, state.losses, self.saved.files, stopped,
+        return TrainResult(path, step, state.losses, self.saver.record.files, stopped,
                            self.stop.reason if stopped else "", last_state)
 
 
@@ -727,21 +720,6 @@ def _read_adapter_file(path: Path, arch: str, parts: list) -> tuple[AdapterNetwo
         return AdapterNetwork.from_state_dict(parts, arch, tensors, source=str(path))
     except (ValueError, OSError) as error:  # AdapterFileError is a ValueError
         raise ConfigError(f"network.init_from = {str(path)!r}: {error}") from error
-
-
-@contextlib.contextmanager
-def ema_weights(state: RunState):
-    """The EMA weights swapped in (for saves and previews), the live ones back afterwards."""
-    if state.ema is None:
-        yield
-        return
-    parameters = list(state.network.parameters())
-    state.ema.store(parameters)
-    state.ema.copy_to(parameters)
-    try:
-        yield
-    finally:
-        state.ema.restore(parameters)
 
 
 def adapter_norms(network: AdapterNetwork) -> dict[str, float]:

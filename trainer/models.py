@@ -146,11 +146,27 @@ def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, ModelInfo]:
     # or diffusers refuses the non-optional ones.
     absent = {name: None for name, value in index.items()
               if not name.startswith("_") and isinstance(value, list) and value[:1] == [None]}
+    _check_components(path, index)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **absent)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ModelLoadError(f"{path}: the diffusers folder cannot be loaded ({_first_line(error)})") from error
     return pipe, _pipeline_info(pipe, "folder", str(path))
+
+
+def _check_components(path: Path, index: dict[str, Any]) -> None:
+    """Every component model_index.json names has its sub-folder (diffusers only says "no file named
+    config.json found in directory <the pipeline folder>" when one is missing)."""
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise ModelLoadError(f"{path}: model_index.json lists a {name} ({value[1]}) but the folder has no "
+                                 f"{name}/ sub-folder; the copy is incomplete — copy the whole diffusers folder")
+        if not any(folder.iterdir()):
+            raise ModelLoadError(f"{path}: the {name}/ sub-folder is empty; the copy is incomplete — copy the whole "
+                                 "diffusers folder")
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, ModelInfo]:

@@ -222,6 +222,21 @@ class DiffusionObjective:
         loss = loss * self.timestep_weights(noised.timesteps).to(loss.device)
         return (loss * sample_weights.to(loss.device, torch.float32)).mean()
 
+    def metadata(self) -> dict[str, Any]:
+        """kohya's ``ss_*`` keys for what this objective does, with sd-scripts' values (``"None"`` where an option
+        is off and sd-scripts' default is None)."""
+        train = self.train
+        return {"ss_loss_type": train.loss_type, "ss_noise_offset": self.noise_offset,
+                "ss_min_snr_gamma": self.min_snr_gamma or "None",
+                "ss_huber_schedule": train.huber_schedule, "ss_huber_c": train.huber_c,
+                "ss_huber_scale": train.huber_scale, "ss_debiased_estimation": train.debiased_estimation_loss,
+                "ss_zero_terminal_snr": train.zero_terminal_snr, "ss_ip_noise_gamma": train.ip_noise_gamma or "None",
+                "ss_ip_noise_gamma_random_strength": train.ip_noise_gamma_random_strength,
+                "ss_multires_noise_iterations": train.multires_noise_iterations or "None",
+                "ss_multires_noise_discount": train.multires_noise_discount,
+                "ss_adaptive_noise_scale": train.adaptive_noise_scale or "None",
+                "ss_noise_offset_random_strength": train.noise_offset_random_strength}
+
     # ----- per-timestep factors -------------------------------------------------------------------------------
     def huber_threshold(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """sd-scripts' ``get_huber_threshold_if_needed``: ``c`` per sample for huber/smooth_l1 — ``constant``
