@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -244,7 +243,6 @@ class TrainerConfig:
         from methods.registry import get_method
 
         method = get_method(self.network.method)
-        check_optional_values(method.config_class, self.network.options, "network")
         return method.config_class.from_dict(self.network.options, where="network")
 
     def target_config(self):
@@ -255,34 +253,6 @@ class TrainerConfig:
             te_preset = "none"
         return TargetConfig(preset=self.network.preset, text_encoder_preset=te_preset,
                             include=list(self.network.include), exclude=list(self.network.exclude))
-
-
-def check_optional_values(section_class: type, values: dict[str, Any], where: str) -> None:
-    """Every value given for an optional typed field (``alpha: float | None``) is None or of its type.
-
-    ``coerce_value`` tries each member of the union and lets any value through the ``None`` member, so
-    ``network.alpha = "x"`` or a list/table for an optional number would reach the model (or a method's own
-    validation) and crash there. Checked on the raw values, before anything is built from them.
-    """
-    hints = typing.get_type_hints(section_class)
-    for key, value in values.items():
-        hint = hints.get(key)
-        members = typing.get_args(hint)
-        if value is None or typing.get_origin(hint) not in (typing.Union, types.UnionType) or \
-                type(None) not in members:
-            continue
-        for member in members:
-            if member is type(None):
-                continue
-            try:
-                coerce_value(f"{where}.{key}", member, value)
-                break
-            except ConfigError:
-                continue
-        else:
-            expected = " or ".join(getattr(m, "__name__", str(m)) for m in members if m is not type(None))
-            raise ConfigError(f"{where}.{key} = {value!r} is not a {expected}; give a {expected}, or leave the key "
-                              "out for the default")
 
 
 def _split_method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +270,6 @@ def _build_section(name: str, section_class: type, values: Any) -> Any:
     if unknown:
         raise ConfigError(f"[{name}]: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(section_class)
-    check_optional_values(section_class, values, name)
     converted = {key: coerce_value(f"{name}.{key}", hints[key], value) for key, value in values.items()}
     return section_class(**converted)
 
