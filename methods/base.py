@@ -169,10 +169,21 @@ def _is_whole(value: Any) -> bool:
 
 
 def parameter_factory(base: nn.Module) -> dict[str, Any]:
-    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is half precision."""
+    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is stored in lower
+    precision (fp16, bf16, an fp8 base)."""
     weight = base.weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     return {"device": weight.device, "dtype": dtype}
+
+
+def hand_back_weight(base: nn.Module, weight: nn.Parameter) -> None:
+    """Make ``weight`` ``base``'s own weight again at the end of a call, also while an adapter still lends the layer
+    ``W + s·ΔW`` (whose post-hook restores what it found, so it is told the new one). For storage wrappers whose
+    forward hooks may run before the adapters' (``trainer.backbone.store_in_fp8``)."""
+    if base in _LENT_WEIGHTS:
+        _LENT_WEIGHTS[base] = weight
+    else:
+        base._parameters["weight"] = weight
 
 
 def is_kxk_conv(module: nn.Module) -> bool:

@@ -319,12 +319,17 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def real_size_parts(arch: str) -> list[Any]:
-    """The model parts of a real-size ``arch`` model on the meta device: layer shapes for ``convert`` without a
-    base model."""
+    """The model parts of a real-size ``arch`` model (or SD3/Flux variant: ``sd3.5-large``) on the meta device:
+    layer shapes for ``convert`` without a base model."""
     from methods.network import model_parts
 
+    from . import dit_architectures
     from .architectures import build_text_encoders, build_unet
 
+    if arch in dit_architectures.VARIANTS:
+        family = dit_architectures.VARIANTS[arch].family
+        return model_parts(dit_architectures.build_transformer(arch, meta=True),
+                           dit_architectures.build_text_encoders(arch, meta=True), family)
     return model_parts(build_unet(arch, meta=True), build_text_encoders(arch, meta=True), arch)
 
 

@@ -284,7 +284,7 @@ def load_base_pipeline(config: TrainerConfig) -> Any:
     model = config.model
     pipe, _ = load_pipeline(model.base, arch=None if model.arch == "auto" else model.arch,
                             prediction_type=None if model.prediction_type == "auto" else model.prediction_type,
-                            tokenizer=model.tokenizer or None)
+                            tokenizer=model.tokenizer or None, config=model.config or None)
     if model.vae:
         pipe.vae = load_vae(model.vae, pipe.vae)
     pipe.set_progress_bar_config(disable=True)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from methods.apply import save_network
+from methods.arch import denoiser_prefixes, part_prefix
 from methods.base import ConfigError
 from methods.files import load_adapter_file
 from methods.network import AdapterNetwork, pipeline_parts
@@ -215,7 +216,7 @@ class Trainer:
     def _load(self) -> Models:
         models = load_models(self.config, self.accelerator.device)
         self.events.emit(ev.Model(arch=models.arch, prediction_type=models.prediction_type,
-                                  source=models.source_kind, base=self.config.model.base))
+                                  source=models.source_kind, base=self.config.model.base, variant=models.variant))
         return models
 
     # ================================================================================================ prepare
@@ -232,10 +233,10 @@ class Trainer:
         np.random.seed(config.train.seed % 2**32)
 
         network = self._build_network(models)
-        train_text_encoder = any(not name.startswith("lora_unet") for name in network.adapters)
+        train_text_encoder = any(part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
         if config.train.gradient_checkpointing:
-            models.pipe.unet.enable_gradient_checkpointing()
-            models.pipe.unet.train()  # diffusers only checkpoints in training mode (the UNet has no dropout)
+            models.denoiser.enable_gradient_checkpointing()
+            models.denoiser.train()  # diffusers only checkpoints in training mode (the denoiser has no dropout)
             if train_text_encoder:
                 for encoder in models.text_encoders():
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -243,7 +244,12 @@ class Trainer:
         latents_cached = self._cache_latents(data, models)
         text_cache = None
         if config.dataset.cache_text_encoder_outputs and not train_text_encoder:
-            text_cache = TextEmbeddingCache(encoder_id=config.model.base, clip_skip=config.train.clip_skip)
+            text_cache = TextEmbeddingCache(encoder_id=models.text_cache_id(config.model.base),
+                                            clip_skip=config.train.clip_skip)
+        elif config.dataset.cache_text_encoder_outputs and models.family:
+            self.events.emit(ev.RunWarning(message="text-encoder outputs are not cached: text-encoder adapters are "
+                                           "trained, so CLIP (and T5) run every step; set train.train_text_encoder "
+                                           "= false to cache them"))
 
         # Optimizer, data order and schedule. Only the optimizer is prepared: an accelerate-prepared scheduler
         # steps once per process, and the adapters live in hooks, not in a DDP-wrapped model.
@@ -495,7 +501,7 @@ class Trainer:
         sample = self.config.sample
         with ema_weights(state):
             images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
-                                     extra_modules=[state.network],
+                                     extra_modules=[state.network], **self.models.preview_options(),
                                      **preview_options(sample, self.config.dataset.resolution))
         paths = save_previews(images, self.output_dir / "samples", state.progress.step, sample.prompts)
         self.events.emit(ev.Preview(step=state.progress.step, paths=[str(p) for p in paths],
@@ -531,12 +537,12 @@ class Trainer:
             name = config.output.name
             step_file = self.output_dir / f"{name}-step{state.progress.step:06d}.safetensors"
             path = self.output_file if final else unique_path(step_file)
-            metadata = training_metadata(config, self.data.scan, self.data.dataset, state,
-                                         self.accelerator.num_processes)
+            metadata = {**training_metadata(config, self.data.scan, self.data.dataset, state,
+                                            self.accelerator.num_processes), **models.metadata()}
             with ema_weights(state):
                 save_network(state.network, path, title=config.output.title or name, dtype=config.output.save_dtype,
                              prediction_type=models.prediction_type, extra_metadata=metadata,
-                             overwrite=final and config.output.overwrite)
+                             overwrite=final and config.output.overwrite, layout=config.output.file_layout)
                 check = verify_file(path, state.network, models.pipe, models.arch, config.output.save_dtype)
             if not check["check_ok"]:
                 self.events.emit(ev.RunWarning(message=check_failure_text(path, check)))
@@ -582,11 +588,14 @@ class Trainer:
 
 # ==================================================================================================== helpers
 def parameter_groups(network: AdapterNetwork, train: Any) -> list[dict[str, Any]]:
-    """One optimizer group per model part, each with its learning rate (train.unet_lr, text_encoder_lr, …)."""
+    """One optimizer group per model part, each with its learning rate (train.unet_lr — also the SD3/Flux
+    transformer's —, text_encoder_lr, …; T5 takes text_encoder_lr)."""
     rates = {"lora_unet": train.unet_lr or train.learning_rate,
+             "lycoris": train.unet_lr or train.learning_rate,
              "lora_te": train.text_encoder_lr or train.learning_rate,
              "lora_te1": train.text_encoder_lr or train.learning_rate,
-             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate}
+             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate,
+             "lora_te3": train.text_encoder_lr or train.learning_rate}
     return [{"params": params, "lr": rates[prefix], "name": prefix}
             for prefix, params in network.parameter_groups().items() if params]
 
