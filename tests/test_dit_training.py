@@ -392,3 +392,47 @@ def test_training_networks_on_real_size_models(name):
         assert network.variant == name
     assert tuple(counts) == NETWORK_COUNTS[name]
     assert dataclasses.asdict(default.dit)["train_t5"] is False
+
+
+# ==================================================================================================== UI
+def test_ui_detects_estimates_and_offers_the_dit_options(bases):
+    from methods.apply import create_network
+    from trainer.models import load_pipeline
+    from ui import form, pipelines
+
+    pipe, info = load_pipeline(bases["folders"]["flux"])
+    assert pipelines.describe(info) == "a FLUX.1 dev-like transformer of non-standard size (flow matching, " \
+                                       "diffusers folder)"
+    config = TrainerConfig.from_dict({"network": {"method": "loha", "rank": 2}})
+    estimate = pipelines.estimate(config, pipe=pipe)
+    network = create_network(pipe, "loha", {"rank": 2}, config.target_config())
+    assert (estimate.parameters, estimate.modules) == (network.trainable_parameter_count(), network.counts())
+    frozen = sum(p.numel() for model in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae)
+                 for p in model.parameters())
+    assert estimate.vram.weights == frozen * 4  # fp32 everything (mixed_precision "no")
+    assert "transformer " in estimate.text() and "GPU memory" in estimate.text()
+    halved = pipelines.estimate(config.with_overrides(["train.mixed_precision='bf16'"]), pipe=pipe)
+    assert halved.vram.weights == frozen * 4 - (frozen - sum(p.numel() for p in pipe.vae.parameters())) * 2
+    checkpointed = pipelines.estimate(config.with_overrides(["train.gradient_checkpointing=true"]), pipe=pipe)
+    assert checkpointed.vram.activations < estimate.vram.activations
+    values = form.config_to_values(TrainerConfig())
+    assert values["dit.timestep_sampling"] == "" and values["output.file_layout"] == "auto"
+    fields = {field.key: field for field in form.config_fields()}
+    assert ("family default", "") in fields["dit.target"].choices and "flux_shift" in dict(
+        fields["dit.timestep_sampling"].choices).values()
+    values.update({"dit.timestep_sampling": "sigmoid", "dit.t5_max_length": 128, "output.file_layout": "kohya"})
+    config = form.values_to_config(values)
+    assert (config.dit.timestep_sampling, config.dit.t5_max_length, config.output.file_layout) == ("sigmoid", 128,
+                                                                                                  "kohya")
+
+
+# ==================================================================================================== compare
+def test_compare_trains_and_renders_on_flux(bases, tmp_path):
+    from trainer.compare import compare
+
+    config = dit_config(bases, "flux", tmp_path / "out", network={"preset": "attention", "rank": 2},
+                        dit={"train_t5": False}, sample={"prompts": ["a photo of zq"], "sampler": "euler", "steps": 2,
+                                                         "guidance_scale": 3.5})
+    report = compare(config, ["lora", "loha"], tmp_path / "report", drift_prompts=["a red car"])
+    assert [run.status for run in report.runs] == ["done", "done"]
+    assert report.grid.is_file() and all(run.prior_drift is not None for run in report.runs)

@@ -188,6 +188,8 @@ def render_plan(config: TrainerConfig, drift_prompts: Sequence[str] | None = Non
     from .sampling import preview_options
 
     options = {**preview_options(config.sample, config.dataset.resolution), "clip_skip": config.train.clip_skip}
+    if config.dit.t5_max_length:  # SD3/Flux: render with the T5 length the adapters were trained with
+        options["max_sequence_length"] = config.dit.t5_max_length
     concept_prompts = None
     default_drift: Sequence[str] = GENERIC_DRIFT_PROMPTS
     previews = list(config.sample.prompts)
