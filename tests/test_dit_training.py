@@ -251,6 +251,10 @@ def test_dit_options_are_checked_and_refused_where_they_do_nothing(bases, tmp_pa
         config = dit_config(bases, "flux", tmp_path / "out", **sections)
         with pytest.raises(ConfigError, match=message):
             load_models(config, cpu)
+    from trainer.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="flow matching and has no prediction type"):
+        load_models(dit_config(bases, "sd3", tmp_path / "out", model={"prediction_type": "v_prediction"}), cpu)
     with pytest.raises(ConfigError, match="dit.train_t5"):
         dit_config(bases, "flux", tmp_path / "out", train={"train_text_encoder": False})
     with pytest.raises(ConfigError, match="dit.timestep_sampling"):
@@ -282,7 +286,8 @@ def models_sd1(tmp_path_factory, tokenizer_dir):
 @pytest.mark.parametrize("family", sorted(BASES))
 def test_trainer_defaults_train_clip_only_cache_text_and_resume_exactly(bases, family, tmp_path):
     """The defaults (attention_mlp, CLIP adapters on, T5 off): the first run's losses come back exactly when the
-    run is resumed from its step-1 state; the frozen-encoder run caches text embeddings per T5 length."""
+    run is resumed from its step-1 state; the frozen-encoder run (with gradient checkpointing on the transformer)
+    caches text embeddings per T5 length."""
     common = {"dataset": {"resolution": SIZE}, "dit": {"t5_max_length": 16}, "train": {"max_steps": 3}}
     straight = make_config(bases["folders"][family], bases["data"], tmp_path / "straight", **common,
                            output={"save_every_n_steps": 1})
@@ -295,7 +300,8 @@ def test_trainer_defaults_train_clip_only_cache_text_and_resume_exactly(bases, f
     resumed, _ = run(resumed_config, resume=tmp_path / "straight" / "adapter-step000001-state")
     assert max(abs(a - b) for a, b in zip(resumed.losses, reference.losses)) <= 1e-6
     frozen = make_config(bases["folders"][family], bases["data"], tmp_path / "frozen",
-                         **{**common, "train": {"max_steps": 2, "train_text_encoder": False}})
+                         **{**common, "train": {"max_steps": 2, "train_text_encoder": False,
+                                                "gradient_checkpointing": True}})
     result, events = run(frozen)
     (ready,) = of_kind(events, "ready")
     assert ready["text_embeddings_cached"] and set(ready["modules"]) == {"lycoris"}
@@ -436,3 +442,41 @@ def test_compare_trains_and_renders_on_flux(bases, tmp_path):
     report = compare(config, ["lora", "loha"], tmp_path / "report", drift_prompts=["a red car"])
     assert [run.status for run in report.runs] == ["done", "done"]
     assert report.grid.is_file() and all(run.prior_drift is not None for run in report.runs)
+
+
+# ==================================================================================================== tools
+@pytest.mark.parametrize("family", sorted(BASES))
+def test_cli_inspects_merges_and_converts_dit_files(bases, family, tmp_path, randomize, capsys):
+    """Any method's file on these bases through the CLI: inspect names the base, merge bakes it into a diffusers
+    folder that reloads with W + ΔW, convert (with the base: LoKr's ΔW needs no base, DoRA's does) keeps ΔW at full
+    rank; a single-file merge output is refused."""
+    from methods.apply import create_network
+    from trainer.cli import EXIT_USER_ERROR, main
+    from trainer.models import load_pipeline
+
+    pipe = bases["make"](BASES[family])
+    network = create_network(pipe, "lokr", {"rank": 4, "factor": 4, "dora": True})
+    randomize(network)
+    expected = network.merged_deltas()
+    path = save_network(network, tmp_path / "lokr.safetensors", dtype="fp32")
+    network.detach()
+    assert main(["inspect", str(path)]) == 0
+    assert f"architecture:  {family}" in capsys.readouterr().out
+    folder = bases["folders"][family]
+    assert main(["merge", "--base", str(folder), "--adapter", str(path), "--out", str(tmp_path / "merged")]) == 0
+    merged, info = load_pipeline(tmp_path / "merged")
+    assert info.arch == family
+    fresh, after = weights(bases["make"](BASES[family]).transformer), merged.transformer.state_dict()
+    for name, delta in expected.items():
+        if name.startswith("lycoris_"):
+            key = network.naming.lookup(name)[1] + ".weight"
+            torch.testing.assert_close(after[key], fresh[key] + delta, rtol=1e-3, atol=1e-3)  # an fp16 folder
+    assert main(["merge", "--base", str(folder), "--adapter", str(path), "--out",
+                 str(tmp_path / "merged.safetensors")]) == EXIT_USER_ERROR
+    assert "diffusers folders" in capsys.readouterr().err
+    out = tmp_path / "lora.safetensors"
+    assert main(["convert", str(path), "--rank", "64", "--base", str(folder), "--out", str(out)]) == 0
+    converted, _ = load_network(pipe, out, require_all=True)
+    assert converted.method == "lora"
+    for name, delta in converted.merged_deltas().items():
+        torch.testing.assert_close(delta, expected[name], rtol=1e-4, atol=1e-5)

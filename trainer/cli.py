@@ -283,6 +283,8 @@ def run_merge(args: argparse.Namespace) -> int:
     _say(f"base: {args.base} ({info.arch}, {info.prediction_type}, {info.source_kind.replace('_', ' ')})")
     for note in info.notes:
         _say(f"note: {note}")
+    if single_file and getattr(pipe, "unet", None) is None:
+        raise CLIError(f"{out}: SD3/Flux merges are written as diffusers folders; give --out a folder path")
     reports = bake_adapters(pipe, list(zip(adapters, strengths)), info.arch)
     for report in reports:
         ignored = f"; {report.ignored} module(s) matched no layer and were skipped" if report.ignored else ""
