@@ -69,8 +69,7 @@ LABELS = {
 INFOS = {
     "dataset.dir": "the training images; a sub-folder named N_name repeats its images N times per epoch",
     "output.dir": "where the adapter, previews, events.jsonl and resumable state are written",
-    "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file; "
-                  "SD1/SD2/SDXL, SD3/SD3.5 or FLUX.1",
+    "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
     "model.config": "single files: a diffusers folder describing a non-standard size; an SD3/Flux transformer file "
                     "needs its base model's folder or hub id here (VAE, text encoders, tokenizers)",
     "output.file_layout": "SD3/Flux files: auto = diffusers layout for LoRA (loads in diffusers and ComfyUI), "
