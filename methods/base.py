@@ -169,21 +169,11 @@ def _is_whole(value: Any) -> bool:
 
 
 def parameter_factory(base: nn.Module) -> dict[str, Any]:
-    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is stored in lower
-    precision (fp16, bf16, an fp8 base)."""
+    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is stored in less
+    (half precision, or fp8 for ``train.fp8_base``)."""
     weight = base.weight
-    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
     return {"device": weight.device, "dtype": dtype}
-
-
-def hand_back_weight(base: nn.Module, weight: nn.Parameter) -> None:
-    """Make ``weight`` ``base``'s own weight again at the end of a call, also while an adapter still lends the layer
-    ``W + s·ΔW`` (whose post-hook restores what it found, so it is told the new one). For storage wrappers whose
-    forward hooks may run before the adapters' (``trainer.backbone.store_in_fp8``)."""
-    if base in _LENT_WEIGHTS:
-        _LENT_WEIGHTS[base] = weight
-    else:
-        base._parameters["weight"] = weight
 
 
 def is_kxk_conv(module: nn.Module) -> bool:
@@ -395,8 +385,8 @@ class AdapterModule(nn.Module):
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """Whether this call lends the layer ``W + s·ΔW`` (see :meth:`rebuild_is_cheaper`): never with dropouts on
         ``ΔW·x``; with DoRA as its own cost model says."""
-        if self.drops_delta_output():
-            return False
+        if self.drops_delta_output() or self.base.weight.dtype.itemsize == 1:
+            return False  # fp8 storage (train.fp8_base) has no arithmetic; its layer upcasts inside its own call
         if self.use_dora:
             return dora.rebuild_is_cheaper(self, x)
         return self.rebuild_is_cheaper(x)

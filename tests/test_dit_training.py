@@ -246,7 +246,7 @@ def test_dit_options_are_checked_and_refused_where_they_do_nothing(bases, tmp_pa
         ({"train": {"sdpa": False}}, "train.sdpa"),
         ({"sample": {"prompts": ["zq"], "sampler": "euler_a"}}, "sample.sampler"),
         ({"sample": {"prompts": ["zq"], "sampler": "euler", "negative_prompt": "blur"}}, "negative"),
-        ({"train": {"fp8_base": True}}, "CUDA"),
+        ({"train": {"fp8_base": True}}, "fp8_base = false"),
     ):
         config = dit_config(bases, "flux", tmp_path / "out", **sections)
         with pytest.raises(ConfigError, match=message):
@@ -338,35 +338,38 @@ def test_decode_adds_the_vae_shift(bases):
 
 
 # ==================================================================================================== fp8
-def test_fp8_base_keeps_every_method_trainable(bases):
+@pytest.mark.parametrize("family", sorted(BASES))
+def test_fp8_base_keeps_every_method_trainable(bases, family):
     """The mechanism of train.fp8_base on the CPU (the option itself is refused there): float8 storage, outputs of
-    the upcast weights, every method's adapters fp32 and learning, the fp8 weight back after each call."""
+    the upcast weights, every method's adapters fp32 and learning, the weights still fp8 after each call."""
     from methods.apply import create_network
-    from trainer.backbone import FP8, store_in_fp8
+    from trainer.backbone import FP8, cast_weights_to_fp8
 
-    pipe = bases["make"](BASES["flux"])
+    pipe = bases["make"](BASES[family])
     transformer = pipe.transformer
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
     rounded = {name: layer.weight.detach().to(FP8).float() for name, layer in transformer.named_modules()
-               if isinstance(layer, torch.nn.Linear)}
-    saved = store_in_fp8(transformer, torch.float32)
-    assert saved == sum(w.numel() * 3 for w in rounded.values())
-    reference = bases["make"](BASES["flux"])
+               if isinstance(layer, layers)}
+    assert cast_weights_to_fp8(transformer, torch.float32) == len(rounded)
+    reference = bases["make"](BASES[family])
     with torch.no_grad():
         for name, layer in reference.transformer.named_modules():
             if name in rounded:
                 layer.weight.copy_(rounded[name])
-    torch.testing.assert_close(transformer_output(pipe, "flux"), transformer_output(reference, "flux"))
+    torch.testing.assert_close(transformer_output(pipe, family), transformer_output(reference, family))
+    config = pipe.transformer.config
     for method in METHODS:
         network = create_network(pipe, method, get_method(method).example_options)
         assert all(p.dtype == torch.float32 for p in network.parameters())
         network.train()
         latents = torch.randn(1, 16, 8, 8)
-        conditioning = Conditioning(torch.randn(1, 6, 64), torch.randn(1, 32))
-        loss = predict(transformer, "flux", latents, torch.tensor([0.5]), conditioning, guidance=1.0).square().mean()
+        conditioning = Conditioning(torch.randn(1, 6, config.joint_attention_dim),
+                                    torch.randn(1, config.pooled_projection_dim))
+        loss = predict(transformer, family, latents, torch.tensor([0.5]), conditioning, guidance=1.0).square().mean()
         loss.backward()
         grads = [p.grad for p in network.parameters() if p.requires_grad]
         assert any(g is not None and g.abs().sum() > 0 for g in grads), method
-        assert all(layer.weight.dtype == FP8 for layer in transformer.modules() if isinstance(layer, torch.nn.Linear))
+        assert all(layer.weight.dtype == FP8 for layer in transformer.modules() if isinstance(layer, layers))
         network.detach()
 
 

@@ -7,14 +7,13 @@ The objective (:mod:`trainer.objective`) decides what is noised and predicted; t
 SD1/SD2/SDXL train with :class:`~trainer.objective.DiffusionObjective`, SD3/SD3.5 and FLUX.1 with
 :class:`~trainer.objective.FlowMatchingObjective` (options in the ``[dit]`` config section).
 
-:func:`store_in_fp8` keeps a frozen denoiser's Linear weights in float8 (``train.fp8_base``, kohya's name) for any
-base, CUDA only.
+:func:`store_in_fp8` keeps the frozen denoiser's and text encoders' Linear/Conv2d weights in float8
+(``train.fp8_base``, sd-scripts' name) for any base, CUDA only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.base import ConfigError, hand_back_weight
+from methods.base import ConfigError
 
 from .conditioning import Conditioning, encode_captions, sdxl_time_ids
 from .config import DiTSection, TrainerConfig
@@ -187,10 +186,9 @@ def load_models(config: TrainerConfig, device: torch.device) -> Models:
         from diffusers.models.attention_processor import AttnProcessor
 
         pipe.unet.set_attn_processor(AttnProcessor())
-    if config.train.fp8_base:
-        saved = store_in_fp8(models.denoiser, weight_dtype, device)
-        log.info("fp8_base: the frozen %s's Linear weights are stored in float8 (%.2f GB less)",
-                 type(models.denoiser).__name__, saved / 1e9)
+    if config.train.fp8_base:  # the denoiser (UNet or SD3/Flux transformer) and the text encoders, as sd-scripts
+        for model in [models.denoiser, *models.text_encoders()]:
+            store_in_fp8(model, weight_dtype, device)
     return models
 
 
@@ -244,40 +242,46 @@ def _check_no_dit_options(config: TrainerConfig, arch: str) -> None:
                           "remove them")
 
 
-_FP8_STORED: weakref.WeakKeyDictionary[nn.Module, nn.Parameter] = weakref.WeakKeyDictionary()
+def store_in_fp8(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """sd-scripts' ``fp8_base``: keep a frozen model's Linear/Conv2d weights in float8 (e4m3) — a quarter of their fp32
+    memory — and upcast each to ``compute_dtype`` only inside its own call. CUDA only; elsewhere a ConfigError.
+    Returns the number of layers stored in fp8 (see :func:`cast_weights_to_fp8`)."""
+    if FP8 is None:
+        raise ConfigError(f"train.fp8_base needs the float8 dtypes of torch ≥ 2.1; this is torch {torch.__version__}")
+    if device.type != "cuda":
+        raise ConfigError(f"train.fp8_base stores the base model in fp8 to save GPU memory, and this run is on "
+                          f"{device.type}, which has no fp8 kernels worth it; set train.fp8_base = false "
+                          "(and fp8_base_unet)")
+    return cast_weights_to_fp8(model, compute_dtype)
 
 
-def store_in_fp8(model: nn.Module, compute_dtype: torch.dtype, device: torch.device | None = None) -> int:
-    """Keep ``model``'s frozen Linear weights in float8 (e4m3fn) between calls, each upcast to ``compute_dtype``
-    for the duration of its layer's call (kohya's ``fp8_base``): about half the weight memory of bf16, for any base.
-
-    Adapters keep working unchanged: their parameters are fp32, and a layer an adapter lends ``W + s·ΔW`` gets the
-    upcast weight to build it from (the upcast runs first, and :func:`methods.base.hand_back_weight` restores the
-    fp8 weight whichever post-hook runs first). Refused unless ``device`` is a CUDA device and torch has float8.
-    Returns the bytes saved.
-    """
-    if device is not None and (device.type != "cuda" or FP8 is None):
-        raise ConfigError(f"train.fp8_base needs a CUDA GPU and a torch with float8 support (2.1 or later); this run "
-                          f"is on {device.type}: set train.fp8_base = false")
-    saved = 0
+def cast_weights_to_fp8(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """The mechanism of :func:`store_in_fp8`, on any device: each Linear/Conv2d weight becomes float8 and the layer's
+    ``forward`` upcasts it for the call. A weight an adapter lends for a call (``W + s·ΔW``, already in a compute
+    dtype) is used as it is; adapters never lend over fp8 (:meth:`methods.base.AdapterModule.rebuilds_weight`).
+    Norms, embeddings and biases stay as they are: they are small, and sensitive to rounding."""
+    count = 0
     for module in model.modules():
-        if not isinstance(module, nn.Linear) or module in _FP8_STORED:
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d) or module.weight.dtype == FP8:
             continue
-        weight = module.weight
-        stored = nn.Parameter(weight.detach().to(FP8), requires_grad=False)
-        saved += weight.numel() * (weight.element_size() - stored.element_size())
-        module._parameters["weight"] = stored
-        _FP8_STORED[module] = stored
-        module.register_forward_pre_hook(lambda layer, args, dtype=compute_dtype: _lend_upcast(layer, dtype),
-                                          prepend=True)
-        module.register_forward_hook(lambda layer, args, output: hand_back_weight(layer, _FP8_STORED[layer]),
-                                     always_call=True)
-    return saved
+        module.weight.data = module.weight.data.to(FP8)
+        module.forward = _upcasting_forward(module, type(module).forward, compute_dtype)
+        count += 1
+    return count
 
 
-def _lend_upcast(layer: nn.Module, dtype: torch.dtype) -> None:
-    stored = _FP8_STORED[layer]
-    layer._parameters["weight"] = stored.to(dtype)  # a plain tensor for this call; the post-hook puts fp8 back
+def _upcasting_forward(module: torch.nn.Module, forward: Callable, compute_dtype: torch.dtype) -> Callable:
+    def upcast_forward(x: torch.Tensor) -> torch.Tensor:
+        stored = module._parameters["weight"]
+        if stored.dtype != FP8:
+            return forward(module, x)
+        module._parameters["weight"] = stored.to(compute_dtype)
+        try:
+            return forward(module, x)
+        finally:
+            module._parameters["weight"] = stored
+
+    return upcast_forward
 
 
 def load_vae(source: str, current: Any):

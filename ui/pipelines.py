@@ -7,8 +7,8 @@ Flux: the family's first released variant), or, once a model is detected, meta c
 so it costs no memory and matches the model.
 
 :func:`vram_estimate` (SD3/Flux) adds what a run keeps on the GPU: every frozen weight at its dtype (fp8 for the
-denoiser with ``train.fp8_base``; the text encoders stay resident, the VAE in fp32 when ``model.vae_fp32``), the
-adapters with their gradients and optimizer state, counted from the parameters; and the transformer's activations
+transformer and the text encoders with ``train.fp8_base``; the text encoders stay resident, the VAE in fp32 when
+``model.vae_fp32``), the adapters with their gradients and optimizer state, counted from the parameters; and the transformer's activations
 for one batch by the per-layer rule of Korthikanti et al. 2022 (with flash attention a block keeps about 34·h bytes
 per token at 16 bit; with gradient checkpointing only each block's input, 2·h bytes per token, plus one block
 recomputed), plus 1 GB of CUDA context and workspace. It is an estimate from counts, not a measurement.
@@ -235,9 +235,9 @@ def vram_estimate(config: Any, transformer: Any, text_encoders: list[Any], vae: 
 
     train, model_config = config.train, transformer.config
     compute = {"fp16": 2, "bf16": 2}.get(train.mixed_precision, 4)
-    denoiser_bytes = 1 if train.fp8_base else compute
+    stored = 1 if train.fp8_base else compute  # fp8_base: the transformer and the text encoders
     vae_bytes = 4 if config.model.vae_fp32 else compute
-    weights = (_parameters(transformer) * denoiser_bytes + sum(_parameters(e) for e in text_encoders) * compute
+    weights = ((_parameters(transformer) + sum(_parameters(e) for e in text_encoders)) * stored
                + _parameters(vae) * vae_bytes)
     state = trainable * (4 + 4 + OPTIMIZER_STATE_BYTES.get(train.optimizer.lower(), 8))
     hidden = model_config.num_attention_heads * model_config.attention_head_dim
@@ -255,7 +255,7 @@ def vram_estimate(config: Any, transformer: Any, text_encoders: list[Any], vae: 
         activations = blocks * per_block
     precision = {"no": "fp32"}.get(train.mixed_precision, train.mixed_precision)
     settings = (f"{config.dataset.resolution}² px, batch {train.batch_size}, {precision} weights"
-                f"{', fp8 transformer' if train.fp8_base else ''}, gradient checkpointing "
+                f"{', fp8 transformer and text encoders' if train.fp8_base else ''}, gradient checkpointing "
                 f"{'on' if train.gradient_checkpointing else 'off'}, T5 {t5_tokens} tokens")
     return VramEstimate(float(weights), float(state), float(activations), settings)
 
