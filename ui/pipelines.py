@@ -8,10 +8,11 @@ so it costs no memory and matches the model.
 
 :func:`vram_estimate` (SD3/Flux) adds what a run keeps on the GPU: every frozen weight at its dtype (fp8 for the
 transformer and the text encoders with ``train.fp8_base``; the text encoders stay resident, the VAE in fp32 when
-``model.vae_fp32``), the adapters with their gradients and optimizer state, counted from the parameters; and the transformer's activations
-for one batch by the per-layer rule of Korthikanti et al. 2022 (with flash attention a block keeps about 34·h bytes
-per token at 16 bit; with gradient checkpointing only each block's input, 2·h bytes per token, plus one block
-recomputed), plus 1 GB of CUDA context and workspace. It is an estimate from counts, not a measurement.
+``model.vae_fp32``), the adapters with their gradients and optimizer state, counted from the parameters; and the
+transformer's activations for one batch by the per-layer rule of Korthikanti et al. 2022 (with flash attention a
+block keeps about 34·h bytes per token at 16 bit; with gradient checkpointing only each block's input, 2·h bytes
+per token, plus one block recomputed), plus 1 GB of CUDA context and workspace. It is an estimate from counts, not
+a measurement.
 """
 
 from __future__ import annotations
