@@ -32,6 +32,9 @@ from trainer.dit_conditioning import predict
 
 BASES = {"sd3": "sd3.5-medium", "flux": "flux-dev"}  # the variants with every structural feature of the family
 METHODS = tuple(available_methods())
+# Every method at its example options, and DoRA (an option of LoRA, LoHa and LoKr) on LoRA.
+TRAINED = {**{method: (method, get_method(method).example_options) for method in METHODS},
+           "dora": ("lora", {**get_method("lora").example_options, "dora": True})}
 SIZE = 32  # pixels: 16×16 latents with the tiny two-block VAE
 
 
@@ -90,13 +93,13 @@ def assert_weights_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.
 
 
 # ==================================================================================================== every method
-@pytest.mark.parametrize("method", [method if method == "lora" else pytest.param(method, marks=pytest.mark.slow)
-                                    for method in METHODS])  # ~1.5 s each: LoRA in the quick suite
+@pytest.mark.parametrize("label", [label if label == "lora" else pytest.param(label, marks=pytest.mark.slow)
+                                   for label in TRAINED])  # ~1.5 s each: LoRA in the quick suite
 @pytest.mark.parametrize("family", sorted(BASES))
-def test_every_method_trains_and_its_file_loads_where_consumers_read_it(bases, family, method, tmp_path):
+def test_every_method_trains_and_its_file_loads_where_consumers_read_it(bases, family, label, tmp_path):
     from lycoris import create_lycoris_from_weights
 
-    options = dict(get_method(method).example_options)
+    method, options = TRAINED[label]
     config = dit_config(bases, family, tmp_path / "out", network={"method": method, **options})
     result, events = run(config)
     assert len(result.losses) == 2 and all(math.isfinite(loss) for loss in result.losses)
@@ -106,7 +109,7 @@ def test_every_method_trains_and_its_file_loads_where_consumers_read_it(bases, f
     variant = VARIANTS[BASES[family]]
     assert metadata["modelspec.architecture"] == f"{variant.modelspec_architecture}/lora"
     assert metadata["ss_base_model_version"] == variant.base_model_version
-    plain_lora = method == "lora"
+    plain_lora = label == "lora"  # DoRA's dora_scale has no diffusers form: the lycoris layout
     names = {key.partition(".")[0] for key in tensors}
     if plain_lora:  # the diffusers layout: PEFT keys, alpha folded into the factors
         assert "transformer" in names and not any(key.endswith(".alpha") for key in tensors
@@ -435,6 +438,31 @@ def test_ui_detects_estimates_and_offers_the_dit_options(bases):
                                                                                                   "kohya")
 
 
+# ==================================================================================================== loading
+def test_single_file_transformer_loads_with_its_base_components(bases, tmp_path):
+    """An original-layout SD3.5 transformer file (ComfyUI's prefix) + model.config = the base's folder: the
+    pipeline has the file's transformer and the folder's other components; without model.config a clear refusal."""
+    from dit_pipelines import native_checkpoint
+    from safetensors.torch import save_file
+
+    from trainer.models import ModelLoadError, load_pipeline
+
+    source = bases["make"](BASES["sd3"])
+    with torch.no_grad():
+        for parameter in source.transformer.parameters():
+            parameter.add_(0.01)  # not the folder's transformer
+    path = tmp_path / "sd3.5_medium.safetensors"
+    save_file({f"model.diffusion_model.{key}": value.contiguous()
+               for key, value in native_checkpoint(source.transformer).items()}, path)
+    with pytest.raises(ModelLoadError, match="model.config"):
+        load_pipeline(path)
+    pipe, info = load_pipeline(path, config=bases["folders"]["sd3"])
+    assert (info.arch, info.variant, info.source_kind) == ("sd3", "sd3.5-medium", "single_file")
+    loaded = pipe.transformer.state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in source.transformer.state_dict().items())
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, source.vae.decoder.conv_out.weight)
+
+
 # ==================================================================================================== compare
 def test_compare_trains_and_renders_on_flux(bases, tmp_path):
     from trainer.compare import compare
@@ -464,7 +492,8 @@ def test_cli_inspects_merges_and_converts_dit_files(bases, family, tmp_path, ran
     path = save_network(network, tmp_path / "lokr.safetensors", dtype="fp32")
     network.detach()
     assert main(["inspect", str(path)]) == 0
-    assert f"architecture:  {family}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"architecture:  {family} (metadata" in out and "lycoris layout" in out  # DoRA: the lycoris layout
     folder = bases["folders"][family]
     assert main(["merge", "--base", str(folder), "--adapter", str(path), "--out", str(tmp_path / "merged")]) == 0
     merged, info = load_pipeline(tmp_path / "merged")

@@ -209,7 +209,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     lines = [
         f"file:          {report['file']} ({report['size_bytes'] / 1e6:.2f} MB)",
         f"method:        {method_text}" + (f"  [{report['network_module']}]" if report["network_module"] else ""),
-        f"architecture:  {report['architecture'] or 'unknown'} ({report['architecture_from']})",
+        f"architecture:  {report['architecture'] or 'unknown'} ({report['architecture_from']})"
+        + (f", {report['layout']} layout" if report["layout"] != "kohya" else ""),
         f"modules:       {report['modules']} ({format_counts(report['modules_per_part'])})",
         f"rank:          {_format_histogram(report['ranks'])}",
         f"alpha:         {_format_histogram(report['alphas'])}",
