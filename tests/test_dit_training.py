@@ -250,6 +250,7 @@ def test_dit_options_are_checked_and_refused_where_they_do_nothing(bases, tmp_pa
         ({"sample": {"prompts": ["zq"], "sampler": "euler_a"}}, "sample.sampler"),
         ({"sample": {"prompts": ["zq"], "sampler": "euler", "negative_prompt": "blur"}}, "negative"),
         ({"train": {"fp8_base": True}}, "fp8_base = false"),
+        ({"dataset": {"min_bucket_side": 10}}, "multiples of 4"),  # the tiny VAE halves; 2×2 patches
     ):
         config = dit_config(bases, "flux", tmp_path / "out", **sections)
         with pytest.raises(ConfigError, match=message):
@@ -309,6 +310,26 @@ def test_trainer_defaults_train_clip_only_cache_text_and_resume_exactly(bases, f
     (ready,) = of_kind(events, "ready")
     assert ready["text_embeddings_cached"] and set(ready["modules"]) == {"lycoris"}
     assert not of_kind(events, "warning") and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_init_from_reads_a_dit_file_and_refuses_another_scale(bases, tmp_path, randomize):
+    """network.init_from with an SD3/Flux file: the diffusers layout (alpha folded, read back with alpha = rank)
+    starts a network of alpha = rank from the file's ΔW; another alpha is refused rather than rescaling ΔW."""
+    from methods.apply import create_network
+
+    pipe = bases["make"](BASES["flux"])
+    network = create_network(pipe, "lora", {"rank": 4}, TrainerConfig().target_config())
+    randomize(network)
+    path = save_network(network, tmp_path / "start.safetensors", dtype="fp32")
+    network.detach()
+    same = dit_config(bases, "flux", tmp_path / "same", network={"preset": "attention_mlp", "rank": 4,
+                                                                 "init_from": str(path)},
+                      dit={"train_t5": False}, train={"max_steps": 1, "learning_rate": 1e-12})
+    result, _ = run(same)
+    assert math.isfinite(result.losses[0])
+    other = same.with_overrides([f"output.dir='{tmp_path / 'other'}'", "network.alpha=2.0"])
+    with pytest.raises(ConfigError, match="another scale"):
+        run(other)
 
 
 # ==================================================================================================== previews

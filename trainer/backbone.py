@@ -26,9 +26,9 @@ from methods.base import ConfigError
 from .conditioning import Conditioning, encode_captions, sdxl_time_ids
 from .config import DiTSection, TrainerConfig
 from .events import log
+from .models import FLOW
 from .objective import DiffusionObjective, FlowMatchingObjective, NoisedBatch, Objective
 
-FLOW = "flow"  # trainer.models.FLOW: the prediction type of SD3/Flux
 FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
@@ -208,6 +208,16 @@ def _dit_models(config: TrainerConfig, pipe: Any, info: Any, device: torch.devic
         key, why = refused[0]
         raise ConfigError(f"{key} does not apply to {info.variant_title} (flow matching): {why}; leave it at its "
                           "default")
+    # The transformer sees 2×2 patches of latents: image sides must be multiples of twice the VAE's downscaling.
+    multiple = 2 * pipe.vae_scale_factor
+    data = config.dataset
+    sides = ([("dataset.bucket_step", data.bucket_step), ("dataset.min_bucket_side", data.min_bucket_side)]
+             if data.enable_buckets else [("dataset.resolution", data.resolution)])
+    uneven = [(key, value) for key, value in sides if value % multiple]
+    if uneven:
+        key, value = uneven[0]
+        raise ConfigError(f"{key} = {value}: {info.variant_title} needs image sides in multiples of {multiple} "
+                          f"(2×2 latent patches); use {value - value % multiple or multiple}")
     try:
         objective = FlowMatchingObjective(config_for(info.arch, config.dit))
     except FlowMatchingError as error:

@@ -613,6 +613,13 @@ def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> None:
         for name, adapter in network.adapters.items():
             source = loaded.adapters[name].state_dict()
             adapter.load_state_dict({k: v.to(adapter.state_dict()[k]) for k, v in source.items()})
+            # Same tensors, other scale: a file whose alpha differs (an SD3/Flux diffusers-layout LoRA has alpha/rank
+            # folded into its factors) would start the run from another ΔW than the file's.
+            if not torch.allclose(adapter.merged_delta().float(), loaded.adapters[name].merged_delta().float(),
+                                  rtol=1e-3, atol=1e-7):
+                raise ConfigError(f"network.init_from = {str(path)!r}: module {name} has another scale (alpha/rank) "
+                                  "than this network's; use the file's rank and alpha (a diffusers-layout SD3/Flux "
+                                  "LoRA holds alpha = rank), or write the file with output.file_layout = \"lycoris\"")
 
 
 @contextlib.contextmanager
