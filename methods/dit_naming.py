@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from .base import WRAPPABLE, ConfigError
-from .naming import flat, text_encoder_path
+from .naming import flat, group_by_module, text_encoder_path
 
 LAYOUTS = ("lycoris", "diffusers", "kohya")
 FILE_LAYOUTS = ("auto", *LAYOUTS)  # auto: diffusers for networks of plain LoRA modules, else lycoris
@@ -593,14 +593,6 @@ def import_lora(naming: DiTNaming, state_dict: dict[str, torch.Tensor]) -> tuple
 
 
 # ----- file layouts of a whole network ----------------------------------------------------------------------------
-def _modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        name, _, suffix = key.partition(".")
-        grouped.setdefault(name, {})[suffix] = tensor
-    return grouped
-
-
 def write_layout(naming: DiTNaming, state: dict[str, torch.Tensor], layout: str = "auto") -> dict[str, torch.Tensor]:
     """A network's tensors under our (lycoris) names → the file in ``layout``.
 
@@ -611,7 +603,7 @@ def write_layout(naming: DiTNaming, state: dict[str, torch.Tensor], layout: str 
     """
     if layout not in FILE_LAYOUTS:
         raise ConfigError(f"file layout {layout!r} is not one of {', '.join(FILE_LAYOUTS)}")
-    modules = _modules(state)
+    modules = group_by_module(state)
     other = next((name for name, tensors in modules.items() if set(tensors) != PLAIN_LORA), None)
     if layout == "auto":
         layout = "lycoris" if other is not None else "diffusers"

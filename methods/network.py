@@ -18,6 +18,7 @@ from torch import nn
 from . import dit_naming, dit_targets, naming, targets
 from .arch import UNET_PREFIX, denoiser_prefixes, get_architecture, part_prefix
 from .base import WRAPPABLE, AdapterConfig, AdapterModule
+from .naming import group_by_module
 from .registry import file_module_class, get_method
 
 
@@ -307,15 +308,6 @@ class AdapterNetwork(nn.Module):
         """What each module adds to its base weight at strength 1 (for checks and conversions)."""
         with torch.no_grad():
             return {name: adapter.merged_delta().float() for name, adapter in self.adapters.items()}
-
-
-def group_by_module(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"name.suffix": t}`` → ``{"name": {"suffix": t}}``; names never contain a dot (spec §0)."""
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        name, _, suffix = key.partition(".")
-        grouped.setdefault(name, {})[suffix] = tensor
-    return grouped
 
 
 def name_lookup(parts: list[ModelPart]) -> dict[str, tuple[str, nn.Module]]:
