@@ -485,6 +485,7 @@ def test_single_file_transformer_loads_with_its_base_components(bases, tmp_path)
 
 
 # ==================================================================================================== compare
+@pytest.mark.slow
 def test_compare_trains_and_renders_on_flux(bases, tmp_path):
     from trainer.compare import compare
 
