@@ -174,9 +174,10 @@ def _is_whole(value: Any) -> bool:
 
 
 def parameter_factory(base: nn.Module) -> dict[str, Any]:
-    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is half precision."""
+    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is stored in less
+    (half precision, or fp8 for ``train.fp8_base``)."""
     weight = base.weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
     return {"device": weight.device, "dtype": dtype}
 
 
@@ -389,8 +390,8 @@ class AdapterModule(nn.Module):
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """Whether this call lends the layer ``W + s·ΔW`` (see :meth:`rebuild_is_cheaper`): never with dropouts on
         ``ΔW·x``; with DoRA as its own cost model says."""
-        if self.drops_delta_output():
-            return False
+        if self.drops_delta_output() or self.base.weight.dtype.itemsize == 1:
+            return False  # fp8 storage (train.fp8_base) has no arithmetic; its layer upcasts inside its own call
         if self.use_dora:
             return dora.rebuild_is_cheaper(self, x)
         return self.rebuild_is_cheaper(x)

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from methods.base import ConfigError, coerce_value
+from methods.dit_naming import FILE_LAYOUTS, T5_PREFIX
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
-ARCHITECTURES = ("auto", "sd1", "sd2", "sdxl")
+ARCHITECTURES = ("auto", "sd1", "sd2", "sdxl", "sd3", "flux")
 SAMPLERS = ("euler_a", "dpmpp_2m", "ddim", "euler")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 CROPS = ("center", "random")
@@ -35,6 +36,9 @@ class ModelSection:
     vae: str = ""  # optional separate VAE (folder or file)
     vae_fp32: bool = True  # run the VAE in fp32 (the SDXL VAE gives NaN/black images in fp16)
     tokenizer: str = ""  # folder with vocab.json/merges.txt, for single-file checkpoints (they carry none)
+    # Single files: a diffusers folder describing a non-standard size; for an SD3/Flux transformer file, the base
+    # model's folder or hub id, which gives its VAE, text encoders and tokenizers.
+    config: str = ""
 
 
 @dataclasses.dataclass
@@ -103,9 +107,36 @@ class TrainSection:
     ema_decay: float = 0.0  # > 0: keep an EMA of the adapter weights and save it
     validation_every_n_steps: int = 0
     sdpa: bool = True
+    fp8_base: bool = False  # keep the frozen denoiser's Linear weights in float8 (CUDA only; kohya's fp8_base)
     # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
     # fixed batch the loss measures pure fitting and must fall; never for real training.
     fixed_noise: bool = False
+
+
+@dataclasses.dataclass
+class DiTSection:
+    """Options of the diffusion-transformer bases (SD3/SD3.5, FLUX.1), sd-scripts' names in brackets; "" and 0 take
+    the family's default (:func:`trainer.flow_matching.default_config`, the variant's T5 length)."""
+
+    # logit_normal, mode, uniform, sigmoid, shift, flux_shift (SD3 logit_normal, Flux flux_shift)
+    timestep_sampling: str = ""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    shift: float = 0.0  # σ shift (discrete_flow_shift / training_shift); 0 → SD3 3.0, Flux 1.0
+    weighting_scheme: str = ""  # none, sigma_sqrt, cosmap (default none)
+    target: str = ""  # velocity (model_prediction_type raw) or x0 (SD3's preconditioning); SD3 x0, Flux velocity
+    guidance_scale: float = 1.0  # FLUX.1 dev's embedded guidance while training (sd-scripts' recommended 1.0)
+    t5_max_length: int = 0  # T5 tokens (t5xxl_max_token_length); 0 → SD3 256, FLUX.1 dev 512, schnell 256
+    train_t5: bool = False  # adapters on T5-XXL too (train_t5xxl); needs train.train_text_encoder
+
+    def choices(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        from .flow_matching import LOSS_WEIGHTING, TARGETS, TIMESTEP_SAMPLING
+
+        return [("dit.timestep_sampling", self.timestep_sampling, ("", *TIMESTEP_SAMPLING)),
+                ("dit.weighting_scheme", self.weighting_scheme, ("", *LOSS_WEIGHTING)),
+                ("dit.target", self.target, ("", *TARGETS))]
 
 
 @dataclasses.dataclass
@@ -131,6 +162,7 @@ class OutputSection:
     save_state: bool = True  # resumable state next to each save
     overwrite: bool = False
     tensorboard: bool = True
+    file_layout: str = "auto"  # SD3/Flux files: auto (diffusers for LoRA, else lycoris), diffusers, kohya, lycoris
     title: str = ""
     author: str = ""
     description: str = ""
@@ -145,6 +177,7 @@ class TrainerConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     sample: SampleSection = dataclasses.field(default_factory=SampleSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    dit: DiTSection = dataclasses.field(default_factory=DiTSection)
 
     # ----- loading ----------------------------------------------------------------------------------------
     @classmethod
@@ -204,6 +237,8 @@ class TrainerConfig:
             ("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION),
             ("sample.sampler", self.sample.sampler, SAMPLERS),
             ("output.save_dtype", self.output.save_dtype, SAVE_DTYPES),
+            ("output.file_layout", self.output.file_layout, FILE_LAYOUTS),
+            *self.dit.choices(),
         ]
         for key, value, allowed in choices:
             if value not in allowed:
@@ -238,6 +273,22 @@ class TrainerConfig:
             raise ConfigError(f"output.name must be a plain file name, got {self.output.name!r}")
         self.method_config()  # validates network.options against the chosen method
         self.target_config().validate()
+        self._validate_dit()
+
+    def _validate_dit(self) -> None:
+        from .flow_matching import FlowMatchingConfig, FlowMatchingError
+
+        dit = self.dit
+        try:  # the numbers, checked as the objective will use them ("" choices stand for valid defaults)
+            FlowMatchingConfig(logit_mean=dit.logit_mean, logit_std=dit.logit_std, mode_scale=dit.mode_scale,
+                               sigmoid_scale=dit.sigmoid_scale, shift=dit.shift or 1.0).validate()
+        except FlowMatchingError as error:
+            raise ConfigError(f"dit.{error}") from error
+        if dit.shift < 0 or dit.t5_max_length < 0 or dit.guidance_scale < 0:
+            raise ConfigError("dit.shift, dit.t5_max_length and dit.guidance_scale must be ≥ 0 (0: the default)")
+        if dit.train_t5 and not self.train.train_text_encoder:
+            raise ConfigError("dit.train_t5 = true needs train.train_text_encoder = true (T5 adapters are text-encoder "
+                              "adapters)")
 
     def method_config(self):
         from methods.registry import get_method
@@ -251,8 +302,11 @@ class TrainerConfig:
         te_preset = self.network.text_encoder_preset or None
         if not self.train.train_text_encoder:
             te_preset = "none"
+        exclude = list(self.network.exclude)
+        if not self.dit.train_t5:  # T5-XXL (SD3/Flux) only on request: 4.7 B parameters, no text-embedding cache
+            exclude.append(f"^{T5_PREFIX}_")
         return TargetConfig(preset=self.network.preset, text_encoder_preset=te_preset,
-                            include=list(self.network.include), exclude=list(self.network.exclude))
+                            include=list(self.network.include), exclude=exclude)
 
 
 def _split_method_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from methods.arch import denoiser_prefixes, part_prefix
 from methods.base import ConfigError
 from methods.files import load_adapter_file
 from methods.network import AdapterNetwork, pipeline_parts
@@ -230,7 +231,7 @@ class Trainer:
     def _load(self) -> Models:
         models = load_models(self.config, self.accelerator.device)
         self.events.emit(ev.Model(arch=models.arch, prediction_type=models.prediction_type,
-                                  source=models.source_kind, base=self.config.model.base))
+                                  source=models.source_kind, base=self.config.model.base, variant=models.variant))
         return models
 
     # ================================================================================================ prepare
@@ -247,10 +248,10 @@ class Trainer:
         np.random.seed(config.train.seed % 2**32)
 
         network = self._build_network(models)
-        train_text_encoder = any(not name.startswith("lora_unet") for name in network.adapters)
+        train_text_encoder = any(part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
         if config.train.gradient_checkpointing:
-            models.pipe.unet.enable_gradient_checkpointing()
-            models.pipe.unet.train()  # diffusers only checkpoints in training mode (the UNet has no dropout)
+            models.denoiser.enable_gradient_checkpointing()
+            models.denoiser.train()  # diffusers only checkpoints in training mode (the denoiser has no dropout)
             if train_text_encoder:
                 for encoder in models.text_encoders():
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -258,7 +259,12 @@ class Trainer:
         latents_cached = self._cache_latents(data, models)
         text_cache = None
         if config.dataset.cache_text_encoder_outputs and not train_text_encoder:
-            text_cache = TextEmbeddingCache(encoder_id=config.model.base, clip_skip=config.train.clip_skip)
+            text_cache = TextEmbeddingCache(encoder_id=models.text_cache_id(config.model.base),
+                                            clip_skip=config.train.clip_skip)
+        elif config.dataset.cache_text_encoder_outputs and models.family:
+            self.events.emit(ev.RunWarning(message="text-encoder outputs are not cached: text-encoder adapters are "
+                                           "trained, so CLIP (and T5) run every step; set train.train_text_encoder "
+                                           "= false to cache them"))
 
         # Optimizer, data order and schedule. Only the optimizer is prepared: an accelerate-prepared scheduler
         # steps once per process, and the adapters live in hooks, not in a DDP-wrapped model.
@@ -525,7 +531,7 @@ class Trainer:
         sample = self.config.sample
         with ema_weights(state):
             images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
-                                     extra_modules=[state.network],
+                                     extra_modules=[state.network], **self.models.preview_options(),
                                      **preview_options(sample, self.config.dataset.resolution))
         paths = save_previews(images, self.output_dir / "samples", state.progress.step, sample.prompts)
         self.events.emit(ev.Preview(step=state.progress.step, paths=[str(p) for p in paths],
@@ -601,11 +607,14 @@ class Trainer:
 
 # ==================================================================================================== helpers
 def parameter_groups(network: AdapterNetwork, train: Any) -> list[dict[str, Any]]:
-    """One optimizer group per model part, each with its learning rate (train.unet_lr, text_encoder_lr, …)."""
+    """One optimizer group per model part, each with its learning rate (train.unet_lr — also the SD3/Flux
+    transformer's —, text_encoder_lr, …; T5 takes text_encoder_lr)."""
     rates = {"lora_unet": train.unet_lr or train.learning_rate,
+             "lycoris": train.unet_lr or train.learning_rate,
              "lora_te": train.text_encoder_lr or train.learning_rate,
              "lora_te1": train.text_encoder_lr or train.learning_rate,
-             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate}
+             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate,
+             "lora_te3": train.text_encoder_lr or train.learning_rate}
     return [{"params": params, "lr": rates[prefix], "name": prefix}
             for prefix, params in network.parameter_groups().items() if params]
 
@@ -623,6 +632,13 @@ def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> None:
         for name, adapter in network.adapters.items():
             source = loaded.adapters[name].state_dict()
             adapter.load_state_dict({k: v.to(adapter.state_dict()[k]) for k, v in source.items()})
+            # Same tensors, other scale: a file whose alpha differs (an SD3/Flux diffusers-layout LoRA has alpha/rank
+            # folded into its factors) would start the run from another ΔW than the file's.
+            if not torch.allclose(adapter.merged_delta().float(), loaded.adapters[name].merged_delta().float(),
+                                  rtol=1e-3, atol=1e-7):
+                raise ConfigError(f"network.init_from = {str(path)!r}: module {name} has another scale (alpha/rank) "
+                                  "than this network's; use the file's rank and alpha (a diffusers-layout SD3/Flux "
+                                  "LoRA holds alpha = rank), or write the file with output.file_layout = \"lycoris\"")
 
 
 def adapter_norms(network: AdapterNetwork) -> dict[str, float]:

@@ -8,7 +8,9 @@ The loop asks an objective two things (:class:`Objective`):
 :class:`DiffusionObjective` is the DDPM objective SD1/SD2/SDXL were trained with: noise (plus the optional noise
 offset) added at a uniformly drawn timestep, an epsilon or v-prediction target, an MSE per sample, optionally
 weighted by min-SNR-γ (Hang et al. 2023), by a loss mask and by each sample's weight (regularisation images).
-Other objectives (kohya's loss/noise options, flow matching for SD3/Flux) implement the same two methods.
+:class:`FlowMatchingObjective` is that of SD3/SD3.5 and FLUX.1 (rectified flow, :mod:`trainer.flow_matching`): the
+latents are blended with noise at a drawn σ, the model predicts the velocity ε − x0 (or, preconditioned, x0), and
+the loss is weighted per sample by the SD3 weighting scheme, the mask and the sample's weight.
 
 Determinism: each sample's noise and timestep come from a generator seeded by its key (see :func:`noise_keys`),
 never from global RNG state, so they do not depend on how batches are spread over processes, on previews in
@@ -123,4 +125,44 @@ class DiffusionObjective:
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
 
-__all__ = ["DiffusionObjective", "NoisedBatch", "Objective", "noise_keys", "stable_seed"]
+class FlowMatchingObjective:
+    """Flow matching: ``x_σ = (1 − σ)·x0 + σ·ε``, the model conditioned on σ (``NoisedBatch.timesteps`` holds σ)."""
+
+    def __init__(self, config: Any):
+        self.config = config  # trainer.flow_matching.FlowMatchingConfig
+
+    def noised(self, latents: torch.Tensor, keys: Sequence[tuple]) -> NoisedBatch:
+        """σ and noise of each sample from one generator seeded by its key, so a resumed or multi-process run draws
+        the same; ``flux_shift`` reads the packed image sequence length of the batch's latents."""
+        from .flow_matching import flux_image_seq_len, noisy_latents, sample_sigmas, velocity
+
+        if len(keys) != latents.shape[0]:
+            raise ValueError(f"{len(keys)} noise keys for a batch of {latents.shape[0]}")
+        image_seq_len = flux_image_seq_len(*latents.shape[-2:])
+        sigmas, noises = [], []
+        for key in keys:
+            generator = torch.Generator().manual_seed(stable_seed(*key))
+            sigmas.append(sample_sigmas(self.config, 1, generator, image_seq_len))
+            noises.append(torch.randn(latents.shape[1:], generator=generator))
+        sigma = torch.cat(sigmas).to(latents.device)
+        noise = torch.stack(noises).to(latents.device)
+        target = velocity(latents, noise) if self.config.target == "velocity" else latents
+        return NoisedBatch(noisy_latents(latents, noise, sigma), sigma, target)
+
+    def loss(self, prediction: torch.Tensor, noised: NoisedBatch, masks: torch.Tensor | None,
+             sample_weights: torch.Tensor) -> torch.Tensor:
+        from .flow_matching import loss_weights, model_prediction
+
+        predicted = model_prediction(prediction.float(), noised.model_input.float(), noised.timesteps,
+                                     self.config.target)
+        loss = F.mse_loss(predicted, noised.target.float(), reduction="none")
+        if masks is not None:
+            loss = loss * F.interpolate(masks.to(loss.device, torch.float32), size=loss.shape[-2:], mode="area")
+        loss = loss.mean(dim=(1, 2, 3)) * loss_weights(noised.timesteps.float(), self.config.weighting_scheme)
+        return (loss * sample_weights.to(loss.device, torch.float32)).mean()
+
+    def metadata(self) -> dict[str, Any]:
+        return self.config.metadata()
+
+
+__all__ = ["DiffusionObjective", "FlowMatchingObjective", "NoisedBatch", "Objective", "noise_keys", "stable_seed"]

@@ -25,7 +25,7 @@ from methods.base import ConfigError
 from trainer import config as config_module
 from trainer.config import TrainerConfig, dump_toml
 
-SECTIONS = ("model", "dataset", "network", "train", "sample", "output")
+SECTIONS = ("model", "dataset", "network", "train", "sample", "output", "dit")
 
 # Where each key shows: "main" keys of each tab are visible, the rest sit in an "Advanced" accordion.
 MAIN_KEYS = {
@@ -50,7 +50,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": config_module.MIXED_PRECISION,
     "sample.sampler": config_module.SAMPLERS,
     "output.save_dtype": config_module.SAVE_DTYPES,
+    "output.file_layout": config_module.FILE_LAYOUTS,
 }
+# SD3/Flux options whose empty value means "the family's default" (see trainer.config.DiTSection).
+FAMILY_DEFAULT_CHOICES = {"dit.timestep_sampling", "dit.weighting_scheme", "dit.target"}
 LABELS = {
     "model.base": "Base model (hub id, diffusers folder, or .safetensors/.ckpt file)",
     "dataset.dir": "Dataset folder",
@@ -70,6 +73,11 @@ INFOS = {
                   "workspace's outputs/ (a name is enough)",
     "dataset.caption_extension": "caption files beside the images: .txt, .caption or .tags",
     "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
+    "model.config": "single files: a diffusers folder describing a non-standard size; an SD3/Flux transformer file "
+                    "needs its base model's folder or hub id here (VAE, text encoders, tokenizers)",
+    "output.file_layout": "SD3/Flux files: auto = diffusers layout for LoRA (loads in diffusers and ComfyUI), "
+                          "lycoris layout for the other methods (ComfyUI, LyCORIS); kohya = sd-scripts' fused names "
+                          "(LoRA only)",
 }
 # The familiar methods head the method menu; every other registered method follows (labels: each method's class).
 FAMILIAR_METHODS = ("lora", "loha", "lokr", "oft", "boft")
@@ -206,10 +214,18 @@ def config_fields() -> tuple[Field, ...]:
                 kind = "choice"
                 choices = (("same as the UNet", ""), ("none (UNet only)", "none"),
                            *((PRESET_LABELS.get(p, p), p) for p in PRESETS))
+            elif key in FAMILY_DEFAULT_CHOICES:
+                kind = "choice"
+                choices = (("family default", ""), *((value, value) for value in dit_choices()[key]))
             info = INFOS.get(key) or _info(comments.get(field.name, ""), default)
             fields.append(Field(key, section, field.name, kind, default, _label(key, field.name), info,
                                 tuple(choices), key in MAIN_KEYS))
     return tuple(fields)
+
+
+def dit_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the SD3/Flux choice keys (without the empty "family default")."""
+    return {key: tuple(v for v in allowed if v) for key, _, allowed in TrainerConfig().dit.choices()}
 
 
 @functools.cache
