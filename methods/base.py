@@ -42,14 +42,19 @@ def coerce_value(key: str, hint: Any, value: Any) -> Any:
     """Check (and gently convert, e.g. 1 → 1.0) a value against its annotated type."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            if option is type(None) and value is None:
-                return None
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):  # only None itself passes here (handled above), never any other value
+                continue
             try:
                 return coerce_value(key, option, value)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {hint})")
+        expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+        leave_out = ", or leave the key out for the default" if type(None) in options else ""
+        raise ConfigError(f"{key} = {value!r} is not a {expected}; give a {expected}{leave_out}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")

@@ -482,8 +482,6 @@ def test_fp8_base_is_refused_off_cuda_and_upcasts_inside_each_call(sd1, data, tm
     config = make_config(sd1["folder"], data, tmp_path / "out", train={"mixed_precision": "bf16", "fp8_base": True})
     with pytest.raises(ConfigError, match="fp8_base"):
         run(config)
-    with pytest.raises(ConfigError, match="mixed_precision"):
-        config.with_overrides(["train.mixed_precision='no'"])
     with pytest.raises(ConfigError, match="on cpu"):
         store_in_fp8(torch.nn.Linear(2, 2), torch.bfloat16, torch.device("cpu"))
     # the mechanism (the same on CUDA): fp8 storage, a LoRA on top, output and gradients through the upcast

@@ -9,18 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from methods.base import ConfigError, coerce_value
+from methods.dit_naming import FILE_LAYOUTS, T5_PREFIX
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
-ARCHITECTURES = ("auto", "sd1", "sd2", "sdxl")
+ARCHITECTURES = ("auto", "sd1", "sd2", "sdxl", "sd3", "flux")
 SAMPLERS = ("euler_a", "dpmpp_2m", "ddim", "euler")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 CROPS = ("center", "random")
@@ -39,6 +39,9 @@ class ModelSection:
     vae: str = ""  # optional separate VAE (folder or file)
     vae_fp32: bool = True  # run the VAE in fp32 (the SDXL VAE gives NaN/black images in fp16)
     tokenizer: str = ""  # folder with vocab.json/merges.txt, for single-file checkpoints (they carry none)
+    # Single files: a diffusers folder describing a non-standard size; for an SD3/Flux transformer file, the base
+    # model's folder or hub id, which gives its VAE, text encoders and tokenizers.
+    config: str = ""
 
 
 @dataclasses.dataclass
@@ -154,6 +157,7 @@ class TrainSection:
     ema_decay: float = 0.0  # > 0: keep an EMA of the adapter weights and save it
     validation_every_n_steps: int = 0
     sdpa: bool = True
+    fp8_base: bool = False  # keep the frozen denoiser's Linear weights in float8 (CUDA only; kohya's fp8_base)
     # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
     # fixed batch the loss measures pure fitting and must fall; never for real training.
     fixed_noise: bool = False
@@ -180,8 +184,33 @@ class TrainSection:
     full_bf16: bool = False  # adapter weights and gradients in bf16 (needs mixed_precision = "bf16")
     # how full_fp16/bf16 apply an update: stochastic_rounding, fp32_master (an fp32 copy is stepped) or plain
     half_precision_update: str = "stochastic_rounding"
-    fp8_base: bool = False  # frozen UNet and text encoders stored in fp8 (CUDA only), computed in mixed precision
-    fp8_base_unet: bool = False  # only the UNet in fp8
+    fp8_base_unet: bool = False  # fp8_base for the denoiser only: the text encoders stay in the mixed precision
+
+
+@dataclasses.dataclass
+class DiTSection:
+    """Options of the diffusion-transformer bases (SD3/SD3.5, FLUX.1), sd-scripts' names in brackets; "" and 0 take
+    the family's default (:func:`trainer.flow_matching.default_config`, the variant's T5 length)."""
+
+    # logit_normal, mode, uniform, sigmoid, shift, flux_shift (SD3 logit_normal, Flux flux_shift)
+    timestep_sampling: str = ""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    shift: float = 0.0  # σ shift (discrete_flow_shift / training_shift); 0 → SD3 3.0, Flux 1.0
+    weighting_scheme: str = ""  # none, sigma_sqrt, cosmap (default none)
+    target: str = ""  # velocity (model_prediction_type raw) or x0 (SD3's preconditioning); SD3 x0, Flux velocity
+    guidance_scale: float = 1.0  # FLUX.1 dev's embedded guidance while training (sd-scripts' recommended 1.0)
+    t5_max_length: int = 0  # T5 tokens (t5xxl_max_token_length); 0 → SD3 256, FLUX.1 dev 512, schnell 256
+    train_t5: bool = False  # adapters on T5-XXL too (train_t5xxl); needs train.train_text_encoder
+
+    def choices(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        from .flow_matching import LOSS_WEIGHTING, TARGETS, TIMESTEP_SAMPLING
+
+        return [("dit.timestep_sampling", self.timestep_sampling, ("", *TIMESTEP_SAMPLING)),
+                ("dit.weighting_scheme", self.weighting_scheme, ("", *LOSS_WEIGHTING)),
+                ("dit.target", self.target, ("", *TARGETS))]
 
 
 @dataclasses.dataclass
@@ -211,6 +240,7 @@ class OutputSection:
     tensorboard: bool = True
     wandb_project: str = ""  # log to Weights & Biases under this project (needs the wandb package)
     wandb_run_name: str = ""  # "" → output.name
+    file_layout: str = "auto"  # SD3/Flux files: auto (diffusers for LoRA, else lycoris), diffusers, kohya, lycoris
     title: str = ""
     author: str = ""
     description: str = ""
@@ -225,6 +255,7 @@ class TrainerConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     sample: SampleSection = dataclasses.field(default_factory=SampleSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    dit: DiTSection = dataclasses.field(default_factory=DiTSection)
 
     # ----- loading ----------------------------------------------------------------------------------------
     @classmethod
@@ -284,6 +315,8 @@ class TrainerConfig:
             ("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION),
             ("sample.sampler", self.sample.sampler, SAMPLERS),
             ("output.save_dtype", self.output.save_dtype, SAVE_DTYPES),
+            ("output.file_layout", self.output.file_layout, FILE_LAYOUTS),
+            *self.dit.choices(),
         ]
         for key, value, allowed in choices:
             if value not in allowed:
@@ -319,6 +352,7 @@ class TrainerConfig:
         self.method_config()  # validates network.options against the chosen method
         self.target_config().validate()
         self._validate_kohya_options()
+        self._validate_dit()
 
     def _validate_kohya_options(self) -> None:
         """The sd-scripts options (loss, noise, memory, per-block network, saving): values and combinations that
@@ -368,9 +402,6 @@ class TrainerConfig:
             if getattr(train, flag) and train.mixed_precision != precision:
                 raise ConfigError(f"train.{flag} needs train.mixed_precision = {precision!r} (got "
                                   f"{train.mixed_precision!r})")
-        if (train.fp8_base or train.fp8_base_unet) and train.mixed_precision == "no":
-            raise ConfigError("train.fp8_base computes in the mixed precision: set train.mixed_precision to 'fp16' "
-                              "or 'bf16'")
         if len(network.base_weights_multiplier) > len(network.base_weights):
             raise ConfigError(f"network.base_weights_multiplier has {len(network.base_weights_multiplier)} value(s) "
                               f"for {len(network.base_weights)} file(s) in network.base_weights")
@@ -428,11 +459,25 @@ class TrainerConfig:
         if all(subset.is_reg for subset in data.subsets):
             raise ConfigError("every dataset.subsets entry is is_reg = true; add a subset of training images")
 
+    def _validate_dit(self) -> None:
+        from .flow_matching import FlowMatchingConfig, FlowMatchingError
+
+        dit = self.dit
+        try:  # the numbers, checked as the objective will use them ("" choices stand for valid defaults)
+            FlowMatchingConfig(logit_mean=dit.logit_mean, logit_std=dit.logit_std, mode_scale=dit.mode_scale,
+                               sigmoid_scale=dit.sigmoid_scale, shift=dit.shift or 1.0).validate()
+        except FlowMatchingError as error:
+            raise ConfigError(f"dit.{error}") from error
+        if dit.shift < 0 or dit.t5_max_length < 0 or dit.guidance_scale < 0:
+            raise ConfigError("dit.shift, dit.t5_max_length and dit.guidance_scale must be ≥ 0 (0: the default)")
+        if dit.train_t5 and not self.train.train_text_encoder:
+            raise ConfigError("dit.train_t5 = true needs train.train_text_encoder = true (T5 adapters are text-encoder "
+                              "adapters)")
+
     def method_config(self):
         from methods.registry import get_method
 
         method = get_method(self.network.method)
-        check_optional_values(method.config_class, self.network.options, "network")
         return method.config_class.from_dict(self.network.options, where="network")
 
     def target_config(self):
@@ -441,36 +486,11 @@ class TrainerConfig:
         te_preset = self.network.text_encoder_preset or None
         if not self.train.train_text_encoder:
             te_preset = "none"
+        exclude = list(self.network.exclude)
+        if not self.dit.train_t5:  # T5-XXL (SD3/Flux) only on request: 4.7 B parameters, no text-embedding cache
+            exclude.append(f"^{T5_PREFIX}_")
         return TargetConfig(preset=self.network.preset, text_encoder_preset=te_preset,
-                            include=list(self.network.include), exclude=list(self.network.exclude))
-
-
-def check_optional_values(section_class: type, values: dict[str, Any], where: str) -> None:
-    """Every value given for an optional typed field (``alpha: float | None``) is None or of its type.
-
-    ``coerce_value`` tries each member of the union and lets any value through the ``None`` member, so
-    ``network.alpha = "x"`` or a list/table for an optional number would reach the model (or a method's own
-    validation) and crash there. Checked on the raw values, before anything is built from them.
-    """
-    hints = typing.get_type_hints(section_class)
-    for key, value in values.items():
-        hint = hints.get(key)
-        members = typing.get_args(hint)
-        if value is None or typing.get_origin(hint) not in (typing.Union, types.UnionType) or \
-                type(None) not in members:
-            continue
-        for member in members:
-            if member is type(None):
-                continue
-            try:
-                coerce_value(f"{where}.{key}", member, value)
-                break
-            except ConfigError:
-                continue
-        else:
-            expected = " or ".join(getattr(m, "__name__", str(m)) for m in members if m is not type(None))
-            raise ConfigError(f"{where}.{key} = {value!r} is not a {expected}; give a {expected}, or leave the key "
-                              "out for the default")
+                            include=list(self.network.include), exclude=exclude)
 
 
 def _split_method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -488,7 +508,6 @@ def _build_section(name: str, section_class: type, values: Any) -> Any:
     if unknown:
         raise ConfigError(f"[{name}]: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(section_class)
-    check_optional_values(section_class, values, name)
     converted = {key: coerce_value(f"{name}.{key}", hints[key], value) for key, value in values.items()}
     return section_class(**converted)
 

@@ -107,9 +107,11 @@ class Model(Event):
     prediction_type: str = ""
     source: str = ""
     base: str = ""
+    variant: str = ""  # SD3/Flux: sd3.5-large, flux-dev, …
 
     def text(self) -> str:
-        return f"model: {self.arch} ({self.prediction_type}) from {self.source}"
+        variant = f" {self.variant}" if self.variant else ""
+        return f"model: {self.arch}{variant} ({self.prediction_type}) from {self.source}"
 
 
 @dataclasses.dataclass

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from methods.arch import UNET_PREFIX
+from methods.arch import UNET_PREFIX, denoiser_prefixes, part_prefix
 from methods.base import ConfigError
 from methods.blocks import lr_weights, module_configurator, unet_block_groups
 from methods.files import load_adapter_file
@@ -239,7 +239,7 @@ class Trainer:
     def _load(self) -> Models:
         models = load_models(self.config, self.accelerator.device)
         self.events.emit(ev.Model(arch=models.arch, prediction_type=models.prediction_type,
-                                  source=models.source_kind, base=self.config.model.base))
+                                  source=models.source_kind, base=self.config.model.base, variant=models.variant))
         if self.config.train.zero_terminal_snr and models.prediction_type != "v_prediction":
             self.events.emit(ev.RunWarning(message="train.zero_terminal_snr with an epsilon-prediction model: at the "
                                            "last timestep the input is pure noise and the target is that noise; "
@@ -260,10 +260,10 @@ class Trainer:
         np.random.seed(config.train.seed % 2**32)
 
         network = self._build_network(models)
-        train_text_encoder = any(not name.startswith("lora_unet") for name in network.adapters)
+        train_text_encoder = any(part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
         if config.train.gradient_checkpointing:
-            models.pipe.unet.enable_gradient_checkpointing()
-            models.pipe.unet.train()  # diffusers only checkpoints in training mode (the UNet has no dropout)
+            models.denoiser.enable_gradient_checkpointing()
+            models.denoiser.train()  # diffusers only checkpoints in training mode (the denoiser has no dropout)
             if train_text_encoder:
                 for encoder in models.text_encoders():
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -271,7 +271,12 @@ class Trainer:
         latents_cached = self._cache_latents(data, models)
         text_cache = None
         if config.dataset.cache_text_encoder_outputs and not train_text_encoder:
-            text_cache = TextEmbeddingCache(encoder_id=config.model.base, clip_skip=config.train.clip_skip)
+            text_cache = TextEmbeddingCache(encoder_id=models.text_cache_id(config.model.base),
+                                            clip_skip=config.train.clip_skip)
+        elif config.dataset.cache_text_encoder_outputs and models.family:
+            self.events.emit(ev.RunWarning(message="text-encoder outputs are not cached: text-encoder adapters are "
+                                           "trained, so CLIP (and T5) run every step; set train.train_text_encoder "
+                                           "= false to cache them"))
 
         # Optimizer, data order and schedule. Only the optimizer is prepared: an accelerate-prepared scheduler
         # steps once per process, and the adapters live in hooks, not in a DDP-wrapped model.
@@ -562,7 +567,7 @@ class Trainer:
         sample = self.config.sample
         with ema_weights(state):
             images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
-                                     extra_modules=[state.network],
+                                     extra_modules=[state.network], **self.models.preview_options(),
                                      **preview_options(sample, self.config.dataset.resolution))
         paths = save_previews(images, self.output_dir / "samples", state.progress.step, sample.prompts)
         self.events.emit(ev.Preview(step=state.progress.step, paths=[str(p) for p in paths],
@@ -640,13 +645,16 @@ class Trainer:
 # ==================================================================================================== helpers
 def parameter_groups(network: AdapterNetwork, train: Any,
                      block_weights: list[float] | None = None) -> list[dict[str, Any]]:
-    """One optimizer group per model part, each with its learning rate (train.unet_lr, text_encoder_lr, …); with
-    kohya's per-block factors (``block_weights``, :func:`methods.blocks.lr_weights`) one UNet group per block,
-    named ``lora_unet_block<N>``, at the UNet rate × the block's factor."""
+    """One optimizer group per model part, each with its learning rate (train.unet_lr — also the SD3/Flux
+    transformer's —, text_encoder_lr, …; T5 takes text_encoder_lr); with kohya's per-block factors
+    (``block_weights``, :func:`methods.blocks.lr_weights`) one UNet group per block, named ``lora_unet_block<N>``,
+    at the UNet rate × the block's factor."""
     rates = {"lora_unet": train.unet_lr or train.learning_rate,
+             "lycoris": train.unet_lr or train.learning_rate,
              "lora_te": train.text_encoder_lr or train.learning_rate,
              "lora_te1": train.text_encoder_lr or train.learning_rate,
-             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate}
+             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate,
+             "lora_te3": train.text_encoder_lr or train.learning_rate}
     groups = []
     for prefix, params in network.parameter_groups().items():
         if not params:
@@ -687,8 +695,10 @@ def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> list[
             expected = source.merged_delta().float()
             got = adapter.merged_delta().float().to(expected.device)
             if not torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max() or 1.0)):
-                raise ConfigError(f"{where}: module {name} loads with another scale (alpha) than the file's; set "
-                                  "network.alpha as in the file, or network.dim_from_weights = true")
+                # e.g. another alpha, or an SD3/Flux diffusers-layout LoRA (alpha/rank folded into its factors)
+                raise ConfigError(f"{where}: module {name} loads with another scale (alpha/rank) than the file's; "
+                                  "set network.alpha as in the file (a diffusers-layout SD3/Flux LoRA holds alpha = "
+                                  "rank), or network.dim_from_weights = true")
     return fresh
 
 

@@ -8,10 +8,13 @@ The loop asks an objective two things (:class:`Objective`):
 :class:`DiffusionObjective` is the DDPM objective SD1/SD2/SDXL were trained with: noise (plus the optional noise
 offset) added at a uniformly drawn timestep, an epsilon or v-prediction target, an MSE per sample, optionally
 weighted by min-SNR-γ (Hang et al. 2023), by a loss mask and by each sample's weight (regularisation images).
-sd-scripts' loss and noise options are options of this objective (huber/smooth_l1/l1 losses with their threshold
-schedules, debiased estimation, v-pred-like loss, a timestep range, zero terminal SNR, random-strength and adaptive
-noise offsets, pyramid noise, input perturbation); :func:`elementwise_loss` is shared with other objectives
-(flow matching for SD3/Flux implements the same two methods).
+:class:`FlowMatchingObjective` is that of SD3/SD3.5 and FLUX.1 (rectified flow, :mod:`trainer.flow_matching`): the
+latents are blended with noise at a drawn σ, the model predicts the velocity ε − x0 (or, preconditioned, x0), and
+the loss is weighted per sample by the SD3 weighting scheme, the mask and the sample's weight.
+sd-scripts' loss and noise options are options of the diffusion objective (huber/smooth_l1/l1 losses with their
+threshold schedules, debiased estimation, v-pred-like loss, a timestep range, zero terminal SNR, random-strength and
+adaptive noise offsets, pyramid noise, input perturbation); SD3/Flux runs refuse them (:data:`DIFFUSION_ONLY`), and
+:func:`elementwise_loss` is there for a flow-matching objective that wants the huber losses too.
 
 Determinism: each sample's noise and timestep come from a generator seeded by its key (see :func:`noise_keys`),
 never from global RNG state, so they do not depend on how batches are spread over processes, on previews in
@@ -112,6 +115,17 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: i
         if level_height == 1 or level_width == 1:
             break
     return noise / noise.std()
+
+
+# sd-scripts' loss and noise options that only DiffusionObjective implements (the flow-matching objective refuses them)
+DIFFUSION_ONLY = ("loss_type", "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss",
+                  "min_timestep", "max_timestep", "zero_terminal_snr", "multires_noise_iterations", "ip_noise_gamma")
+
+
+def diffusion_only_options(train: TrainSection) -> list[tuple[str, bool]]:
+    """(option, set away from its default) for each of :data:`DIFFUSION_ONLY`."""
+    defaults = TrainSection()
+    return [(key, getattr(train, key) != getattr(defaults, key)) for key in DIFFUSION_ONLY]
 
 
 def zero_terminal_snr_scheduler(scheduler: Any) -> Any:
@@ -284,5 +298,46 @@ class DiffusionObjective:
         return torch.where(snr <= self.min_snr_gamma, torch.ones_like(snr), self.min_snr_gamma / snr)
 
 
-__all__ = ["DiffusionObjective", "Draw", "NoisedBatch", "Objective", "elementwise_loss", "noise_keys", "pyramid_noise",
-           "stable_seed", "zero_terminal_snr_scheduler"]
+class FlowMatchingObjective:
+    """Flow matching: ``x_σ = (1 − σ)·x0 + σ·ε``, the model conditioned on σ (``NoisedBatch.timesteps`` holds σ)."""
+
+    def __init__(self, config: Any):
+        self.config = config  # trainer.flow_matching.FlowMatchingConfig
+
+    def noised(self, latents: torch.Tensor, keys: Sequence[tuple]) -> NoisedBatch:
+        """σ and noise of each sample from one generator seeded by its key, so a resumed or multi-process run draws
+        the same; ``flux_shift`` reads the packed image sequence length of the batch's latents."""
+        from .flow_matching import flux_image_seq_len, noisy_latents, sample_sigmas, velocity
+
+        if len(keys) != latents.shape[0]:
+            raise ValueError(f"{len(keys)} noise keys for a batch of {latents.shape[0]}")
+        image_seq_len = flux_image_seq_len(*latents.shape[-2:])
+        sigmas, noises = [], []
+        for key in keys:
+            generator = torch.Generator().manual_seed(stable_seed(*key))
+            sigmas.append(sample_sigmas(self.config, 1, generator, image_seq_len))
+            noises.append(torch.randn(latents.shape[1:], generator=generator))
+        sigma = torch.cat(sigmas).to(latents.device)
+        noise = torch.stack(noises).to(latents.device)
+        target = velocity(latents, noise) if self.config.target == "velocity" else latents
+        return NoisedBatch(noisy_latents(latents, noise, sigma), sigma, target)
+
+    def loss(self, prediction: torch.Tensor, noised: NoisedBatch, masks: torch.Tensor | None,
+             sample_weights: torch.Tensor) -> torch.Tensor:
+        from .flow_matching import loss_weights, model_prediction
+
+        predicted = model_prediction(prediction.float(), noised.model_input.float(), noised.timesteps,
+                                     self.config.target)
+        loss = F.mse_loss(predicted, noised.target.float(), reduction="none")
+        if masks is not None:
+            loss = loss * F.interpolate(masks.to(loss.device, torch.float32), size=loss.shape[-2:], mode="area")
+        loss = loss.mean(dim=(1, 2, 3)) * loss_weights(noised.timesteps.float(), self.config.weighting_scheme)
+        return (loss * sample_weights.to(loss.device, torch.float32)).mean()
+
+    def metadata(self) -> dict[str, Any]:
+        return self.config.metadata()
+
+
+__all__ = ["DIFFUSION_ONLY", "DiffusionObjective", "Draw", "FlowMatchingObjective", "NoisedBatch", "Objective",
+           "diffusion_only_options", "elementwise_loss", "noise_keys", "pyramid_noise", "stable_seed",
+           "zero_terminal_snr_scheduler"]

@@ -126,12 +126,12 @@ class Saver:
         config = self.config
         if self.base_hashes is None:  # once, at the first save: hashing a multi-GB base takes a while
             self.base_hashes = base_model_hashes(config.model.base)
-        metadata = {**self.metadata, **self.base_hashes, "ss_steps": state.progress.step,
+        metadata = {**self.metadata, **models.metadata(), **self.base_hashes, "ss_steps": state.progress.step,
                     "ss_epoch": state.progress.epoch, "ss_training_finished_at": time.time()}
         with ema_weights(state):
             save_network(state.network, path, title=config.output.title or config.output.name,
                          dtype=config.output.save_dtype, prediction_type=models.prediction_type,
-                         extra_metadata=metadata, overwrite=overwrite,
+                         extra_metadata=metadata, overwrite=overwrite, layout=config.output.file_layout,
                          extra_network_args=block_network_args(config.network))
             check = verify_file(path, state.network, models.pipe, models.arch, config.output.save_dtype)
         if not check["check_ok"]:

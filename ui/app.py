@@ -669,7 +669,7 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
                     make(key)
 
     by_section = {section: [f.key for f in form.config_fields() if f.section == section] for section in form.SECTIONS}
-    training_sections = ("train", "sample", "output", "dataset")
+    training_sections = ("train", "sample", "output", "dataset", "dit")
 
     with gr.Blocks(title="Rankwright") as demo:
         gr.Markdown("# Rankwright\nTrain LoRA, LoHa, LoKr, OFT and BOFT adapters for Stable Diffusion.")

@@ -25,7 +25,7 @@ from methods.base import ConfigError
 from trainer import config as config_module
 from trainer.config import TrainerConfig, dump_toml
 
-SECTIONS = ("model", "dataset", "network", "train", "sample", "output")
+SECTIONS = ("model", "dataset", "network", "train", "sample", "output", "dit")
 
 # Where each key shows: "main" keys of each tab are visible, the rest sit in an "Advanced" accordion.
 MAIN_KEYS = {
@@ -53,7 +53,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss_type": config_module.LOSS_TYPES,
     "train.huber_schedule": config_module.HUBER_SCHEDULES,
     "train.half_precision_update": config_module.HALF_PRECISION_UPDATES,
+    "output.file_layout": config_module.FILE_LAYOUTS,
 }
+# SD3/Flux options whose empty value means "the family's default" (see trainer.config.DiTSection).
+FAMILY_DEFAULT_CHOICES = {"dit.timestep_sampling", "dit.weighting_scheme", "dit.target"}
 LABELS = {
     "model.base": "Base model (hub id, diffusers folder, or .safetensors/.ckpt file)",
     "dataset.dir": "Dataset folder",
@@ -76,6 +79,11 @@ INFOS = {
     "dataset.subsets": "several image folders instead of the dataset folder, one [[subsets]] table each: "
                        "image_dir = \"…\", num_repeats = 10, is_reg, resolution, class_tokens, trigger_word, "
                        "caption_prefix/suffix, flip, color_aug, … (unset keys take the [dataset] value)",
+    "model.config": "single files: a diffusers folder describing a non-standard size; an SD3/Flux transformer file "
+                    "needs its base model's folder or hub id here (VAE, text encoders, tokenizers)",
+    "output.file_layout": "SD3/Flux files: auto = diffusers layout for LoRA (loads in diffusers and ComfyUI), "
+                          "lycoris layout for the other methods (ComfyUI, LyCORIS); kohya = sd-scripts' fused names "
+                          "(LoRA only)",
 }
 # The familiar methods head the method menu; every other registered method follows (labels: each method's class).
 FAMILIAR_METHODS = ("lora", "loha", "lokr", "oft", "boft")
@@ -224,10 +232,18 @@ def config_fields() -> tuple[Field, ...]:
                 kind = "choice"
                 choices = (("same as the UNet", ""), ("none (UNet only)", "none"),
                            *((PRESET_LABELS.get(p, p), p) for p in PRESETS))
+            elif key in FAMILY_DEFAULT_CHOICES:
+                kind = "choice"
+                choices = (("family default", ""), *((value, value) for value in dit_choices()[key]))
             info = INFOS.get(key) or _info(comments.get(field.name, ""), default)
             fields.append(Field(key, section, field.name, kind, default, _label(key, field.name), info,
                                 tuple(choices), key in MAIN_KEYS))
     return tuple(fields)
+
+
+def dit_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the SD3/Flux choice keys (without the empty "family default")."""
+    return {key: tuple(v for v in allowed if v) for key, _, allowed in TrainerConfig().dit.choices()}
 
 
 @functools.cache
