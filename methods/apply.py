@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 def create_network(pipe: Any, method: str = "lora", options: dict[str, Any] | None = None,
                    targets: TargetConfig | None = None, arch: str | None = None) -> AdapterNetwork:
-    """Adapters of ``method`` on the pipeline's UNet and text encoder(s), attached and ready to train."""
+    """Adapters of ``method`` on the pipeline's denoiser (UNet or SD3/Flux transformer) and text encoder(s),
+    attached and ready to train."""
     parts, arch = pipeline_parts(pipe, arch)
     return AdapterNetwork.create(parts, arch, method, options, targets).attach()
 
@@ -27,15 +28,19 @@ def create_network(pipe: Any, method: str = "lora", options: dict[str, Any] | No
 def save_network(network: AdapterNetwork, path: str | os.PathLike, *, title: str | None = None,
                  dtype: str | torch.dtype = "fp16", prediction_type: str = "epsilon",
                  extra_metadata: dict[str, Any] | None = None, portable: bool = True,
-                 overwrite: bool = False) -> Path:
-    """Write the network as a Civitai-style file with kohya and ModelSpec metadata."""
+                 overwrite: bool = False, layout: str = "auto",
+                 extra_network_args: dict[str, Any] | None = None) -> Path:
+    """Write the network as a Civitai-style file with kohya and ModelSpec metadata (SD3/Flux: in ``layout``, see
+    :meth:`AdapterNetwork.export_state_dict`)."""
     path = Path(path)
     options = network.config.to_dict() if network.config is not None else {}
+    state = network.export_state_dict(portable=portable, layout=layout)
     metadata = build_metadata(method=network.method, arch=network.arch, options=options, title=title or path.stem,
                               output_name=path.stem, rank=options.get("rank"),
                               alpha=options.get("alpha") or options.get("rank"),
-                              prediction_type=prediction_type, extra=extra_metadata)
-    return save_adapter_file(path, network.export_state_dict(portable=portable), metadata, dtype, overwrite)
+                              prediction_type=prediction_type, variant=network.variant, extra=extra_metadata,
+                              extra_network_args=extra_network_args)
+    return save_adapter_file(path, state, metadata, dtype, overwrite)
 
 
 def load_network(pipe: Any, path: str | os.PathLike, arch: str | None = None,
@@ -118,7 +123,7 @@ def apply_adapter(pipe: Any, path: str | os.PathLike, strength: float = 1.0, arc
 
 
 def _device_of(pipe: Any) -> torch.device:
-    unet = getattr(pipe, "unet", None)
-    if unet is not None:
-        return next(unet.parameters()).device
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is not None:
+        return next(denoiser.parameters()).device
     return torch.device("cpu")

@@ -42,22 +42,39 @@ def coerce_value(key: str, hint: Any, value: Any) -> Any:
     """Check (and gently convert, e.g. 1 → 1.0) a value against its annotated type."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            if option is type(None) and value is None:
-                return None
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):  # only None itself passes here (handled above), never any other value
+                continue
             try:
                 return coerce_value(key, option, value)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {value!r} has the wrong type (expected {hint})")
+        expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+        leave_out = ", or leave the key out for the default" if type(None) in options else ""
+        raise ConfigError(f"{key} = {value!r} is not a {expected}; give a {expected}{leave_out}")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
-        return list(value)
+        (item,) = typing.get_args(hint) or (Any,)
+        return [coerce_value(f"{key}[{index}]", item, element) for index, element in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table, got {value!r}")
         return dict(value)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):  # a typed table (e.g. dataset.subsets[0])
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table of keys, got {value!r}")
+        names = [field.name for field in dataclasses.fields(hint)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"{key}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(names)}")
+        hints = typing.get_type_hints(hint)
+        return hint(**{name: coerce_value(f"{key}.{name}", hints[name], item) for name, item in value.items()})
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -169,9 +186,10 @@ def _is_whole(value: Any) -> bool:
 
 
 def parameter_factory(base: nn.Module) -> dict[str, Any]:
-    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is half precision."""
+    """Device and dtype for a new adapter's parameters: the base's device, fp32 when the base is stored in less
+    (half precision, or fp8 for ``train.fp8_base``)."""
     weight = base.weight
-    dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+    dtype = torch.float32 if weight.dtype.itemsize < 4 else weight.dtype
     return {"device": weight.device, "dtype": dtype}
 
 
@@ -358,6 +376,16 @@ class AdapterModule(nn.Module):
         """Multiply-adds per element of ΔW to build it."""
         return 1
 
+    def scale_delta(self, ratio: float) -> None:
+        """Multiply ΔW by ``ratio`` in place (max-norm regularisation, :meth:`AdapterNetwork.cap_norms`). Methods
+        whose ΔW is a product of their parameters define it (:func:`scale_product`); rotations (OFT/BOFT) have no
+        such scale."""
+        raise NotImplementedError
+
+    @classmethod
+    def can_scale_delta(cls) -> bool:
+        return cls.scale_delta is not AdapterModule.scale_delta
+
     @classmethod
     def before_forward(cls, adapters: list[AdapterModule]) -> None:
         """Called with this method's adapters inside one model (UNet or text encoder) right before it runs."""
@@ -384,8 +412,8 @@ class AdapterModule(nn.Module):
     def rebuilds_weight(self, x: torch.Tensor) -> bool:
         """Whether this call lends the layer ``W + s·ΔW`` (see :meth:`rebuild_is_cheaper`): never with dropouts on
         ``ΔW·x``; with DoRA as its own cost model says."""
-        if self.drops_delta_output():
-            return False
+        if self.drops_delta_output() or self.base.weight.dtype.itemsize == 1:
+            return False  # fp8 storage (train.fp8_base) has no arithmetic; its layer upcasts inside its own call
         if self.use_dora:
             return dora.rebuild_is_cheaper(self, x)
         return self.rebuild_is_cheaper(x)
@@ -563,6 +591,16 @@ class AdapterModule(nn.Module):
     @property
     def merged(self) -> bool:
         return self._merged is not None
+
+
+@torch.no_grad()
+def scale_product(module: nn.Module, names: list[str], ratio: float) -> None:
+    """Scale a product of the named parameters by ``ratio``: each factor by ``ratio^(1/len(names))`` (sd-scripts
+    scales LoRA's up and down by √ratio)."""
+    present = [getattr(module, name) for name in names if hasattr(module, name)]
+    factor = ratio ** (1 / len(present))
+    for param in present:
+        param.mul_(factor)
 
 
 def read_alpha(tensors: dict[str, torch.Tensor], rank: int) -> float:

@@ -52,16 +52,21 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .base import WRAPPABLE
-from .naming import flat, text_encoder_path
+from .base import WRAPPABLE, ConfigError
+from .naming import flat, group_by_module, text_encoder_path
 
 LAYOUTS = ("lycoris", "diffusers", "kohya")
+FILE_LAYOUTS = ("auto", *LAYOUTS)  # auto: diffusers for networks of plain LoRA modules, else lycoris
+PLAIN_LORA = frozenset({"lora_down.weight", "lora_up.weight", "alpha"})
 TRANSFORMER_PREFIX = "lycoris"
 ONETRAINER_PREFIX = "lora_transformer"
 KOHYA_PREFIX = "lora_unet"
 T5_PREFIX = "lora_te3"
 PEFT_TRANSFORMER = "transformer"
 PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# diffusers' component names → our prefixes, as far as they tell without the pipeline (SD3's text_encoder_2 is
+# CLIP-G; Flux's is T5, for which diffusers writes no LoRA).
+PEFT_COMPONENTS = {PEFT_TRANSFORMER: TRANSFORMER_PREFIX, "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 # diffusers path inside a block → native path inside the block; a tuple (native, index) is slice ``index`` of a
 # fused native layer. The fused members are listed in their order in the native weight.
@@ -154,6 +159,22 @@ def dit_family(transformer: nn.Module) -> str | None:
         return "flux"
     if {"caption_projection_dim", "pos_embed_max_size", "joint_attention_dim"} <= keys:
         return "sd3"
+    return None
+
+
+def dit_variant(transformer: nn.Module) -> str | None:
+    """Which released model a transformer's config is shaped like (the names of :mod:`methods.arch`'s variants),
+    by the rules of diffusers' ``infer_diffusers_model_type`` and sd-scripts' ``analyze_state_dict_state``: Flux
+    ``guidance_embeds`` → dev, else schnell; SD3 ``dual_attention_layers`` → 3.5 medium, else ``qk_norm`` → 3.5
+    large, else SD3 medium. None for anything else."""
+    family = dit_family(transformer)
+    config = dict(getattr(transformer, "config", None) or {})
+    if family == "flux":
+        return "flux-dev" if config.get("guidance_embeds") else "flux-schnell"
+    if family == "sd3":
+        if tuple(config.get("dual_attention_layers") or ()):
+            return "sd3.5-medium"
+        return "sd3.5-large" if config.get("qk_norm") else "sd3-medium"
     return None
 
 
@@ -450,6 +471,7 @@ class DiTNaming:
 
     def __init__(self, transformer: nn.Module | None, text_encoders: list[nn.Module | None], family: str | None = None):
         self.transformer = TransformerNaming(transformer) if transformer is not None else None
+        self.transformer_module = transformer
         self.family = family or (self.transformer.family if self.transformer else None)
         if self.family is None:
             raise ValueError("DiTNaming needs the transformer or the family (sd3 or flux)")
@@ -568,3 +590,76 @@ def import_lora(naming: DiTNaming, state_dict: dict[str, torch.Tensor]) -> tuple
             result[f"{name}.lora_up.weight"] = lora.up
             result[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
     return result, unmatched
+
+
+# ----- file layouts of a whole network ----------------------------------------------------------------------------
+def write_layout(naming: DiTNaming, state: dict[str, torch.Tensor], layout: str = "auto") -> dict[str, torch.Tensor]:
+    """A network's tensors under our (lycoris) names → the file in ``layout``.
+
+    Only a module stored as a plain LoRA (exactly ``lora_down``/``lora_up``/``alpha``) has a diffusers and a kohya
+    form, so ``auto`` writes the diffusers layout when every module is one and the lycoris layout otherwise (LoHa,
+    LoKr, OFT, GLoRA, a Tucker LoRA kept unfolded, DoRA's ``dora_scale``, which diffusers would drop); asking for
+    ``diffusers`` or ``kohya`` with other modules is an error naming one of them.
+    """
+    if layout not in FILE_LAYOUTS:
+        raise ConfigError(f"file layout {layout!r} is not one of {', '.join(FILE_LAYOUTS)}")
+    modules = group_by_module(state)
+    other = next((name for name, tensors in modules.items() if set(tensors) != PLAIN_LORA), None)
+    if layout == "auto":
+        layout = "lycoris" if other is not None else "diffusers"
+    if layout == "lycoris":
+        return state
+    if other is not None:
+        raise ConfigError(f"the {layout} file layout holds plain LoRA modules only (lora_down, lora_up, alpha), but "
+                          f"{other} stores {', '.join(sorted(modules[other]))}; write it in the lycoris layout "
+                          "(output.file_layout = \"lycoris\" or \"auto\")")
+    loras = {name: LoRAFactors(t["lora_down.weight"], t["lora_up.weight"], float(t["alpha"]))
+             for name, t in modules.items()}
+    return export_lora(naming, loras, layout)
+
+
+def peft_to_file_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT LoRA keys (the diffusers layout: ``transformer.<path>.lora_A.weight``, ``text_encoder.…``, our T5
+    ``lora_te3_….lora_A.weight``) → our file names with kohya's suffixes and ``alpha`` (= rank where the file has
+    none); every other key as it is. Needs no pipeline, so tools can read such a file on its own."""
+    result: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        split = peft_key_split(key)
+        if split is None and key.endswith(".alpha") and "." in key[: -len(".alpha")]:
+            split = (key[: -len(".alpha")], "alpha")
+        name = None
+        if split is not None:
+            component, _, path = split[0].partition(".")
+            if component in PEFT_COMPONENTS and path:
+                prefix = PEFT_COMPONENTS[component]
+                name = flat(prefix, path if prefix == TRANSFORMER_PREFIX else text_encoder_path(path))
+            elif not path:
+                name = component
+        if name is None:
+            result[key] = tensor
+            continue
+        modules.setdefault(name, {})[split[1]] = tensor
+    for name, tensors in modules.items():
+        if not set(PEFT_SUFFIXES) <= set(tensors):  # half a LoRA: leave it for the caller to report
+            result.update({f"{name}.{suffix}": tensor for suffix, tensor in tensors.items()})
+            continue
+        down = tensors["lora_A.weight"]
+        result[f"{name}.lora_down.weight"] = down
+        result[f"{name}.lora_up.weight"] = tensors["lora_B.weight"]
+        alpha = tensors.get("alpha")
+        result[f"{name}.alpha"] = torch.tensor(float(alpha) if alpha is not None else float(down.shape[0]))
+    return result
+
+
+def file_layout(keys: Iterable[str]) -> str:
+    """Which layout a file's keys are in: diffusers (PEFT keys), kohya (native fused names), lycoris, or other."""
+    keys = list(keys)
+    if any(peft_key_split(key) and key.partition(".")[0] in PEFT_COMPONENTS for key in keys):
+        return "diffusers"
+    names = {key.partition(".")[0] for key in keys}
+    if any(re.match(r"lora_unet_(double_blocks|single_blocks|joint_blocks)_", name) for name in names):
+        return "kohya"
+    if any(name.startswith((TRANSFORMER_PREFIX + "_", ONETRAINER_PREFIX + "_")) for name in names):
+        return "lycoris"
+    return "other"

@@ -14,6 +14,9 @@ blocks) and ``single_transformer_blocks`` (Flux):
   these too) and the embedders and final layer (kohya's ``in_dims`` / ``emb_dims``: ``x_embedder``/``pos_embed.proj``,
   ``context_embedder``, the timestep, pooled-text and guidance embedders, ``norm_out.linear``, ``proj_out``).
 
+No preset takes the text-stream query of SD3's last block (``attn.add_q_proj`` where ``context_pre_only``): that block
+discards its text output, so the text queries, which only shape it, never receive a gradient.
+
 T5 presets: ``attention`` the ``SelfAttention`` q/k/v/o, ``attention_mlp`` and ``full`` also the gated MLP
 (``wi_0``, ``wi_1``, ``wo``). CLIP encoders keep :func:`methods.targets.text_encoder_targets`.
 """
@@ -37,9 +40,12 @@ _T5_MLP = re.compile(r"\.DenseReluDense\.(wi|wi_0|wi_1|wo)$")
 def transformer_targets(transformer: nn.Module, preset: str) -> dict[str, nn.Module]:
     """diffusers path → layer for a preset, in model order."""
     preset = normalise_preset(preset)
+    dead = {f"transformer_blocks.{index}.attn.add_q_proj"
+            for index, block in enumerate(getattr(transformer, "transformer_blocks", ()))
+            if getattr(block, "context_pre_only", False)}
     found: dict[str, nn.Module] = {}
     for path, module in transformer.named_modules():
-        if not isinstance(module, WRAPPABLE):
+        if not isinstance(module, WRAPPABLE) or path in dead:
             continue
         match = _BLOCK.match(path)
         inner = match[2] if match else None

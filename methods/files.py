@@ -60,11 +60,14 @@ def build_metadata(
     alpha: float | None = None,
     prediction_type: str = "epsilon",
     resolution: int | tuple[int, int] | None = None,
+    variant: str | None = None,
     extra: dict[str, Any] | None = None,
+    extra_network_args: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The §3.4 block of kohya ``ss_*`` and ``modelspec.*`` keys (values stringified as kohya does).
 
-    ``arch`` names a :mod:`methods.arch` entry; its v-prediction ids (SD2-768-v) are picked by ``prediction_type``.
+    ``arch`` names a :mod:`methods.arch` entry; its v-prediction ids (SD2-768-v) are picked by ``prediction_type``,
+    the ids of a released SD3/Flux model by ``variant`` (``sd3.5-large``, ``flux-dev``; default: the family's first).
     ``output_name`` is the file stem (A1111 uses ``ss_output_name`` as the alias); it defaults to ``title``.
     ``extra`` adds or overrides keys (training details: ``ss_steps``, ``ss_tag_frequency`` as a dict, …; dicts/lists
     become JSON).
@@ -74,8 +77,8 @@ def build_metadata(
     from .registry import get_method
 
     spec = get_architecture(arch)
-    variant = spec.variant(prediction_type)
-    size = resolution or variant.resolution
+    ids = spec.variant(prediction_type, variant)
+    size = resolution or ids.resolution
     width, height = (size, size) if isinstance(size, int) else size
     network_args = {"algo": method}
     for key, value in options.items():
@@ -84,6 +87,7 @@ def build_metadata(
         network_args[NETWORK_ARG_NAMES.get(key, key)] = value
     if options.get("dora"):
         network_args.update(dora_wd=True, wd_on_output=True)
+    network_args.update(extra_network_args or {})  # network options outside the method's (kohya's per-block ones)
     now = time.time()
     try:
         kohya_native = get_method(method).kohya_native and not options.get("dora")
@@ -94,19 +98,20 @@ def build_metadata(
         "ss_network_dim": rank if rank is not None else options.get("rank", "None"),
         "ss_network_alpha": float(alpha) if alpha is not None else "None",
         "ss_network_args": json.dumps({k: str(v) for k, v in network_args.items()}),
-        "ss_base_model_version": variant.kohya_version,
+        "ss_base_model_version": ids.kohya_version,
         "ss_v2": spec.kohya_v2,
         "ss_v_parameterization": prediction_type == "v_prediction",
         "ss_output_name": output_name if output_name is not None else title,
         "ss_resolution": str((width, height)),
         "ss_training_started_at": now,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": f"{variant.modelspec_id}/lora",
+        "modelspec.architecture": f"{ids.modelspec_id}/lora",
         "modelspec.implementation": spec.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),
-        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": ("v" if prediction_type == "v_prediction" else "epsilon")
+        if spec.writes_prediction_type else None,
         "modelspec.implementation_version": "rankwright/0.1.0",
     }
     metadata.update(extra or {})

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterModule, LowRankConfig, apply_weight, parameter_factory, read_alpha
+from .base import AdapterModule, LowRankConfig, apply_weight, parameter_factory, read_alpha, scale_product
 from .registry import register
 
 KEYS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
@@ -152,6 +152,11 @@ class GLoRAModule(AdapterModule):
         module = cls(name, base, GLoRAConfig(rank=rank, alpha=alpha, conv_rank=rank, conv_alpha=alpha))
         module.copy_file_tensors({key.partition(".")[0]: value for key, value in factors.items()})
         return module
+
+    def scale_delta(self, ratio: float) -> None:
+        """ΔW = W·A1·A2 + B1·B2: each term a product of two factors, scaled alike."""
+        scale_product(self, ["a1", "a2"], ratio)
+        scale_product(self, ["b1", "b2"], ratio)
 
     @classmethod
     def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:

@@ -24,6 +24,7 @@ from .base import (
     is_pointwise,
     parameter_factory,
     read_alpha,
+    scale_product,
 )
 from .dora import DoRAConfigMixin
 from .registry import register
@@ -244,6 +245,10 @@ class LoHaModule(AdapterModule):
         keys = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] + (["hada_t1", "hada_t2"] if tucker else [])
         module.copy_file_tensors({key: tensors[key] for key in keys})
         return module
+
+    def scale_delta(self, ratio: float) -> None:
+        """ΔW = (W1a·W1b) ⊙ (W2a·W2b) (with the Tucker cores): a product of all its factors."""
+        scale_product(self, ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"], ratio)
 
     @classmethod
     def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:

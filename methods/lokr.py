@@ -32,6 +32,7 @@ from .base import (
     is_pointwise,
     parameter_factory,
     read_alpha,
+    scale_product,
 )
 from .dora import DoRAConfigMixin
 from .loha import regularise_output, tucker_rebuild, validate_dropouts
@@ -285,6 +286,11 @@ class LoKrModule(AdapterModule):
         module = cls(name, base, config, layout=layout)
         module.copy_file_tensors(values)
         return module
+
+    def scale_delta(self, ratio: float) -> None:
+        """ΔW = kron(W1, W2), each side a product of its factors: a product of all of them."""
+        scale_product(self, ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"],
+                      ratio)
 
     @classmethod
     def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:

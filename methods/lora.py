@@ -22,6 +22,7 @@ from .base import (
     is_kxk_conv,
     parameter_factory,
     read_alpha,
+    scale_product,
 )
 from .dora import DoRAConfigMixin
 from .registry import register
@@ -167,6 +168,9 @@ class LoRAModule(AdapterModule):
             if mid is not None:
                 module.lora_mid.copy_(mid)
         return module
+
+    def scale_delta(self, ratio: float) -> None:
+        scale_product(self, ["lora_up", "lora_down", "lora_mid"], ratio)
 
     @classmethod
     def file_rank(cls, tensors: dict[str, torch.Tensor]) -> str:

@@ -9,6 +9,7 @@ transformers 5 removed that level from ``CLIPTextModel``.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from .arch import UNET_PREFIX
 
@@ -26,6 +27,15 @@ _TOP_LEVEL = {
     "add_embedding.linear_1": "label_emb.0.0",
     "add_embedding.linear_2": "label_emb.0.2",
 }
+
+
+def group_by_module(state_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"name.suffix": t}`` → ``{"name": {"suffix": t}}``; names never contain a dot (spec §0)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key, tensor in state_dict.items():
+        name, _, suffix = key.partition(".")
+        grouped.setdefault(name, {})[suffix] = tensor
+    return grouped
 
 
 def flat(prefix: str, path: str) -> str:

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dora
-from .arch import ARCHITECTURES, file_architecture, part_counts
+from . import dit_naming, dora
+from .arch import ARCHITECTURES, UNET_PREFIX, file_architecture, part_counts
 from .base import AdapterModule, ConfigError
 from .files import SAVE_DTYPES, AdapterFileError, build_metadata, kohya_hashes, load_adapter_file, save_adapter_file
-from .network import ModelPart, group_by_module, name_lookup, pipeline_parts
+from .network import ModelPart, group_by_module, name_lookup, pipeline_parts, read_file_tensors
 from .registry import available_methods, file_module_class
 
 # Keys of single-file base checkpoints (ldm/sgm): such a file is a model, not an adapter.
@@ -36,9 +36,10 @@ class AdapterFile:
     """An adapter file as read: its tensors, metadata, and the tensors grouped by module (name → suffix → tensor)."""
 
     path: Path
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # under our module names (an SD3/Flux diffusers-layout file's renamed)
     metadata: dict[str, str]
     modules: dict[str, dict[str, torch.Tensor]]
+    stored: dict[str, torch.Tensor] | None = None  # the tensors under the file's own keys, where they differ
 
     def method_classes(self) -> dict[str, type[AdapterModule] | None]:
         """Module → the method that stores it (None for modules of no known method)."""
@@ -53,12 +54,14 @@ class AdapterFile:
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read and check an adapter file: readable, finite, not a base checkpoint, at least one module of a known
-    method."""
+    method. SD3/Flux files in the diffusers layout (PEFT keys) are read under our module names."""
     path = Path(path)
     tensors, metadata = load_adapter_file(path)
     if any(key.startswith(CHECKPOINT_PREFIXES) for key in tensors):
         raise AdapterFileError(f"{path}: this is a base model checkpoint, not an adapter file")
-    file = AdapterFile(path, tensors, metadata, group_by_module(tensors))
+    renamed = dit_naming.peft_to_file_names(tensors)
+    file = AdapterFile(path, renamed, metadata, group_by_module(renamed), tensors if renamed.keys() != tensors.keys()
+                       else None)
     if not any(file.method_classes().values()):
         first = ", ".join(sorted(file.modules)[:3])
         raise AdapterFileError(f"{path}: not an adapter file (no tensors of {', '.join(available_methods())}; "
@@ -90,9 +93,10 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
     classes = file.method_classes()
     known = {name: cls for name, cls in classes.items() if cls is not None}
     arch, arch_source = file_architecture(file.tensors, file.metadata)
-    model_hash, legacy_hash = kohya_hashes(file.tensors, file.metadata)
+    stored = file.stored or file.tensors
+    model_hash, legacy_hash = kohya_hashes(stored, file.metadata)
     sha256 = file_sha256(file.path)
-    stored = file.metadata.get("sshs_model_hash")
+    stored_hash = file.metadata.get("sshs_model_hash")
     return {
         "file": str(file.path),
         "size_bytes": file.path.stat().st_size,
@@ -106,17 +110,19 @@ def inspect_adapter(path: str | os.PathLike) -> dict[str, Any]:
         "alphas": histogram([f"{float(file.modules[name]['alpha'].item()):g}" if "alpha" in file.modules[name]
                              else "none" for name in known]),
         "dtypes": histogram([str(t.dtype).removeprefix("torch.") for t in file.tensors.values()]),
-        "tensors": len(file.tensors),
-        "parameters": int(sum(t.numel() for t in file.tensors.values())),
+        "tensors": len(stored),
+        "parameters": int(sum(t.numel() for t in stored.values())),
         "architecture": arch,
         "architecture_from": arch_source,
+        "layout": dit_naming.file_layout(stored) if arch and ARCHITECTURES[arch].denoiser_prefix != UNET_PREFIX
+        else "kohya",
         "hashes": {
             "sha256": sha256,
             "autov2": sha256[:10],
             "sshs_model_hash": model_hash,
             "sshs_legacy_hash": legacy_hash,
-            "stored_sshs_model_hash": stored,
-            "stored_hash_matches": stored in (None, model_hash),
+            "stored_sshs_model_hash": stored_hash,
+            "stored_hash_matches": stored_hash in (None, model_hash),
         },
         "metadata": dict(sorted(file.metadata.items())),
     }
@@ -160,7 +166,8 @@ def bake_adapters(pipe: Any, adapters: list[tuple[Path, float]], arch: str | Non
 
 
 # ----- ΔW per module ----------------------------------------------------------------------------------------------
-# Real-size model parts of an architecture (on the meta device), for files converted without their base model.
+# Real-size model parts of an architecture, or of a named variant of one (sd3.5-large), on the meta device, for files
+# converted without their base model.
 Templates = Callable[[str], list[ModelPart]]
 
 
@@ -174,33 +181,38 @@ def module_deltas(file: AdapterFile, pipe: Any = None, arch: str | None = None,
     shape; the others one shaped like the layer of that name in ``templates(arch)``, the file's real-size
     architecture (built on the meta device, so nothing is allocated but one layer at a time).
     """
+    modules = file.modules
+    if pipe is not None:  # the pipeline's own spellings first (SD3/Flux: kohya's fused native layers split)
+        parts, _ = pipeline_parts(pipe, arch)
+        tensors, foreign = read_file_tensors(parts, file.tensors)
+        modules = group_by_module(tensors)
+        lookup = name_lookup(parts)
+        missing = list(dict.fromkeys([key.partition(".")[0] for key in foreign]
+                                     + [name for name in modules if name not in lookup]))
     classes: dict[str, type[AdapterModule]] = {}
-    for name, tensors in file.modules.items():
+    for name, tensors in modules.items():
         try:
             classes[name] = file_module_class(tensors)
         except ValueError as error:
             raise AdapterFileError(f"{file.path}: module {name} cannot be read ({error})") from error
     if pipe is not None:
-        parts, _ = pipeline_parts(pipe, arch)
-        lookup = name_lookup(parts)
-        missing = [name for name in file.modules if name not in lookup]
         if missing:
             raise AdapterFileError(f"{file.path}: {len(missing)} module(s) match no layer of the base model (first: "
                                    f"{missing[0]}); is the adapter for another base model?")
     else:
-        needs_base = [name for name, cls in classes.items() if cls.needs_base_for(file.modules[name])]
+        needs_base = [name for name, cls in classes.items() if cls.needs_base_for(modules[name])]
         if needs_base:
             example = needs_base[0]
             kind = classes[example].label if classes[example].delta_uses_base else "DoRA"
             raise AdapterFileError(f"{file.path}: its {kind} modules' ΔW depends on the base weights; give the base "
                                    f"model (--base MODEL) ({len(needs_base)} such module(s), e.g. {example})")
         lookup = {}
-        if any(cls.layer_from_tensors(file.modules[name]) is None for name, cls in classes.items()):
+        if any(cls.layer_from_tensors(modules[name]) is None for name, cls in classes.items()):
             lookup = _template_lookup(file, classes, arch, templates)
 
     deltas: dict[str, torch.Tensor] = {}
     methods: dict[str, str] = {}
-    for name, tensors in file.modules.items():
+    for name, tensors in modules.items():
         cls = classes[name]
         if pipe is not None:
             base = lookup[name][1]
@@ -237,7 +249,11 @@ def _template_lookup(file: AdapterFile, classes: dict[str, type[AdapterModule]],
                      templates: Templates | None) -> dict[str, tuple[str, nn.Module]]:
     """The name lookup of the first real-size architecture whose layers every module fits."""
     hinted, _ = file_architecture(file.tensors, file.metadata)
-    candidates = [arch] if arch else list(dict.fromkeys([a for a in (hinted, *ARCHITECTURES) if a]))
+    families = [arch] if arch else list(dict.fromkeys([a for a in (hinted, *ARCHITECTURES) if a]))
+    # A family of several released sizes (SD3 medium / 3.5 large, …) is tried variant by variant.
+    candidates = [name for family in families
+                  for name in ([n for n, _ in ARCHITECTURES[family].named_variants] if family in ARCHITECTURES
+                               else []) or [family]]
     if templates is None:
         raise AdapterFileError(f"{file.path}: the shapes of its modules' layers are unknown without the base model; "
                                "give the base model (--base MODEL)")

@@ -296,7 +296,7 @@ def test_onnx_tagger_without_onnxruntime_says_what_to_install(tmp_path, monkeypa
 
 
 def test_model_sources_and_kinds(models, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the bad names must not resolve against wherever pytest runs ("../../etc" is /etc from /a/b)
+    monkeypatch.chdir(tmp_path)  # bad names must not resolve from where pytest runs ("../../etc" is /etc from /a/b)
     local = resolve_model_source(str(models["blip"]))
     assert local.is_local and local.load_kwargs == {"local_files_only": True}
     hub = resolve_model_source("Salesforce/blip-image-captioning-base")

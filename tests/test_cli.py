@@ -178,6 +178,20 @@ def test_load_pipeline_errors_are_one_sentence(tmp_path, source, message):
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_a_folder_missing_a_component_says_which(part, work, tmp_path):
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(work["root"] / "base", copy)
+    shutil.rmtree(copy / part)
+    with pytest.raises(ModelLoadError, match=f"model_index.json lists a {part} .* no {part}/ sub-folder"):
+        load_pipeline(copy)
+    (copy / part).mkdir()
+    with pytest.raises(ModelLoadError, match=f"the {part}/ sub-folder is empty"):
+        load_pipeline(copy)
+
+
 def test_real_size_single_file_layout_round_trips_through_diffusers_converters():
     """Our diffusers→ldm keys for real-size models map back to every diffusers key with diffusers' converters."""
     from diffusers import AutoencoderKL

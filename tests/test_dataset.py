@@ -289,7 +289,7 @@ def test_mask_file_follows_resize_crop_and_flip(tmp_path: Path):
     save(tmp_path / "plain.png", (64, 64))
     config = section(tmp_path, masked_loss=True, crop="random", flip=True)
     dataset = ImageDataset(scan_dataset(config).items, config, seed=3)
-    index = next(i for i in range(len(dataset)) if dataset.items[dataset.sample_items[i]].path.name == "a.png")
+    index = next(i for i in range(len(dataset)) if dataset.items[dataset.item_index(i)].path.name == "a.png")
     seen_flips = set()
     for epoch in range(6):
         dataset.set_epoch(epoch)
@@ -299,7 +299,7 @@ def test_mask_file_follows_resize_crop_and_flip(tmp_path: Path):
         expected = (sample["pixels"][0:1] + 1) / 2  # red channel carries the same ramp as the mask
         assert torch.allclose(_interior(sample["mask"]), _interior(expected), atol=0.03)
     assert seen_flips == {False, True}
-    plain = next(i for i in range(len(dataset)) if dataset.items[dataset.sample_items[i]].path.name == "plain.png")
+    plain = next(i for i in range(len(dataset)) if dataset.items[dataset.item_index(i)].path.name == "plain.png")
     assert torch.equal(dataset[plain]["mask"], torch.ones(1, 64, 64))  # no mask: everything trains
 
 
@@ -311,14 +311,14 @@ def test_alpha_mask_and_mask_file_precedence(tmp_path: Path):
     save(tmp_path / "both_mask.png", (96, 48), 0, "L")
     config = section(tmp_path, masked_loss=True)
     dataset = ImageDataset(scan_dataset(config).items, config, seed=0)
-    samples = {dataset.items[dataset.sample_items[i]].path.name: dataset[i] for i in range(len(dataset))}
+    samples = {dataset.items[dataset.item_index(i)].path.name: dataset[i] for i in range(len(dataset))}
     alpha = samples["alpha.png"]
     # composited on white: green = 255·(1 − alpha), so the mask (alpha) = 1 − green
     assert torch.allclose(_interior(alpha["mask"]), _interior(1 - (alpha["pixels"][1:2] + 1) / 2), atol=0.03)
     assert samples["both.png"]["mask"].max() == 0  # the _mask.png file wins over the alpha channel
     LatentCache("memory", vae_id="v").encode_all(dataset, CountingEncoder())
     for i in range(len(dataset)):  # with cached latents the masks are still there, identical
-        name = dataset.items[dataset.sample_items[i]].path.name
+        name = dataset.items[dataset.item_index(i)].path.name
         assert dataset[i]["latents"] is not None and torch.equal(dataset[i]["mask"], samples[name]["mask"])
     config = section(tmp_path, masked_loss=False)
     assert ImageDataset(scan_dataset(config).items, config, seed=0)[0]["mask"] is None
@@ -478,6 +478,31 @@ def test_sampler_whole_batches_determinism_and_resume(bucketed):
     assert len(dropping) == 1 + 0 + 2 + 0 and all(len(b) == 4 for b in dropping)
     with pytest.raises(ValueError, match="larger than every bucket"):
         BucketBatchSampler(dataset, 10, seed=1, drop_last=True)
+
+
+def test_sampler_is_lazy_in_the_number_of_samples(tmp_path: Path):
+    """10⁹ repeats: nothing is built per sample, yet every batch is whole, from one bucket, and resumable."""
+    import time
+
+    for i in range(3):
+        save(tmp_path / "1000000000_x" / f"{i}.png", (64, 64), (i * 80, 0, 0))
+    save(tmp_path / "2_y" / "wide.png", (128, 48))
+    config = section(tmp_path)
+    started = time.perf_counter()
+    dataset = ImageDataset(scan_dataset(config).items, config, seed=0)
+    sampler = BucketBatchSampler(dataset, 4, seed=3)
+    assert len(dataset) == 3 * 10**9 + 2 and len(sampler) == 3 * 10**9 // 4 + 1
+    sampler.resume(7, len(sampler) - 3)
+    tail = list(sampler)
+    assert len(tail) == 3 and all(len(batch) == 4 for batch in tail)
+    assert all(len({dataset.sample_bucket(i) for i in batch}) == 1 for batch in tail)
+    first = [dataset.item_index(i) for position in range(300) for i in sampler.batch(7, position)]
+    counts = [first.count(item) for item in range(4)]
+    assert min(counts[:3]) > 300  # the three images of the big folder are drawn about equally (1200 draws)
+    assert time.perf_counter() - started < 5
+    assert sampler.batch(7, 5) == BucketBatchSampler(dataset, 4, seed=3).batch(7, 5)  # keyed: reproducible
+    big = sampler.groups[dataset.item_buckets[0]]  # per bucket: its samples in order, as a lazy view
+    assert len(big) == 3 * 10**9 and big[0] == 0 and big[-1] == 3 * 10**9 - 1 and big[10**9] == 10**9
 
 
 @pytest.mark.parametrize("workers", [0, 2])

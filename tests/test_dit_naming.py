@@ -338,7 +338,9 @@ def test_lycoris_names_its_modules_as_we_do_and_reads_our_files(make_pipeline, n
     theirs = {lora.lora_name for lora in wrapped.loras}
     ours = {naming.transformer.file_name(path) for path in transformer_targets(transformer, "full")
             if path.startswith(("transformer_blocks.", "single_transformer_blocks."))}
-    assert theirs == ours
+    # but for the text query of SD3's pre-only last block, which no gradient reaches (methods/dit_targets.py)
+    dead = {"lycoris_transformer_blocks_1_attn_add_q_proj"} if name.startswith("sd3") else set()
+    assert theirs == ours | dead
     loras = pipeline_loras(pipe, naming, preset="full")
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     network, _ = create_lycoris_from_weights(1.0, "", transformer, weights_sd=export_lora(naming, loras, "lycoris"))

@@ -7,10 +7,11 @@ Counts by hand from the architectures:
   = 418; full adds 19 × 2 + 38 × 1 modulation layers and the 10 embedder/final layers (dev: x_embedder,
   context_embedder, timestep ×2, guidance ×2, pooled text ×2, norm_out.linear, proj_out) = 504; schnell has no
   guidance embedder: 502.
-- SD3 (n joint blocks, the last one's context stream pre-only: no to_add_out, no ff_context): attention
-  8(n − 1) + 7, attention_mlp + 4(n − 1) + 2, full + 2n modulation + 8 embedder/final (pos_embed.proj, context
-  embedder, timestep ×2, pooled text ×2, norm_out.linear, proj_out). SD3 Medium n = 24: 191 / 285 / 341;
-  SD3.5 Large n = 38: 303 / 453 / 537; SD3.5 Medium adds attn2 (4 layers) in 13 blocks: 243 / 337 / 393.
+- SD3 (n joint blocks, the last one's context stream pre-only: no to_add_out, no ff_context, and its add_q_proj
+  gets no gradient, so it is left out): attention 8(n − 1) + 6, attention_mlp + 4(n − 1) + 2, full + 2n modulation
+  + 8 embedder/final (pos_embed.proj, context embedder, timestep ×2, pooled text ×2, norm_out.linear, proj_out).
+  SD3 Medium n = 24: 190 / 284 / 340; SD3.5 Large n = 38: 302 / 452 / 536; SD3.5 Medium adds attn2 (4 layers) in 13
+  blocks: 242 / 336 / 392.
 - T5-XXL (24 blocks): attention 24 × 4 (q/k/v/o) = 96, attention_mlp 24 × 7 (+ wi_0, wi_1, wo) = 168.
   CLIP-L 12 layers 48 / 72, CLIP-G 32 layers 128 / 192 (as SDXL's).
 """
@@ -24,9 +25,9 @@ from methods.dit_targets import dit_text_encoder_targets, is_t5, transformer_tar
 
 PRESETS = ("attention", "attention_mlp", "full")
 COUNTS = {
-    "sd3-medium": (191, 285, 341),
-    "sd3.5-medium": (243, 337, 393),
-    "sd3.5-large": (303, 453, 537),
+    "sd3-medium": (190, 284, 340),
+    "sd3.5-medium": (242, 336, 392),
+    "sd3.5-large": (302, 452, 536),
     "flux-dev": (266, 418, 504),
     "flux-schnell": (266, 418, 502),
 }
@@ -63,8 +64,9 @@ def test_presets_nest_and_keep_their_kinds(name):
 def test_sd3_last_block_is_pre_only_and_sd35_medium_has_attn2():
     last = {path for path in transformer_targets(real_transformer("sd3-medium"), "attention_mlp")
             if path.startswith("transformer_blocks.23.")}
-    assert "transformer_blocks.23.attn.add_q_proj" in last
-    assert not any("to_add_out" in path or "ff_context" in path for path in last)
+    assert "transformer_blocks.23.attn.add_k_proj" in last and "transformer_blocks.22.attn.add_q_proj" in \
+        transformer_targets(real_transformer("sd3-medium"), "attention")
+    assert not any("to_add_out" in path or "ff_context" in path or "add_q_proj" in path for path in last)
     attn2 = {path for path in transformer_targets(real_transformer("sd3.5-medium"), "attention") if ".attn2." in path}
     assert len(attn2) == 13 * 4 and "transformer_blocks.12.attn2.to_out.0" in attn2
 

@@ -439,4 +439,6 @@ def test_invalid_method_and_option(real_models):
     with pytest.raises(ConfigError, match="network.rank"):
         AdapterNetwork.create(parts, "sd1", "lora", {"rank": 0})
     with pytest.raises(ConfigError, match="architecture"):
+        model_parts(unet, encoders, "sd9")
+    with pytest.raises(ConfigError, match="not the transformer of a sd3 model"):
         model_parts(unet, encoders, "sd3")

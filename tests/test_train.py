@@ -7,6 +7,7 @@ longer matrix cases (other architectures per method, other methods' learning cur
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -208,6 +209,251 @@ def test_resume_refuses_a_foreign_state(models, data, tmp_path):
         run(make_config(base, data, tmp_path / "c"), resume=tmp_path / "a")
 
 
+class _Payload:
+    """Unpickling this creates a file: the proof that a loader ran code from a state folder."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_resume_never_unpickles(models, data, tmp_path):
+    import pickle
+    import shutil
+
+    base = models("sd1")["folder"]
+    run(make_config(base, data, tmp_path / "a"))
+    state = tmp_path / "a" / "adapter-state"
+    assert sorted(p.name for p in state.iterdir()) == ["adapter.safetensors", "state.json", "state.safetensors"]
+    marker = tmp_path / "code-ran"
+    payload = pickle.dumps({"progress": _Payload(marker)})
+
+    legacy = tmp_path / "legacy-state"  # the pickled format of earlier versions, with a crafted payload
+    legacy.mkdir()
+    shutil.copy(state / "adapter.safetensors", legacy)
+    (legacy / "state.pt").write_bytes(payload)
+    with pytest.raises(ConfigError, match="state.pt.*not loaded.*unpickling"):
+        run(make_config(base, data, tmp_path / "b"), resume=legacy)
+    assert not marker.exists()
+
+    (state / "state.pt").write_bytes(payload)  # a stray pickle beside a good state is never read
+    resumed, events = run(make_config(base, data, tmp_path / "c", train={"max_steps": 3}), resume=state)
+    assert resumed.steps == 3 and of_kind(events, "resumed")[0]["step"] == 2 and not marker.exists()
+
+    forged = tmp_path / "forged-state"  # JSON asking for an object of some class: refused, not built
+    shutil.copytree(state, forged)
+    document = json.loads((forged / "state.json").read_text())
+    document["state"]["losses"] = {"$": "object", "class": "os.system", "args": ["touch " + str(marker)]}
+    (forged / "state.json").write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match="unknown value form 'object'"):
+        run(make_config(base, data, tmp_path / "d", train={"max_steps": 3}), resume=forged)
+    assert not marker.exists()
+
+
+def test_a_state_that_needs_pickle_is_not_written_and_the_adapter_still_is(models, data, tmp_path, monkeypatch):
+    import trainer.saving
+
+    original = trainer.saving.resume_state_tree
+    monkeypatch.setattr(trainer.saving, "resume_state_tree",
+                        lambda *args: {**original(*args), "optimizer": {"state": {0: {"helper": object()}}}})
+    result, events = run(make_config(models("sd1")["folder"], data, tmp_path / "out", train={"max_steps": 1}))
+    assert result.output_file.is_file() and result.state_dir is None
+    assert not (tmp_path / "out" / "adapter-state").exists() and not list((tmp_path / "out").glob("*.tmp"))
+    assert any("no resumable state for adapter.safetensors: state.optimizer.state.0.helper: a object cannot be "
+               "stored" in e["message"] for e in of_kind(events, "warning"))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor", "lion", "sgd"])
+def test_state_file_round_trips_optimizer_scheduler_and_rng_exactly(optimizer, tmp_path):
+    import random
+
+    import numpy as np
+
+    from trainer.checkpoint import rng_state
+    from trainer.statefile import StateFormatError, read_state, write_state
+
+    parameter = torch.nn.Parameter(torch.randn(4, 3))
+    train = TrainSection(optimizer=optimizer, scheduler="cosine", warmup_steps=2)
+    built = build_optimizer(train, [{"params": [parameter], "lr": 1e-3, "name": "lora_unet"}])
+    schedule = build_scheduler(built, train, 10)
+    for _ in range(3):
+        parameter.grad = torch.randn(4, 3)
+        built.step()
+        schedule.step()
+    random.random(), np.random.rand(), torch.rand(1)
+    tree = {"optimizer": built.state_dict(), "scheduler": schedule.state_dict(), "rng": rng_state(),
+            "numbers": [float("nan"), float("inf"), 0.1 + 0.2, 2**62, None, True], "ids": {0: "a", 7: "b"}}
+    write_state(tmp_path, "state", tree)
+    back = read_state(tmp_path, "state")
+    assert json.dumps(back["optimizer"]["param_groups"]) == json.dumps(tree["optimizer"]["param_groups"])
+    for index, entries in tree["optimizer"]["state"].items():
+        for key, value in entries.items():
+            again = back["optimizer"]["state"][index][key]
+            assert torch.equal(again, value) if isinstance(value, torch.Tensor) else again == value, key
+    assert back["scheduler"] == tree["scheduler"] and back["ids"] == {0: "a", 7: "b"}
+    assert math.isnan(back["numbers"][0]) and back["numbers"][1:] == tree["numbers"][1:]
+    assert back["rng"]["python"] == tree["rng"]["python"] and torch.equal(back["rng"]["torch"], tree["rng"]["torch"])
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+               for a, b in zip(back["rng"]["numpy"], tree["rng"]["numpy"]))
+    with pytest.raises(StateFormatError, match=r"state\.extra: a object cannot be stored"):
+        write_state(tmp_path, "other", {"extra": object()})
+
+
+def test_resume_extends_a_finished_run_in_its_own_folder(models, data, tmp_path):
+    base = models("sd1")["folder"]
+    out = tmp_path / "out"
+    config = make_config(base, data, out, train={"max_steps": 2})
+    first, _ = run(config)
+    content = first.output_file.read_bytes()
+    with pytest.raises(ConfigError, match="already at step 2 of 2.*raise train.max_steps"):
+        run(config, resume=out / "adapter-state")
+    assert first.output_file.read_bytes() == content
+    longer = config.with_overrides(["train.max_steps=4"])
+    result, events = run(longer, resume=out / "adapter-state")
+    kept = out / "adapter-step000002.safetensors"
+    assert of_kind(events, "resumed")[0]["kept"] == str(kept)
+    assert kept.read_bytes() == content and (out / "adapter-step000002-state" / STATE_FILE).is_file()
+    assert result.steps == 4 and result.output_file == out / "adapter.safetensors"
+    assert (out / "adapter-state" / STATE_FILE).is_file() and result.output_file.read_bytes() != content
+    straight, _ = run(longer.with_overrides([f"output.dir='{tmp_path / 'straight'}'"]))
+    assert max(abs(a - b) for a, b in zip(result.losses, straight.losses)) <= 1e-6
+    # resuming from a mid-run state of a finished folder still never replaces its final file
+    with pytest.raises(ConfigError, match="already exists.*resume from its final state"):
+        run(longer.with_overrides(["train.max_steps=6"]), resume=out / "adapter-step000002-state")
+
+
+# ==================================================================================================== disk trouble
+@pytest.fixture
+def refusing_disk(monkeypatch):
+    """Adapter files written into refused folders fail as on a full disk (ENOSPC) or a read-only mount (EROFS)."""
+    import errno
+
+    import methods.files
+
+    refused: dict[Path, int] = {}
+    original = methods.files.atomic_write_bytes
+
+    def write(path, data, overwrite=True):
+        for folder, code in refused.items():
+            if Path(path).suffix == ".safetensors" and Path(path).resolve().is_relative_to(folder.resolve()):
+                raise OSError(code, os.strerror(code), str(path))
+        return original(path, data, overwrite=overwrite)
+
+    monkeypatch.setattr(methods.files, "atomic_write_bytes", write)
+    return refused, errno
+
+
+def test_a_full_disk_at_the_final_save_writes_to_the_rescue_folder(models, data, tmp_path, monkeypatch,
+                                                                     refusing_disk, capsys):
+    from trainer.cli import main
+
+    refused, errno = refusing_disk
+    out, rescue = tmp_path / "out", tmp_path / "rescue"
+    monkeypatch.setenv("RANKWRIGHT_RESCUE_DIR", str(rescue))
+    config = make_config(models("sd1")["folder"], data, out, train={"max_steps": 2})
+    path = tmp_path / "run.toml"
+    path.write_text(config.to_toml())
+    refused[out] = errno.ENOSPC
+    assert main(["train", "--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    (failed,) = of_kind(read_event_log(out), "save_failed")
+    assert failed["path"] == str(out / "adapter.safetensors") and "No space left" in failed["error"]
+    assert failed["needed_bytes"] > 10_000 and failed["final"] and Path(failed["next_path"]).parent == rescue
+    (written,) = rescue.glob("adapter-*.safetensors")
+    assert failed["next_path"] == str(written)
+    assert f"writing it to {written}" in printed and f"done after 2 steps: {written}" in printed
+    pipe = loaded(models("sd1"), "folder")
+    before = unet_output(pipe)
+    with apply_adapter(pipe, written):
+        assert not torch.equal(unet_output(pipe), before)  # the trained weights, not lost
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_an_intermediate_save_on_a_full_disk_is_skipped_and_training_goes_on(models, data, tmp_path,
+                                                                                refusing_disk):
+    refused, errno = refusing_disk
+    out = tmp_path / "out"
+    refused[out] = errno.ENOSPC
+    events: list[dict] = []
+    from trainer.loop import train
+
+    def free_space_after_the_first_failure(event):
+        events.append(event)
+        if event["event"] == "save_failed":
+            refused.clear()
+
+    result = train(make_config(models("sd1")["folder"], data, out, train={"max_steps": 4},
+                               output={"save_every_n_steps": 2}), on_event=free_space_after_the_first_failure)
+    (failed,) = of_kind(events, "save_failed")
+    assert failed["step"] == 2 and not failed["final"] and failed["next_path"] is None
+    assert result.steps == 4 and result.output_file == out / "adapter.safetensors" and result.saves == [
+        result.output_file]
+
+
+def test_save_errors_can_be_retried_through_the_api_and_fail_loudly_when_nothing_works(models, data, tmp_path,
+                                                                                        monkeypatch, refusing_disk):
+    from trainer.checkpoint import SaveFailure
+    from trainer.loop import train
+
+    refused, errno = refusing_disk
+    out = tmp_path / "out"
+    refused[out] = errno.EROFS
+    asked: list[SaveFailure] = []
+
+    def retry_after_remount(failure: SaveFailure):
+        asked.append(failure)
+        refused.clear()  # the user made the folder writable: try the same path again
+        return failure.path
+
+    config = make_config(models("sd1")["folder"], data, out, train={"max_steps": 1})
+    result = train(config, on_save_error=retry_after_remount)
+    assert result.output_file == out / "adapter.safetensors" and result.output_file.is_file()
+    assert asked[0].final and asked[0].error.errno == errno.EROFS and asked[0].needed_bytes > 0
+
+    for folder in (tmp_path / "out2", tmp_path / "rescue", Path.home()):  # nowhere to write
+        refused[folder] = errno.ENOSPC
+    monkeypatch.setenv("RANKWRIGHT_RESCUE_DIR", str(tmp_path / "rescue"))
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "rescue"))
+    with pytest.raises(TrainingError, match=r"could not be written anywhere: .*adapter.safetensors \(No space"):
+        run(config.with_overrides([f"output.dir='{tmp_path / 'out2'}'"]))
+
+
+def test_leftovers_of_a_killed_save_are_removed_at_the_next_start(models, data, tmp_path):
+    out = tmp_path / "out"
+    (out / "adapter-step000002-state.tmp").mkdir(parents=True)
+    (out / ".adapter.safetensors.1a2b3c4d5e6f.tmp").write_bytes(b"half a file")
+    (out / "samples").mkdir()
+    (out / "samples" / ".000002_0.x1y2.tmp").write_bytes(b"half a png")
+    (out / "notes.tmp").write_text("the user's own file")
+    result, events = run(make_config(models("sd1")["folder"], data, out, train={"max_steps": 1}))
+    assert result.output_file.is_file() and (out / "notes.tmp").is_file()
+    assert not list(out.rglob(".*.tmp")) and not (out / "adapter-step000002-state.tmp").exists()
+    assert any("removed 3 temporary file(s)" in e["message"] for e in of_kind(events, "warning"))
+
+
+def test_an_unwritable_output_folder_is_a_clear_error_before_anything_loads(data, tmp_path, monkeypatch):
+    import errno
+
+    def read_only(path, text):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr("trainer.loop.write_text_atomic", read_only)
+    with pytest.raises(ConfigError, match="output.dir = .* cannot be written \\(Read-only file system\\)"):
+        run(make_config(tmp_path / "no-such-model", data, tmp_path / "out"))
+
+
+def test_the_event_log_survives_a_full_disk(tmp_path):
+    from trainer.events import EventLog, RunWarning
+
+    received: list[dict] = []
+    log = EventLog(tmp_path, [received.append])
+    log.path.mkdir()  # appending to it now fails like a full disk would
+    log.emit(RunWarning(message="still heard"))
+    assert received[0]["message"] == "still heard"
+
+
 # ==================================================================================================== stopping
 def test_stop_from_another_thread_saves_state(models, data, tmp_path):
     from trainer.events import StopSignal
@@ -290,6 +536,74 @@ def test_sigterm_saves_and_exits_cleanly(models, data, tmp_path):
     (save,) = of_kind(events, "save")
     assert Path(save["path"]).is_file() and save["check_ok"]
     assert (Path(save["state"]) / STATE_FILE).is_file()
+
+
+def test_a_stop_file_is_honoured_while_scanning_the_images(tmp_path, monkeypatch):
+    """The web UI's Stop (a STOP file) during the scan ends the run there: no model is loaded, nothing saved."""
+    import trainer.dataset as dataset_module
+
+    root = tmp_path / "data"
+    write_images(root / "1_zq", 8)
+    out = tmp_path / "out"
+    original, inspected = dataset_module.inspect_image, []
+
+    def slow_inspect(path, max_pixels):
+        inspected.append(path)
+        (out / "STOP").touch()
+        time.sleep(0.2)
+        return original(path, max_pixels)
+
+    monkeypatch.setattr(dataset_module, "inspect_image", slow_inspect)
+    config = make_config(tmp_path / "no-such-model", root, out)  # loading it would fail: must not be reached
+    result, events = run(config)
+    assert result.stopped_early and result.steps == 0 and result.output_file is None and "STOP" in result.reason
+    assert len(inspected) <= 4  # the images not started yet were not read
+    (stopping,) = of_kind(events, "stopping")
+    assert "scanning" in stopping["reason"] and not stopping["saving"]
+    assert of_kind(events, "done")[0]["stopped"] and not of_kind(events, "model") and not of_kind(events, "save")
+
+
+def test_sigterm_while_caching_latents_ends_the_run_before_training(models, tmp_path, monkeypatch):
+    from trainer.backbone import Models
+
+    root = bucketed_data(tmp_path / "data")  # three buckets: three VAE calls
+    original, calls = Models.encode_pixels, []
+
+    def encode_and_get_terminated(self, pixels):
+        calls.append(pixels.shape)
+        os.kill(os.getpid(), signal.SIGTERM)  # the run's handler turns it into a stop request
+        return original(self, pixels)
+
+    monkeypatch.setattr(Models, "encode_pixels", encode_and_get_terminated)
+    config = make_config(models("sd1")["folder"], root, tmp_path / "out", train={"batch_size": 2, "max_steps": 6})
+    result, events = run(config)
+    assert result.stopped_early and "SIGTERM" in result.reason and result.steps == 0
+    assert len(calls) == 1 and not of_kind(events, "step") and not of_kind(events, "save")
+    assert "caching latents (2 of 6 encoded)" in of_kind(events, "stopping")[0]["reason"]
+
+
+@pytest.mark.slow
+def test_a_folder_asking_for_a_hundred_million_repeats_trains_at_once(models, tmp_path):
+    """``100000000_zq``: the sampler works from image counts, never from a list per sample (was: minutes at ~6 GB
+    before step 1, deaf to SIGTERM)."""
+    root = tmp_path / "data"
+    write_images(root / "100000000_zq", 2)
+    config = make_config(models("sd1")["folder"], root, tmp_path / "out", train={"max_steps": 2, "batch_size": 2})
+    path = tmp_path / "run.toml"
+    path.write_text(config.to_toml())
+    probe = ("import resource, subprocess, sys; "
+             "code = subprocess.call([sys.executable, '-m', 'trainer', 'train', '--config', sys.argv[1]]); "
+             "print('peak_mb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024); sys.exit(code)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    started = time.time()
+    completed = subprocess.run([sys.executable, "-c", probe, str(path)], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    peak = int(completed.stdout.split("peak_mb")[1])
+    (ready,) = of_kind(read_event_log(tmp_path / "out"), "ready")
+    print(f"2 steps over 2×10⁸ samples: {time.time() - started:.1f} s, peak {peak} MB")
+    assert ready["samples_per_epoch"] == 200_000_000 and ready["batches_per_epoch"] == 100_000_000
+    assert peak < 1500 and of_kind(read_event_log(tmp_path / "out"), "done")[0]["step"] == 2
 
 
 # ==================================================================================================== failures
@@ -442,11 +756,32 @@ def test_random_crop_encodes_every_batch_and_warns(models, data, tmp_path, count
     ("network", "rank", "x", "network.rank"),
     ("output", "save_dtype", "fp8", "output.save_dtype"),
     ("train", "ema_decay", 1.5, "train.ema_decay"),
+    # optional numbers (float | None): a string, list or table must not pass as "None"
+    ("network", "alpha", "x", r"network.alpha = 'x' is not a float"),
+    ("network", "alpha", [1, 2], r"network.alpha = \[1, 2\]"),
+    ("network", "conv_alpha", {"a": 1}, "network.conv_alpha"),
+    ("network", "conv_rank", "two", "network.conv_rank"),
 ])
 def test_config_errors_name_the_key(section, key, value, match, tmp_path):
     data = config_dict("base", tmp_path, tmp_path / "out", **{section: {key: value}})
     with pytest.raises(ConfigError, match=match):
         TrainerConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(("method", "key", "value"), [("oft", "block_size", "x"), ("boft", "boft_m", [2]),
+                                                    ("lokr", "conv_alpha", "big")])
+def test_optional_method_options_are_typed_when_read(method, key, value, tmp_path, capsys):
+    from trainer.cli import main
+
+    data = config_dict("base", tmp_path, tmp_path / "out", network={"method": method, key: value})
+    with pytest.raises(ConfigError, match=f"network.{key}"):
+        TrainerConfig.from_dict(data)
+    path = tmp_path / "run.toml"
+    path.write_text(TrainerConfig.from_dict(config_dict("base", tmp_path, tmp_path / "out")).to_toml())
+    literal = json.dumps(value) if isinstance(value, str) else str(value)
+    assert main(["train", "--config", str(path), "--set", f"network.method='{method}'",
+                 "--set", f"network.{key}={literal}"]) == 2
+    assert f"network.{key}" in capsys.readouterr().err
 
 
 def test_set_overrides_and_toml_round_trip(tmp_path):
@@ -587,10 +922,12 @@ def test_min_snr_noise_offset_and_v_prediction_paths(arch, prediction, models, d
     assert torch.allclose(weights, torch.clamp(snr, max=5.0) / denominator)
     # the noise offset shifts each sample's noise by one value per channel
     latents = torch.zeros(2, 4, 8, 8)
-    noise, steps = objective.draw(latents, [("k", 0), ("k", 1)])
+    draw = objective.draw(latents, [("k", 0), ("k", 1)])
+    noise, steps = draw.noise, draw.timesteps
     plain = trainer.config.with_overrides(["train.noise_offset=0.0"])
     without_offset = DiffusionObjective(objective.scheduler.config, expected, plain.train)
-    noise0, steps0 = without_offset.draw(latents, [("k", 0), ("k", 1)])
+    draw0 = without_offset.draw(latents, [("k", 0), ("k", 1)])
+    noise0, steps0 = draw0.noise, draw0.timesteps
     assert torch.equal(steps, steps0)
     shift = (noise - noise0).flatten(2)
     assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-6) and shift.abs().max() > 0.01

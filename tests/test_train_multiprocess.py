@@ -41,7 +41,10 @@ def torchrun() -> list[str]:
 
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     root, model = setup
-    settings = {"train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2},
+    # sd-scripts' noise options on: every draw is keyed per sample, so they keep the processes equal too
+    noise = {"noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.02,
+             "multires_noise_iterations": 3, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True}
+    settings = {"train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2, **noise},
                 "dataset": {"flip": True}, "output": {"save_every_n_steps": 2}}
     config = make_config(model["folder"], root / "data", tmp_path / "two", **settings)
     config_path = tmp_path / "run.toml"

@@ -240,8 +240,9 @@ def test_a_stopped_run_resumes_and_a_finished_one_trains_further(ui, ws):
     assert TrainerConfig.load(record.config_path).output.name == "half"  # its final file was never written
     ui.runner.kill()
     message = ui.train_more("20260101-000001-bbbbbb", 50)
-    assert "`whole-150steps.safetensors`" in message
-    record = next(r for r in [ui.runner.current(), *ui.runner.queue()] if r and r.output_name == "whole-150steps")
+    assert "the finished file is kept as `whole-step000100.safetensors`" in message  # the trainer renames it
+    record = ui.runner.current()  # nothing else ran: it started at once
+    assert record.output_name == "whole" and record.id != "20260101-000001-bbbbbb"
     config = TrainerConfig.load(record.config_path)
     assert config.train.max_steps == 150 and config.train.epochs == 0
     assert json.loads((Path(record.folder) / "resume.json").read_text()) == {"state": str(done_state)}
@@ -371,14 +372,16 @@ def test_real_worker_trains_a_finished_run_further_from_its_state(ws, tiny_pipel
     assert finished(first).status == "done"
     job_id = ui.resumable_runs()[0][1]
     assert job_id == first.id
-    assert "grow-4steps.safetensors" in ui.train_more(job_id, 2)
+    first_file = (ws.outputs / "grow.safetensors").read_bytes()
+    assert "kept as `grow-step000002.safetensors`" in ui.train_more(job_id, 2)
     second = ui.runner.current()
     view = finished(second)
     ui.runner.kill(second)
     assert view.status == "done", "\n".join(view.log)
     assert view.summary["start_step"] == 2 and view.step == 4 and [s for s, _ in view.losses] == [3, 4]
     assert any("resumed at step 2" in line for line in view.log)
-    assert Path(view.output).name == "grow-4steps.safetensors" and (ws.outputs / "grow.safetensors").is_file()
+    assert Path(view.output).name == "grow.safetensors"
+    assert (ws.outputs / "grow-step000002.safetensors").read_bytes() == first_file  # the first run's file, kept
 
 
 def test_the_key_of_the_browsers_stored_forms_is_the_workspaces_and_private(ws):

@@ -141,7 +141,8 @@ class LatentCache:
     # --- precomputing ---
     def encode_all(self, dataset: ImageDataset, encode_fn: Callable[[torch.Tensor], torch.Tensor],
                    progress: Callable[[int, int], None] | None = None, batch_size: int = 1,
-                   process_index: int = 0, num_processes: int = 1) -> CacheReport:
+                   process_index: int = 0, num_processes: int = 1,
+                   should_stop: Callable[[], bool] | None = None) -> CacheReport:
         """Encode every (image, flip variant) of ``dataset`` that is not cached yet, then make it yield latents.
 
         ``encode_fn(pixels)`` gets (B, 3, H, W) float32 in [-1, 1] on the CPU and returns (B, C, H/8, W/8) latents
@@ -153,7 +154,8 @@ class LatentCache:
         all of them (``accelerator.wait_for_everyone()``) before training. Memory mode always encodes everything.
 
         Returns an inactive report (dataset keeps yielding pixels) when the mode is "off" or the dataset cannot be
-        cached (random crop).
+        cached (random crop). ``should_stop()`` is asked after each call; when it says yes, encoding ends with
+        :class:`trainer.events.StopRequested` (what was encoded stays cached).
         """
         if self.mode == "off":
             dataset.use_latent_cache(None)
@@ -188,6 +190,10 @@ class LatentCache:
             done += len(chunk)
             if progress is not None:
                 progress(done, len(missing))
+            if should_stop is not None and should_stop():
+                from trainer.events import StopRequested
+
+                raise StopRequested(f"stopped while caching latents ({done} of {len(missing)} encoded)")
         dataset.use_latent_cache(self)
         logger.info("latent cache (%s): %d entries, %d encoded, %d reused", self.mode, len(needed), done, reused)
         return CacheReport(True, "", total=len(needed), encoded=done, reused=reused)

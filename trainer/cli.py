@@ -209,7 +209,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     lines = [
         f"file:          {report['file']} ({report['size_bytes'] / 1e6:.2f} MB)",
         f"method:        {method_text}" + (f"  [{report['network_module']}]" if report["network_module"] else ""),
-        f"architecture:  {report['architecture'] or 'unknown'} ({report['architecture_from']})",
+        f"architecture:  {report['architecture'] or 'unknown'} ({report['architecture_from']})"
+        + (f", {report['layout']} layout" if report["layout"] != "kohya" else ""),
         f"modules:       {report['modules']} ({format_counts(report['modules_per_part'])})",
         f"rank:          {_format_histogram(report['ranks'])}",
         f"alpha:         {_format_histogram(report['alphas'])}",
@@ -283,6 +284,8 @@ def run_merge(args: argparse.Namespace) -> int:
     _say(f"base: {args.base} ({info.arch}, {info.prediction_type}, {info.source_kind.replace('_', ' ')})")
     for note in info.notes:
         _say(f"note: {note}")
+    if single_file and getattr(pipe, "unet", None) is None:
+        raise CLIError(f"{out}: SD3/Flux merges are written as diffusers folders; give --out a folder path")
     reports = bake_adapters(pipe, list(zip(adapters, strengths)), info.arch)
     for report in reports:
         ignored = f"; {report.ignored} module(s) matched no layer and were skipped" if report.ignored else ""
@@ -319,12 +322,17 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def real_size_parts(arch: str) -> list[Any]:
-    """The model parts of a real-size ``arch`` model on the meta device: layer shapes for ``convert`` without a
-    base model."""
+    """The model parts of a real-size ``arch`` model (or SD3/Flux variant: ``sd3.5-large``) on the meta device:
+    layer shapes for ``convert`` without a base model."""
     from methods.network import model_parts
 
+    from . import dit_architectures
     from .architectures import build_text_encoders, build_unet
 
+    if arch in dit_architectures.VARIANTS:
+        family = dit_architectures.VARIANTS[arch].family
+        return model_parts(dit_architectures.build_transformer(arch, meta=True),
+                           dit_architectures.build_text_encoders(arch, meta=True), family)
     return model_parts(build_unet(arch, meta=True), build_text_encoders(arch, meta=True), arch)
 
 

@@ -190,6 +190,8 @@ def render_plan(config: TrainerConfig, drift_prompts: Sequence[str] | None = Non
     from .sampling import preview_options
 
     options = {**preview_options(config.sample, config.dataset.resolution), "clip_skip": config.train.clip_skip}
+    if config.dit.t5_max_length:  # SD3/Flux: render with the T5 length the adapters were trained with
+        options["max_sequence_length"] = config.dit.t5_max_length
     concept_prompts = None
     default_drift: Sequence[str] = GENERIC_DRIFT_PROMPTS
     previews = list(config.sample.prompts)
@@ -295,7 +297,7 @@ def load_base_pipeline(config: TrainerConfig) -> Any:
     model = config.model
     pipe, _ = load_pipeline(model.base, arch=None if model.arch == "auto" else model.arch,
                             prediction_type=None if model.prediction_type == "auto" else model.prediction_type,
-                            tokenizer=model.tokenizer or None)
+                            tokenizer=model.tokenizer or None, config=model.config or None)
     if model.vae:
         pipe.vae = load_vae(model.vae, pipe.vae)
     pipe.set_progress_bar_config(disable=True)

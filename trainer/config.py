@@ -14,17 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from methods.base import ConfigError, coerce_value
+from methods.dit_naming import FILE_LAYOUTS, T5_PREFIX
 
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
-ARCHITECTURES = ("auto", "sd1", "sd2", "sdxl")
+ARCHITECTURES = ("auto", "sd1", "sd2", "sdxl", "sd3", "flux")
 SAMPLERS = ("euler_a", "dpmpp_2m", "ddim", "euler")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 CROPS = ("center", "random")
 MISSING_CAPTION = ("empty", "class_word")
 LATENT_CACHE = ("memory", "disk", "off")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+HALF_PRECISION_UPDATES = ("stochastic_rounding", "fp32_master", "plain")
 
 
 @dataclasses.dataclass
@@ -35,6 +39,32 @@ class ModelSection:
     vae: str = ""  # optional separate VAE (folder or file)
     vae_fp32: bool = True  # run the VAE in fp32 (the SDXL VAE gives NaN/black images in fp16)
     tokenizer: str = ""  # folder with vocab.json/merges.txt, for single-file checkpoints (they carry none)
+    # Single files: a diffusers folder describing a non-standard size; for an SD3/Flux transformer file, the base
+    # model's folder or hub id, which gives its VAE, text encoders and tokenizers.
+    config: str = ""
+
+
+@dataclasses.dataclass
+class SubsetSection:
+    """One folder of images in a run of several (sd-scripts' ``[[datasets.subsets]]``): written as
+    ``[[dataset.subsets]]`` tables. Unset (None) settings take the [dataset] value."""
+
+    image_dir: str = ""  # the images, directly inside this folder (sub-folders are not read)
+    num_repeats: int = 1
+    is_reg: bool = False  # regularisation images (weighted by dataset.reg_weight)
+    resolution: int | None = None  # its own bucket resolution
+    caption_extension: str | None = None
+    class_tokens: str | None = None  # the caption of images without a caption file
+    trigger_word: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    shuffle_caption: bool | None = None
+    keep_tokens: int | None = None
+    caption_dropout: float | None = None
+    caption_tag_dropout_rate: float | None = None
+    caption_dropout_every_n_epochs: int | None = None
+    flip: bool | None = None
+    color_aug: bool | None = None
 
 
 @dataclasses.dataclass
@@ -61,6 +91,16 @@ class DatasetSection:
     masked_loss: bool = False  # weight the loss by the alpha channel or a <name>_mask.png image
     validation_split: float = 0.0  # fraction of images held out for a validation loss
     num_workers: int = 0
+    # sd-scripts' caption and data options
+    caption_prefix: str = ""  # added before every caption (with a space), before shuffling
+    caption_suffix: str = ""  # added after every caption (with a space)
+    caption_tag_dropout_rate: float = 0.0  # each tag after keep_tokens is dropped with this probability
+    caption_dropout_every_n_epochs: int = 0  # every Nth epoch trains without captions
+    max_token_length: int = 75  # 150 or 225: longer captions, encoded in 77-token chunks as sd-scripts does
+    weighted_captions: bool = False  # read (word:1.2), (word), [word] attention weights in captions
+    bucket_no_upscale: bool = False  # buckets never larger than the image (small images are not enlarged)
+    color_aug: bool = False  # a weak random hue shift or gamma (latents then cannot be cached)
+    subsets: list[SubsetSection] = dataclasses.field(default_factory=list)  # several folders; replaces dir/reg_dir
 
 
 @dataclasses.dataclass
@@ -72,7 +112,21 @@ class NetworkSection:
     exclude: list[str] = dataclasses.field(default_factory=list)
     # Method options (rank, alpha, factor, block_size, dora, …) are written directly in [network] and land here.
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    init_from: str = ""  # start from an existing adapter file
+    init_from: str = ""  # start from an existing adapter file (kohya's network_weights)
+    dim_from_weights: bool = False  # take modules, ranks and alphas from the init_from file
+    # kohya's per-block options for the UNet (networks.lora syntax: comma-separated numbers, or for the lr weights a
+    # preset cosine/sine/linear/reverse_linear/zeros with an optional +offset); see methods.blocks
+    down_lr_weight: str = ""  # learning-rate factors of the down (SDXL: input) blocks, shallow → deep
+    mid_lr_weight: str = ""  # of the mid block(s)
+    up_lr_weight: str = ""  # of the up (SDXL: output) blocks, deep → shallow
+    block_lr_zero_threshold: float = 0.0  # factors at or below it become 0 (the block gets no adapter)
+    block_dims: str = ""  # rank per block: 25 numbers (SD1/SD2), 23 (SDXL)
+    block_alphas: str = ""  # alpha per block (default: alpha)
+    conv_block_dims: str = ""  # rank per block for k×k convs
+    conv_block_alphas: str = ""
+    scale_weight_norms: float = 0.0  # > 0: after each step cap every module's ‖ΔW‖ at this (max-norm regularisation)
+    base_weights: list[str] = dataclasses.field(default_factory=list)  # adapter files merged into the base first
+    base_weights_multiplier: list[float] = dataclasses.field(default_factory=list)  # their strengths (default 1)
 
 
 @dataclasses.dataclass
@@ -103,9 +157,60 @@ class TrainSection:
     ema_decay: float = 0.0  # > 0: keep an EMA of the adapter weights and save it
     validation_every_n_steps: int = 0
     sdpa: bool = True
+    fp8_base: bool = False  # keep the frozen denoiser's Linear weights in float8 (CUDA only; kohya's fp8_base)
     # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
     # fixed batch the loss measures pure fitting and must fall; never for real training.
     fixed_noise: bool = False
+    # kohya's loss options (sd-scripts names; trainer.objective): the element-wise loss, timestep range and weights
+    loss_type: str = "l2"  # l2, l1, huber or smooth_l1
+    huber_schedule: str = "snr"  # huber/smooth_l1 threshold over timesteps: snr, exponential or constant
+    huber_c: float = 0.1  # the huber/smooth_l1 threshold (its value at t = 0 for the exponential schedule)
+    huber_scale: float = 1.0  # multiplies the exponential/constant threshold
+    debiased_estimation_loss: bool = False  # weight the loss by 1/√SNR (ε) or 1/(SNR+1) (v)
+    scale_v_pred_loss_like_noise_pred: bool = False  # v-prediction only: weight by SNR/(SNR+1)
+    v_pred_like_loss: float = 0.0  # ε-prediction only: add this much of a v-prediction-like loss
+    min_timestep: int = 0  # timesteps are drawn from [min_timestep, max_timestep)
+    max_timestep: int | None = None  # None → the scheduler's num_train_timesteps
+    # kohya's noise options
+    zero_terminal_snr: bool = False  # rescale the noise schedule to ᾱ_T = 0 (Lin et al. 2023), previews too
+    noise_offset_random_strength: bool = False  # each sample's noise offset scaled by U(0, 1)
+    adaptive_noise_scale: float = 0.0  # adds this × |mean of the latent channel| to the noise offset
+    multires_noise_iterations: int = 0  # pyramid (multi-resolution) noise levels; 6-10 typical
+    multires_noise_discount: float = 0.3  # weight of each coarser level
+    ip_noise_gamma: float = 0.0  # input perturbation: the model input gets γ·extra noise, the target does not
+    ip_noise_gamma_random_strength: bool = False  # each sample's γ scaled by U(0, 1)
+    # kohya's memory options
+    full_fp16: bool = False  # adapter weights and gradients in fp16 (needs mixed_precision = "fp16")
+    full_bf16: bool = False  # adapter weights and gradients in bf16 (needs mixed_precision = "bf16")
+    # how full_fp16/bf16 apply an update: stochastic_rounding, fp32_master (an fp32 copy is stepped) or plain
+    half_precision_update: str = "stochastic_rounding"
+    fp8_base_unet: bool = False  # fp8_base for the denoiser only: the text encoders stay in the mixed precision
+
+
+@dataclasses.dataclass
+class DiTSection:
+    """Options of the diffusion-transformer bases (SD3/SD3.5, FLUX.1), sd-scripts' names in brackets; "" and 0 take
+    the family's default (:func:`trainer.flow_matching.default_config`, the variant's T5 length)."""
+
+    # logit_normal, mode, uniform, sigmoid, shift, flux_shift (SD3 logit_normal, Flux flux_shift)
+    timestep_sampling: str = ""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    sigmoid_scale: float = 1.0
+    shift: float = 0.0  # σ shift (discrete_flow_shift / training_shift); 0 → SD3 3.0, Flux 1.0
+    weighting_scheme: str = ""  # none, sigma_sqrt, cosmap (default none)
+    target: str = ""  # velocity (model_prediction_type raw) or x0 (SD3's preconditioning); SD3 x0, Flux velocity
+    guidance_scale: float = 1.0  # FLUX.1 dev's embedded guidance while training (sd-scripts' recommended 1.0)
+    t5_max_length: int = 0  # T5 tokens (t5xxl_max_token_length); 0 → SD3 256, FLUX.1 dev 512, schnell 256
+    train_t5: bool = False  # adapters on T5-XXL too (train_t5xxl); needs train.train_text_encoder
+
+    def choices(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        from .flow_matching import LOSS_WEIGHTING, TARGETS, TIMESTEP_SAMPLING
+
+        return [("dit.timestep_sampling", self.timestep_sampling, ("", *TIMESTEP_SAMPLING)),
+                ("dit.weighting_scheme", self.weighting_scheme, ("", *LOSS_WEIGHTING)),
+                ("dit.target", self.target, ("", *TARGETS))]
 
 
 @dataclasses.dataclass
@@ -127,13 +232,19 @@ class OutputSection:
     name: str = "my_adapter"
     save_every_n_steps: int = 0
     save_every_n_epochs: int = 0
+    save_last_n_steps: int = 0  # > 0: delete step saves (and their state) older than this many steps
+    save_last_n_epochs: int = 0  # > 0: keep only the last N epoch saves (and their state)
     save_dtype: str = "fp16"
     save_state: bool = True  # resumable state next to each save
     overwrite: bool = False
     tensorboard: bool = True
+    wandb_project: str = ""  # log to Weights & Biases under this project (needs the wandb package)
+    wandb_run_name: str = ""  # "" → output.name
+    file_layout: str = "auto"  # SD3/Flux files: auto (diffusers for LoRA, else lycoris), diffusers, kohya, lycoris
     title: str = ""
     author: str = ""
     description: str = ""
+    comment: str = ""  # free text kept in the file as kohya's ss_training_comment
 
 
 @dataclasses.dataclass
@@ -144,6 +255,7 @@ class TrainerConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     sample: SampleSection = dataclasses.field(default_factory=SampleSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    dit: DiTSection = dataclasses.field(default_factory=DiTSection)
 
     # ----- loading ----------------------------------------------------------------------------------------
     @classmethod
@@ -203,6 +315,8 @@ class TrainerConfig:
             ("train.mixed_precision", self.train.mixed_precision, MIXED_PRECISION),
             ("sample.sampler", self.sample.sampler, SAMPLERS),
             ("output.save_dtype", self.output.save_dtype, SAVE_DTYPES),
+            ("output.file_layout", self.output.file_layout, FILE_LAYOUTS),
+            *self.dit.choices(),
         ]
         for key, value, allowed in choices:
             if value not in allowed:
@@ -237,6 +351,128 @@ class TrainerConfig:
             raise ConfigError(f"output.name must be a plain file name, got {self.output.name!r}")
         self.method_config()  # validates network.options against the chosen method
         self.target_config().validate()
+        self._validate_kohya_options()
+        self._validate_dit()
+
+    def _validate_kohya_options(self) -> None:
+        """The sd-scripts options (loss, noise, memory, per-block network, saving): values and combinations that
+        cannot work, refused as sd-scripts refuses them."""
+        train, network, output = self.train, self.network, self.output
+        for key, value, allowed in (("train.loss_type", train.loss_type, LOSS_TYPES),
+                                    ("train.huber_schedule", train.huber_schedule, HUBER_SCHEDULES),
+                                    ("train.half_precision_update", train.half_precision_update,
+                                     HALF_PRECISION_UPDATES)):
+            if value not in allowed:
+                raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        if train.huber_c <= 0:
+            raise ConfigError(f"train.huber_c must be > 0, got {train.huber_c}")
+        if train.huber_schedule == "exponential" and train.loss_type in ("huber", "smooth_l1") and train.huber_c >= 1:
+            raise ConfigError(f"train.huber_c must be < 1 for the exponential schedule (it decays from 1 to huber_c), "
+                              f"got {train.huber_c}")
+        non_negative = [("train.min_timestep", train.min_timestep), ("train.v_pred_like_loss", train.v_pred_like_loss),
+                        ("train.ip_noise_gamma", train.ip_noise_gamma),
+                        ("train.multires_noise_iterations", train.multires_noise_iterations),
+                        ("train.multires_noise_discount", train.multires_noise_discount),
+                        ("network.scale_weight_norms", network.scale_weight_norms),
+                        ("network.block_lr_zero_threshold", network.block_lr_zero_threshold),
+                        ("output.save_last_n_steps", output.save_last_n_steps),
+                        ("output.save_last_n_epochs", output.save_last_n_epochs)]
+        for key, value in non_negative:
+            if value < 0:
+                raise ConfigError(f"{key} must be ≥ 0, got {value}")
+        if train.max_timestep is not None and not train.min_timestep <= train.max_timestep:
+            raise ConfigError(f"train.max_timestep {train.max_timestep} is below train.min_timestep "
+                              f"{train.min_timestep}")
+        needs = [("train.adaptive_noise_scale", bool(train.adaptive_noise_scale), "train.noise_offset",
+                  bool(train.noise_offset)),
+                 ("train.noise_offset_random_strength", train.noise_offset_random_strength, "train.noise_offset",
+                  bool(train.noise_offset)),
+                 ("train.ip_noise_gamma_random_strength", train.ip_noise_gamma_random_strength,
+                  "train.ip_noise_gamma", bool(train.ip_noise_gamma)),
+                 ("network.dim_from_weights", network.dim_from_weights, "network.init_from",
+                  bool(network.init_from)),
+                 ("output.save_last_n_steps", bool(output.save_last_n_steps), "output.save_every_n_steps",
+                  bool(output.save_every_n_steps)),
+                 ("output.save_last_n_epochs", bool(output.save_last_n_epochs), "output.save_every_n_epochs",
+                  bool(output.save_every_n_epochs))]
+        for key, on, needed, present in needs:
+            if on and not present:
+                raise ConfigError(f"{key} needs {needed} to be set")
+        for flag, precision in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+            if getattr(train, flag) and train.mixed_precision != precision:
+                raise ConfigError(f"train.{flag} needs train.mixed_precision = {precision!r} (got "
+                                  f"{train.mixed_precision!r})")
+        if len(network.base_weights_multiplier) > len(network.base_weights):
+            raise ConfigError(f"network.base_weights_multiplier has {len(network.base_weights_multiplier)} value(s) "
+                              f"for {len(network.base_weights)} file(s) in network.base_weights")
+        self._validate_dataset_options()
+        if network.dim_from_weights and (network.block_dims or network.conv_block_dims):
+            raise ConfigError("network.dim_from_weights takes every module's rank from the file; leave "
+                              "network.block_dims / conv_block_dims empty")
+        from methods.base import LowRankConfig
+        from methods.blocks import check_block_options
+        from methods.registry import get_method
+
+        check_block_options(network)
+        if (network.block_dims or network.conv_block_dims) and not isinstance(self.method_config(), LowRankConfig):
+            raise ConfigError(f"network.block_dims / conv_block_dims set ranks, and {network.method} has none; use "
+                              "them with lora, loha, lokr or glora")
+        if network.scale_weight_norms and not get_method(network.method).can_scale_delta():
+            raise ConfigError(f"network.scale_weight_norms caps ‖ΔW‖ by scaling it, and {network.method} has no such "
+                              "scale (it rotates the weight); set network.scale_weight_norms = 0")
+
+    def _validate_dataset_options(self) -> None:
+        data = self.dataset
+        if data.max_token_length not in (75, 150, 225):
+            raise ConfigError(f"dataset.max_token_length = {data.max_token_length} is not allowed; choose 75, 150 "
+                              "or 225 (tokens per caption, as sd-scripts)")
+        if data.caption_dropout_every_n_epochs < 0:
+            raise ConfigError(f"dataset.caption_dropout_every_n_epochs must be ≥ 0, got "
+                              f"{data.caption_dropout_every_n_epochs}")
+        if not 0.0 <= data.caption_tag_dropout_rate < 1.0:
+            raise ConfigError(f"dataset.caption_tag_dropout_rate must be in [0, 1), got "
+                              f"{data.caption_tag_dropout_rate}")
+        if data.bucket_no_upscale and not data.enable_buckets:
+            raise ConfigError("dataset.bucket_no_upscale picks each image's own bucket; it needs "
+                              "dataset.enable_buckets = true")
+        if not data.subsets:
+            return
+        if data.reg_dir:
+            raise ConfigError("dataset.reg_dir is not read when dataset.subsets are given; add the regularisation "
+                              "folder as a subset with is_reg = true")
+        for index, subset in enumerate(data.subsets):
+            where = f"dataset.subsets[{index}]"
+            if not subset.image_dir.strip():
+                raise ConfigError(f"{where}.image_dir is empty; give the folder of its images")
+            if subset.num_repeats < 1:
+                raise ConfigError(f"{where}.num_repeats must be ≥ 1, got {subset.num_repeats}")
+            if subset.resolution is not None and (subset.resolution < 8 or subset.resolution % 8):
+                raise ConfigError(f"{where}.resolution must be a positive multiple of 8, got {subset.resolution}")
+            for key in ("caption_dropout", "caption_tag_dropout_rate"):
+                value = getattr(subset, key)
+                if value is not None and not 0.0 <= value < 1.0:
+                    raise ConfigError(f"{where}.{key} must be in [0, 1), got {value}")
+            for key in ("keep_tokens", "caption_dropout_every_n_epochs"):
+                value = getattr(subset, key)
+                if value is not None and value < 0:
+                    raise ConfigError(f"{where}.{key} must be ≥ 0, got {value}")
+        if all(subset.is_reg for subset in data.subsets):
+            raise ConfigError("every dataset.subsets entry is is_reg = true; add a subset of training images")
+
+    def _validate_dit(self) -> None:
+        from .flow_matching import FlowMatchingConfig, FlowMatchingError
+
+        dit = self.dit
+        try:  # the numbers, checked as the objective will use them ("" choices stand for valid defaults)
+            FlowMatchingConfig(logit_mean=dit.logit_mean, logit_std=dit.logit_std, mode_scale=dit.mode_scale,
+                               sigmoid_scale=dit.sigmoid_scale, shift=dit.shift or 1.0).validate()
+        except FlowMatchingError as error:
+            raise ConfigError(f"dit.{error}") from error
+        if dit.shift < 0 or dit.t5_max_length < 0 or dit.guidance_scale < 0:
+            raise ConfigError("dit.shift, dit.t5_max_length and dit.guidance_scale must be ≥ 0 (0: the default)")
+        if dit.train_t5 and not self.train.train_text_encoder:
+            raise ConfigError("dit.train_t5 = true needs train.train_text_encoder = true (T5 adapters are text-encoder "
+                              "adapters)")
 
     def method_config(self):
         from methods.registry import get_method
@@ -250,8 +486,11 @@ class TrainerConfig:
         te_preset = self.network.text_encoder_preset or None
         if not self.train.train_text_encoder:
             te_preset = "none"
+        exclude = list(self.network.exclude)
+        if not self.dit.train_t5:  # T5-XXL (SD3/Flux) only on request: 4.7 B parameters, no text-embedding cache
+            exclude.append(f"^{T5_PREFIX}_")
         return TargetConfig(preset=self.network.preset, text_encoder_preset=te_preset,
-                            include=list(self.network.include), exclude=list(self.network.exclude))
+                            include=list(self.network.include), exclude=exclude)
 
 
 def _split_method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -294,17 +533,25 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """TOML for our two-level config: one ``[section]`` per table, nested tables as ``[section.sub]``."""
+    """TOML for our two-level config: one ``[section]`` per table, nested tables as ``[section.sub]``, lists of tables
+    as ``[[section.key]]``."""
     lines: list[str] = []
 
-    def emit(prefix: str, table: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    def is_table_list(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    def emit(prefix: str, table: dict[str, Any], array: bool = False) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not is_table_list(v)}
         tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-        lines.append(f"[{prefix}]")
+        lines.append(f"[[{prefix}]]" if array else f"[{prefix}]")
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in scalars.items() if value is not None)
         lines.append("")
         for key, sub in tables.items():
             emit(f"{prefix}.{key}", sub)
+        for key, items in table.items():
+            if is_table_list(items):  # [[section.key]] array of tables (dataset.subsets)
+                for item in items:
+                    emit(f"{prefix}.{key}", item, array=True)
 
     for section, table in data.items():
         emit(section, table)

@@ -49,7 +49,7 @@ import random
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +89,7 @@ class ImageItem:
     loss_weight: float = 1.0
     has_alpha: bool = False
     mask_path: Path | None = None  # <stem>_mask.png beside the image, when masked_loss and present
+    subset: int = -1  # its dataset.subsets entry (-1: dataset.dir or reg_dir)
 
 
 @dataclasses.dataclass
@@ -99,6 +100,7 @@ class DatasetScan:
     tag_frequency: dict[str, dict[str, int]]  # ss_tag_frequency
     dataset_dirs: dict[str, dict[str, int]]  # ss_dataset_dirs {folder: {"n_repeats", "img_count"}}
     reg_dataset_dirs: dict[str, dict[str, int]]  # ss_reg_dataset_dirs
+    subset_images: list[int] = dataclasses.field(default_factory=list)  # usable images per dataset.subsets entry
 
     @property
     def train_items(self) -> list[ImageItem]:
@@ -132,21 +134,25 @@ class _Concept:
     files: dict[str, Path]  # every file of the folder by lower-cased name (caption look-up)
 
 
-def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
+def scan_dataset(section: DatasetSection, seed: int = 0, should_stop: Callable[[], bool] | None = None) -> DatasetScan:
     """Find every usable image (and caption) under ``section.dir`` and ``section.reg_dir``.
 
     Raises ``ValueError`` when a folder is missing or holds no usable image. Unusable files are listed in
-    ``scan.skipped`` and logged as warnings.
+    ``scan.skipped`` and logged as warnings. ``should_stop()`` is asked after every image; when it says yes the
+    scan ends with :class:`trainer.events.StopRequested`.
     """
+    should_stop = should_stop or (lambda: False)
+    if section.subsets:
+        return _scan_subsets(section, seed, should_stop)
     skipped: list[tuple[Path, str]] = []
     caption_extension = _caption_extension(section.caption_extension)
     train, train_concepts = _scan_root(Path(section.dir).expanduser(), "dataset.dir", section, caption_extension,
-                                       skipped, is_reg=False)
+                                       skipped, should_stop, is_reg=False)
     reg: list[ImageItem] = []
     reg_concepts: list[_Concept] = []
     if section.reg_dir:
         reg, reg_concepts = _scan_root(Path(section.reg_dir).expanduser(), "dataset.reg_dir", section,
-                                       caption_extension, skipped, is_reg=True)
+                                       caption_extension, skipped, should_stop, is_reg=True)
     train, validation = _split_validation(train, section.validation_split, seed)
     reg = _balance_regularisation(reg, sum(item.n_repeats for item in train))
     items = train + reg
@@ -158,6 +164,59 @@ def scan_dataset(section: DatasetSection, seed: int = 0) -> DatasetScan:
         dataset_dirs=_dataset_dirs(train_concepts, train),
         reg_dataset_dirs=_dataset_dirs(reg_concepts, reg),
     )
+
+
+def subset_section(section: DatasetSection, index: int) -> DatasetSection:
+    """The [dataset] settings as they apply to the images of ``dataset.subsets[index]``: the subset's own values
+    where set (-1: the [dataset] section itself)."""
+    if index < 0:
+        return section
+    subset = section.subsets[index]
+    shared = {field.name for field in dataclasses.fields(DatasetSection)}
+    own = {field.name: getattr(subset, field.name) for field in dataclasses.fields(subset)
+           if field.name in shared and getattr(subset, field.name) is not None}
+    return dataclasses.replace(section, **own, subsets=[])
+
+
+def _scan_subsets(section: DatasetSection, seed: int, should_stop: Callable[[], bool]) -> DatasetScan:
+    """sd-scripts' dataset config: every subset is one folder of images with its own repeats, captions, flags."""
+    skipped: list[tuple[Path, str]] = []
+    train: list[ImageItem] = []
+    reg: list[ImageItem] = []
+    train_concepts: list[_Concept] = []
+    reg_concepts: list[_Concept] = []
+    counts: list[int] = []
+    names: set[str] = set()
+    for index, subset in enumerate(section.subsets):
+        where = f"dataset.subsets[{index}].image_dir"
+        folder = Path(subset.image_dir).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"{where} = {subset.image_dir!r} is not a folder")
+        concept = _concept(folder)
+        if concept is None:
+            raise ValueError(f"{where} = {subset.image_dir!r}: no image directly inside (accepted extensions: "
+                             f"{', '.join(IMAGE_EXTENSIONS)}); give each sub-folder its own subset")
+        name, number = folder.name, 2
+        while name in names:  # the same folder name twice: sd-scripts' "name (2)"
+            name, number = f"{folder.name} ({number})", number + 1
+        names.add(name)
+        class_word = subset.class_tokens if subset.class_tokens is not None else concept.class_word
+        concept = dataclasses.replace(concept, name=name, class_word=class_word, n_repeats=subset.num_repeats)
+        settings = subset_section(section, index)
+        missing_caption = "class_word" if subset.class_tokens else settings.missing_caption
+        items = _inspect_concept(concept, dataclasses.replace(settings, missing_caption=missing_caption),
+                                 _caption_extension(settings.caption_extension), skipped, should_stop,
+                                 subset.is_reg, where)
+        items = [dataclasses.replace(item, subset=index) for item in items]
+        counts.append(len(items))
+        (reg if subset.is_reg else train).extend(items)
+        (reg_concepts if subset.is_reg else train_concepts).append(concept)
+    train, validation = _split_validation(train, section.validation_split, seed)
+    reg = _balance_regularisation(reg, sum(item.n_repeats for item in train))
+    items = train + reg
+    return DatasetScan(items=items, validation=validation, skipped=skipped, tag_frequency=_tag_frequency(items),
+                       dataset_dirs=_dataset_dirs(train_concepts, train),
+                       reg_dataset_dirs=_dataset_dirs(reg_concepts, reg), subset_images=counts)
 
 
 def _caption_extension(extension: str) -> str:
@@ -222,12 +281,38 @@ def image_files(root: str | os.PathLike) -> list[Path]:
 
 
 def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension: str,
-               skipped: list[tuple[Path, str]], *, is_reg: bool) -> tuple[list[ImageItem], list[_Concept]]:
+               skipped: list[tuple[Path, str]], should_stop: Callable[[], bool], *,
+               is_reg: bool) -> tuple[list[ImageItem], list[_Concept]]:
     accepted = ", ".join(IMAGE_EXTENSIONS)
     if not root.is_dir():
         raise ValueError(f"{what} = {str(root)!r} is not a folder")
     exclude = Path(section.reg_dir).expanduser().resolve() if section.reg_dir and not is_reg else None
     concepts = _find_concepts(root, exclude)
+    items = _inspect_images(concepts, section, caption_extension, skipped, should_stop, is_reg, root)
+    if not items:
+        bad = sum(1 for path, _ in skipped if path.is_relative_to(root))
+        detail = f" ({bad} file(s) skipped as unusable, see the warnings)" if bad else ""
+        raise ValueError(f"{what} = {str(root)!r}: no usable image found{detail}; accepted extensions: {accepted} "
+                         "(directly inside the folder or inside its immediate sub-folders such as '10_name')")
+    used = {item.folder for item in items}
+    return items, [concept for concept in concepts if concept.name in used]
+
+
+def _inspect_concept(concept: _Concept, section: DatasetSection, caption_extension: str,
+                     skipped: list[tuple[Path, str]], should_stop: Callable[[], bool], is_reg: bool,
+                     what: str) -> list[ImageItem]:
+    """The usable images of one subset folder (:func:`_inspect_images`); a ValueError naming ``what`` if none."""
+    folder = concept.images[0].parent
+    items = _inspect_images([concept], section, caption_extension, skipped, should_stop, is_reg, folder)
+    if not items:
+        raise ValueError(f"{what} = {str(folder)!r}: no usable image found (see the warnings)")
+    return items
+
+
+def _inspect_images(concepts: list[_Concept], section: DatasetSection, caption_extension: str,
+                    skipped: list[tuple[Path, str]], should_stop: Callable[[], bool], is_reg: bool,
+                    root: Path) -> list[ImageItem]:
+    """Decode every image of ``concepts`` (in threads) into items; unusable ones go to ``skipped``."""
     jobs = [(concept, path) for concept in concepts for path in concept.images]
 
     def inspect(job: tuple[_Concept, Path]) -> tuple[ImageItem, bool] | tuple[Path, str]:
@@ -237,12 +322,7 @@ def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension
         except UnusableImage as error:
             return path, str(error)
 
-    workers = max(1, min(8, os.cpu_count() or 1))
-    if len(jobs) > 1 and workers > 1:  # Pillow decodes with the GIL released
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(inspect, jobs))
-    else:
-        results = [inspect(job) for job in jobs]
+    results = _run_all(inspect, jobs, should_stop)
 
     items: list[ImageItem] = []
     multi_line = 0
@@ -256,13 +336,33 @@ def _scan_root(root: Path, what: str, section: DatasetSection, caption_extension
     if multi_line:
         logger.warning("%d caption file(s) in %s have several lines; only the first non-blank line is used",
                        multi_line, root)
-    if not items:
-        bad = sum(1 for path, _ in skipped if path.is_relative_to(root))
-        detail = f" ({bad} file(s) skipped as unusable, see the warnings)" if bad else ""
-        raise ValueError(f"{what} = {str(root)!r}: no usable image found{detail}; accepted extensions: {accepted} "
-                         "(directly inside the folder or inside its immediate sub-folders such as '10_name')")
-    used = {item.folder for item in items}
-    return items, [concept for concept in concepts if concept.name in used]
+    return items
+
+
+def _run_all(function: Callable[[Any], Any], jobs: list[Any], should_stop: Callable[[], bool]) -> list[Any]:
+    """``[function(job) for job in jobs]`` on a few threads (Pillow decodes with the GIL released), asking
+    ``should_stop()`` after each result; a stop cancels the jobs not started yet."""
+    from trainer.events import StopRequested
+
+    workers = max(1, min(8, os.cpu_count() or 1))
+    if len(jobs) <= 1 or workers <= 1:
+        results = []
+        for job in jobs:
+            results.append(function(job))
+            if should_stop():
+                raise StopRequested("stopped while scanning the images")
+        return results
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        futures = [pool.submit(function, job) for job in jobs]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            if should_stop():
+                raise StopRequested("stopped while scanning the images")
+        return results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _inspect_item(path: Path, concept: _Concept, section: DatasetSection, caption_extension: str,
@@ -396,11 +496,9 @@ def _balance_regularisation(reg: list[ImageItem], target: int) -> list[ImageItem
             break
         repeats.append(item.n_repeats)
         total += item.n_repeats
-    position = 0
-    while total < target:
-        repeats[position % len(repeats)] += 1
-        total += 1
-        position += 1
+    if total < target:  # the deficit spread one by one over the images in turn, first ones first
+        whole, extra = divmod(target - total, len(repeats))
+        repeats = [n + whole + (position < extra) for position, n in enumerate(repeats)]
     if len(repeats) < len(reg):
         logger.info("%d of %d regularisation images used to balance %d training samples", len(repeats), len(reg),
                     target)
@@ -515,6 +613,80 @@ def cover_size(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int
     return max(bucket_w, int(width * scale + 0.5)), max(bucket_h, int(height * scale + 0.5))
 
 
+def no_upscale_bucket(size: tuple[int, int], resolution: int, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """sd-scripts' ``bucket_no_upscale`` (``BucketManager.select_bucket``): an image (height, width) larger than
+    resolution² in area is shrunk to that area (its aspect ratio kept, one side rounded to ``step``, whichever keeps
+    the ratio better), a smaller one keeps its size; the bucket is that size rounded down to ``step`` (the image
+    is cropped, never enlarged). Returns (bucket, resized), both (width, height); a side below ``step`` becomes
+    ``step`` (the one case that enlarges)."""
+    height, width = size
+    ratio = width / height
+    max_area = resolution * resolution
+
+    def to_steps(value: float) -> int:
+        value = int(value + 0.5)
+        return max(step, value - value % step)
+
+    if width * height > max_area:
+        resized_width = math.sqrt(max_area * ratio)
+        resized_height = max_area / resized_width
+        by_width = to_steps(resized_width)
+        by_height = to_steps(resized_height)
+        width_error = abs(by_width / to_steps(by_width / ratio) - ratio)
+        height_error = abs(to_steps(by_height * ratio) / by_height - ratio)
+        if width_error < height_error:
+            resized = (by_width, int(by_width / ratio + 0.5))
+        else:
+            resized = (int(by_height * ratio + 0.5), by_height)
+    else:
+        resized = (width, height)
+    bucket = (max(step, resized[0] - resized[0] % step), max(step, resized[1] - resized[1] % step))
+    if bucket[0] > resized[0] or bucket[1] > resized[1]:
+        resized = cover_size(size, bucket)
+    return bucket, resized
+
+
+def bucket_geometry(items: Sequence[ImageItem], sections: Sequence[DatasetSection],
+                    section: DatasetSection) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int]]]:
+    """(buckets, each item's bucket index, each item's resized size): kohya's buckets of each item's resolution
+    (nearest aspect ratio), or with ``bucket_no_upscale`` :func:`no_upscale_bucket`; the square resolution when
+    buckets are off. The bucket list is every candidate bucket of the resolutions in use, sorted."""
+    candidates: dict[int, list[tuple[int, int]]] = {}
+    chosen: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    for item, own in zip(items, sections):
+        if not section.enable_buckets:
+            bucket = (own.resolution, own.resolution)
+            chosen.append((bucket, cover_size(item.size, bucket)))
+        elif section.bucket_no_upscale:
+            chosen.append(no_upscale_bucket(item.size, own.resolution, section.bucket_step))
+        else:
+            options = candidates.get(own.resolution)
+            if options is None:
+                options = candidates[own.resolution] = make_buckets(own.resolution, section.min_bucket_side,
+                                                                    section.max_bucket_side, section.bucket_step)
+            bucket = options[assign_bucket(item.size, options)]
+            chosen.append((bucket, cover_size(item.size, bucket)))
+    buckets = sorted(set().union(*candidates.values(), (bucket for bucket, _ in chosen)))
+    index = {bucket: position for position, bucket in enumerate(buckets)}
+    return buckets, [index[bucket] for bucket, _ in chosen], [resized for _, resized in chosen]
+
+
+def color_augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """sd-scripts' ``color_aug``: a third of the time, either a hue shift of up to ±8 (of OpenCV's 180 hues) or a
+    gamma in [0.95, 1.05]; otherwise the image unchanged. (sd-scripts raises the raw 0–255 values to γ, which moves
+    mid-greys by up to ~30 levels; here γ acts on values in [0, 1], as the albumentations transform it replaced.)"""
+    if rng.random() > 0.33:
+        return image
+    if rng.random() > 0.5:
+        shift = round(rng.uniform(-8, 8) * 256 / 180)  # Pillow's hue runs over 0-255
+        hsv = np.asarray(image.convert("HSV")).copy()
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + shift) % 256).astype(np.uint8)
+        return Image.fromarray(hsv, "HSV").convert("RGB")
+    gamma = rng.uniform(0.95, 1.05)
+    values = np.asarray(image, dtype=np.float32) / 255.0
+    return Image.fromarray(np.clip(np.rint(255.0 * values**gamma), 0, 255).astype(np.uint8))
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How one sample is cut from its image: resize to ``resized``, crop ``bucket`` at (left, top), maybe mirror."""
@@ -568,16 +740,25 @@ def _contains_word(text: str, word: str) -> bool:
 
 
 def process_caption(caption: str, rng: random.Random, *, trigger_word: str = "", shuffle: bool = False,
-                    keep_tokens: int = 0, dropout: float = 0.0) -> str:
+                    keep_tokens: int = 0, dropout: float = 0.0, tag_dropout: float = 0.0, prefix: str = "",
+                    suffix: str = "", drop: bool = False) -> str:
     """Caption as used for one sample.
 
-    * dropout: with probability ``dropout`` the whole caption (trigger included) becomes "" (unconditional).
+    * prefix/suffix (sd-scripts' caption_prefix/suffix): joined to the caption with a space, before anything else.
+    * dropout: with probability ``dropout`` (or always with ``drop``: sd-scripts' caption_dropout_every_n_epochs)
+      the whole caption (trigger included) becomes "" (unconditional).
     * trigger word: first, once. A caption that already has it as a tag gets it moved to the front; one that
       mentions it inside prose ("a photo of ohwx man") is left as written.
     * shuffle: comma-separated tags are shuffled except the first ``keep_tokens``, counted with the trigger first
       (kohya's usual "ohwx, ..." + keep_tokens = 1); the trigger itself is always kept in front.
+    * tag_dropout (sd-scripts' caption_tag_dropout_rate): after shuffling, each tag not kept in front is dropped
+      with this probability.
     """
-    if dropout > 0 and rng.random() < dropout:
+    if prefix:
+        caption = f"{prefix} {caption}"
+    if suffix:
+        caption = f"{caption} {suffix}"
+    if drop or (dropout > 0 and rng.random() < dropout):
         return ""
     caption = caption.strip()
     trigger = trigger_word.strip()
@@ -585,10 +766,13 @@ def process_caption(caption: str, rng: random.Random, *, trigger_word: str = "",
     as_tag = bool(trigger) and trigger in tags
     lead = [trigger] if as_tag or (trigger and not _contains_word(caption, trigger)) else []
     rest = [tag for tag in tags if tag != trigger] if lead else tags
-    if shuffle:
+    if shuffle or tag_dropout > 0:
         keep = max(0, keep_tokens - len(lead))
         fixed, free = rest[:keep], rest[keep:]
-        rng.shuffle(free)
+        if shuffle:
+            rng.shuffle(free)
+        if tag_dropout > 0:
+            free = [tag for tag in free if rng.random() >= tag_dropout]
         return ", ".join(lead + fixed + free)
     if not lead or tags[:1] == lead:
         return caption
@@ -616,21 +800,28 @@ class ImageDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.epoch = 0
         self.latent_cache: LatentCache | None = None
-        if section.enable_buckets:
-            self.buckets = make_buckets(section.resolution, section.min_bucket_side, section.max_bucket_side,
-                                        section.bucket_step)
-            self.item_buckets = [assign_bucket(item.size, self.buckets) for item in self.items]
-        else:
-            self.buckets = [(section.resolution, section.resolution)]
-            self.item_buckets = [0] * len(self.items)
-        self.item_resized = [cover_size(item.size, self.buckets[b]) for item, b in zip(self.items, self.item_buckets)]
-        self.sample_items = [i for i, item in enumerate(self.items) for _ in range(item.n_repeats if augment else 1)]
+        # Each image's settings: [dataset], or its dataset.subsets entry's (own resolution, flip, captions, …).
+        by_subset = {index: subset_section(section, index) for index in {item.subset for item in self.items}}
+        self.item_sections = [by_subset[item.subset] for item in self.items]
+        self.buckets, self.item_buckets, self.item_resized = bucket_geometry(self.items, self.item_sections, section)
+        # Sample indices count repeats: item i owns samples sample_starts[i] … sample_starts[i + 1] − 1. Kept as
+        # offsets, not one entry per sample: a folder named "100000000_x" must not build a 10⁸-long list.
+        self.repeats = np.array([item.n_repeats if augment else 1 for item in self.items], dtype=np.int64)
+        self.sample_starts = np.concatenate([[0], np.cumsum(self.repeats)])
         self.random_crop = augment and section.crop == "random"
-        self.flip = augment and section.flip
+        self.item_flip = [augment and own.flip for own in self.item_sections]
+        self.item_color_aug = [augment and own.color_aug for own in self.item_sections]
+        self.flip = any(self.item_flip)
 
     # --- sizes and metadata ---
     def __len__(self) -> int:
-        return len(self.sample_items)
+        return int(self.sample_starts[-1])
+
+    def item_index(self, index: int) -> int:
+        """The item (image) of sample ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} of a dataset of {len(self)}")
+        return int(np.searchsorted(self.sample_starts, index, side="right")) - 1
 
     @property
     def num_images(self) -> int:
@@ -640,11 +831,13 @@ class ImageDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def sample_bucket(self, index: int) -> int:
-        return self.item_buckets[self.sample_items[index]]
+        return self.item_buckets[self.item_index(index)]
 
     def bucket_info(self) -> dict[str, Any]:
         """ss_bucket_info: used buckets with their sample counts (repeats included) and the mean |AR error|."""
-        counts = Counter(self.item_buckets[i] for i in self.sample_items)
+        counts: Counter = Counter()
+        for bucket, repeats in zip(self.item_buckets, self.repeats):
+            counts[bucket] += int(repeats)
         errors = [abs(self.buckets[b][0] / self.buckets[b][1] - item.size[1] / item.size[0])
                   for item, b in zip(self.items, self.item_buckets)]
         return {
@@ -659,8 +852,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def plan(self, index: int, epoch: int | None = None) -> Plan:
         """Geometry of sample ``index`` in ``epoch`` (default: the current epoch)."""
         crop_rng = self._rng("crop", index, epoch) if self.random_crop else None
-        flip = self.flip and self._rng("flip", index, epoch).random() < 0.5
-        return self._item_plan(self.sample_items[index], flip, crop_rng)
+        item_index = self.item_index(index)
+        flip = self.item_flip[item_index] and self._rng("flip", index, epoch).random() < 0.5
+        return self._item_plan(item_index, flip, crop_rng)
 
     def _item_plan(self, item_index: int, flip: bool, crop_rng: random.Random | None = None) -> Plan:
         bucket = self.buckets[self.item_buckets[item_index]]
@@ -673,13 +867,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return Plan(bucket, resized, left, top, flip)
 
     def caption(self, index: int, epoch: int | None = None) -> str:
-        item = self.items[self.sample_items[index]]
-        section = self.section
+        item_index = self.item_index(index)
+        item, own = self.items[item_index], self.item_sections[item_index]
         if not self.augment:
-            return process_caption(item.caption, random.Random(0), trigger_word=section.trigger_word)
-        return process_caption(item.caption, self._rng("caption", index, epoch), trigger_word=section.trigger_word,
-                               shuffle=section.shuffle_caption, keep_tokens=section.keep_tokens,
-                               dropout=section.caption_dropout)
+            return process_caption(item.caption, random.Random(0), trigger_word=own.trigger_word,
+                                   prefix=own.caption_prefix, suffix=own.caption_suffix)
+        every = own.caption_dropout_every_n_epochs  # sd-scripts counts epochs from 1: every Nth one is dropped
+        drop = bool(every) and ((self.epoch if epoch is None else epoch) + 1) % every == 0
+        return process_caption(item.caption, self._rng("caption", index, epoch), trigger_word=own.trigger_word,
+                               shuffle=own.shuffle_caption, keep_tokens=own.keep_tokens, dropout=own.caption_dropout,
+                               tag_dropout=own.caption_tag_dropout_rate, prefix=own.caption_prefix,
+                               suffix=own.caption_suffix, drop=drop)
 
     # --- latent caching support (trainer.cache) ---
     def cache_blocker(self) -> str | None:
@@ -687,12 +885,15 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.random_crop:
             return ("dataset.crop = 'random' picks a new crop at every step, so latents cannot be cached; the VAE "
                     "encodes every batch instead (use crop = 'center' to cache latents)")
+        if any(self.item_color_aug):
+            return ("dataset.color_aug changes the colours at every step, so latents cannot be cached; the VAE "
+                    "encodes every batch instead")
         return None
 
     def cache_plans(self) -> list[tuple[int, Plan]]:
         """Every (item index, plan) a sample can use — both mirror images when flipping — for precomputing."""
-        flips = (False, True) if self.flip else (False,)
-        return [(i, self._item_plan(i, flip)) for i in range(len(self.items)) for flip in flips]
+        return [(i, self._item_plan(i, flip)) for i in range(len(self.items))
+                for flip in ((False, True) if self.item_flip[i] else (False,))]
 
     def load_pixels(self, item_index: int, plan: Plan) -> torch.Tensor:
         image, _ = load_image(self.items[item_index].path)
@@ -710,7 +911,7 @@ class ImageDataset(torch.utils.data.Dataset):
     # --- fetching ---
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        item_index = self.sample_items[index]
+        item_index = self.item_index(index)
         item = self.items[item_index]
         plan = self.plan(index)
         pixels = latents = mask = None
@@ -725,7 +926,10 @@ class ImageDataset(torch.utils.data.Dataset):
                 raise RuntimeError(f"no cached latents for {item.path} ({plan}); run LatentCache.encode_all on this "
                                    "dataset before training")
         else:
-            pixels = pixels_to_tensor(render(image, plan))
+            rendered = render(image, plan)
+            if self.item_color_aug[item_index]:
+                rendered = color_augment(rendered, self._rng("color", index, None))
+            pixels = pixels_to_tensor(rendered)
         if self.section.masked_loss:
             mask = self._mask(item, plan, image, alpha)
         return {
@@ -754,15 +958,58 @@ class ImageDataset(torch.utils.data.Dataset):
         return mask_to_tensor(render(mask, plan, Image.Resampling.BILINEAR))
 
 
-def load_datasets(section: DatasetSection, seed: int) -> tuple[ImageDataset, ImageDataset | None, DatasetScan]:
+def load_datasets(section: DatasetSection, seed: int, should_stop: Callable[[], bool] | None = None
+                  ) -> tuple[ImageDataset, ImageDataset | None, DatasetScan]:
     """Scan ``section`` and build (training dataset, validation dataset or None, scan)."""
-    scan = scan_dataset(section, seed)
+    scan = scan_dataset(section, seed, should_stop)
     train = ImageDataset(scan.items, section, seed)
     validation = ImageDataset(scan.validation, section, seed, augment=False) if scan.validation else None
     return train, validation, scan
 
 
 # ----- batching ------------------------------------------------------------------------------------------------
+
+
+class KeyedPermutation:
+    """A pseudo-random permutation of ``range(size)`` fixed by ``key``, evaluated one position at a time.
+
+    A four-round Feistel network over the smallest even power of two ≥ ``size`` (a bijection), walked until it
+    lands inside the range (cycle walking keeps it a bijection of ``range(size)``). Memory is constant, so a
+    shuffled epoch of 10⁸ samples costs nothing until its batches are drawn.
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, size: int, key: str):
+        self.size = int(size)
+        bits = max(2, (self.size - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        digest = hashlib.blake2b(key.encode(), digest_size=8 * self.ROUNDS).digest()
+        self.keys = [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(self.ROUNDS)]
+
+    def __call__(self, position: int) -> int:
+        if not 0 <= position < self.size:
+            raise IndexError(f"position {position} of a permutation of {self.size}")
+        value = position
+        while True:
+            value = self._encrypt(value)
+            if value < self.size:
+                return value
+
+    def _encrypt(self, value: int) -> int:
+        left, right = value >> self.half, value & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix(right ^ key) & self.mask)
+        return (left << self.half) | right
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finaliser: a fast, well-spread 64-bit hash of an integer."""
+    value = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return value ^ (value >> 31)
 
 
 class _EpochForwarder:
@@ -776,11 +1023,29 @@ class _EpochForwarder:
         self._owner.set_epoch(epoch)
 
 
+@dataclasses.dataclass
+class _Bucket:
+    """One bucket's samples: the items in it and where each item's samples start among the bucket's members."""
+
+    index: int  # in dataset.buckets
+    items: np.ndarray  # item indices
+    starts: np.ndarray  # members before each item (len(items) + 1 entries; the last is the member count)
+    batches: int  # batches per epoch
+
+    @property
+    def size(self) -> int:
+        return int(self.starts[-1])
+
+
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches of sample indices, each from one bucket and exactly ``batch_size`` long.
 
-    The order depends only on (seed, epoch). ``len()`` is the number of batches per epoch. Partial batches are
-    filled with other samples of their bucket (drawn from the same epoch order), or dropped with ``drop_last``.
+    The order depends only on (seed, epoch): each bucket's samples are shuffled and cut into batches, and the
+    batches of all buckets are shuffled together. ``len()`` is the number of batches per epoch. A bucket's last,
+    partial batch is filled with the first samples of its shuffled order, or dropped with ``drop_last``.
+
+    Nothing is built per sample: both shuffles are keyed permutations (:class:`KeyedPermutation`), so the sampler
+    works from the images and their repeat counts alone, and resuming mid-epoch costs nothing.
 
     With accelerate: ``accelerator.prepare(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch))``
     shards whole batches round-robin over processes; call ``dataloader.set_epoch(epoch)`` on the prepared loader
@@ -800,21 +1065,30 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.epoch = 0
         self.skip_batches = 0  # consumed by the next iteration
         self.sampler = _EpochForwarder(self)
-        groups: dict[int, list[int]] = {}
-        for index in range(len(dataset)):
-            groups.setdefault(dataset.sample_bucket(index), []).append(index)
-        self.groups = dict(sorted(groups.items()))  # bucket index → sample indices
-        small = [b for b, members in groups.items() if len(members) < self.batch_size]
+        item_buckets = np.asarray(dataset.item_buckets, dtype=np.int64)
+        self.buckets: list[_Bucket] = []
+        for bucket in sorted(set(dataset.item_buckets)):
+            items = np.flatnonzero(item_buckets == bucket)
+            starts = np.concatenate([[0], np.cumsum(dataset.repeats[items])])
+            size = int(starts[-1])
+            batches = size // self.batch_size if drop_last else -(-size // self.batch_size)
+            self.buckets.append(_Bucket(bucket, items, starts, batches))
+        self.batch_starts = np.concatenate([[0], np.cumsum([b.batches for b in self.buckets])])
+        small = [b for b in self.buckets if b.size < self.batch_size]
         if drop_last and small:
-            lost = sum(len(self.groups[b]) for b in small)
-            logger.warning("%d sample(s) in %d bucket(s) smaller than batch_size %d are never used (drop_last)", lost,
-                           len(small), self.batch_size)
+            logger.warning("%d sample(s) in %d bucket(s) smaller than batch_size %d are never used (drop_last)",
+                           sum(b.size for b in small), len(small), self.batch_size)
         if len(self) == 0:
             raise ValueError(f"batch_size {batch_size} is larger than every bucket and drop_last is set: no batch")
-        filled = 0 if drop_last else sum(-len(m) % self.batch_size for m in self.groups.values())
+        filled = 0 if drop_last else sum(-b.size % self.batch_size for b in self.buckets)
         if filled:
             logger.info("%d sample(s) per epoch repeat others of their bucket to complete the last batch of each "
                         "bucket (batch_size %d)", filled, self.batch_size)
+
+    @property
+    def groups(self) -> dict[int, Sequence[int]]:
+        """Bucket index → its sample indices in ascending order (a lazy view: nothing is listed per sample)."""
+        return {bucket.index: _BucketSamples(self, bucket) for bucket in self.buckets}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -826,35 +1100,51 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.skip_batches = int(batches_done)
 
     def __len__(self) -> int:
-        sizes = [len(members) for members in self.groups.values()]
-        if self.drop_last:
-            return sum(n // self.batch_size for n in sizes)
-        return sum(-(-n // self.batch_size) for n in sizes)
+        return int(self.batch_starts[-1])
+
+    def batch(self, epoch: int, position: int) -> list[int]:
+        """The ``position``-th batch of ``epoch``."""
+        if self.shuffle:
+            position = KeyedPermutation(len(self), f"batches/{self.seed}/{epoch}")(position)
+        number = int(np.searchsorted(self.batch_starts, position, side="right")) - 1
+        bucket = self.buckets[number]
+        order = (KeyedPermutation(bucket.size, f"members/{self.seed}/{epoch}/{number}") if self.shuffle
+                 else (lambda member: member))
+        first = (position - int(self.batch_starts[number])) * self.batch_size
+        # A partial last batch wraps around to the bucket's first samples (in this epoch's order).
+        return [self._sample(bucket, order(member % bucket.size)) for member in range(first, first + self.batch_size)]
+
+    def _sample(self, bucket: _Bucket, member: int) -> int:
+        """Sample index of the ``member``-th sample of a bucket (its items' samples, in item order)."""
+        slot = int(np.searchsorted(bucket.starts, member, side="right")) - 1
+        item = int(bucket.items[slot])
+        return int(self.dataset.sample_starts[item]) + member - int(bucket.starts[slot])
 
     def batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches, without skipping."""
-        rng = random.Random(f"batches/{self.seed}/{epoch}")
-        batches = []
-        for members in self.groups.values():
-            members = list(members)
-            if self.shuffle:
-                rng.shuffle(members)
-            for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size]
-                if len(batch) < self.batch_size:
-                    if self.drop_last:
-                        continue
-                    needed = self.batch_size - len(batch)
-                    batch += [members[i % len(members)] for i in range(needed)]
-                batches.append(batch)
-        if self.shuffle:
-            rng.shuffle(batches)
-        return batches
+        """The epoch's batches, without skipping (for small datasets: tests, previews of the order)."""
+        return [self.batch(epoch, position) for position in range(len(self))]
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip_batches = self.skip_batches, 0
         self.dataset.set_epoch(self.epoch)
-        yield from self.batches(self.epoch)[skip:]
+        epoch = self.epoch
+        for position in range(skip, len(self)):
+            yield self.batch(epoch, position)
+
+
+class _BucketSamples(Sequence):
+    def __init__(self, sampler: BucketBatchSampler, bucket: _Bucket):
+        self.sampler, self.bucket = sampler, bucket
+
+    def __len__(self) -> int:
+        return self.bucket.size
+
+    def __getitem__(self, member):
+        if isinstance(member, slice):
+            return [self[i] for i in range(*member.indices(len(self)))]
+        if not -len(self) <= member < len(self):
+            raise IndexError(member)
+        return self.sampler._sample(self.bucket, member % len(self))
 
 
 def collate_batch(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -898,8 +1188,9 @@ def make_dataloader(dataset: ImageDataset, sampler: BucketBatchSampler, num_work
 
 __all__ = [
     "IMAGE_EXTENSIONS", "BucketBatchSampler", "DatasetScan", "ImageDataset", "ImageItem", "Plan", "UnusableImage",
-    "assign_bucket", "caption_file", "collate_batch", "cover_size", "image_files", "inspect_image", "load_datasets",
-    "load_image", "load_mask", "make_buckets", "make_dataloader", "process_caption", "read_caption", "render",
-    "scan_dataset", "split_tags", "to_rgb",
+    "assign_bucket", "bucket_geometry", "caption_file", "collate_batch", "color_augment", "cover_size", "image_files",
+    "inspect_image", "load_datasets", "load_image", "load_mask", "make_buckets", "make_dataloader",
+    "no_upscale_bucket", "process_caption", "read_caption", "render", "scan_dataset", "split_tags", "subset_section",
+    "to_rgb",
 ]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from methods.dit_naming import dit_family
+from methods.dit_naming import dit_family, dit_variant
 
 from .architectures import CLIP_L, OPENCLIP_BIGG, TINY_WORDS, _clip_config, _maybe_meta, write_tiny_tokenizer
 
@@ -69,13 +69,27 @@ class DiTVariant:
     title: str
     hub_id: str
     transformer: dict[str, Any]
-    modelspec_architecture: str  # modelspec.architecture without the "/lora" suffix (sd-scripts' spelling)
-    base_model_version: str  # ss_base_model_version as sd-scripts writes it
     t5_max_length: int  # T5 tokens in training and previews (sd-scripts: 256 SD3 / schnell, 512 dev)
     guidance_scale: float | None  # Flux dev's embedded guidance; None where the transformer has no guidance input
     sample_steps: int  # preview defaults of the model card
     sample_cfg: float  # classifier-free guidance of previews (1.0: none, the distilled Flux models)
     resolution: int = 1024
+
+    @property
+    def ids(self):
+        """The ids files and metadata give it (:mod:`methods.arch`: ss_base_model_version, modelspec.architecture
+        without "/lora", as sd-scripts writes them)."""
+        from methods.arch import get_architecture
+
+        return get_architecture(self.family).variant(name=self.name)
+
+    @property
+    def modelspec_architecture(self) -> str:
+        return self.ids.modelspec_id
+
+    @property
+    def base_model_version(self) -> str:
+        return self.ids.kohya_version
 
     @property
     def vae(self) -> dict[str, Any]:
@@ -88,15 +102,14 @@ class DiTVariant:
 
 VARIANTS: dict[str, DiTVariant] = {v.name: v for v in (
     DiTVariant("sd3-medium", "sd3", "Stable Diffusion 3 Medium", "stabilityai/stable-diffusion-3-medium-diffusers",
-               SD3_MEDIUM, "stable-diffusion-3-medium", "medium", 256, None, 28, 7.0),
+               SD3_MEDIUM, 256, None, 28, 7.0),
     DiTVariant("sd3.5-medium", "sd3", "Stable Diffusion 3.5 Medium", "stabilityai/stable-diffusion-3.5-medium",
-               SD35_MEDIUM, "stable-diffusion-3-5-medium", "5-medium", 256, None, 40, 4.5),
+               SD35_MEDIUM, 256, None, 40, 4.5),
     DiTVariant("sd3.5-large", "sd3", "Stable Diffusion 3.5 Large", "stabilityai/stable-diffusion-3.5-large",
-               SD35_LARGE, "stable-diffusion-3-5-large", "5-large", 256, None, 28, 3.5),
-    DiTVariant("flux-dev", "flux", "FLUX.1 dev", "black-forest-labs/FLUX.1-dev", FLUX_DEV, "flux-1-dev", "flux1",
-               512, 3.5, 28, 1.0),
-    DiTVariant("flux-schnell", "flux", "FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell", FLUX_SCHNELL,
-               "flux-1-schnell", "flux1", 256, None, 4, 1.0),
+               SD35_LARGE, 256, None, 28, 3.5),
+    DiTVariant("flux-dev", "flux", "FLUX.1 dev", "black-forest-labs/FLUX.1-dev", FLUX_DEV, 512, 3.5, 28, 1.0),
+    DiTVariant("flux-schnell", "flux", "FLUX.1 schnell", "black-forest-labs/FLUX.1-schnell", FLUX_SCHNELL, 256,
+               None, 4, 1.0),
 )}
 
 # ----- tiny sizes (the recipe of dit-formats.md) --------------------------------------------------------------------
@@ -150,16 +163,9 @@ def detect(model_or_pipe: Any) -> Detection | None:
     family = family_of(model_or_pipe)
     if family is None:
         return None
-    config = dict(transformer_of(model_or_pipe).config)
-    if family == "flux":
-        name = "flux-dev" if config.get("guidance_embeds") else "flux-schnell"
-    elif tuple(config.get("dual_attention_layers") or ()):
-        name = "sd3.5-medium"
-    elif config.get("qk_norm"):
-        name = "sd3.5-large"
-    else:
-        name = "sd3-medium"
-    variant = VARIANTS[name]
+    transformer = transformer_of(model_or_pipe)
+    config = dict(transformer.config)
+    variant = VARIANTS[dit_variant(transformer)]
     return Detection(variant, _matches(config, variant.transformer))
 
 

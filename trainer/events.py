@@ -24,6 +24,14 @@ log = logging.getLogger("rankwright")
 EventCallback = Callable[[dict[str, Any]], None]
 
 
+class TrainingError(RuntimeError):
+    """The run could not continue (NaN loss, unusable data, nowhere to save); the message says what was kept."""
+
+
+class StopRequested(Exception):
+    """A stop asked for before training began (while scanning, loading or caching): the run ends, nothing saved."""
+
+
 class StopSignal:
     """Set by SIGINT/SIGTERM, the UI's Stop button (through a file) or code; checked once per step (and per
     denoising step while previews render: see :meth:`requested_since`)."""
@@ -118,9 +126,11 @@ class Model(Event):
     prediction_type: str = ""
     source: str = ""
     base: str = ""
+    variant: str = ""  # SD3/Flux: sd3.5-large, flux-dev, …
 
     def text(self) -> str:
-        return f"model: {self.arch} ({self.prediction_type}) from {self.source}"
+        variant = f" {self.variant}" if self.variant else ""
+        return f"model: {self.arch}{variant} ({self.prediction_type}) from {self.source}"
 
 
 @dataclasses.dataclass
@@ -162,9 +172,11 @@ class Resumed(Event):
     epoch: int = 0
     batch_in_epoch: int = 0
     path: str = ""
+    kept: str | None = None  # extending a finished run in its own folder: where its final file now is
 
     def text(self) -> str:
-        return f"resumed at step {self.step} from {self.path}"
+        kept = f"; the finished run's file is kept as {self.kept}" if self.kept else ""
+        return f"resumed at step {self.step} from {self.path}{kept}"
 
 
 @dataclasses.dataclass
@@ -245,13 +257,37 @@ class Save(Event):
 
 
 @dataclasses.dataclass
+class SaveFailed(Event):
+    """The file system refused a save (disk full, read-only, no permission); the trained weights are still in
+    memory. A final save then goes to ``next_path``; an intermediate one is skipped and training goes on."""
+
+    KIND = "save_failed"
+    step: int = 0
+    path: str = ""
+    final: bool = False
+    error: str = ""
+    needed_bytes: int | None = None
+    free_bytes: int | None = None
+    next_path: str | None = None
+
+    def text(self) -> str:
+        space = f"needs {_megabytes(self.needed_bytes)}"
+        if isinstance(self.free_bytes, int | float):
+            space += f", {_megabytes(self.free_bytes)} free"
+        then = (f"writing it to {self.next_path} instead" if self.next_path
+                else "training goes on; the next save tries again" if not self.final else "nowhere left to try")
+        return f"could not write {self.path} at step {self.step} ({self.error}; {space}): {then}"
+
+
+@dataclasses.dataclass
 class Stopping(Event):
     KIND = "stopping"
     step: int = 0
     reason: str = ""
+    saving: bool = True  # False: stopped before any training step, nothing to save
 
     def text(self) -> str:
-        return f"stopping at step {self.step} ({self.reason}); saving"
+        return f"stopping at step {self.step} ({self.reason}); {'saving' if self.saving else 'nothing to save'}"
 
 
 @dataclasses.dataclass
@@ -404,8 +440,8 @@ class CompareDone(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.KIND: cls for cls in (
-    Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Validation, Preview, Save, Stopping, Done,
-    RunError, Phase, CompareStart, CompareMethodStart, CompareMethodDone, CompareRender, CompareDone)}
+    Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Validation, Preview, Save, SaveFailed,
+    Stopping, Done, RunError, Phase, CompareStart, CompareMethodStart, CompareMethodDone, CompareRender, CompareDone)}
 
 
 def parse_event(event: dict[str, Any]) -> Event | None:
@@ -449,6 +485,10 @@ def format_seconds(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
+def _megabytes(size: Any) -> str:
+    return f"{size / 1e6:.1f} MB" if isinstance(size, int | float) else "? MB"
+
+
 def _number(value: Any, style: str = ".4f") -> str:
     if not isinstance(value, int | float):
         return "?"
@@ -465,6 +505,8 @@ class EventLog:
         self.callbacks = list(callbacks or [])
         self.path = folder / "events.jsonl" if folder is not None and enabled else None
         self._writer = None
+        self._wandb = None  # a wandb run (add_wandb)
+        self._log_failed = False
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard and enabled and folder is not None:
@@ -483,8 +525,16 @@ class EventLog:
         if not self.enabled:
             return record
         if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record, default=str) + "\n")
+            try:
+                with self.path.open("a", encoding="utf-8") as stream:
+                    stream.write(json.dumps(record, default=str) + "\n")
+            except OSError as error:  # a full disk must not end the run over its log; callbacks still get it
+                if not self._log_failed:
+                    log.warning("cannot append to %s (%s); events go to the callbacks only until it works again",
+                                self.path, error.strerror or error)
+                self._log_failed = True
+            else:
+                self._log_failed = False
         for callback in self.callbacks:
             try:
                 callback(record)
@@ -494,18 +544,37 @@ class EventLog:
 
     @property
     def has_tensorboard(self) -> bool:
-        return self._writer is not None and self.enabled
+        """Whether scalars go anywhere (TensorBoard, or Weights & Biases once :meth:`add_wandb` was called)."""
+        return (self._writer is not None or self._wandb is not None) and self.enabled
+
+    def add_wandb(self, project: str, run_name: str, config: dict[str, Any], folder: Path) -> None:
+        """Send scalars to Weights & Biases too (``output.wandb_project``); the package is imported only here."""
+        if not self.enabled:
+            return
+        try:
+            import wandb
+        except ImportError:
+            from methods.base import ConfigError
+
+            raise ConfigError(f"output.wandb_project = {project!r} needs the wandb package (pip install wandb, then "
+                              "wandb login); or leave output.wandb_project empty") from None
+        self._wandb = wandb.init(project=project, name=run_name, config=config, dir=str(folder))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None and self.enabled:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, step)
+        if self._wandb is not None and self.enabled:
+            self._wandb.log(dict(values), step=step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_events(path: Path, start: int = 0) -> tuple[list[dict[str, Any]], int]:

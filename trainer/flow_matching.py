@@ -100,12 +100,27 @@ class FlowMatchingConfig:
 def default_config(family: str) -> FlowMatchingConfig:
     """What the reference trainers use: SD3 logit-normal σ with the scheduler's shift 3 and the x0 target
     (diffusers' SD3 script through its shifted sigma table, sd-scripts' SD3 preconditioning); Flux the
-    resolution-dependent shift with the velocity target (sd-scripts' recommended ``flux_shift`` + ``raw``)."""
+    resolution-dependent shift with the velocity target (sd-scripts' recommended ``flux_shift`` + ``raw``; its
+    ``discrete_flow_shift`` default 3.0 applies where another sampling is chosen)."""
     if family == "sd3":
         return FlowMatchingConfig(timestep_sampling="logit_normal", shift=3.0, target="x0")
     if family == "flux":
-        return FlowMatchingConfig(timestep_sampling="flux_shift", target="velocity")
+        return FlowMatchingConfig(timestep_sampling="flux_shift", shift=3.0, target="velocity")
     raise FlowMatchingError(f"no flow-matching defaults for {family!r}; families: sd3, flux")
+
+
+def config_for(family: str, section: Any) -> FlowMatchingConfig:
+    """The objective of a run: the family's defaults (:func:`default_config`) with the options a ``[dit]`` config
+    section sets ("" and 0 keep the default)."""
+    config = default_config(family)
+    for key in ("timestep_sampling", "weighting_scheme", "target", "shift"):
+        value = getattr(section, key)
+        if value:
+            setattr(config, key, value)
+    for key in ("logit_mean", "logit_std", "mode_scale", "sigmoid_scale"):
+        setattr(config, key, float(getattr(section, key)))
+    config.validate()
+    return config
 
 
 # ----- σ ----------------------------------------------------------------------------------------------------------
@@ -178,10 +193,16 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def prediction_and_target(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, noisy: torch.Tensor,
                           sigmas: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The two tensors the loss compares for ``target`` velocity (v̂, ε − x0) or x0 (x_σ − σ·v̂, x0)."""
+    return model_prediction(prediction, noisy, sigmas, target), (velocity(x0, noise) if target == "velocity" else x0)
+
+
+def model_prediction(prediction: torch.Tensor, noisy: torch.Tensor, sigmas: torch.Tensor,
+                     target: str) -> torch.Tensor:
+    """The model's velocity as the loss reads it: as is (``velocity``), or preconditioned to x0 = x_σ − σ·v̂."""
     if target == "velocity":
-        return prediction, velocity(x0, noise)
+        return prediction
     if target == "x0":
-        return noisy - _per_sample(sigmas, prediction) * prediction, x0
+        return noisy - _per_sample(sigmas, prediction) * prediction
     raise FlowMatchingError(f"target = {target!r} is not one of {', '.join(TARGETS)}")
 
 

@@ -6,7 +6,9 @@ decides (paths, counts, memory, losses, previews, saves, errors) is emitted as e
 :class:`Trainer` reads top to bottom: :meth:`Trainer._prepare_data` scans the images, :meth:`Trainer._load`
 returns the frozen :class:`Models`, :meth:`Trainer._prepare` returns the :class:`RunState` (adapters, optimizer,
 schedule, EMA, data order, caches, progress), :meth:`Trainer._loop` trains it and :meth:`Trainer._finish` saves.
-What the model predicts and how the loss is weighed is the objective's (:mod:`trainer.objective`).
+What the model predicts and how the loss is weighed is the objective's (:mod:`trainer.objective`); what a save
+writes, and where it goes when the disk refuses, is :mod:`trainer.saving`'s. A stop (signal, ``STOP`` file,
+``stop.request()``) is honoured in every phase: while scanning, loading or caching the run ends unsaved.
 
 Library parts: Accelerate owns devices, processes and mixed precision (``accelerator.autocast``, ``backward``,
 ``clip_grad_norm_`` and the prepared optimizer's fp16 gradient scaling), diffusers the learning-rate schedules
@@ -25,11 +27,11 @@ each optimizer step, stop requests are agreed on by all processes, and only the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import random
+import secrets
 import signal
 import threading
 import time
@@ -40,38 +42,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from methods.apply import save_network
+from methods.arch import UNET_PREFIX, denoiser_prefixes, part_prefix
 from methods.base import ConfigError
+from methods.blocks import lr_weights, module_configurator, unet_block_groups
 from methods.files import load_adapter_file
 from methods.network import AdapterNetwork, pipeline_parts
+from methods.registry import get_method
 
 from . import events as ev
 from .backbone import Models, load_models, load_vae
 from .checkpoint import (
     STATE_FILE,
-    check_failure_text,
+    SaveFailure,
+    check_output_folder,
+    clean_leftovers,
+    keep_finished_run,
     load_resume_state,
-    save_resume_state,
+    read_resume_state,
+    run_metadata,
     state_dir,
-    training_metadata,
     unique_path,
-    verify_file,
     write_text_atomic,
 )
 from .config import TrainerConfig
-from .events import EventCallback, EventLog, StopSignal, log
+from .events import EventCallback, EventLog, StopRequested, StopSignal, TrainingError, log
 from .objective import noise_keys, stable_seed
+from .saving import Saver, ema_weights
 
 NORM_EVERY = 10  # adapter-norm scalars for TensorBoard every N steps (a pass over every adapter parameter)
 MEMORY_EVERY = 50  # "memory" events every N steps (and at step 1)
-
-
-class TrainingError(RuntimeError):
-    """The run could not continue (NaN loss, unusable data); the message says what was kept."""
-
-
-class PhaseStopped(Exception):
-    """A stop was asked for while preparing (caching latents); the run ends before its first step, with a save."""
 
 
 @dataclasses.dataclass
@@ -121,20 +120,21 @@ class RunState:
     progress: Progress = dataclasses.field(default_factory=Progress)
     boundary: Progress = dataclasses.field(default_factory=Progress)  # at the last optimizer step (what state saves)
     losses: list[float] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class SaveRecord:
-    files: list[Path] = dataclasses.field(default_factory=list)
-    last_good: Path | None = None
-    last_state: Path | None = None
-    step: int = -1  # the step of the last save (every process agrees on it)
+    started_at: float = 0.0  # when training began (a resumed run keeps its first start)
+    half_precision: Any | None = None  # trainer.optim.HalfPrecisionWeights under train.full_fp16/full_bf16
+    norm_caps: tuple[int, float, float] | None = None  # the last step's network.cap_norms (scale_weight_norms)
 
 
 def train(config: TrainerConfig, on_event: EventCallback | None = None, stop: StopSignal | None = None,
-          resume: str | Path | None = None) -> TrainResult:
-    """Train an adapter as configured; ``stop.request()`` from another thread ends it with a save."""
-    return Trainer(config, on_event=on_event, stop=stop, resume=resume).run()
+          resume: str | Path | None = None,
+          on_save_error: Callable[[SaveFailure], str | Path | None] | None = None) -> TrainResult:
+    """Train an adapter as configured; ``stop.request()`` from another thread ends it with a save.
+
+    ``on_save_error(failure)`` is asked when the file system refuses the final save (full, read-only): it returns
+    the path to try next — the same one to retry once space is freed, or another — or None for the default
+    rescue folders (:func:`trainer.checkpoint.rescue_paths`). Meanwhile the trained weights stay in memory.
+    """
+    return Trainer(config, on_event=on_event, stop=stop, resume=resume, on_save_error=on_save_error).run()
 
 
 def make_accelerator(mixed_precision: str):
@@ -152,7 +152,8 @@ def make_accelerator(mixed_precision: str):
 
 class Trainer:
     def __init__(self, config: TrainerConfig, on_event: EventCallback | None = None,
-                 stop: StopSignal | None = None, resume: str | Path | None = None):
+                 stop: StopSignal | None = None, resume: str | Path | None = None,
+                 on_save_error: Callable[[SaveFailure], str | Path | None] | None = None):
         self.config = config
         self.accelerator = make_accelerator(config.train.mixed_precision)
         self.main = self.accelerator.is_main_process
@@ -163,7 +164,8 @@ class Trainer:
         self.resume_from = Path(resume) if resume else None
         self.events = EventLog(self.output_dir, [on_event] if on_event else [], tensorboard=config.output.tensorboard,
                                enabled=self.main)
-        self.saved = SaveRecord()
+        self.extending = False  # resuming the finished run of this very folder (see _check_outputs)
+        self.saver = Saver(config, self.output_file, self.events, self.accelerator, on_save_error)
         self.timings: dict[str, float] = {}
         # Filled by run(), in this order; kept afterwards for callers that inspect a finished run.
         self.data: TrainingData | None = None
@@ -175,19 +177,35 @@ class Trainer:
         started = time.time()
         restore_signals = install_signal_handlers(self.stop)
         try:
-            self._check_outputs()
+            removed = self._check_outputs()
+            output = self.config.output
+            if output.wandb_project:
+                self.events.add_wandb(output.wandb_project, output.wandb_run_name or output.name,
+                                      self.config.to_dict(), self.output_dir)
             self.events.emit(ev.Start(config=self.config.to_dict(), processes=self.accelerator.num_processes,
                                       resume=str(self.resume_from) if self.resume_from else None))
+            if removed:
+                self.events.emit(ev.RunWarning(message=f"removed {len(removed)} temporary file(s) an interrupted save "
+                                               f"left behind: {', '.join(p.name for p in removed[:5])}"))
             self.data = self._prepare_data()  # first: a dataset problem is reported before minutes of model loading
+            self._check_stop("before loading the model")
             self.models = self._load()
+            self._check_stop("after loading the model")
             self.state = state = self._prepare(self.data, self.models)
+            self._check_stop("before the first step")
             self.timings["ready"] = time.time() - started
             self.events.emit(self._ready_event(state))
+            state.started_at = state.started_at or time.time()
+            self.saver.metadata = run_metadata(self.config, self.data, self.models, state,
+                                               self.accelerator.num_processes, session_id=secrets.randbelow(2**32))
             self._loop(state)
             return self._finish(state)
+        except StopRequested as stopped:
+            return self._stopped_before_training(str(stopped))
         except Exception as error:
             self.events.emit(ev.RunError(message=str(error), kind=type(error).__name__,
-                                         last_good_save=str(self.saved.last_good) if self.saved.last_good else None))
+                                         last_good_save=str(self.saver.record.last_good)
+                                         if self.saver.record.last_good else None))
             raise
         finally:
             restore_signals()
@@ -199,7 +217,8 @@ class Trainer:
 
         config, accelerator = self.config, self.accelerator
         try:
-            dataset, validation, scan = load_datasets(config.dataset, seed=config.train.seed)
+            dataset, validation, scan = load_datasets(config.dataset, seed=config.train.seed,
+                                                      should_stop=self.stop.requested)
         except ValueError as error:  # missing folder, no usable image: the message names the key
             raise ConfigError(str(error)) from error
         for path, reason in scan.skipped:
@@ -221,7 +240,11 @@ class Trainer:
         self.events.emit(ev.Phase(phase="loading", detail=self.config.model.base))
         models = load_models(self.config, self.accelerator.device)
         self.events.emit(ev.Model(arch=models.arch, prediction_type=models.prediction_type,
-                                  source=models.source_kind, base=self.config.model.base))
+                                  source=models.source_kind, base=self.config.model.base, variant=models.variant))
+        if self.config.train.zero_terminal_snr and models.prediction_type != "v_prediction":
+            self.events.emit(ev.RunWarning(message="train.zero_terminal_snr with an epsilon-prediction model: at the "
+                                           "last timestep the input is pure noise and the target is that noise; "
+                                           "zero terminal SNR is meant for v-prediction (sd-scripts warns too)"))
         return models
 
     # ================================================================================================ prepare
@@ -230,7 +253,7 @@ class Trainer:
 
         from .cache import TextEmbeddingCache
         from .dataset import BucketBatchSampler, make_dataloader
-        from .optim import build_optimizer, build_scheduler
+        from .optim import HalfPrecisionWeights, build_optimizer, build_scheduler
 
         config, accelerator = self.config, self.accelerator
         torch.manual_seed(config.train.seed)
@@ -238,10 +261,10 @@ class Trainer:
         np.random.seed(config.train.seed % 2**32)
 
         network = self._build_network(models)
-        train_text_encoder = any(not name.startswith("lora_unet") for name in network.adapters)
+        train_text_encoder = any(part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
         if config.train.gradient_checkpointing:
-            models.pipe.unet.enable_gradient_checkpointing()
-            models.pipe.unet.train()  # diffusers only checkpoints in training mode (the UNet has no dropout)
+            models.denoiser.enable_gradient_checkpointing()
+            models.denoiser.train()  # diffusers only checkpoints in training mode (the denoiser has no dropout)
             if train_text_encoder:
                 for encoder in models.text_encoders():
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -249,11 +272,22 @@ class Trainer:
         latents_cached = self._cache_latents(data, models)
         text_cache = None
         if config.dataset.cache_text_encoder_outputs and not train_text_encoder:
-            text_cache = TextEmbeddingCache(encoder_id=config.model.base, clip_skip=config.train.clip_skip)
+            text_cache = TextEmbeddingCache(encoder_id=models.text_cache_id(config.model.base),
+                                            clip_skip=config.train.clip_skip)
+        elif config.dataset.cache_text_encoder_outputs and models.family:
+            self.events.emit(ev.RunWarning(message="text-encoder outputs are not cached: text-encoder adapters are "
+                                           "trained, so CLIP (and T5) run every step; set train.train_text_encoder "
+                                           "= false to cache them"))
 
         # Optimizer, data order and schedule. Only the optimizer is prepared: an accelerate-prepared scheduler
         # steps once per process, and the adapters live in hooks, not in a DDP-wrapped model.
-        optimizer = build_optimizer(config.train, parameter_groups(network, config.train))
+        half_precision = None
+        if config.train.full_fp16 or config.train.full_bf16:
+            half_precision = HalfPrecisionWeights(list(network.parameters()), models.weight_dtype,
+                                                  config.train.half_precision_update, config.train.seed)
+        block_weights = lr_weights(config.network, models.arch) if config.network.down_lr_weight or \
+            config.network.mid_lr_weight or config.network.up_lr_weight else None
+        optimizer = build_optimizer(config.train, parameter_groups(network, config.train, block_weights))
         sampler = BucketBatchSampler(data.dataset, config.train.batch_size, seed=config.train.seed)
         loader = accelerator.prepare(make_dataloader(data.dataset, sampler, config.dataset.num_workers))
         # Whole rounds only: accelerate would pad the last round by repeating an epoch's first batches.
@@ -267,27 +301,50 @@ class Trainer:
             decay = config.train.ema_decay
             ema = EMAModel(network.parameters(), decay=decay, min_decay=decay, foreach=True)
         state = RunState(network, optimizer, lr_scheduler, ema, sampler, loader, batches_per_epoch, steps_per_epoch,
-                         total_steps, train_text_encoder, latents_cached, text_cache)
+                         total_steps, train_text_encoder, latents_cached, text_cache, half_precision=half_precision)
         if self.resume_from:
-            changed = load_resume_state(self.resume_from, state, accelerator.scaler, config,
+            saved = read_resume_state(self.resume_from)
+            changed = load_resume_state(self.resume_from, saved, state, accelerator.scaler, config,
                                         accelerator.num_processes, accelerator.device)
+            state.started_at = float(saved.get("started_at") or 0.0)
             if changed:
                 self.events.emit(ev.RunWarning(message=f"resuming with changed settings: {', '.join(changed)}; the "
                                                "run will not match an uninterrupted one exactly"))
+            kept = self._extend_finished_run(state) if self.extending else None
             self.events.emit(ev.Resumed(step=state.progress.step, epoch=state.progress.epoch,
-                                        batch_in_epoch=state.progress.batch_in_epoch, path=str(self.resume_from)))
+                                        batch_in_epoch=state.progress.batch_in_epoch, path=str(self.resume_from),
+                                        kept=str(kept) if kept else None))
         return state
+
+    def _extend_finished_run(self, state: RunState) -> Path | None:
+        """Resuming this folder's finished run: keep its final file under its step name, train on to a new one."""
+        step = state.progress.step
+        if step >= state.total_steps:
+            raise ConfigError(f"resume: {self.resume_from} is already at step {step} of {state.total_steps}, so there "
+                              "is nothing to train; raise train.max_steps (or train.epochs) to extend the run")
+        self.accelerator.wait_for_everyone()  # every process has read the state before it moves
+        kept = keep_finished_run(self.output_file, step) if self.main else None
+        self.resume_from = state_dir(kept) if kept is not None else self.resume_from
+        return kept
 
     def _build_network(self, models: Models) -> AdapterNetwork:
         config = self.config
         parts, _ = pipeline_parts(models.pipe, models.arch)
-        network = AdapterNetwork.create(parts, models.arch, config.network.method, config.network.options,
-                                        config.target_config())
+        if config.network.dim_from_weights:
+            network = network_from_weights(Path(config.network.init_from), parts, models.arch, config)
+        else:
+            configure = module_configurator(config.network, models.arch, config.method_config())
+            network = AdapterNetwork.create(parts, models.arch, config.network.method, config.network.options,
+                                            config.target_config(), module_config=configure)
         if not len(network):
             raise ConfigError(f"network.preset = {config.network.preset!r} with include/exclude "
-                              f"{config.network.include}/{config.network.exclude} selects no layer of this model")
-        if config.network.init_from:
-            init_from_file(network, Path(config.network.init_from), models)
+                              f"{config.network.include}/{config.network.exclude} (and the per-block options) "
+                              "selects no layer of this model")
+        if config.network.init_from and not config.network.dim_from_weights:
+            fresh = init_from_file(network, Path(config.network.init_from), models)
+            if fresh:
+                self.events.emit(ev.RunWarning(message=f"network.init_from: {len(fresh)} module(s) of this network "
+                                               f"are not in the file and start fresh (first: {fresh[0]})"))
         network.to(self.accelerator.device)
         network.attach()
         network.train()
@@ -305,12 +362,9 @@ class Trainer:
             if dataset is None:
                 continue
             progress = self._phase_counter("caching") if cached else None
-            try:
-                report = cache.encode_all(dataset, models.encode_pixels, progress=progress,
-                                          batch_size=config.train.batch_size, process_index=accelerator.process_index,
-                                          num_processes=accelerator.num_processes)
-            except PhaseStopped:  # the loop sees the stop at once and ends the run with a save
-                return False
+            report = cache.encode_all(dataset, models.encode_pixels, progress=progress,
+                                      batch_size=config.train.batch_size, process_index=accelerator.process_index,
+                                      num_processes=accelerator.num_processes, should_stop=self.stop.requested)
             cached = cached and report.active
             if not report.active and config.dataset.latent_cache != "off":
                 self.events.emit(ev.RunWarning(message=f"latent cache off: {report.reason}"))
@@ -318,10 +372,8 @@ class Trainer:
         return cached
 
     def _phase_counter(self, phase: str) -> Callable[[int, int], None]:
-        """A ``progress(done, total)`` callback emitting ``phase`` events; raises PhaseStopped once a stop was asked
-        for, so a long phase ends within one unit."""
-        counter = ev.PhaseProgress(self.events.emit, phase, 0, "images", should_stop=self.stop.requested,
-                                   stopped=PhaseStopped)
+        """A ``progress(done, total)`` callback emitting ``phase`` events (a count and an ETA)."""
+        counter = ev.PhaseProgress(self.events.emit, phase, 0, "images")
 
         def progress(done: int, total: int) -> None:
             counter.total = total
@@ -392,7 +444,8 @@ class Trainer:
                                          epoch=progress.epoch, grad_norm=grad_norm, its=round(its, 4),
                                          eta_seconds=round(remaining, 1) if remaining is not None else None))
                 self._log_scalars(state, loss_value, grad_norm)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                **({"keys_scaled": state.norm_caps[0]} if state.norm_caps else {}))
                 bar.update(1)
                 self._periodic(state)
                 if progress.step >= state.total_steps or self._stop_agreed():
@@ -421,7 +474,7 @@ class Trainer:
             state.boundary = dataclasses.replace(progress)
         every = self.config.output.save_every_n_epochs
         if every and progress.epoch % every == 0 and progress.step < state.total_steps:
-            self._save(state, final=False)
+            self._save(state, final=False, why="epoch")
 
     def _periodic(self, state: RunState) -> None:
         config, step = self.config, state.progress.step
@@ -431,7 +484,7 @@ class Trainer:
         if config.sample.every_n_steps and step % config.sample.every_n_steps == 0 and not last:
             self._sample(state)
         if config.output.save_every_n_steps and step % config.output.save_every_n_steps == 0 and not last:
-            self._save(state, final=False)
+            self._save(state, final=False, why="step")
         if step % MEMORY_EVERY == 0 or step == 1:
             self.events.emit(ev.Memory(step=step, peak_mb=round(peak_memory_mb(self.accelerator.device), 1)))
 
@@ -444,6 +497,9 @@ class Trainer:
             values[f"lr/{group.get('name', 'group')}"] = lr
         if step % NORM_EVERY == 0 or step == 1 or step == state.total_steps:
             values.update(adapter_norms(state.network))
+        if state.norm_caps is not None:  # sd-scripts' names for its max-norm report
+            values.update(zip(("max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm"),
+                              state.norm_caps))
         self.events.scalars(step, values)
 
     def _optimizer_step(self, state: RunState, loss: torch.Tensor) -> tuple[float, float]:
@@ -463,6 +519,8 @@ class Trainer:
         loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(loss_value):
             self._diverged(state, f"the loss became {loss_value}")
+        if state.half_precision is not None:  # full_fp16/bf16: fp32 values and gradients for clipping and the step
+            state.half_precision.before_step()
         max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))  # unscales fp16 gradients first
         if not math.isfinite(grad_norm) and accelerator.scaler is None:  # fp16: the scaler skips the step
@@ -470,13 +528,17 @@ class Trainer:
         state.optimizer.step()
         if not accelerator.optimizer_step_was_skipped:
             state.lr_scheduler.step()
+        if self.config.network.scale_weight_norms:
+            state.norm_caps = state.network.cap_norms(self.config.network.scale_weight_norms)
+        if state.half_precision is not None:
+            state.half_precision.after_step(state.progress.step)
         state.optimizer.zero_grad(set_to_none=True)
         if state.ema is not None:
             state.ema.step(state.network.parameters())
         return loss_value, grad_norm
 
     def _diverged(self, state: RunState, what: str) -> None:
-        kept = (f"the last good save is {self.saved.last_good}" if self.saved.last_good
+        kept = (f"the last good save is {self.saver.record.last_good}" if self.saver.record.last_good
                 else "nothing was saved yet (set output.save_every_n_steps to keep intermediate files)")
         raise TrainingError(f"{what} at step {state.progress.step + 1}; training stopped and {kept}. Lower "
                             "train.learning_rate, keep train.max_grad_norm > 0, or use bf16/no mixed precision.")
@@ -521,7 +583,7 @@ class Trainer:
         try:
             with ema_weights(state), on_denoising_step(counter.advance):
                 images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
-                                         extra_modules=[state.network],
+                                         extra_modules=[state.network], **self.models.preview_options(),
                                          **preview_options(sample, self.config.dataset.resolution))
         except RenderStopped:  # the loop sees the stop next and ends the run with a save
             self.events.emit(ev.RunWarning(message=f"previews of step {state.progress.step} skipped: stop requested"))
@@ -533,123 +595,163 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     # ================================================================================================ saving
-    def _check_outputs(self) -> None:
-        if not self.config.output.overwrite:
-            taken = [path for path in (self.output_file, state_dir(self.output_file)) if path.exists()
-                     and (path == self.output_file or self.config.output.save_state)]
-            if taken:
-                raise ConfigError(f"{taken[0]} already exists; change output.name or output.dir, or set "
-                                  "output.overwrite = true")
-        if self.resume_from is not None and not (self.resume_from / STATE_FILE).is_file():
-            raise ConfigError(f"resume: {self.resume_from} is not a resumable state folder (no {STATE_FILE}); pass "
-                              "a *-state folder written next to a save (output.save_state)")
-        if self.main:
+    def _check_outputs(self) -> list[Path]:
+        """Refuse to replace outputs, write the run's TOML, remove what a killed save left; returns the removed."""
+        self.extending = check_output_folder(self.output_file, self.config.output.overwrite,
+                                             self.config.output.save_state, self.resume_from)
+        if not self.main:
+            return []
+        try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.stop.stop_file.unlink(missing_ok=True)
+            removed = clean_leftovers(self.output_dir)
             toml_path = self.output_dir / f"{self.config.output.name}.toml"
             if toml_path.exists() and not self.config.output.overwrite:
                 toml_path = unique_path(toml_path)
             write_text_atomic(toml_path, self.config.to_toml())
+        except OSError as error:
+            raise ConfigError(f"output.dir = {str(self.output_dir)!r} cannot be written ({error.strerror or error}); "
+                              "choose a writable folder with free space") from error
+        return removed
 
-    def _save(self, state: RunState, final: bool) -> Path | None:
-        """Write the adapter (and resumable state), then reload the file and compare it with the live weights."""
+    def _save(self, state: RunState, final: bool, last: bool = False, why: str = "") -> Path | None:
+        """``why`` ("step"/"epoch") marks a periodic save, which output.save_last_n_steps/epochs may delete later."""
         self.accelerator.wait_for_everyone()
-        path = None
         if self.main:
             self.events.emit(ev.Phase(phase="saving", detail=f"step {state.progress.step}"))
-            started = time.time()
-            config, models = self.config, self.models
-            name = config.output.name
-            step_file = self.output_dir / f"{name}-step{state.progress.step:06d}.safetensors"
-            path = self.output_file if final else unique_path(step_file)
-            metadata = training_metadata(config, self.data.scan, self.data.dataset, state,
-                                         self.accelerator.num_processes)
-            with ema_weights(state):
-                save_network(state.network, path, title=config.output.title or name, dtype=config.output.save_dtype,
-                             prediction_type=models.prediction_type, extra_metadata=metadata,
-                             overwrite=final and config.output.overwrite)
-                check = verify_file(path, state.network, models.pipe, models.arch, config.output.save_dtype)
-            if not check["check_ok"]:
-                self.events.emit(ev.RunWarning(message=check_failure_text(path, check)))
-            folder = None
-            if config.output.save_state:
-                folder = state_dir(path)
-                save_resume_state(folder, state, self.accelerator.scaler, config, self.accelerator.num_processes)
-                self.saved.last_state = folder
-            self.saved.files.append(path)
-            self.saved.last_good = path
-            self.events.emit(ev.Save(step=state.progress.step, path=str(path), final=final,
-                                     state=str(folder) if folder else None, size_bytes=path.stat().st_size,
-                                     seconds=round(time.time() - started, 3), ema=state.ema is not None, **check))
-        self.saved.step = state.progress.step  # on every process: they must agree on whether to save again
+        path = self.saver.save(state, self.models, final, last, why) if self.main else None
+        self.saver.record.step = state.progress.step  # on every process: they must agree on whether to save again
         self.accelerator.wait_for_everyone()
         return path
+
+    def _check_stop(self, when: str) -> None:
+        if self.stop.requested():
+            raise StopRequested(f"stopped {when}")
+
+    def _stopped_before_training(self, where: str) -> TrainResult:
+        """A stop while scanning, loading or caching: nothing was trained since the start (or the resumed state),
+        so nothing is saved; the events say where it stopped."""
+        step = self.state.progress.step if self.state is not None else 0
+        reason = self.stop.reason or "stop requested"
+        self.events.emit(ev.Stopping(step=step, reason=f"{reason}; {where}, before any training step", saving=False))
+        self.events.emit(ev.Done(step=step, output=None, stopped=True, reason=reason,
+                                 peak_mb=round(peak_memory_mb(self.accelerator.device), 1)))
+        return TrainResult(None, step, [], [], True, reason, None)
 
     def _finish(self, state: RunState) -> TrainResult:
         step = state.progress.step
         stopped = self.stop.requested() and step < state.total_steps
         if stopped:
             self.events.emit(ev.Stopping(step=step, reason=self.stop.reason))
-            if self.saved.step == step:  # e.g. save_every_n_steps saved this very step
-                path = self.saved.files[-1] if self.saved.files else None
+            if self.saver.record.step == step:  # e.g. save_every_n_steps saved this very step
+                path = self.saver.record.files[-1] if self.saver.record.files else None
             else:
-                path = self._save(state, final=False)
+                path = self._save(state, final=False, last=True)
         else:
             if self.config.train.validation_every_n_steps:
                 self._validate(state)
             if self.config.sample.prompts:
                 self._sample(state)
             path = self._save(state, final=True)
-        last_state = self.saved.last_state
+        last_state = self.saver.record.last_state
         self.events.emit(ev.Done(step=step, output=str(path) if path else None, stopped=stopped,
                                  reason=self.stop.reason if stopped else "",
                                  state=str(last_state) if last_state else None,
                                  peak_mb=round(peak_memory_mb(self.accelerator.device), 1),
                                  seconds_to_ready=round(self.timings.get("ready", 0.0), 2),
                                  seconds_to_first_step=round(self.timings.get("first_step", 0.0), 2)))
-        return TrainResult(path, step, state.losses, self.saved.files, stopped,
+        return TrainResult(path, step, state.losses, self.saver.record.files, stopped,
                            self.stop.reason if stopped else "", last_state)
 
 
 # ==================================================================================================== helpers
-def parameter_groups(network: AdapterNetwork, train: Any) -> list[dict[str, Any]]:
-    """One optimizer group per model part, each with its learning rate (train.unet_lr, text_encoder_lr, …)."""
+def parameter_groups(network: AdapterNetwork, train: Any,
+                     block_weights: list[float] | None = None) -> list[dict[str, Any]]:
+    """One optimizer group per model part, each with its learning rate (train.unet_lr — also the SD3/Flux
+    transformer's —, text_encoder_lr, …; T5 takes text_encoder_lr); with kohya's per-block factors
+    (``block_weights``, :func:`methods.blocks.lr_weights`) one UNet group per block, named ``lora_unet_block<N>``,
+    at the UNet rate × the block's factor."""
     rates = {"lora_unet": train.unet_lr or train.learning_rate,
+             "lycoris": train.unet_lr or train.learning_rate,
              "lora_te": train.text_encoder_lr or train.learning_rate,
              "lora_te1": train.text_encoder_lr or train.learning_rate,
-             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate}
-    return [{"params": params, "lr": rates[prefix], "name": prefix}
-            for prefix, params in network.parameter_groups().items() if params]
+             "lora_te2": train.text_encoder_2_lr or train.text_encoder_lr or train.learning_rate,
+             "lora_te3": train.text_encoder_lr or train.learning_rate}
+    groups = []
+    for prefix, params in network.parameter_groups().items():
+        if not params:
+            continue
+        if prefix != UNET_PREFIX or block_weights is None:
+            groups.append({"params": params, "lr": rates[prefix], "name": prefix})
+            continue
+        for index, block_params in unet_block_groups(network.adapters, network.arch).items():
+            inside = index >= 0
+            groups.append({"params": block_params, "lr": rates[prefix] * (block_weights[index] if inside else 1.0),
+                           "name": f"{prefix}_block{index}" if inside else prefix})
+    return groups
 
 
-def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> None:
-    """Start the adapters from an existing file of the same method and targets (network.init_from)."""
-    tensors, _ = load_adapter_file(path)
-    parts, _ = pipeline_parts(models.pipe, models.arch)
-    loaded, unmatched = AdapterNetwork.from_state_dict(parts, models.arch, tensors, source=str(path))
-    missing = [name for name in network.adapters if name not in loaded.adapters]
-    if missing or unmatched:
-        raise ConfigError(f"network.init_from = {str(path)!r} does not fit this network ({len(missing)} module(s) "
-                          f"missing, {len(unmatched)} unmatched); use the same method, targets and base model")
+def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> list[str]:
+    """Start the adapters from an existing file (``network.init_from``, sd-scripts' ``network_weights``): every
+    module of the file must fit one of this network's, with the same shapes and scale (else a ConfigError that
+    points to ``network.dim_from_weights``); modules of the network that the file lacks start fresh, as in
+    sd-scripts. Returns those."""
+    where = f"network.init_from = {str(path)!r}"
+    loaded, unmatched = _read_adapter_file(path, models.arch, pipeline_parts(models.pipe, models.arch)[0])
+    foreign = unmatched + [name for name in loaded.adapters if name not in network.adapters]
+    if foreign:
+        raise ConfigError(f"{where} has {len(foreign)} module(s) this network does not train (first: {foreign[0]}); "
+                          "use the same targets and base model, or set network.dim_from_weights = true to train "
+                          "exactly the file's modules")
+    fresh = [name for name in network.adapters if name not in loaded.adapters]
     with torch.no_grad():
-        for name, adapter in network.adapters.items():
-            source = loaded.adapters[name].state_dict()
-            adapter.load_state_dict({k: v.to(adapter.state_dict()[k]) for k, v in source.items()})
+        for name, source in loaded.adapters.items():
+            adapter = network.adapters[name]
+            own = adapter.state_dict()
+            try:
+                adapter.load_state_dict({k: v.to(own[k]) for k, v in source.state_dict().items()})
+            except (RuntimeError, KeyError) as error:
+                raise ConfigError(f"{where}: module {name} does not fit ({str(error).splitlines()[0]}); another "
+                                  "method, rank or layout — set network.dim_from_weights = true to take them from "
+                                  "the file") from error
+            expected = source.merged_delta().float()
+            got = adapter.merged_delta().float().to(expected.device)
+            if not torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max() or 1.0)):
+                # e.g. another alpha, or an SD3/Flux diffusers-layout LoRA (alpha/rank folded into its factors)
+                raise ConfigError(f"{where}: module {name} loads with another scale (alpha/rank) than the file's; "
+                                  "set network.alpha as in the file (a diffusers-layout SD3/Flux LoRA holds alpha = "
+                                  "rank), or network.dim_from_weights = true")
+    return fresh
 
 
-@contextlib.contextmanager
-def ema_weights(state: RunState):
-    """The EMA weights swapped in (for saves and previews), the live ones back afterwards."""
-    if state.ema is None:
-        yield
-        return
-    parameters = list(state.network.parameters())
-    state.ema.store(parameters)
-    state.ema.copy_to(parameters)
+def network_from_weights(path: Path, parts: list, arch: str, config: TrainerConfig) -> AdapterNetwork:
+    """sd-scripts' ``dim_from_weights``: the network is the file's — its modules, method, ranks, alphas and
+    weights; the [network] dropouts apply to it. The method must be the configured one."""
+    loaded, unmatched = _read_adapter_file(path, arch, parts)
+    where = f"network.init_from = {str(path)!r}"
+    if unmatched:
+        raise ConfigError(f"{where}: {len(unmatched)} module(s) match no layer of this model (first: "
+                          f"{unmatched[0]}); is it an adapter for another base model?")
+    user = config.method_config()
+    if loaded.method != get_method(config.network.method).method:
+        raise ConfigError(f"{where} is a {loaded.method} file and network.method is {config.network.method!r}; "
+                          "set network.method to the file's method to continue it")
+    dropouts = {f.name: getattr(user, f.name) for f in dataclasses.fields(user) if f.name.endswith("dropout")}
+    for adapter in loaded:
+        adapter.config = dataclasses.replace(adapter.config, **{k: v for k, v in dropouts.items()
+                                                                 if hasattr(adapter.config, k)})
+        for param in adapter.parameters():
+            param.requires_grad_(True)
+    loaded.config = next(iter(loaded)).config if len(loaded) else user  # what ss_network_dim/alpha/args report
+    return loaded
+
+
+def _read_adapter_file(path: Path, arch: str, parts: list) -> tuple[AdapterNetwork, list[str]]:
     try:
-        yield
-    finally:
-        state.ema.restore(parameters)
+        tensors, _ = load_adapter_file(path)
+        return AdapterNetwork.from_state_dict(parts, arch, tensors, source=str(path))
+    except (ValueError, OSError) as error:  # AdapterFileError is a ValueError
+        raise ConfigError(f"network.init_from = {str(path)!r}: {error}") from error
 
 
 def adapter_norms(network: AdapterNetwork) -> dict[str, float]:

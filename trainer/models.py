@@ -12,6 +12,14 @@
   configs of :mod:`trainer.architectures`;
 - anything else that looks like ``owner/name`` → ``DiffusionPipeline.from_pretrained`` (downloads; never in tests).
 
+SD3/SD3.5 and FLUX.1 pipelines (a transformer instead of a UNet) load the same way from folders and hub ids; their
+variant (SD3 medium, SD3.5 medium/large, FLUX.1 dev/schnell) is read from the transformer's config
+(:func:`trainer.dit_architectures.detect`). A single-file SD3/Flux checkpoint in the original layout (sgm/BFL keys,
+with or without ComfyUI's ``model.diffusion_model.`` prefix) is a transformer only: it is converted with diffusers'
+``from_single_file`` and joined with the VAE, text encoders, tokenizers and scheduler of ``config``, the diffusers
+folder (or hub id) of the base model it belongs to; that folder's ``transformer/config.json`` describes the
+checkpoint where it has one, else the released variant's real-size config does.
+
 ``save_single_file(pipe, path)`` writes the inverse conversion (diffusers → ldm/sgm keys), readable by A1111,
 ComfyUI, Forge and diffusers' ``from_single_file``; it also stores the diffusers configs in the safetensors
 metadata so that non-standard sizes (the tiny test models) load back without a config folder.
@@ -45,6 +53,7 @@ TEXT_ENCODER_PREFIXES = {
     "sdxl": ["conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."],
 }
 CONTEXT_DIM = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+DIT_FAMILIES = ("sd3", "flux")
 MODELSPEC_ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
                           "sd2-v": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
 SCHEDULER_CONFIG = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
@@ -64,14 +73,19 @@ class ModelLoadError(ValueError):
     """A base model that cannot be loaded; the message is one sentence naming the source and what to do."""
 
 
+FLOW = "flow"  # the "prediction type" of SD3/Flux: flow matching (velocity)
+
+
 @dataclasses.dataclass
 class ModelInfo:
-    arch: str  # sd1, sd2, sdxl
-    prediction_type: str  # epsilon or v_prediction
+    arch: str  # sd1, sd2, sdxl, sd3, flux
+    prediction_type: str  # epsilon or v_prediction; "flow" for SD3/Flux
     source_kind: str  # hub, folder, single_file
     source: str = ""
     prediction_from: str = ""  # how the prediction type was decided (argument, file, config, test, default)
     notes: list[str] = dataclasses.field(default_factory=list)
+    variant: str = ""  # SD3/Flux: the released model it is shaped like (sd3.5-large, flux-dev, …)
+    variant_title: str = ""  # "FLUX.1 dev", or "a FLUX.1 dev-like transformer of non-standard size"
 
 
 # ----- loading --------------------------------------------------------------------------------------------------
@@ -85,8 +99,12 @@ def load_pipeline(source: str | os.PathLike, arch: str | None = None, prediction
     whose component configs describe the checkpoint; ``tokenizer`` a folder with ``vocab.json``/``merges.txt``
     (single files carry no tokenizer: without one, a locally cached hub tokenizer is used if present, else None).
     """
-    if arch is not None and arch not in CONTEXT_DIM:
-        raise ModelLoadError(f"unknown architecture {arch!r}; choose one of {', '.join(CONTEXT_DIM)}")
+    known = (*CONTEXT_DIM, *DIT_FAMILIES)
+    if arch is not None and arch not in known:
+        raise ModelLoadError(f"unknown architecture {arch!r}; choose one of {', '.join(known)}")
+    if prediction_type is not None and arch in DIT_FAMILIES:
+        raise ModelLoadError(f"{arch} models are trained by flow matching and have no prediction type; leave "
+                             "model.prediction_type at auto")
     if prediction_type is not None:
         prediction_type = normalise_prediction_type(prediction_type)
     text = os.fspath(source)
@@ -101,6 +119,9 @@ def load_pipeline(source: str | os.PathLike, arch: str | None = None, prediction
         raise ModelLoadError(f"{text}: no such file or folder, and not a hub id of the form owner/name")
     if arch is not None and info.arch != arch:
         raise ModelLoadError(f"{text}: this is an {info.arch} model, not {arch}")
+    if prediction_type is not None and info.prediction_type == FLOW:
+        raise ModelLoadError(f"{text}: {info.variant_title} is trained by flow matching and has no prediction "
+                             "type; leave model.prediction_type at auto")
     if prediction_type is not None and prediction_type != info.prediction_type:
         info.prediction_type, info.prediction_from = prediction_type, "argument"
         set_prediction_type(pipe, prediction_type)
@@ -126,8 +147,17 @@ def _looks_like_hub_id(text: str) -> bool:
 def _pipeline_info(pipe: Any, kind: str, source: str) -> ModelInfo:
     from methods.network import detect_architecture
 
+    from .dit_architectures import detect
+
+    found = detect(pipe) if getattr(pipe, "transformer", None) is not None else None
+    if found is not None and getattr(pipe, "vae", None) is not None:
+        notes = [] if found.exact else [f"the transformer's sizes differ from {found.variant.title}'s; its ids are "
+                                        "used for metadata"]
+        return ModelInfo(found.variant.family, FLOW, kind, source, "flow matching", notes, found.variant.name,
+                         found.description)
     if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
-        raise ModelLoadError(f"{source}: {type(pipe).__name__} is not a Stable Diffusion (SD1/SD2/SDXL) pipeline")
+        raise ModelLoadError(f"{source}: {type(pipe).__name__} is not a Stable Diffusion (SD1/SD2/SDXL), SD3/SD3.5 or "
+                             "FLUX.1 pipeline")
     arch = detect_architecture(pipe)
     prediction = getattr(pipe.scheduler.config, "prediction_type", None) or "epsilon"
     return ModelInfo(arch, prediction, kind, source, "scheduler config")
@@ -146,11 +176,27 @@ def _load_folder(path: Path, dtype: torch.dtype) -> tuple[Any, ModelInfo]:
     # or diffusers refuses the non-optional ones.
     absent = {name: None for name, value in index.items()
               if not name.startswith("_") and isinstance(value, list) and value[:1] == [None]}
+    _check_components(path, index)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **absent)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ModelLoadError(f"{path}: the diffusers folder cannot be loaded ({_first_line(error)})") from error
     return pipe, _pipeline_info(pipe, "folder", str(path))
+
+
+def _check_components(path: Path, index: dict[str, Any]) -> None:
+    """Every component model_index.json names has its sub-folder (diffusers only says "no file named
+    config.json found in directory <the pipeline folder>" when one is missing)."""
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise ModelLoadError(f"{path}: model_index.json lists a {name} ({value[1]}) but the folder has no "
+                                 f"{name}/ sub-folder; the copy is incomplete — copy the whole diffusers folder")
+        if not any(folder.iterdir()):
+            raise ModelLoadError(f"{path}: the {name}/ sub-folder is empty; the copy is incomplete — copy the whole "
+                                 "diffusers folder")
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[Any, ModelInfo]:
@@ -326,6 +372,16 @@ def _load_single_file(path: Path, arch: str | None, dtype: torch.dtype, config: 
                       tokenizer: str | os.PathLike | None, prediction_type: str | None = None
                       ) -> tuple[Any, ModelInfo]:
     state_dict, metadata = read_checkpoint(path)
+    from .dit_architectures import detect_checkpoint
+
+    dit_variant = detect_checkpoint({key: tuple(tensor.shape) for key, tensor in state_dict.items()})
+    if dit_variant is not None:
+        if arch is not None and arch != dit_variant.family:
+            raise ModelLoadError(f"{path}: this is a {dit_variant.title} checkpoint ({dit_variant.family}), not {arch}")
+        if prediction_type is not None:
+            raise ModelLoadError(f"{path}: {dit_variant.title} is trained by flow matching and has no prediction "
+                                 "type; leave model.prediction_type at auto")
+        return _load_dit_single_file(path, state_dict, dit_variant, dtype, config)
     detected = detect_checkpoint_architecture(state_dict, str(path))
     if arch is not None and arch != detected:
         raise ModelLoadError(f"{path}: this is an {detected} checkpoint, not {arch}")
@@ -365,6 +421,60 @@ def _load_single_file(path: Path, arch: str | None, dtype: torch.dtype, config: 
     components.update(_tokenizers(arch, tokenizer, config, notes))
     pipe = _assemble(arch, components)
     return pipe, ModelInfo(arch, hint, "single_file", str(path), prediction_from, notes)
+
+
+def _load_dit_single_file(path: Path, state_dict: dict[str, torch.Tensor], variant: Any, dtype: torch.dtype,
+                          components: str | os.PathLike | None) -> tuple[Any, ModelInfo]:
+    """An original-layout SD3/Flux transformer file joined with the other components of ``components``."""
+    from diffusers import DiffusionPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+
+    from .dit_architectures import write_transformer_config
+
+    if components is None:
+        raise ModelLoadError(
+            f"{path}: a single-file {variant.title} checkpoint holds the transformer only; set model.config (CLI: "
+            f"--config) to the diffusers folder or hub id of the base model (e.g. {variant.hub_id}) for its VAE, "
+            "text encoders and tokenizers")
+    source = os.fspath(components)
+    folder = Path(source).expanduser()
+    local = folder.is_dir()
+    if not local and not _looks_like_hub_id(source):
+        raise ModelLoadError(f"{path}: model.config = {source!r} is neither a diffusers folder nor a hub id")
+    if local and not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (no model_index.json)")
+    model_class = SD3Transformer2DModel if variant.family == "sd3" else FluxTransformer2DModel
+    transformer_weights = {key: tensor for key, tensor in state_dict.items()
+                           if not key.startswith(("first_stage_model.", "text_encoders.", "cond_stage_model."))}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="rankwright-config-") as temporary:
+        if local and (folder / "transformer" / "config.json").is_file():
+            config_source = str(folder)
+        elif not local:
+            config_source = source
+        else:
+            config_source = str(write_transformer_config(Path(temporary), variant.name))
+            notes.append(f"transformer config: the released {variant.title}'s")
+        offline = {"local_files_only": True} if local else {}
+        try:
+            transformer = model_class.from_single_file(transformer_weights, config=config_source,
+                                                       subfolder="transformer", torch_dtype=dtype, **offline)
+        except (ValueError, KeyError, RuntimeError, OSError, IndexError) as error:
+            described = "the released model's" if notes else f"{source}'s"
+            raise ModelLoadError(f"{path}: the weights do not fit {described} {variant.title} transformer "
+                                 f"configuration ({_first_line(error)})") from error
+    missing = [n for n, t in (*transformer.named_parameters(), *transformer.named_buffers()) if t.device.type == "meta"]
+    if missing:
+        raise ModelLoadError(f"{path}: the checkpoint lacks {len(missing)} transformer weight(s) (first: {missing[0]})")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, transformer=transformer, torch_dtype=dtype, **offline)
+    except Exception as error:  # folder or hub errors come in many classes
+        raise ModelLoadError(f"{source}: could not load the other components for {path.name} "
+                             f"({_first_line(error)})") from error
+    info = _pipeline_info(pipe, "single_file", str(path))
+    if info.arch != variant.family:
+        raise ModelLoadError(f"{source}: a {info.arch} pipeline, but {path.name} is a {variant.title} transformer")
+    info.notes[:0] = notes + [f"VAE, text encoders and tokenizers from {source}"]
+    return pipe, info
 
 
 def _build_components(state_dict: dict[str, torch.Tensor], arch: str, folder: Path, dtype: torch.dtype,
@@ -695,6 +805,9 @@ def save_single_file(pipe: Any, path: str | os.PathLike, *, dtype: torch.dtype |
     path = Path(path)
     if path.suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"{path}: a single-file checkpoint must end in .safetensors or .ckpt")
+    if getattr(pipe, "unet", None) is None:
+        raise ValueError(f"{path}: single-file checkpoints are written for SD1/SD2/SDXL only; write an SD3/Flux "
+                         "model as a diffusers folder (an output path without .safetensors)")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
     configs = pipeline_configs(pipe)

@@ -5,6 +5,10 @@ same noise at every step of a run (and does not depend on the other prompts). Re
 swaps in the chosen sampler, puts the models in eval mode and silences the progress bar, and gives everything back
 as it was afterwards, also when rendering fails.
 
+SD3/SD3.5 and FLUX.1 pipelines sample with their own flow-matching Euler scheduler (sampler ``euler``; the SD
+samplers are refused), from prompt embeddings computed as in training (:mod:`trainer.dit_conditioning`: the same
+T5 length and CLIP layer); ``guidance_scale`` is SD3's classifier-free guidance and FLUX.1 dev's embedded guidance.
+
 Long renders report each denoising step to the callback installed with :func:`on_denoising_step` (per thread): a
 progress bar counts them, and a callback that raises (e.g. :class:`RenderStopped` when a stop was asked for) ends
 the render within one step.
@@ -166,18 +170,28 @@ def render_previews(
     clip_skip: int = 1,
     guidance_rescale: float = 0.0,
     extra_modules: Iterable[nn.Module] = (),
+    max_sequence_length: int | None = None,
 ) -> list[Image.Image]:
     """One image per prompt, prompt ``i`` with its own generator seeded ``seed + i``.
 
     Works on SD1/SD2 (ε or v-prediction: the sampler keeps the model's ``prediction_type``) and SDXL pipelines
     (``original_size``/``target_size`` = the requested size). ``clip_skip`` counts as in kohya (1 = last layer).
     ``extra_modules`` (e.g. the adapter network, whose modules are not children of the UNet) are put in eval mode
-    too. Latents are decoded here, in fp32 again when the VAE's (fp16) decode gives NaN/inf.
+    too. Latents are decoded here, in fp32 again when the VAE's (fp16) decode gives NaN/inf. SD3/Flux pipelines:
+    see the module docstring; ``max_sequence_length`` is their T5 length (default: the variant's).
     """
     if width % 8 or height % 8 or width <= 0 or height <= 0:
         raise ValueError(f"preview size must be positive multiples of 8, got {width}×{height}")
     if steps < 1:
         raise ValueError(f"preview steps must be ≥ 1, got {steps}")
+    family = _dit_family(pipe)
+    if family is not None:
+        if guidance_rescale:
+            raise ValueError("guidance_rescale applies to SD/SDXL previews, not to SD3/Flux")
+        return _render_dit(pipe, family, prompts, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                           seed=seed, width=width, height=height, negative_prompt=negative_prompt,
+                           generator_device=generator_device, clip_skip=clip_skip, extra_modules=extra_modules,
+                           max_sequence_length=max_sequence_length)
     scheduler = make_scheduler(sampler, pipe.scheduler)
     models = [getattr(pipe, name, None) for name in ("unet", "text_encoder", "text_encoder_2", "vae")]
     sdxl = _is_sdxl(pipe)
@@ -221,6 +235,57 @@ def _step_callback(hook: Callable[[], None]) -> Callable:
     return callback
 
 
+def _dit_family(pipe: Any) -> str | None:
+    from methods.dit_naming import dit_family
+
+    transformer = getattr(pipe, "transformer", None)
+    return dit_family(transformer) if transformer is not None else None
+
+
+def _render_dit(pipe: Any, family: str, prompts: Sequence[str], *, sampler: str, steps: int, guidance_scale: float,
+                seed: int, width: int, height: int, negative_prompt: str, generator_device: str | torch.device,
+                clip_skip: int, extra_modules: Iterable[nn.Module], max_sequence_length: int | None
+                ) -> list[Image.Image]:
+    """SD3/Flux previews: the pipeline's own flow-match scheduler, our prompt embeddings, latents decoded here."""
+    from .dit_architectures import detect
+    from .dit_conditioning import encode
+    from .flow_matching import unpack_latents
+
+    if sampler != "euler":
+        raise ValueError(f"sampler {sampler!r} is for SD/SDXL; SD3/Flux previews use the pipeline's flow-matching "
+                         "Euler sampler (sampler \"euler\")")
+    if family == "flux" and negative_prompt:
+        raise ValueError("FLUX.1 previews take no negative prompt (the model is guidance-distilled); leave it empty")
+    length = max_sequence_length or detect(pipe).variant.t5_max_length
+    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+    images: list[Image.Image] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(eval_mode(*(getattr(pipe, name, None) for name in names), *extra_modules))
+        stack.enter_context(_quiet_progress(pipe))
+        dtype = pipe.transformer.dtype
+        negative = encode(pipe, family, [negative_prompt or ""], length, clip_skip) if family == "sd3" else None
+        for index, prompt in enumerate(prompts):
+            generator = torch.Generator(device=generator_device).manual_seed(int(seed) + index)
+            text = encode(pipe, family, [prompt], length, clip_skip)
+            kwargs: dict[str, Any] = {
+                "prompt_embeds": text.hidden_states.to(dtype), "pooled_prompt_embeds": text.pooled.to(dtype),
+                "num_inference_steps": int(steps), "guidance_scale": float(guidance_scale), "width": int(width),
+                "height": int(height), "generator": generator, "output_type": "latent"}
+            if negative is not None:
+                kwargs.update(negative_prompt_embeds=negative.hidden_states.to(dtype),
+                              negative_pooled_prompt_embeds=negative.pooled.to(dtype))
+            hook = getattr(_STEP_HOOK, "callback", None)
+            if hook is not None:
+                kwargs["callback_on_step_end"] = _step_callback(hook)
+            latents = pipe(**kwargs).images
+            if family == "flux":  # packed 2×2-patch tokens (FluxPipeline._unpack_latents's sizes)
+                factor = pipe.vae_scale_factor * 2
+                latents = unpack_latents(latents, 2 * (int(height) // factor), 2 * (int(width) // factor))
+            images.extend(decode_latents(pipe, latents))
+    return images
+
+
 def _skipped_embeddings(pipe: Any, prompt: str, negative_prompt: str, clip_skip: int) -> dict[str, Any]:
     """SD1/SD2 prompt embeddings from an earlier CLIP layer, computed as in training.
 
@@ -244,8 +309,8 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
         mean_t = torch.tensor(mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
         std_t = torch.tensor(std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
         latents = latents * std_t / config.scaling_factor + mean_t
-    else:
-        latents = latents / config.scaling_factor
+    else:  # SD3/Flux VAEs also shift their latents (shift_factor); SD's have none
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
     with torch.no_grad():
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         if not torch.isfinite(image).all():

@@ -25,7 +25,7 @@ from methods.base import ConfigError
 from trainer import config as config_module
 from trainer.config import TrainerConfig, dump_toml
 
-SECTIONS = ("model", "dataset", "network", "train", "sample", "output")
+SECTIONS = ("model", "dataset", "network", "train", "sample", "output", "dit")
 
 # Where each key shows: "main" keys of each tab are visible, the rest sit in an "Advanced" accordion.
 MAIN_KEYS = {
@@ -50,7 +50,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": config_module.MIXED_PRECISION,
     "sample.sampler": config_module.SAMPLERS,
     "output.save_dtype": config_module.SAVE_DTYPES,
+    "train.loss_type": config_module.LOSS_TYPES,
+    "train.huber_schedule": config_module.HUBER_SCHEDULES,
+    "train.half_precision_update": config_module.HALF_PRECISION_UPDATES,
+    "output.file_layout": config_module.FILE_LAYOUTS,
 }
+# SD3/Flux options whose empty value means "the family's default" (see trainer.config.DiTSection).
+FAMILY_DEFAULT_CHOICES = {"dit.timestep_sampling", "dit.weighting_scheme", "dit.target"}
 # A human label for every key (a key without one gets :func:`humanize`'s, which spells out abbreviations).
 LABELS = {
     "model.base": "Base model (hub id, diffusers folder, or .safetensors/.ckpt file)",
@@ -134,6 +140,68 @@ LABELS = {
     "output.title": "Title in the file's metadata (empty = output name)",
     "output.author": "Author in the file's metadata",
     "output.description": "Description in the file's metadata",
+    # kohya/sd-scripts options
+    "model.config": "Model config folder (for single files of non-standard size)",
+    "dataset.caption_prefix": "Text put before every caption",
+    "dataset.caption_suffix": "Text put after every caption",
+    "dataset.caption_tag_dropout_rate": "Tag dropout (probability per tag)",
+    "dataset.caption_dropout_every_n_epochs": "Drop all captions every N epochs (0 = off)",
+    "dataset.max_token_length": "Longest caption (tokens: 75, 150 or 225)",
+    "dataset.weighted_captions": "Weighted captions ((word:1.2) syntax)",
+    "dataset.bucket_no_upscale": "Never upscale into a bucket",
+    "dataset.color_aug": "Colour augmentation",
+    "dataset.subsets": "Dataset subsets (TOML tables)",
+    "network.dim_from_weights": "Take modules, ranks and alphas from the start file",
+    "network.down_lr_weight": "Learning-rate weights of the down blocks",
+    "network.mid_lr_weight": "Learning-rate weight of the middle block",
+    "network.up_lr_weight": "Learning-rate weights of the up blocks",
+    "network.block_lr_zero_threshold": "Blocks weighted at or below this get no adapter",
+    "network.block_dims": "Rank per block",
+    "network.block_alphas": "Alpha per block",
+    "network.conv_block_dims": "Conv rank per block",
+    "network.conv_block_alphas": "Conv alpha per block",
+    "network.scale_weight_norms": "Max-norm regularisation (0 = off)",
+    "network.base_weights": "Adapters merged into the base first (files)",
+    "network.base_weights_multiplier": "Strengths of those merged adapters",
+    "train.fp8_base": "Keep the frozen base in fp8 (CUDA)",
+    "train.fp8_base_unet": "Keep only the denoiser in fp8 (CUDA)",
+    "train.loss_type": "Loss (L2, L1, Huber, smooth L1)",
+    "train.huber_schedule": "Huber schedule over timesteps",
+    "train.huber_c": "Huber c",
+    "train.huber_scale": "Huber scale",
+    "train.debiased_estimation_loss": "Debiased estimation loss weighting",
+    "train.scale_v_pred_loss_like_noise_pred": "Scale the v-prediction loss like ε-prediction",
+    "train.v_pred_like_loss": "Weight of an added v-prediction-like loss (0 = off)",
+    "train.min_timestep": "Smallest timestep trained",
+    "train.max_timestep": "Largest timestep trained (exclusive; empty = all)",
+    "train.zero_terminal_snr": "Zero terminal SNR (v-prediction)",
+    "train.noise_offset_random_strength": "Random noise-offset strength",
+    "train.adaptive_noise_scale": "Adaptive noise scale",
+    "train.multires_noise_iterations": "Multi-resolution noise iterations (0 = off)",
+    "train.multires_noise_discount": "Multi-resolution noise discount",
+    "train.ip_noise_gamma": "Input-perturbation noise gamma (0 = off)",
+    "train.ip_noise_gamma_random_strength": "Random input-perturbation strength",
+    "train.full_fp16": "Adapters in fp16 too (full fp16)",
+    "train.full_bf16": "Adapters in bf16 too (full bf16)",
+    "train.half_precision_update": "How full fp16/bf16 apply an update",
+    "output.save_last_n_steps": "Keep only saves of the last N steps (0 = keep all)",
+    "output.save_last_n_epochs": "Keep only saves of the last N epochs (0 = keep all)",
+    "output.wandb_project": "Weights & Biases project (empty = off)",
+    "output.wandb_run_name": "Weights & Biases run name",
+    "output.file_layout": "SD3/Flux file layout",
+    "output.comment": "Comment in the file's metadata",
+    # SD3/SD3.5 and FLUX.1 (flow matching)
+    "dit.timestep_sampling": "Timestep sampling",
+    "dit.logit_mean": "Logit-normal mean",
+    "dit.logit_std": "Logit-normal spread",
+    "dit.mode_scale": "Mode-sampling scale",
+    "dit.sigmoid_scale": "Sigmoid sampling scale",
+    "dit.shift": "Timestep shift",
+    "dit.weighting_scheme": "Loss weighting over timesteps",
+    "dit.target": "Training target",
+    "dit.guidance_scale": "FLUX.1 dev guidance while training",
+    "dit.t5_max_length": "T5 tokens per caption (0 = the model's)",
+    "dit.train_t5": "Train T5 too",
 }
 # Method options, by option name (the same name means the same thing in every method).
 OPTION_LABELS = {
@@ -170,6 +238,14 @@ INFOS = {
                   "workspace's outputs/ (a name is enough)",
     "dataset.caption_extension": "caption files beside the images: .txt, .caption or .tags",
     "model.base": "a hub id (downloaded on first use), a diffusers folder, or a single .safetensors/.ckpt file",
+    "dataset.subsets": "several image folders instead of the dataset folder, one [[subsets]] table each: "
+                       "image_dir = \"…\", num_repeats = 10, is_reg, resolution, class_tokens, trigger_word, "
+                       "caption_prefix/suffix, flip, color_aug, … (unset keys take the [dataset] value)",
+    "model.config": "single files: a diffusers folder describing a non-standard size; an SD3/Flux transformer file "
+                    "needs its base model's folder or hub id here (VAE, text encoders, tokenizers)",
+    "output.file_layout": "SD3/Flux files: auto = diffusers layout for LoRA (loads in diffusers and ComfyUI), "
+                          "lycoris layout for the other methods (ComfyUI, LyCORIS); kohya = sd-scripts' fused names "
+                          "(LoRA only)",
 }
 # The familiar methods head the method menu; every other registered method follows (labels: each method's class).
 FAMILIAR_METHODS = ("lora", "loha", "lokr", "oft", "boft")
@@ -196,6 +272,10 @@ class Field:
             return "" if value is None else str(value)
         if self.kind == "lines":
             return "\n".join(str(v) for v in value or [])
+        if self.kind == "table" and isinstance(self.default, list):  # a list of tables: [[name]] blocks
+            items = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value or []]
+            text = dump_toml({"t": {self.name: items}}) if items else ""
+            return "\n".join(line.replace("[[t.", "[[") for line in text.splitlines()[1:]).strip()
         if self.kind == "table":
             return "\n".join(line for line in dump_toml({"t": value or {}}).splitlines()[1:] if line.strip())
         return value
@@ -222,9 +302,16 @@ class Field:
             return [line.strip() for line in str(value or "").splitlines() if line.strip()]
         if self.kind == "table":
             try:
-                return tomllib.loads(str(value or ""))
+                table = tomllib.loads(str(value or ""))
             except tomllib.TOMLDecodeError as error:
                 raise ConfigError(f"{self.key}: not valid TOML key = value lines ({error})") from None
+            if isinstance(self.default, list):
+                unknown = sorted(set(table) - {self.name})
+                if unknown:
+                    raise ConfigError(f"{self.key}: write each entry as a [[{self.name}]] table of keys, not "
+                                      f"{', '.join(unknown)}")
+                return table.get(self.name, [])
+            return table
         if self.kind == "str":
             return str(value or "").strip()
         if value is None:
@@ -255,7 +342,8 @@ def _kind(hint: Any, key: str) -> str:
             return "optional_" + inner[0].__name__
         return "str"
     if origin is list:
-        return "lines"
+        (item,) = typing.get_args(hint) or (str,)
+        return "table" if dataclasses.is_dataclass(item) else "lines"  # a list of typed tables (dataset.subsets)
     if origin is dict:
         return "table"
     if key in CHOICES:
@@ -313,10 +401,18 @@ def config_fields() -> tuple[Field, ...]:
                 kind = "choice"
                 choices = (("same as the UNet", ""), ("none (UNet only)", "none"),
                            *((PRESET_LABELS.get(p, p), p) for p in PRESETS))
+            elif key in FAMILY_DEFAULT_CHOICES:
+                kind = "choice"
+                choices = (("family default", ""), *((value, value) for value in dit_choices()[key]))
             info = INFOS.get(key) or _info(comments.get(field.name, ""), default)
             fields.append(Field(key, section, field.name, kind, default, _label(key, field.name), info,
                                 tuple(choices), key in MAIN_KEYS))
     return tuple(fields)
+
+
+def dit_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of the SD3/Flux choice keys (without the empty "family default")."""
+    return {key: tuple(v for v in allowed if v) for key, _, allowed in TrainerConfig().dit.choices()}
 
 
 @functools.cache

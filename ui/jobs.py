@@ -222,10 +222,14 @@ class JobRunner:
         """Queue training ``config`` (a validated TrainerConfig), continuing from the state folder ``resume`` if
         given; it starts at once when no job runs. Refused when its output file exists or another queued or running
         job writes the same file."""
+        from trainer.checkpoint import state_dir
+
         output_dir = Path(config.output.dir).expanduser().resolve()
         output_file = output_dir / f"{config.output.name}.safetensors"
+        # Resuming a finished run from its final state extends it: the trainer keeps the final file (renamed).
+        extending = resume is not None and Path(resume).resolve() == state_dir(output_file).resolve()
         with self._lock, _file_lock(self.jobs_dir / ".lock"):
-            if output_file.exists() and not config.output.overwrite:
+            if output_file.exists() and not config.output.overwrite and not extending:
                 raise JobError(f"{output_file} already exists: change the output name or tick "
                                "output.overwrite (Advanced).")
             self._refuse_same_output(output_dir, config.output.name)

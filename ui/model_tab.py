@@ -65,14 +65,18 @@ class ModelCallbacks:
             estimate = pipelines.estimate(config, arch, pipe)
             if basis:
                 estimate.basis = basis
+            if estimate.vram is not None:  # SD3/Flux: ui.pipelines counts their memory itself
+                return estimate.text()
             if pipe is not None:
                 encoders = [getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)]
                 counts = estimates.parameter_counts(pipe.unet, [e for e in encoders if e is not None],
                                                     getattr(pipe, "vae", None))
             else:
-                unet, encoders = pipelines._real_size_parts(estimate.arch)
-                counts = estimates.parameter_counts(unet, list(encoders))
-            trains_text = any(not part.startswith("lora_unet") for part in estimate.modules)
+                unet, encoders, vae = pipelines._real_size_parts(estimate.arch)
+                counts = estimates.parameter_counts(unet, [e for e in encoders if e is not None], vae)
+            from methods.arch import denoiser_prefixes
+
+            trains_text = any(part not in denoiser_prefixes() for part in estimate.modules)
             memory = estimates.memory_estimate(config, estimate.arch, counts, estimate.parameters, trains_text)
         except (ConfigError, ValueError) as error:
             return f"⚠️ {error}"

@@ -4,16 +4,14 @@ and the running job's phase, progress, loss plot, previews and log.
 Every Start goes through the workspace's queue (:meth:`ui.jobs.JobRunner.submit`): it runs at once when nothing
 else does, else waits its turn; the queue is listed with its order and can be changed. A run that stopped or
 finished with resumable state (``output.save_state``) can be resumed, or trained N steps further, from that state
-(``train(config, resume=state)``); a finished run's continuation writes ``<name>-<steps>steps.safetensors``, so the
-first file stays as it was.
+(``train(config, resume=state)``); a finished run goes on in its own name, its first final file kept under its step
+name (the trainer's "extending a finished run").
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from .views import JobView
 LOG_SHOWN = 200  # log lines sent to the page (newest first)
 PREVIEWS_SHOWN = 24
 SMOOTHING = 0.6  # the loss plot's default EMA smoothing (TensorBoard's)
+SECTION_TITLES = {"dit": "SD3 / FLUX.1 (flow matching)"}
 
 
 class TrainingCallbacks:
@@ -229,19 +228,18 @@ class TrainingCallbacks:
         return self._submitted(queued, f"{record.output_name} from step {view.step} to {view.total}")
 
     def train_more(self, job_id: str | None, steps: float | None) -> str:
-        """Train a run ``steps`` further from its last save; a finished run's continuation gets its own name."""
+        """Train a run ``steps`` further from its last save. A finished run goes on in its own name: the trainer
+        keeps its final file as ``<name>-step<N>.safetensors`` and writes the new final file."""
         if steps in (None, "") or not float(steps).is_integer() or float(steps) < 1:
             raise JobError(f"give the number of steps to add (a whole number ≥ 1), got {steps!r}")
         record, view, state, config = self._run_to_continue(job_id)
         total = view.step + int(steps)
-        name = config.output.name
-        if view.status == "done":  # the finished run's file stays: the continuation gets its own name
-            name = re.sub(r"-\d+steps$", "", name) + f"-{total}steps"
-        config = self.confine(config.with_overrides([f"train.max_steps={total}", "train.epochs=0",
-                                                     f"output.name={json.dumps(name)}"]))
+        config = self.confine(config.with_overrides([f"train.max_steps={total}", "train.epochs=0"]))
         queued = self.runner.submit(config, resume=state, description=f"{record.output_name} +{int(steps)} steps "
                                                                         f"(to {total})")
-        return self._submitted(queued, f"{record.output_name} from step {view.step} to {total} → `{name}.safetensors`")
+        kept = (f"; the finished file is kept as `{config.output.name}-step{view.step:06d}.safetensors`"
+                if view.status == "done" else "")
+        return self._submitted(queued, f"{record.output_name} from step {view.step} to {total}{kept}")
 
 
 # ====================================================================================================== rendering
@@ -298,12 +296,12 @@ def layout(ui: Any, L: Layout) -> None:
         preset = gr.Dropdown(choices=ui.preset_choices(), value=None, label="Preset", elem_id="preset", scale=3,
                              info="presets/*.toml and presets saved in the workspace")
         load_preset = gr.Button("Load preset", scale=1, elem_id="load-preset")
-    sections = ("train", "sample", "output", "dataset")
+    sections = ("train", "sample", "output", "dataset", "dit")
     main_keys = [k for s in sections for k in L.keys_of(s) if L.fields[k].main and k != "dataset.dir"]
     L.grid(main_keys, 4)
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         for section in sections:
-            gr.Markdown(f"**{section.capitalize()}**")
+            gr.Markdown(f"**{SECTION_TITLES.get(section, section.capitalize())}**")
             L.grid([k for k in L.keys_of(section) if not L.fields[k].main], 4)
     effective = gr.Markdown(elem_id="effective-training")
     start, stop, message, status, progress = job_controls(
