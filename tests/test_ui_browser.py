@@ -237,6 +237,34 @@ def select_gallery_image(page, gallery_id: str, index: int, name: str = "") -> s
 
 
 
+def walk_settings(env, name: str, max_steps: int, every_n_steps: int, steps: int) -> str:
+    """The walk's runs as a TOML for the Config tab: the tiny model, small buckets, LoRA rank 2, one preview prompt
+    rendered with ``steps`` denoising steps."""
+    return f'''
+[model]
+base = "{env["model"]}"
+[dataset]
+dir = "walk"
+resolution = 32
+min_bucket_side = 16
+max_bucket_side = 64
+bucket_step = 8
+[network]
+method = "lora"
+rank = 2
+[train]
+max_steps = {max_steps}
+[sample]
+every_n_steps = {every_n_steps}
+prompts = ["zq a red square"]
+steps = {steps}
+[output]
+dir = "{env["workspace"] / "outputs"}"
+name = "{name}"
+tensorboard = false
+'''
+
+
 def loss_plot_drawn(page):
     return page.locator("#loss-plot canvas, #loss-plot svg").first
 
@@ -430,29 +458,7 @@ def test_the_whole_workflow(page, env):
     lap("fix a caption")
 
     # the settings of the runs (the tiny model, small buckets, short previews), then the dataset report
-    apply_toml(page, f'''
-[model]
-base = "{env["model"]}"
-[dataset]
-dir = "walk"
-resolution = 32
-min_bucket_side = 16
-max_bucket_side = 64
-bucket_step = 8
-[network]
-method = "lora"
-rank = 2
-[train]
-max_steps = 300
-[sample]
-every_n_steps = 3
-prompts = ["zq a red square"]
-steps = 2
-[output]
-dir = "{workspace / "outputs"}"
-name = "first"
-tensorboard = false
-''')
+    apply_toml(page, walk_settings(env, "first", max_steps=300, every_n_steps=3, steps=2))
     tab(page, "Dataset")
     open_accordion(page, "dataset-report")
     page.locator("#report-start").click()
@@ -548,25 +554,7 @@ tensorboard = false
     lap("compare two methods")
 
     # and once more (one method, one step) with long renders: Stop while it renders ends it within seconds
-    apply_toml(page, f'''
-[model]
-base = "{env["model"]}"
-[dataset]
-dir = "walk"
-resolution = 32
-min_bucket_side = 16
-max_bucket_side = 64
-bucket_step = 8
-[train]
-max_steps = 1
-[sample]
-prompts = ["zq a red square"]
-steps = 1000
-[output]
-dir = "{workspace / "outputs"}"
-name = "long"
-tensorboard = false
-''')
+    apply_toml(page, walk_settings(env, "long", max_steps=1, every_n_steps=0, steps=1000))
     tab(page, "Compare")
     methods.get_by_label("oft", exact=True).uncheck()
     fill(page, "compare-steps", "")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from ui_helpers import png_bytes, write
+from ui_helpers import png_bytes, real_worker_ui, write
 
 from methods.base import ConfigError
 from trainer.config import TrainerConfig
@@ -783,16 +783,8 @@ def real_job_outcome(ui: RankwrightUI):
 @pytest.mark.slow
 def test_real_worker_compares_two_methods(ws, tiny_pipeline, tmp_path):
     """The real worker process (python -m ui.worker → trainer.compare.compare) on a tiny model, 2 steps each."""
-    pipe = tiny_pipeline("sd1")
-    pipe.save_pretrained(tmp_path / "model")
-    ui = RankwrightUI(ws, preset_dirs=[])
-    ui.upload([str(write(tmp_path / f"{c}.png", png_bytes(c, (32, 32)))) for c in ("red", "green")],
-              str(ws.default_dataset()), "shape", 1)
-    values = form.config_to_values(ui.default_config())
-    values.update({"model.base": str(tmp_path / "model"), "dataset.resolution": 16, "dataset.min_bucket_side": 8,
-                   "dataset.max_bucket_side": 32, "dataset.bucket_step": 8, "output.tensorboard": False,
-                   "network.lora.rank": 2, "network.oft.block_size": "4", "sample.steps": 2,
-                   "sample.prompts": "a red shape", "output.name": "real"})
+    ui, values = real_worker_ui(ws, tiny_pipeline("sd1"), tmp_path, **{
+        "network.oft.block_size": "4", "sample.steps": 2, "sample.prompts": "a red shape", "output.name": "real"})
     ui.compare(["lora", "oft"], 2, "a blue sky", *ui.ordered(values))
     view = real_job_outcome(ui)
     report = json.loads(Path(view.report["report"]).read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from caption_helpers import build_tiny_blip
 from PIL import Image
-from ui_helpers import png_bytes, write
+from ui_helpers import png_bytes, real_worker_ui, write
 
 from trainer.config import TrainerConfig
 from ui import estimates, form
@@ -350,15 +350,7 @@ def test_results_keep_comparisons_apart_and_name_them_by_method(ui, ws):
 @pytest.mark.slow
 def test_real_worker_trains_a_finished_run_further_from_its_state(ws, tiny_pipeline, tmp_path):
     """The real worker (python -m ui.worker → train(config, resume=state)): 2 steps, then 2 more from the state."""
-    pipe = tiny_pipeline("sd1")
-    pipe.save_pretrained(tmp_path / "model")
-    ui = RankwrightUI(ws, preset_dirs=[])
-    ui.upload([str(write(tmp_path / f"{c}.png", png_bytes(c, (32, 32)))) for c in ("red", "green")],
-              str(ws.default_dataset()), "shape", 1)
-    values = form.config_to_values(ui.default_config())
-    values.update({"model.base": str(tmp_path / "model"), "dataset.resolution": 16, "dataset.min_bucket_side": 8,
-                   "dataset.max_bucket_side": 32, "dataset.bucket_step": 8, "train.max_steps": 2,
-                   "output.tensorboard": False, "network.lora.rank": 2, "output.name": "grow"})
+    ui, values = real_worker_ui(ws, tiny_pipeline("sd1"), tmp_path, **{"train.max_steps": 2, "output.name": "grow"})
     ui.start(*ui.ordered(values))
 
     def finished(record):

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.events import PHASE_LABELS, describe, format_seconds
+from trainer.events import PHASE_LABELS, Phase, describe, format_seconds
 
 LOG_LINES = 400
 # Series a run's events may carry besides the training loss, by event kind and field (plotted when present).
@@ -28,23 +28,19 @@ STATUS_LABELS = {"queued": "queued", "starting": "starting the worker", "stoppin
 
 
 @dataclasses.dataclass
-class PhaseState:
-    """The phase a job is in and how far it got (a Phase event's fields)."""
+class PhaseState(Phase):
+    """The phase a job is in and how far it got: the last :class:`trainer.events.Phase` event."""
 
-    name: str = ""
-    done: int = 0
-    total: int = 0
-    unit: str = ""
-    eta: float | None = None
-    detail: str = ""
+    @property
+    def name(self) -> str:
+        return self.phase
 
-    def text(self) -> str:
-        label = PHASE_LABELS.get(self.name, self.name)
-        parts = [label + (f" ({self.detail})" if self.detail else "")]
+    def progress_text(self) -> str:
+        parts = [PHASE_LABELS.get(self.phase, self.phase) + (f" ({self.detail})" if self.detail else "")]
         if self.total:
             parts.append(f"{self.done}/{self.total} {self.unit}".rstrip())
-        if self.eta is not None and self.total:
-            parts.append(f"ETA {format_seconds(self.eta)}")
+        if self.eta_seconds is not None and self.total:
+            parts.append(f"ETA {format_seconds(self.eta_seconds)}")
         return " · ".join(parts)
 
     @property
@@ -90,9 +86,8 @@ class JobView:
             self._enter("loading")
             self.total = int(event.get("config", {}).get("train", {}).get("max_steps", 0) or 0)
         elif kind == "phase":
-            self.phase = PhaseState(str(event.get("phase", "")), int(event.get("done") or 0),
-                                    int(event.get("total") or 0), str(event.get("unit", "")),
-                                    event.get("eta_seconds"), str(event.get("detail", "")))
+            self.phase = PhaseState(**{field.name: event[field.name] for field in dataclasses.fields(Phase)
+                                       if field.name in event})
             if self.status not in ("stopping", "stop requested"):
                 self.status = self.phase.name
         elif kind == "ready":
@@ -187,7 +182,7 @@ class JobView:
 
     def progress_text(self) -> str:
         if self.in_phase:
-            return f"{self.phase.text()} · step {self.step}/{self.total or '?'}"
+            return f"{self.phase.progress_text()} · step {self.step}/{self.total or '?'}"
         return self.step_text()
 
     def status_text(self) -> str:
@@ -271,11 +266,11 @@ class CompareView(JobView):
         if self.finished:
             return trained
         if self.phase.name in ("rendering", "scoring") or self.finished_runs >= (len(self.methods) or math.inf):
-            return f"{self.phase.text()} · {trained}" if self.phase.name else trained
+            return f"{self.phase.progress_text()} · {trained}" if self.phase.name else trained
         if not self.method:
             return trained
         run = f"{self.method} ({min(self.finished_runs + 1, len(self.methods) or 1)}/{count})"
-        return f"{run} · {self.phase.text() if self.in_phase else self.step_text()}"
+        return f"{run} · {self.phase.progress_text() if self.in_phase else self.step_text()}"
 
     def status_text(self) -> str:
         if self.status == "stop requested" and self.phase.name in ("rendering", "scoring"):
