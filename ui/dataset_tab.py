@@ -231,7 +231,7 @@ class DatasetCallbacks:
             return report, path
 
         self.reporting.start(f"the report of {Path(section.dir).name}", run, refusal=WorkspaceError)
-        return "Building the report…"
+        return ""
 
     def report_stop(self) -> str:
         self.reporting.stop()
@@ -368,6 +368,7 @@ def layout(ui: Any, L: Layout) -> None:
         with gr.Row():
             report_start = gr.Button("Build the report", variant="primary", elem_id="report-start")
             report_stop = gr.Button("Stop", variant="stop", elem_id="report-stop")
+        report_message = gr.Markdown(elem_id="report-message")
         report_status = gr.Markdown(elem_id="report-status")
         report_progress = gr.HTML(progress_html(0, "idle"), elem_id="report-progress")
         report_summary = gr.Markdown(elem_id="report-summary")
@@ -410,8 +411,8 @@ def wire(ui: Any, L: Layout) -> None:
     L.timer.tick(ui.poll_captioning, [caption_session, dataset_dir, extension],
                  [s["caption_status"], s["caption_progress"], s["caption_recent"], *view, caption_session],
                  show_progress="hidden", concurrency_limit=None, queue=False)
-    s["report_start"].click(guard(ui.report_start, 1, 0), inputs, [s["report_status"]], concurrency_limit=1)
-    s["report_stop"].click(guard(ui.report_stop, 1, 0), None, [s["report_status"]])
+    s["report_start"].click(guard(ui.report_start, 1, 0), inputs, [s["report_message"]], concurrency_limit=1)
+    s["report_stop"].click(guard(ui.report_stop, 1, 0), None, [s["report_message"]])
     report_session = gr.State({})
     L.timer.tick(ui.poll_report, [report_session], [s["report_status"], s["report_progress"], s["report_summary"],
                                                      s["report_sheet"], s["report_images"], report_session],
