@@ -391,3 +391,28 @@ def test_the_key_of_the_browsers_stored_forms_is_the_workspaces_and_private(ws):
     assert len(key) == 64 and browser_state_secret(ws) == key  # kept across restarts
     path = ws.root / ".browser_state_key"
     assert path.stat().st_mode & 0o777 == 0o600 and not ws.is_served(path)
+
+
+@pytest.mark.slow
+def test_the_operators_tensorboard_starts_on_this_machine_only(ws):
+    import httpx
+    from ui_helpers import free_port
+
+    from ui.server import start_tensorboard
+
+    port = free_port()
+    process, url = start_tensorboard(str(ws.outputs), port)
+    try:
+        assert url == f"http://127.0.0.1:{port}/" and "127.0.0.1" in process.args
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.time() < deadline, "TensorBoard did not start"
+            time.sleep(1)
+    finally:
+        process.terminate()
+        process.wait(30)
