@@ -129,6 +129,15 @@ def test_job_records_on_disk_do_not_reopen_foreign_folders(ws, secret):
             ui.adapter_info(str(adapter))
         assert ui.guard(ui.stop, 1, 0)().startswith("⚠️ No training job is running")
         assert not (secret / "STOP").exists()
+    # a queued job whose record was edited to write elsewhere is dropped from the queue, never started
+    queued_id = "20240101-000002-cccccc"
+    write(ws.jobs / queued_id / "job.json", json.dumps({
+        "id": queued_id, "folder": str(ws.jobs / queued_id), "config_path": str(ws.jobs / queued_id / "config.toml"),
+        "output_dir": str(secret), "output_name": "private", "started": 0, "kind": "train"}))
+    write(ws.jobs / "queue.json", json.dumps({"ids": [queued_id]}))
+    ui = RankwrightUI(ws, runner=idle_runner(ws), preset_dirs=[])
+    assert ui.poll_queue({})[0] == "No job is waiting." and ui.runner.dispatch() is None
+    assert ui.runner.queue() == [] and ui.runner.record(queued_id).pid is None
 
 
 def test_links_out_of_the_workspace_are_not_served(ws, secret):

@@ -69,6 +69,7 @@ class RankwrightUI(DatasetCallbacks, ModelCallbacks, TrainingCallbacks, CompareC
                  preset_dirs: list[Path] | None = None, tensorboard_url: str | None = None):
         self.ws = ws
         self.runner = runner or JobRunner(ws.jobs)
+        self.runner.accept = lambda record: self.own_job(record) is not None
         self.cache = cache or pipelines.PipelineCache()
         self.preset_dirs = preset_dirs if preset_dirs is not None else [PROJECT_ROOT / "presets", ws.presets]
         self.fields = form.all_fields()

@@ -135,6 +135,9 @@ class JobRunner:
         self._lock = threading.RLock()
         self._dispatcher: threading.Thread | None = None
         self._closing = threading.Event()
+        # Which queued jobs may run (the UI accepts only its workspace's outputs): a record edited on disk to write
+        # elsewhere is dropped from the queue, never started.
+        self.accept: Callable[[JobRecord], bool] = lambda record: True
 
     # ----- records
     def current(self) -> JobRecord | None:
@@ -267,6 +270,12 @@ class JobRunner:
                 return None
             for record in self.queue():
                 self._write_queue([i for i in self._queue_ids() if i != record.id])
+                if not self.accept(record):
+                    import logging
+
+                    logging.getLogger("rankwright.ui").warning("queued job %s dropped: not accepted (%s)", record.id,
+                                                               record.output_dir)
+                    continue
                 try:
                     return self._run(record)
                 except OSError as error:  # the worker could not even start: the job's view says so
