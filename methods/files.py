@@ -180,6 +180,11 @@ def atomic_write_bytes(path: Path, data: bytes, overwrite: bool = True) -> None:
         raise
 
 
+def write_text_atomic(path: Path, text: str, overwrite: bool = True) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text, written exactly as given (the caller decides the final newline)."""
+    atomic_write_bytes(Path(path), text.encode("utf-8"), overwrite=overwrite)
+
+
 def _create_temporary(path: Path) -> tuple[int, str]:
     """A new hidden file next to ``path``, created with mode 0666 minus the umask like any other new file.
 

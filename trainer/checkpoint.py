@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from methods.base import ConfigError
-from methods.files import load_adapter_file
+from methods.files import load_adapter_file, write_text_atomic
 from methods.network import AdapterNetwork, pipeline_parts
 
 from .events import log
@@ -50,12 +50,6 @@ def unique_path(path: Path) -> Path:
         candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
         index += 1
     return candidate
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    from methods.files import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----- the output folder ---------------------------------------------------------------------------------------

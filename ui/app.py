@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import secrets
 import shutil
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 import gradio as gr
 
 from methods.base import ConfigError
+from methods.files import write_text_atomic
 from trainer.config import TrainerConfig
 
 from . import compare_tab, config_tab, dataset_tab, form, model_tab, pipelines, results_tab, training_tab, workspace
@@ -156,7 +158,7 @@ class RankwrightUI(DatasetCallbacks, ModelCallbacks, TrainingCallbacks, CompareC
             return self.default_config()
 
     def remember(self, config: TrainerConfig) -> None:
-        workspace.write_text_atomic(self.ws.last_config, config.to_toml().rstrip("\n"))
+        write_text_atomic(self.ws.last_config, workspace.text_file(config.to_toml().rstrip("\n")))
 
     def confine(self, config: TrainerConfig) -> TrainerConfig:
         """``config`` with every folder a browser chose checked against the workspace (WorkspaceError naming the fix
@@ -270,12 +272,15 @@ def browser_state_secret(ws: Workspace) -> str:
     restarted server still reads them), created on first use, readable by its owner only."""
     path = ws.root / ".browser_state_key"
     try:
+        # Created with mode 0600 and O_EXCL: never readable by others, not even for a moment, and two servers
+        # starting on one workspace agree on the key (the second reads the first's).
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
         return path.read_text(encoding="utf-8").strip()
-    except OSError:
-        key = secrets.token_hex(32)
-        workspace.write_text_atomic(path, key)
-        path.chmod(0o600)
-        return key
+    key = secrets.token_hex(32)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(key + "\n")
+    return key
 
 
 def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks, RankwrightUI]:

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from methods.base import ConfigError
+from methods.files import write_text_atomic
 from trainer.config import TrainerConfig
 
 from . import form, workspace
@@ -90,7 +91,7 @@ class ConfigCallbacks:
         text = config.to_toml()
         path = self.ws.root / "configs" / f"{workspace.sanitize_folder_name(config.output.name)}.toml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        workspace.write_text_atomic(path, text.rstrip("\n"))
+        write_text_atomic(path, workspace.text_file(text.rstrip("\n")))
         return text, form.cli_command(str(path)), f"Written to `{path}`."
 
     def save_preset(self, name: str, *args) -> tuple[str, str, Any, str]:
@@ -99,7 +100,7 @@ class ConfigCallbacks:
             raise WorkspaceError("type a preset name")
         path = self.ws.presets / f"{workspace.sanitize_folder_name(name)}.toml"
         replaced = path.exists()
-        workspace.write_text_atomic(path, config.to_toml().rstrip("\n"))
+        write_text_atomic(path, workspace.text_file(config.to_toml().rstrip("\n")))
         self.remember(config)
         choices = gr.update(choices=self.preset_choices(), value=str(path))
         return (config.to_toml(), form.cli_command(str(path)), choices,

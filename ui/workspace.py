@@ -40,6 +40,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from methods.files import write_text_atomic
 from trainer.dataset import (
     IMAGE_EXTENSIONS,
     UnusableImage,
@@ -428,7 +429,7 @@ def store_caption(item: _Incoming, target: Path, report: UploadReport, stems: di
         report.rejected.append((item.name, f"cannot read the upload ({error.strerror or error})"))
         return
     caption_path = target / (stored + CAPTION_EXTENSION)
-    write_text_atomic(caption_path, text)
+    write_text_atomic(caption_path, text_file(text))
     report.captions.append(caption_path)
 
 
@@ -501,10 +502,9 @@ def clean_caption(text: str) -> str:
     return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    from methods.files import atomic_write_bytes
-
-    atomic_write_bytes(path, (text + "\n" if text else "").encode("utf-8"))
+def text_file(text: str) -> str:
+    """A text file's content: the text and a final newline (nothing at all for no text)."""
+    return text + "\n" if text else ""
 
 
 # ----- datasets ----------------------------------------------------------------------------------------------
@@ -629,7 +629,7 @@ def writable_caption(image: Path, extension: str) -> Path:
 
 def write_caption(dataset_dir: Path, image: str | os.PathLike, text: str, extension: str = CAPTION_EXTENSION) -> Path:
     path = writable_caption(check_image(dataset_dir, image), extension)
-    write_text_atomic(path, clean_caption(text))
+    write_text_atomic(path, text_file(clean_caption(text)))
     return path
 
 
@@ -641,7 +641,7 @@ def _rewrite_captions(dataset_dir: Path, change, extension: str) -> int:
             continue
         new = clean_caption(change(item.caption))
         if new != item.caption:
-            write_text_atomic(path, new)
+            write_text_atomic(path, text_file(new))
             changed += 1
     return changed
 
