@@ -274,7 +274,8 @@ class SaveFailed(Event):
         space = f"needs {_megabytes(self.needed_bytes)}"
         if isinstance(self.free_bytes, int | float):
             space += f", {_megabytes(self.free_bytes)} free"
-        then = (f"writing it to {self.next_path} instead" if self.next_path
+        then = ("trying the same path again" if self.next_path == self.path
+                else f"writing it to {self.next_path} instead" if self.next_path
                 else "training goes on; the next save tries again" if not self.final else "nowhere left to try")
         return f"could not write {self.path} at step {self.step} ({self.error}; {space}): {then}"
 

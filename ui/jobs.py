@@ -15,6 +15,10 @@ and raises :class:`JobBusy` while another runs (what the queue calls when it is 
 A comparison (:meth:`JobRunner.submit_compare`, :func:`trainer.compare.compare`) is such a job: its folder also
 holds ``compare.json`` (methods, report folder, per-method overrides), which tells the worker what to run. A job
 that continues a run from its saved state holds ``resume.json`` (the state folder; ``train(config, resume=...)``).
+
+When the file system refuses a run's last save, the worker waits with the weights in memory and asks through the job
+folder (``save_failed.json``, see :func:`ui.worker.save_error_handler`); :meth:`JobRunner.save_question` reads the
+question and :meth:`JobRunner.answer_save` writes the answer — retry the same path, or the rescue folder.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ CURRENT_FILE = "current.json"
 QUEUE_FILE = "queue.json"
 COMPARE_FILE = "compare.json"  # in a job folder: the job is a method comparison (methods, folder, overrides)
 RESUME_FILE = "resume.json"  # in a job folder: the run continues from {"state": folder}
+SAVE_QUESTION_FILE = "save_failed.json"  # in a job folder: the worker's last save was refused, it waits for…
+SAVE_ANSWER_FILE = "save_retry.json"  # …the UI's answer: {"id": the question's, "action": "retry" | "rescue"}
+SAVE_ACTIONS = ("retry", "rescue")
 STOP_FILE = "STOP"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DISPATCH_INTERVAL = 1.0  # seconds between the dispatcher's looks at the queue
@@ -411,6 +418,34 @@ class JobRunner:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(record.pid, 9)
 
+    # ----- a refused save
+    def save_question(self, record: JobRecord) -> dict[str, Any] | None:
+        """The question of a running job whose last save the file system refused (path, reason, MB needed and
+        free, the answer's deadline), None when it waits for nothing."""
+        path = Path(record.folder) / SAVE_QUESTION_FILE
+        if not path.is_file() or not self.is_running(record):
+            return None
+        try:
+            question = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(question, dict) or not isinstance(question.get("id"), str) \
+                or not isinstance(question.get("path"), str):
+            return None
+        return question
+
+    def answer_save(self, record: JobRecord, action: str) -> dict[str, Any]:
+        """Answer the job's refused save: ``retry`` (the same path: space was freed) or ``rescue`` (the trainer's
+        rescue folders). Returns the question answered. The answer names no path: the worker knows its own."""
+        if action not in SAVE_ACTIONS:
+            raise JobError(f"unknown answer {action!r}: retry or rescue")
+        with self._lock:
+            question = self.save_question(record)
+            if question is None:
+                raise JobError("no save is waiting for an answer (the job saved, ended, or already got one)")
+            _write_json(Path(record.folder) / SAVE_ANSWER_FILE, {"id": question["id"], "action": action})
+            return question
+
     # ----- reading
     def view(self, record: JobRecord) -> JobView:
         """The job's state, updated with the events written since the last call."""
@@ -443,6 +478,8 @@ class JobRunner:
                     view.version += 1
             if not view.finished and not running:
                 view.fail(self._failure(record))
+            if not view.finished:
+                view.wait_for_answer(self.save_question(record) if running else None)
             return view
 
     def _failure(self, record: JobRecord) -> str:

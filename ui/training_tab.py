@@ -97,6 +97,38 @@ class TrainingCallbacks:
                                                                      log_scale, visible_tab == "training"),
                           lambda: self._no_job(adapter), 9, session)
 
+    def poll_save(self, session: dict | None) -> tuple:
+        """Timer tick: (the refused-save box's visibility, its question, session) — shown while the running job's
+        last save waits for an answer; nothing re-sent while that does not change."""
+        session = dict(session or {})
+        try:
+            record = self.own_job(self.runner.current())
+            question = None
+            if record is not None and record.kind == "train":
+                view = self.runner.view(record)
+                question = None if view.finished else view.save_question
+        except Exception:  # a broken tick must not flood the page with errors every second
+            import logging
+
+            logging.getLogger("rankwright.ui").exception("poll of the save question failed")
+            return gr.skip(), gr.skip(), session
+        key = question["id"] if question else None
+        if "question" in session and session["question"] == key:
+            return gr.skip(), gr.skip(), session
+        session["question"] = key
+        return gr.update(visible=question is not None), save_question_text(question) if question else "", session
+
+    def save_answer(self, action: str) -> str:
+        """The user's answer to the running job's refused save: ``retry`` or ``rescue``."""
+        record = self.own_job(self.runner.current())
+        if record is None:
+            raise JobError("No training job is running.")
+        question = self.runner.answer_save(record, action)
+        if action == "retry":
+            return (f"Retrying the save of `{code_text(question['path'])}`; the log says whether it worked (if not, "
+                    "you are asked again).")
+        return "Saving to the rescue folder; the log and the status line name the file."
+
     def _no_job(self, adapter: str | None) -> tuple:
         return ("No training job yet.", progress_html(0, "idle"), gr.skip(), [], "", *self.results(adapter),
                 gr.update(choices=self.resumable_runs()))
@@ -105,6 +137,9 @@ class TrainingCallbacks:
                   smoothing: float = SMOOTHING, log_scale: bool = False, plot_shown: bool = True) -> tuple:
         skip = gr.skip()
         status = f"**{view.status_text()}** — job `{record.id}` · {record.output_name}"
+        if view.finished and view.output and not self.ws.is_served(view.output):
+            status += (f"\n\n⚠️ The adapter was saved outside the workspace, to `{code_text(view.output)}`: the UI "
+                       f"does not serve it (copy it into `{code_text(str(self.ws.outputs))}` to download it here).")
         progress = progress_html(view.fraction, view.progress_text())
         plot = skip
         points = (len(view.losses), sum(len(v) for v in view.series.values()))
@@ -243,6 +278,31 @@ class TrainingCallbacks:
 
 
 # ====================================================================================================== rendering
+def code_text(text: str) -> str:
+    """``text`` made safe inside Markdown inline code (a path may hold backticks)."""
+    return str(text).replace("`", "'")
+
+
+def save_question_text(question: dict[str, Any]) -> str:
+    """What the refused-save box says: which file, why, the space needed and free, what each button does."""
+    import time
+
+    needed, free = question.get("needed_mb"), question.get("free_mb")
+    space = f"It needs about **{needed} MB**" if needed is not None else "Its size is unknown"
+    space += f"; **{free} MB** are free there." if free is not None else "."
+    folders = question.get("rescue_folders")
+    folders = ", ".join(f"`{code_text(f)}`" for f in folders) if isinstance(folders, list) and folders else \
+        "the rescue folders"
+    deadline = question.get("deadline")
+    until = (f" Without an answer by {time.strftime('%H:%M', time.localtime(deadline))} it goes to the rescue "
+             "folder." if isinstance(deadline, int | float) else "")
+    return (f"### ⚠️ The adapter could not be saved\n\nWriting `{code_text(question.get('path', '?'))}` failed at step "
+            f"{question.get('step', '?')}: **{question.get('reason', 'refused')}**. {space}\n\n"
+            "The trained weights are kept in memory. Free some space (or make the folder writable) and press "
+            f"**Retry save**, or **Save to the rescue folder** (the first writable of {folders}; outside the "
+            f"workspace, so the UI names the file but does not serve it).{until}")
+
+
 def newest_first(previews: list[str]) -> list[str]:
     """Preview files (``step000050_0.png``, ``step000050_1.png``, …) with the latest step first and each step's
     prompts in order: the newest previews show what the adapter does now, without scrolling."""
@@ -306,6 +366,11 @@ def layout(ui: Any, L: Layout) -> None:
     effective = gr.Markdown(elem_id="effective-training")
     start, stop, message, status, progress = job_controls(
         "Start training", "No training job yet.", ids=("start", "stop", "job-message", "job-status", "progress"))
+    with gr.Column(visible=False, elem_id="save-failed") as save_box:
+        save_question = gr.Markdown(elem_id="save-question")
+        with gr.Row():
+            save_retry = gr.Button("Retry save", variant="primary", elem_id="save-retry")
+            save_rescue = gr.Button("Save to the rescue folder", elem_id="save-rescue")
     with gr.Accordion("Queue", open=True, elem_id="queue"):
         gr.Markdown("Jobs started while another runs wait here and run one at a time, first to last; the queue "
                     "is kept in the workspace (a reload or a server restart finds it).")
@@ -354,6 +419,11 @@ def wire(ui: Any, L: Layout) -> None:
                  show_progress="hidden", concurrency_limit=None, queue=False)
     gr.on([s["smoothing"].release, s["log_scale"].change, L.tab_components["training"].select], ui.replot,
           [s["smoothing"], s["log_scale"]], [s["loss_plot"]], show_progress="hidden")
+    save_session = gr.State({})
+    L.timer.tick(ui.poll_save, [save_session], [s["save_box"], s["save_question"], save_session],
+                 show_progress="hidden", concurrency_limit=None, queue=False)
+    s["save_retry"].click(guard(lambda: ui.save_answer("retry"), 1, 0), None, [s["message"]])
+    s["save_rescue"].click(guard(lambda: ui.save_answer("rescue"), 1, 0), None, [s["message"]])
     queue_session = gr.State({})
     L.timer.tick(ui.poll_queue, [queue_session], [s["queue_table"], s["queue_select"], queue_session],
                  show_progress="hidden", concurrency_limit=None, queue=False)

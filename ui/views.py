@@ -72,6 +72,7 @@ class JobView:
     output: str = ""
     state: str = ""  # the resumable state folder of the last save (output.save_state), "" without one
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    save_question: dict[str, Any] | None = None  # the worker's question while its last save is refused (ui.worker)
     version: int = 0
 
     @property
@@ -151,6 +152,17 @@ class JobView:
             stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", time.time())))
             self.log.append(f"[{stamp}] {line}")
 
+    def wait_for_answer(self, question: dict[str, Any] | None) -> None:
+        """The worker's question about a refused save (None: it waits for nothing), from the job folder."""
+        if question == self.save_question:
+            return
+        if question is not None:
+            self.log.append(f"[{time.strftime('%H:%M:%S')}] could not write {question.get('path')} "
+                            f"({question.get('reason')}): the trained weights are kept in memory, waiting for "
+                            "your answer")
+        self.save_question = question
+        self.version += 1
+
     def fail(self, message: str) -> None:
         self.finished = True
         self.status = "error"
@@ -188,6 +200,8 @@ class JobView:
     def status_text(self) -> str:
         if self.status == "error" and self.error:
             return f"failed: {self.error}"
+        if self.save_question is not None:
+            return "the save failed: waiting for your answer (Retry save, or Save to the rescue folder)"
         if self.status == "stop requested":
             where = PHASE_LABELS.get(self.phase.name, "")
             return f"stop requested{f' while {where}' if where else ''}: it saves and ends within seconds"
