@@ -30,7 +30,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lora", "loha", "lokr", "oft", "boft")
 # the first run of the walk is stopped by hand: long enough that no machine finishes it before the Stop click
-FIRST_STEPS = 100000
+FIRST_STEPS = 3000
 
 WALK_IMAGES = [("red", (48, 32)), ("green", (32, 48)), ("blue", (40, 40)), ("purple", (64, 32)),
                ("orange", (24, 24)), ("teal", (36, 60))]
@@ -487,6 +487,8 @@ def test_the_whole_workflow(page, env):
 
     # reload mid-run: the page re-attaches to the first, the queue is intact, the form is this browser's
     page.reload()
+    # the reloaded page has loaded (and restored this browser's form) before a tab is clicked
+    expect(page.locator("#dataset-summary")).to_contain_text("image(s)", timeout=120_000)
     tab(page, "Training")
     expect(page.locator("#job-status")).to_contain_text(first, timeout=60_000)
     expect(page.locator("#job-status")).to_contain_text(re.compile("training|rendering previews|saving"))
