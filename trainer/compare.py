@@ -44,17 +44,10 @@ from methods.base import ConfigError
 
 from .config import NetworkSection, TrainerConfig, _toml_value, apply_override
 from .events import EventCallback, EventLog, StopSignal
+from .prior import GENERIC_PROMPTS
 
 DEFAULT_METHODS = ("lora", "loha", "lokr", "oft", "boft")
-# Unrelated to any particular training set: what an adapter should leave alone.
-GENERIC_DRIFT_PROMPTS = (
-    "a photo of a mountain lake at sunrise",
-    "a bowl of fruit on a wooden table",
-    "a city street at night, neon lights",
-    "portrait of an old fisherman, oil painting",
-    "a red sports car on a desert road",
-    "a cat sleeping on a sofa",
-)
+GENERIC_DRIFT_PROMPTS = GENERIC_PROMPTS  # what an adapter should leave alone
 TOY_MARKER = "rankwright_toy.json"
 DRIFT_SEED_OFFSET = 100_003  # the second seed of each drift prompt (natural variation), far from the first
 PREVIEW_PROMPTS_FROM_CAPTIONS = 4  # prompts taken from the dataset's captions when [sample] has none
