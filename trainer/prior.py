@@ -143,7 +143,7 @@ def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: di
     paths, reused = [], 0
     for index, prompt in enumerate(prompts):
         image_path, caption_path = folder / f"{index:04d}.png", folder / f"{index:04d}.txt"
-        if image_path.is_file() and caption_path.is_file() and caption_path.read_text(encoding="utf-8") == prompt:
+        if _present(image_path, caption_path, prompt):
             reused += 1
         else:
             image = render_previews(pipe, [prompt], **{**options, "seed": int(options["seed"]) + index})[0]
@@ -155,6 +155,16 @@ def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: di
         if progress is not None:
             progress(index + 1)
     return paths, reused
+
+
+def missing_images(prompts: Sequence[str], folder: Path) -> int:
+    """How many of :func:`generate_images`' pairs are not in ``folder`` yet."""
+    return sum(1 for index, prompt in enumerate(prompts)
+               if not _present(folder / f"{index:04d}.png", folder / f"{index:04d}.txt", prompt))
+
+
+def _present(image_path: Path, caption_path: Path, prompt: str) -> bool:
+    return image_path.is_file() and caption_path.is_file() and caption_path.read_text(encoding="utf-8") == prompt
 
 
 def folder_items(paths: Sequence[Path], prompts: Sequence[str], max_pixels: int) -> list[Any]:
@@ -296,3 +306,55 @@ class CheckpointLog:
 
 def read_checkpoints(output_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(output_dir) / CHECKPOINTS_FILE).read_text(encoding="utf-8"))
+
+
+# ================================================================================================ regularisation
+@dataclasses.dataclass
+class Regularisation:
+    folder: Path
+    paths: list[Path]
+    prompts: list[str]
+    trigger: list[str]  # the words removed from the captions
+    reused: int  # images found in the folder already (same key)
+
+
+def default_regularisation_folder(config: Any, key: str) -> Path:
+    """<the dataset folder>/../regularisation/<key> (with subsets: beside the first training subset's folder)."""
+    data = config.dataset
+    training = [s.image_dir for s in data.subsets if not s.is_reg]
+    root = Path(training[0] if training else data.dir).expanduser().resolve()
+    return root.parent / "regularisation" / key
+
+
+def regularise(config: Any, count: int | None = None, out: str | Path | None = None,
+               trigger: Sequence[str] | None = None, pipe: Any = None,
+               progress: Callable[[int, int], None] | None = None) -> Regularisation:
+    """Draw regularisation images with the base model: the training captions without the trigger word(s)
+    (:func:`regularisation_prompts`), one image per prompt at the [sample] settings and the dataset's resolution,
+    into ``out`` (default :func:`default_regularisation_folder`) with caption files. Images already there for the
+    same prompt are reused; the base model is loaded only when something is missing. ``progress(done, total)``."""
+    from methods.base import ConfigError
+
+    from .dataset import scan_dataset
+
+    if count is not None and count < 1:
+        raise ConfigError(f"--count must be ≥ 1, got {count}")
+    try:
+        scan = scan_dataset(config.dataset, seed=config.train.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    items = scan.train_items + list(scan.validation)
+    prompts, words = regularisation_prompts(config, items, count, trigger)
+    options = render_options(config)
+    key = cache_key(config.model.base, prompts, options)
+    folder = Path(out).expanduser() if out else default_regularisation_folder(config, key)
+    if missing_images(prompts, folder) and pipe is None:
+        from .compare import load_base_pipeline
+
+        pipe = load_base_pipeline(config)
+    report = (lambda done: progress(done, len(prompts))) if progress else None
+    paths, reused = generate_images(pipe, prompts, folder, options, progress=report)
+    manifest = {"key": key, "base": config.model.base, "trigger_removed": words, "options": options,
+                "images": len(paths)}
+    write_text_atomic(folder / "regularisation.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    return Regularisation(folder, paths, prompts, words, reused)
