@@ -371,8 +371,9 @@ class TrainerConfig:
         if train.prior_max_ratio <= 0:
             raise ConfigError(f"train.prior_max_ratio must be > 0 (1.0: the base model's loss), got "
                               f"{train.prior_max_ratio}")
-        if train.prior_stop_ratio < 0:
-            raise ConfigError(f"train.prior_stop_ratio must be ≥ 0 (0: off), got {train.prior_stop_ratio}")
+        if train.prior_stop_ratio and not train.prior_stop_ratio > 1.0:
+            raise ConfigError(f"train.prior_stop_ratio must be above 1.0 (the ratio of an untrained adapter) or 0 "
+                              f"(off), got {train.prior_stop_ratio}")
         if train.prior_stop_ratio and not train.prior_every_n_steps:
             raise ConfigError("train.prior_stop_ratio needs train.prior_every_n_steps > 0 (the ratio it watches)")
         if any(not prompt.strip() for prompt in train.prior_prompts):

@@ -616,8 +616,9 @@ class Trainer:
         folder = self.output_dir / "cache" / "prior" / prior.cache_key(config.model.base, prompts, options)
 
         def generate() -> list[Any]:
-            if self.main:
-                counter = ev.PhaseProgress(self.events.emit, "prior", len(prompts), "images")
+            missing = prior.missing_images(prompts, folder) if self.main else 0
+            if missing:
+                counter = ev.PhaseProgress(self.events.emit, "prior", missing, "images")
                 prior.generate_images(models.pipe, prompts, folder, options,
                                       progress=lambda done: counter.advance(done - counter.done))
             self.accelerator.wait_for_everyone()

@@ -136,7 +136,8 @@ def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: di
                     progress: Callable[[int], None] | None = None) -> tuple[list[Path], int]:
     """Image ``i`` = ``prompts[i]`` at seed ``options["seed"] + i``, written as ``NNNN.png`` with its caption in
     ``NNNN.txt`` (both atomically, the caption last). Pairs already there with the same caption are kept: a rerun
-    with the same key only draws what is missing. Returns (the image paths, how many were reused)."""
+    with the same key only draws what is missing; ``progress(drawn)`` counts the drawn ones. Returns (the image
+    paths, how many were reused)."""
     from .sampling import render_previews
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,9 +152,9 @@ def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: di
             image.save(buffer, format="PNG")
             atomic_write_bytes(image_path, buffer.getvalue())
             write_text_atomic(caption_path, prompt)
+            if progress is not None:
+                progress(index + 1 - reused)
         paths.append(image_path)
-        if progress is not None:
-            progress(index + 1)
     return paths, reused
 
 
@@ -348,11 +349,12 @@ def regularise(config: Any, count: int | None = None, out: str | Path | None = N
     options = render_options(config)
     key = cache_key(config.model.base, prompts, options)
     folder = Path(out).expanduser() if out else default_regularisation_folder(config, key)
-    if missing_images(prompts, folder) and pipe is None:
+    missing = missing_images(prompts, folder)
+    if missing and pipe is None:
         from .compare import load_base_pipeline
 
         pipe = load_base_pipeline(config)
-    report = (lambda done: progress(done, len(prompts))) if progress else None
+    report = (lambda done: progress(done, missing)) if progress else None
     paths, reused = generate_images(pipe, prompts, folder, options, progress=report)
     manifest = {"key": key, "base": config.model.base, "trigger_removed": words, "options": options,
                 "images": len(paths)}
