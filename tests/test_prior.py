@@ -146,6 +146,15 @@ def test_a_run_writes_checkpoints_json_with_the_pick(model, data, tmp_path):
     assert best["path"] == expected.path and Path(best["path"]).is_file()
     assert of_kind(events, "best_checkpoint")[0]["path"] == best["path"]
     assert of_kind(events, "done")[0]["best_checkpoint"] == best["path"]
+    from safetensors import safe_open
+
+    with safe_open(str(result.output_file), framework="pt") as handle:
+        metadata = handle.metadata()
+    final = report["checkpoints"][-1]
+    assert float(metadata["rankwright_prior_ratio"]) == pytest.approx(final["prior_ratio"], rel=1e-5)
+    assert float(metadata["rankwright_validation_loss"]) == pytest.approx(final["validation_loss"], rel=1e-5)
+    picked = json.loads(metadata["rankwright_best_checkpoint"])
+    assert picked["step"] == best["step"]
 
 
 def test_prior_options_are_checked(model, data, tmp_path):

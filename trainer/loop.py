@@ -706,6 +706,9 @@ class Trainer:
             self.events.emit(ev.Phase(phase="saving", detail=f"step {state.progress.step}"))
         if self.main:
             self._measure_for_save(state)
+            self.saver.metadata = {key: value for key, value in self.saver.metadata.items()
+                                   if not key.startswith("rankwright_")}
+            self.saver.metadata.update(self.checkpoints.file_metadata(state.progress.step))
         path = self.saver.save(state, self.models, final, last, why) if self.main else None
         if path is not None:
             self.checkpoints.saved(state.progress.step, path)

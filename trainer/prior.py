@@ -288,6 +288,20 @@ class CheckpointLog:
                                              values.get("prior_ratio")))
         self.write()
 
+    def file_metadata(self, step: int) -> dict[str, str]:
+        """Keys for the file about to be saved at ``step``: its measures and, counting it as saved, the pick."""
+        values = self.measures.get(step, {})
+        keys = {f"rankwright_{name}": f"{values[name]:.6g}" for name in ("validation_loss", "prior_ratio")
+                if name in values}
+        if not self.measures:
+            return keys
+        self.forget_missing()
+        this = CheckpointRecord(step, "", values.get("validation_loss"), values.get("prior_ratio"))
+        best, why = best_checkpoint([*[r for r in self.records if r.step != step], this], self.max_prior_ratio)
+        keys["rankwright_best_checkpoint"] = json.dumps({"step": best.step, "file": Path(best.path).name or
+                                                         "this file", "why": why})
+        return keys
+
     def forget_missing(self) -> None:
         """Drop the records of files deleted since (output.save_last_n_steps)."""
         self.records = [r for r in self.records if Path(r.path).exists()]
