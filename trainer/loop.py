@@ -169,7 +169,7 @@ class Trainer:
         self.extending = False  # resuming the finished run of this very folder (see _check_outputs)
         self.saver = Saver(config, self.output_file, self.events, self.accelerator, on_save_error)
         self.timings: dict[str, float] = {}
-        self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio)
+        self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resume is not None)
         self.prior: PriorMeter | None = None  # with train.prior_every_n_steps
         # Filled by run(), in this order; kept afterwards for callers that inspect a finished run.
         self.data: TrainingData | None = None
@@ -661,9 +661,10 @@ class Trainer:
             self.stop.request(reason)
 
     def _measure_for_save(self, state: RunState) -> None:
-        """checkpoints.json reports each save's validation loss and prior ratio: measured now if not at this step."""
+        """checkpoints.json reports each save's validation loss and prior ratio (when they are measured at all):
+        measured now if not at this step."""
         step = state.progress.step
-        if self.data.validation is not None and not self.checkpoints.has(step, "validation_loss"):
+        if self.config.train.validation_every_n_steps and not self.checkpoints.has(step, "validation_loss"):
             self._validate(state)
         if self.prior is not None and not self.checkpoints.has(step, "prior_ratio"):
             self._check_prior(state)

@@ -29,6 +29,8 @@ from typing import Any
 
 from methods.files import atomic_write_bytes, write_text_atomic
 
+from .events import log
+
 CHECKPOINTS_FILE = "checkpoints.json"
 # Unrelated to any particular training set: what an adapter should leave alone (also compare's drift prompts).
 GENERIC_PROMPTS = (
@@ -269,11 +271,18 @@ def best_checkpoint(records: Sequence[CheckpointRecord | dict[str, Any]],
 class CheckpointLog:
     """``checkpoints.json``: the measures taken at each step, and one record per save (rewritten atomically)."""
 
-    def __init__(self, output_dir: Path, max_prior_ratio: float):
+    def __init__(self, output_dir: Path, max_prior_ratio: float, resuming: bool = False):
         self.path = Path(output_dir) / CHECKPOINTS_FILE
         self.max_prior_ratio = max_prior_ratio
         self.measures: dict[int, dict[str, float]] = {}
         self.records: list[CheckpointRecord] = []
+        if resuming and self.path.is_file():  # a resumed run goes on with the saves before it
+            try:
+                earlier = json.loads(self.path.read_text(encoding="utf-8"))
+                self.records = [CheckpointRecord(**record) for record in earlier["checkpoints"]]
+                self.measures = {int(m.pop("step")): m for m in earlier.get("measures", [])}
+            except (ValueError, KeyError, TypeError) as error:
+                log.warning("%s is unreadable (%s); it restarts with this run's saves", self.path, error)
 
     def measured(self, step: int, **values: float) -> None:
         self.measures.setdefault(step, {}).update(values)
