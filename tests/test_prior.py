@@ -207,3 +207,24 @@ def test_regularise_cli_draws_captioned_images_without_the_trigger_and_reuses_th
     out = tmp_path / "elsewhere"
     assert cli_main(["regularise", "--config", str(config_path), "--count", "1", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0000.txt", "regularisation.json"]
+
+
+# ==================================================================================================== compare
+def test_compare_reports_the_prior_ratio_and_goes_on_after_a_prior_stop(tmp_path):
+    """On the toy model: a method stopped by train.prior_stop_ratio is done (its own rule), not a stop of the
+    comparison; the report has each method's last prior ratio, and the drift lands in its checkpoints.json."""
+    from trainer.compare import compare
+
+    config = toy_config(tmp_path / "out", max_steps=20, prior_every_n_steps=5, prior_images=2)
+    config.sample.steps = 4
+    report = compare(config, ["lora", "loha"], tmp_path / "report", drift_prompts=["a large red circle on a white "
+                                                                                   "background"],
+                     overrides={"lora": {"train.prior_stop_ratio": 1.01}})
+    lora, loha = report.runs
+    assert [lora.status, loha.status] == ["done", "done"] and loha.steps == 20
+    assert lora.steps < 20 and "train.prior_stop_ratio" in lora.message
+    assert all(run.prior_ratio is not None for run in report.runs) and lora.prior_ratio > 1.01
+    assert "Prior ratio" in report.markdown()
+    for run in report.runs:
+        records = json.loads((Path(run.output_file).parent / CHECKPOINTS_FILE).read_text())["checkpoints"]
+        assert records[-1]["drift"] == pytest.approx(run.prior_drift)

@@ -83,6 +83,8 @@ class TrainResult:
     stopped_early: bool = False
     reason: str = ""
     state_dir: Path | None = None  # resumable state of the last save (output.save_state)
+    prior_stop: bool = False  # stopped by train.prior_stop_ratio (the run's own rule, not a stop request)
+    best_checkpoint: Path | None = None  # checkpoints.json's pick
 
 
 @dataclasses.dataclass
@@ -171,6 +173,7 @@ class Trainer:
         self.timings: dict[str, float] = {}
         self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resume is not None)
         self.prior: PriorMeter | None = None  # with train.prior_every_n_steps
+        self.prior_stop = False
         # Filled by run(), in this order; kept afterwards for callers that inspect a finished run.
         self.data: TrainingData | None = None
         self.models: Models | None = None
@@ -658,6 +661,7 @@ class Trainer:
             reason = (f"the prior loss ratio {values['ratio']:.4f} passed train.prior_stop_ratio {limit:g} at step "
                       f"{step}: the adapter is changing what the base model drew for unrelated prompts")
             log.warning("%s; stopping with a save", reason)
+            self.prior_stop = True
             self.stop.request(reason)
 
     def _measure_for_save(self, state: RunState) -> None:
@@ -758,7 +762,8 @@ class Trainer:
                                  seconds_to_first_step=round(self.timings.get("first_step", 0.0), 2),
                                  best_checkpoint=best))
         return TrainResult(path, step, state.losses, self.saver.record.files, stopped,
-                           self.stop.reason if stopped else "", last_state)
+                           self.stop.reason if stopped else "", last_state, prior_stop=stopped and self.prior_stop,
+                           best_checkpoint=Path(best) if best else None)
 
 
 # ==================================================================================================== helpers

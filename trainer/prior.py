@@ -332,6 +332,22 @@ def read_checkpoints(output_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(output_dir) / CHECKPOINTS_FILE).read_text(encoding="utf-8"))
 
 
+def record_drift(adapter_file: str | Path, drift: float | None) -> bool:
+    """Add a pixel drift measured afterwards (trainer.compare) to the record of ``adapter_file`` in the
+    checkpoints.json beside it; whether there was one to add it to."""
+    path = Path(adapter_file).parent / CHECKPOINTS_FILE
+    if drift is None or not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    records = [r for r in data.get("checkpoints", []) if Path(r["path"]) == Path(adapter_file)]
+    for record in records:
+        record["drift"] = drift
+    if data.get("best") and Path(data["best"]["path"]) == Path(adapter_file):
+        data["best"]["drift"] = drift
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return bool(records)
+
+
 # ================================================================================================ regularisation
 @dataclasses.dataclass
 class Regularisation:
