@@ -157,6 +157,18 @@ def test_a_run_writes_checkpoints_json_with_the_pick(model, data, tmp_path):
     assert picked["step"] == best["step"]
 
 
+def test_an_extended_run_keeps_the_earlier_saves_in_checkpoints_json(model, data, tmp_path):
+    out = tmp_path / "out"
+    config = make_config(model["folder"], data, out, train={"max_steps": 2, "prior_every_n_steps": 1,
+                                                            "prior_images": 2}, sample=FAST_SAMPLE)
+    Trainer(config).run()
+    Trainer(config.with_overrides(["train.max_steps=3"]), resume=out / "adapter-state").run()
+    records = json.loads((out / CHECKPOINTS_FILE).read_text())["checkpoints"]
+    assert [(r["step"], Path(r["path"]).name) for r in records] == [(2, "adapter-step000002.safetensors"),
+                                                                     (3, "adapter.safetensors")]
+    assert all(r["prior_ratio"] is not None for r in records)
+
+
 def test_prior_options_are_checked(model, data, tmp_path):
     base = {"train": {"prior_every_n_steps": 0, "prior_stop_ratio": 1.5}}
     with pytest.raises(ConfigError, match="prior_every_n_steps"):

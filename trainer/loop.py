@@ -334,6 +334,8 @@ class Trainer:
                               "is nothing to train; raise train.max_steps (or train.epochs) to extend the run")
         self.accelerator.wait_for_everyone()  # every process has read the state before it moves
         kept = keep_finished_run(self.output_file, step) if self.main else None
+        if kept is not None:
+            self.checkpoints.renamed(self.output_file, kept)
         self.resume_from = state_dir(kept) if kept is not None else self.resume_from
         return kept
 

@@ -311,6 +311,14 @@ class CheckpointLog:
                                                          "this file", "why": why})
         return keys
 
+    def renamed(self, old: Path, new: Path) -> None:
+        """A save moved (an extended run keeps its old final file under its step name)."""
+        for record in self.records:
+            if record.path == str(old):
+                record.path = str(new)
+        if self.records:
+            self.write()
+
     def forget_missing(self) -> None:
         """Drop the records of files deleted since (output.save_last_n_steps)."""
         self.records = [r for r in self.records if Path(r.path).exists()]
