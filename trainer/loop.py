@@ -667,13 +667,16 @@ class Trainer:
             self.stop.request(reason)
 
     def _measure_for_save(self, state: RunState) -> None:
-        """checkpoints.json reports each save's validation loss and prior ratio (when they are measured at all):
-        measured now if not at this step."""
+        """checkpoints.json and the file's metadata report each save's validation loss and prior ratio (when they
+        are measured at all): measured now if not at this step."""
         step = state.progress.step
         if self.config.train.validation_every_n_steps and not self.checkpoints.has(step, "validation_loss"):
             self._validate(state)
         if self.prior is not None and not self.checkpoints.has(step, "prior_ratio"):
             self._check_prior(state)
+        self.saver.metadata = {key: value for key, value in self.saver.metadata.items()
+                               if not key.startswith("rankwright_")}
+        self.saver.metadata.update(self.checkpoints.file_metadata(step))
 
     def _report_best(self) -> str | None:
         """The best trade-off among the saves (checkpoints.json), logged and sent as an event; its path."""
@@ -711,11 +714,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.main:
             self.events.emit(ev.Phase(phase="saving", detail=f"step {state.progress.step}"))
-        if self.main:
             self._measure_for_save(state)
-            self.saver.metadata = {key: value for key, value in self.saver.metadata.items()
-                                   if not key.startswith("rankwright_")}
-            self.saver.metadata.update(self.checkpoints.file_metadata(state.progress.step))
         path = self.saver.save(state, self.models, final, last, why) if self.main else None
         if path is not None:
             self.checkpoints.saved(state.progress.step, path)
