@@ -4,6 +4,7 @@ ratio, and the regularisation images of ``python -m trainer regularise``. Tiny S
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,22 @@ def test_compare_reports_the_prior_ratio_and_goes_on_after_a_prior_stop(tmp_path
     for run in report.runs:
         records = json.loads((Path(run.output_file).parent / CHECKPOINTS_FILE).read_text())["checkpoints"]
         assert records[-1]["drift"] == pytest.approx(run.prior_drift)
+
+
+# ==================================================================================================== any base
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_prior_ratio_on_sd3_and_flux(family, tmp_path):
+    """The ratio is model-agnostic: the tiny SD3/Flux pipelines draw their prior images and measure it too."""
+    from dit_pipelines import tiny_pipeline_factory
+    from test_dit_training import BASES, SIZE, dit_config
+
+    folder = tmp_path / BASES[family]
+    tiny_pipeline_factory(tmp_path / "tokenizers")(BASES[family]).save_pretrained(folder)
+    write_images(tmp_path / "data", 2, size=(SIZE, SIZE), caption="a photo of zq")
+    bases = {"folders": {family: folder}, "data": tmp_path / "data"}
+    config = dit_config(bases, family, tmp_path / "out", train={"max_steps": 2, "prior_every_n_steps": 1,
+                                                                "prior_images": 2}, sample=FAST_SAMPLE)
+    events: list[dict] = []
+    Trainer(config, on_event=events.append).run()
+    ratios = [event["ratio"] for event in of_kind(events, "prior")]
+    assert len(ratios) == 3 and ratios[0] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios)

@@ -143,6 +143,8 @@ def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: di
     from .sampling import render_previews
 
     folder.mkdir(parents=True, exist_ok=True)
+    if getattr(pipe, "transformer", None) is not None:  # SD3/Flux pipelines have their flow-matching Euler only
+        options = {**options, "sampler": "euler"}
     paths, reused = [], 0
     for index, prompt in enumerate(prompts):
         image_path, caption_path = folder / f"{index:04d}.png", folder / f"{index:04d}.txt"
