@@ -222,7 +222,6 @@ class PriorLoss(Event):
     model's on the same noise; 1.0 = unchanged."""
 
     KIND = "prior"
-    ON_CLI = False
     step: int = 0
     ratio: float | None = None
     prior_loss: float | None = None  # the adapted model's (the UI plots it beside the training loss)
