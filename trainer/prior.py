@@ -65,7 +65,7 @@ def prior_prompts(config: Any) -> list[str]:
 def trigger_words(config: Any, items: Sequence[Any]) -> list[str]:
     """The words that name the concept: dataset.trigger_word (and the subsets'), else the class words of the
     image folders ("10_zq" → "zq") that the captions use, else the most common first caption tag."""
-    from .dataset import parse_folder_name, split_tags
+    from .dataset import _contains_word, parse_folder_name, split_tags
 
     data = config.dataset
     words = [word for word in [data.trigger_word, *(s.trigger_word or "" for s in data.subsets)] if word.strip()]
@@ -73,7 +73,7 @@ def trigger_words(config: Any, items: Sequence[Any]) -> list[str]:
         return list(dict.fromkeys(word.strip() for word in words))
     captions = [item.caption for item in items if item.caption]
     folders = {parse_folder_name(item.folder)[1].strip() for item in items}
-    words = sorted(word for word in folders if word and any(_has_word(c, word) for c in captions))
+    words = sorted(word for word in folders if word and any(_contains_word(c, word) for c in captions))
     if words:
         return words
     firsts = Counter(tags[0] for tags in (split_tags(c) for c in captions) if tags)
@@ -110,10 +110,6 @@ def regularisation_prompts(config: Any, items: Sequence[Any], count: int | None 
     distinct = list(dict.fromkeys(prompts)) or ["a photo"]
     count = len(items) if count is None else count
     return [distinct[index % len(distinct)] for index in range(count)], words
-
-
-def _has_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
 
 
 # ================================================================================================ generation
