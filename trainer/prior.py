@@ -338,6 +338,60 @@ def read_checkpoints(output_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(output_dir) / CHECKPOINTS_FILE).read_text(encoding="utf-8"))
 
 
+@dataclasses.dataclass
+class RunCheckpoints:
+    """A run folder's saves as checkpoints.json lists them, each file taken by its name inside the folder."""
+
+    folder: Path
+    records: list[CheckpointRecord]  # by step; ``path`` is ``folder / <the record's file name>`` and exists
+    best: CheckpointRecord | None
+    why: str
+    max_prior_ratio: float
+
+
+def run_checkpoints(output_dir: str | Path) -> RunCheckpoints:
+    """The saves listed in ``output_dir``'s checkpoints.json whose files still lie in ``output_dir`` (a record is
+    taken by its file name there, whatever folder it names: the file need not be where the run wrote it, and a
+    record never leads outside the folder), with the pick over them. No file, or an unreadable one: no records."""
+    folder = Path(output_dir).expanduser().resolve()
+    try:
+        data = read_checkpoints(folder)
+        max_ratio = float(data.get("max_prior_ratio", 1.1))
+        listed = [CheckpointRecord(**record) for record in data.get("checkpoints", [])]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return RunCheckpoints(folder, [], None, "", 1.1)
+    records = []
+    for record in sorted(listed, key=lambda r: r.step):
+        path = folder / Path(str(record.path)).name
+        if _is_checkpoint_file(path, folder):
+            records.append(dataclasses.replace(record, path=str(path)))
+    pick = best_checkpoint(records, max_ratio)
+    return RunCheckpoints(folder, records, *(pick if pick else (None, "")), max_ratio)
+
+
+def _is_checkpoint_file(path: Path, folder: Path) -> bool:
+    return path.suffix == ".safetensors" and path.is_file() and path.resolve().parent == folder
+
+
+def find_checkpoint(output_dir: str | Path, choice: str | int) -> CheckpointRecord:
+    """The save of ``output_dir`` that ``choice`` names — its step, or its file name as :func:`run_checkpoints`
+    lists it. ValueError for anything else: a name with a folder in it, a step or name with no save."""
+    checkpoints = run_checkpoints(output_dir)
+    text = str(choice).strip()
+    if not text:
+        raise ValueError("choose a checkpoint from the list")
+    if text.isdigit():
+        found = [r for r in checkpoints.records if r.step == int(text)]
+    elif Path(text).name != text or text in (".", ".."):
+        raise ValueError(f"{text!r} is not a checkpoint file name: choose one from the list")
+    else:
+        found = [r for r in checkpoints.records if Path(r.path).name == text]
+    if not found:
+        raise ValueError(f"no checkpoint {text!r} in {checkpoints.folder} (its checkpoints.json lists "
+                         f"{len(checkpoints.records)} save(s) whose file is there)")
+    return found[-1]
+
+
 def record_drift(adapter_file: str | Path, drift: float | None) -> bool:
     """Add a pixel drift measured afterwards (trainer.compare) to the record of ``adapter_file`` in the
     checkpoints.json beside it; whether there was one to add it to."""
@@ -362,6 +416,13 @@ class Regularisation:
     prompts: list[str]
     trigger: list[str]  # the words removed from the captions
     reused: int  # images found in the folder already (same key)
+    stopped: bool = False  # a stop ended it: ``paths`` are the images drawn so far
+
+
+def regularisation_images(folder: Path, prompts: Sequence[str]) -> list[Path]:
+    """The images of :func:`generate_images`' pairs for ``prompts`` that ``folder`` holds."""
+    return [folder / f"{index:04d}.png" for index, prompt in enumerate(prompts)
+            if _present(folder / f"{index:04d}.png", folder / f"{index:04d}.txt", prompt)]
 
 
 def default_regularisation_folder(config: Any, key: str) -> Path:
@@ -374,14 +435,18 @@ def default_regularisation_folder(config: Any, key: str) -> Path:
 
 def regularise(config: Any, count: int | None = None, out: str | Path | None = None,
                trigger: Sequence[str] | None = None, pipe: Any = None,
-               progress: Callable[[int, int], None] | None = None) -> Regularisation:
+               progress: Callable[[int, int], None] | None = None, root: str | Path | None = None,
+               stop: Any = None) -> Regularisation:
     """Draw regularisation images with the base model: the training captions without the trigger word(s)
     (:func:`regularisation_prompts`), one image per prompt at the [sample] settings and the dataset's resolution,
-    into ``out`` (default :func:`default_regularisation_folder`) with caption files. Images already there for the
-    same prompt are reused; the base model is loaded only when something is missing. ``progress(done, total)``."""
+    into ``out`` (default ``<root>/<key>``, without a root :func:`default_regularisation_folder`) with caption
+    files. Images already there for the same prompt are reused; the base model is loaded only when something is
+    missing. ``progress(done, total)``, first with 0 once the number to draw is known. ``stop`` (a
+    :class:`trainer.events.StopSignal`) ends it within a denoising step; the images drawn so far are kept."""
     from methods.base import ConfigError
 
     from .dataset import scan_dataset
+    from .sampling import RenderStopped, on_denoising_step
 
     if count is not None and count < 1:
         raise ConfigError(f"--count must be ≥ 1, got {count}")
@@ -393,14 +458,30 @@ def regularise(config: Any, count: int | None = None, out: str | Path | None = N
     prompts, words = regularisation_prompts(config, items, count, trigger)
     options = render_options(config)
     key = cache_key(config.model.base, prompts, options)
-    folder = Path(out).expanduser() if out else default_regularisation_folder(config, key)
+    if out:
+        folder = Path(out).expanduser()
+    else:
+        folder = Path(root) / key if root else default_regularisation_folder(config, key)
     missing = missing_images(prompts, folder)
-    if missing and pipe is None:
-        from .compare import load_base_pipeline
+    if progress:
+        progress(0, missing)
 
-        pipe = load_base_pipeline(config)
-    report = (lambda done: progress(done, missing)) if progress else None
-    paths, reused = generate_images(pipe, prompts, folder, options, progress=report)
+    def check_stop() -> None:
+        if stop is not None and stop.requested():
+            raise RenderStopped("regularisation images stopped")
+
+    try:
+        check_stop()
+        if missing and pipe is None:
+            from .compare import load_base_pipeline
+
+            pipe = load_base_pipeline(config)
+        report = (lambda done: progress(done, missing)) if progress else None
+        with on_denoising_step(check_stop):
+            paths, reused = generate_images(pipe, prompts, folder, options, progress=report)
+    except RenderStopped:
+        drawn = regularisation_images(folder, prompts)
+        return Regularisation(folder, drawn, prompts, words, len(prompts) - missing, stopped=True)
     manifest = {"key": key, "base": config.model.base, "trigger_removed": words, "options": options,
                 "images": len(paths)}
     write_text_atomic(folder / "regularisation.json", json.dumps(manifest, indent=2, default=str) + "\n")

@@ -83,6 +83,7 @@ class RankwrightUI(DatasetCallbacks, ModelCallbacks, TrainingCallbacks, CompareC
         self.checker = workspace.ImageChecker()
         self.foreign_jobs: set[str] = set()  # job records on disk that are ignored (warned about once)
         self.captioning, self.reporting, self.trying = TaskSlot("captioning"), TaskSlot("report"), TaskSlot("try it")
+        self.regularising = TaskSlot("regularisation")
         self.try_results: list[tuple[Any, str]] = []
         self.tensorboard_url = tensorboard_url
         self.demo: gr.Blocks | None = None

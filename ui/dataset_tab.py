@@ -24,6 +24,7 @@ from .common import USER_ERRORS, Layout, progress_html
 from .tasks import Task, TaskSlot
 from .workspace import WorkspaceError
 
+REGULARISATION_FOLDER = "regularisation"  # in datasets/: <key>/ per base model, captions and settings
 REPORT_ROWS = 200  # images listed in the report's table (the contact sheet shows those with warnings first)
 CAPTION_MODES = [("only images without a caption", "skip_existing"), ("replace every caption", "overwrite"),
                  ("append to the caption", "append")]
@@ -34,6 +35,7 @@ class DatasetCallbacks:
 
     captioning: TaskSlot
     reporting: TaskSlot
+    regularising: TaskSlot
 
     # ================================================================ gallery and captions
     def dataset_view(self, dataset_dir: str, extension: str = ".txt") -> tuple:
@@ -202,6 +204,65 @@ class DatasetCallbacks:
                 pass
         return (status, progress_html(task.fraction, task.progress_text()), recent, *view, session)
 
+    # ================================================================ regularisation images
+    def regularise_start(self, count: float | None, *args) -> str:
+        """Draw regularisation images with the base model in a server thread (``python -m trainer regularise``'s
+        :func:`trainer.prior.regularise`): the captions without the trigger word, ``count`` images (empty or 0: one
+        per training image), into ``datasets/regularisation/<key>``, where a rerun of the same settings reuses
+        them."""
+        from trainer.prior import regularise
+
+        if count not in (None, "") and (not float(count).is_integer() or float(count) < 0):
+            raise WorkspaceError(f"give the number of images as a whole number (0 = one per training image), "
+                                 f"got {count!r}")
+        config = self.confine(self.config_from(args))
+        wanted = int(count) if count not in (None, "") and float(count) > 0 else None
+        root = self.ws.datasets / REGULARISATION_FOLDER
+
+        def run(task: Task) -> Any:
+            task.progress(phase="reading the captions")
+
+            def progress(done: int, total: int) -> None:
+                phase = "drawing with the base model" if done else "loading the base model, then drawing" if total \
+                    else "all cached"
+                task.progress(phase=phase, done=done, total=total, unit="images")
+
+            return regularise(config, count=wanted, root=root, progress=progress, stop=task.stop)
+
+        self.regularising.start(f"regularisation images of {Path(config.dataset.dir).name}", run,
+                                refusal=WorkspaceError)
+        return "Started: images already drawn for the same captions and settings are reused."
+
+    def regularise_stop(self) -> str:
+        self.regularising.stop()
+        return "Stop requested: the images drawn so far are kept (a new start reuses them)."
+
+    def poll_regularising(self, session: dict | None) -> tuple:
+        """(status, progress, the *Use as regularisation folder* button, session)."""
+        session = dict(session or {})
+        task = self.regularising.task
+        if task is None or session.get("version") == (id(task), task.version):
+            return (*(gr.skip(),) * 3, session)
+        session["version"] = (id(task), task.version)
+        status, result = task.status_text(), task.result
+        if not task.running and result is not None:
+            removed = ", ".join(f"“{word}”" for word in result.trigger) or "nothing"
+            status += (f" — **{len(result.paths)} of {len(result.prompts)} image(s)** in `{result.folder}` "
+                       f"({result.reused} reused; removed from the captions: {removed})")
+            status += (". Start again to draw the rest." if result.stopped else
+                       ". *Use as the regularisation folder* sets dataset.reg_dir to it (Training tab → Advanced).")
+        usable = not task.running and result is not None and bool(result.paths)
+        return status, progress_html(task.fraction, task.progress_text()), gr.update(visible=usable), session
+
+    def regularise_use(self) -> tuple[str, str]:
+        """(dataset.reg_dir's new value: the last regularisation images' folder, message)."""
+        task = self.regularising.task
+        if task is None or task.running or task.result is None or not task.result.paths:
+            raise WorkspaceError("generate regularisation images first")
+        folder = self.ws.dataset_folder(str(task.result.folder))
+        return (str(folder), f"dataset.reg_dir = `{folder}` ({len(task.result.paths)} image(s)): training keeps "
+                             "what the base model draws for these captions, and measures the prior loss ratio on them.")
+
     # ================================================================ dataset report
     def report_start(self, *args) -> str:
         """Build the dataset report of the form's [dataset] settings in a server thread."""
@@ -366,6 +427,16 @@ def layout(ui: Any, L: Layout) -> None:
             "caption", "Caption images")
         caption_recent = gr.Markdown(elem_id="caption-recent")
 
+    with gr.Accordion("Regularisation images", open=False, elem_id="regularisation"):
+        gr.Markdown("Images the **base model** draws for your captions with the trigger word removed (the same as "
+                    "`python -m trainer regularise`): trained as regularisation images (`dataset.reg_dir`), they "
+                    "keep the model's own idea of the class, and the prior loss ratio is measured on them. Drawn "
+                    "into the workspace's `datasets/regularisation/`; the same captions and settings reuse them.")
+        reg_count = gr.Number(value=0, precision=0, minimum=0, label="Images (0 = one per training image)",
+                              elem_id="regularise-count")
+        reg_start, reg_stop, reg_message, reg_status, reg_progress = task_controls(
+            "regularise", "Generate regularisation images")
+        reg_use = gr.Button("Use as the regularisation folder", visible=False, elem_id="regularise-use")
     with gr.Accordion("Dataset report", open=False, elem_id="dataset-report"):
         gr.Markdown("What training will do with every image, with the settings of the other tabs: the bucket it "
                     "lands in and the part it keeps (the yellow box; the dimmed part is cut away), images that are "
@@ -412,6 +483,13 @@ def wire(ui: Any, L: Layout) -> None:
     caption_session = gr.State({})
     L.timer.tick(ui.poll_captioning, [caption_session, dataset_dir, extension],
                  [s["caption_status"], s["caption_progress"], s["caption_recent"], *view, caption_session],
+                 show_progress="hidden", concurrency_limit=None, queue=False)
+    s["reg_start"].click(guard(ui.regularise_start, 1, 0), [s["reg_count"], *inputs], [s["reg_message"]],
+                         concurrency_limit=1)
+    s["reg_stop"].click(guard(ui.regularise_stop, 1, 0), None, [s["reg_message"]])
+    s["reg_use"].click(guard(ui.regularise_use, 2, 1), None, [L.comps["dataset.reg_dir"], s["reg_message"]])
+    reg_session = gr.State({})
+    L.timer.tick(ui.poll_regularising, [reg_session], [s["reg_status"], s["reg_progress"], s["reg_use"], reg_session],
                  show_progress="hidden", concurrency_limit=None, queue=False)
     s["report_start"].click(guard(ui.report_start, 1, 0), inputs, [s["report_message"]], concurrency_limit=1)
     s["report_stop"].click(guard(ui.report_stop, 1, 0), None, [s["report_message"]])

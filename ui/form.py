@@ -236,7 +236,21 @@ ABBREVIATIONS = {"lr": "learning rate", "te": "text encoder", "te1": "text encod
                  "fp16": "fp16", "bf16": "bf16", "fp32": "fp32", "cfg": "CFG", "dim": "dim", "max": "maximum",
                  "min": "minimum", "lycoris": "LyCORIS", "kohya": "kohya", "tb": "TensorBoard", "wandb": "W&B",
                  "dit": "DiT", "t5": "T5", "clip": "CLIP", "ss": "ss", "ohem": "OHEM", "huber": "Huber"}
+# The Advanced accordion's "Keep the model (forgetting)" group (trainer.prior), apart from their sections.
+FORGETTING_KEYS = ("train.prior_every_n_steps", "train.prior_stop_ratio", "train.prior_max_ratio",
+                   "train.prior_images", "train.prior_prompts", "dataset.reg_dir")
 INFOS = {
+    "train.prior_every_n_steps": "the prior loss ratio: the adapted model's denoising loss on images it should leave "
+                                 "alone over the base model's (1.0 = unchanged); also at the start, each save and "
+                                 "the end",
+    "train.prior_stop_ratio": "e.g. 1.2: once the ratio passes it, the run saves and stops (0 = never)",
+    "train.prior_max_ratio": "the checkpoint pick: the lowest concept validation loss among the saves whose ratio is "
+                             "at most this (else the lowest ratio)",
+    "train.prior_images": "used without regularisation images: drawn once by the base model, cached in the output "
+                          "folder",
+    "train.prior_prompts": "one per line; prompts the adapter should not change (empty = six unrelated ones)",
+    "dataset.reg_dir": "regularisation (prior-preservation) images, e.g. from the Dataset tab's *Regularisation "
+                       "images*; the prior loss ratio is measured on them when set",
     "dataset.dir": "the training images, in the workspace's datasets/ (a name is enough) or a server --data-dir; "
                    "a sub-folder named N_name repeats its images N times per epoch",
     "output.dir": "where the adapter, previews, events.jsonl and resumable state are written: a folder in the "

@@ -123,6 +123,50 @@ class ResultsCallbacks:
         return (summary, metadata, previews, size if size else gr.skip(),
                 default_prompt if default_prompt and not (prompt or "").strip() else gr.skip())
 
+    # ================================================================ a run's checkpoints
+    def checkpoints_of(self, folder: str | None, selected: str | None = None) -> tuple[str, Any]:
+        """(the run folder's checkpoints.json as a table with the pick and its reason, the checkpoint dropdown
+        showing ``selected`` if listed, else the pick). The folder is confined to ``outputs/``; files are taken by
+        name inside it."""
+        from trainer.prior import run_checkpoints
+
+        if not folder:
+            return "No run yet.", gr.update(choices=[], value=None)
+        checkpoints = run_checkpoints(self.ws.output_folder(folder))
+        if not checkpoints.records:
+            return ("No checkpoints listed yet: each save of the run (Advanced → *Output* → save every N steps) "
+                    "is listed here with its losses and prior loss ratio.", gr.update(choices=[], value=None))
+        choices = checkpoint_choices(checkpoints)
+        value = selected if selected in [name for _, name in choices] else Path(checkpoints.best.path).name
+        return checkpoints_markdown(checkpoints), gr.update(choices=choices, value=value)
+
+    def adapter_checkpoints(self, adapter: str | None) -> tuple[str, Any, str]:
+        """(table, dropdown, the run folder) of the selected adapter's run: the folder it lies in."""
+        if not adapter:
+            return "No adapter selected.", gr.update(choices=[], value=None), ""
+        file = self.ws.output_file(adapter)
+        return (*self.checkpoints_of(str(file.parent), file.name), str(file.parent))
+
+    def use_checkpoint(self, folder: str | None, choice: str | None) -> tuple[Any, Any, Any, str | None, str]:
+        """Make the chosen checkpoint of the run the adapter of *Try it* and the download: (training files,
+        comparison files, the adapter dropdown, the file to download, message). The choice is a step or a file
+        name, looked up in the run folder's checkpoints.json; anything else is refused."""
+        from trainer.prior import find_checkpoint
+
+        if not folder:
+            raise WorkspaceError("no run to choose a checkpoint of yet")
+        try:
+            record = find_checkpoint(self.ws.output_folder(folder), choice or "")
+        except ValueError as error:
+            raise WorkspaceError(str(error)) from None
+        file = self.ws.output_file(record.path)
+        training, compared, adapter = self.results(str(file))
+        if adapter["value"] != str(file):  # a run the UI did not start (a shell's, in outputs/): listed all the same
+            adapter = gr.update(choices=[(adapter_label(str(file)), str(file)), *adapter["choices"]], value=str(file))
+        return (training, compared, adapter, str(file),
+                f"Using `{file.name}` (step {record.step}): it is the adapter of *Try it* (Results tab) and the file "
+                "to download.")
+
     # ================================================================ try it
     def try_it(self, base: str, arch: str, prediction_type: str, tokenizer: str, adapter: str | None, prompt: str,
                strength: float, seed: float, steps: float, size: float) -> tuple:
@@ -207,6 +251,55 @@ class ResultsCallbacks:
         return status, progress_html(task.fraction, task.progress_text()), list(self.try_results), session
 
 
+def _number(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def checkpoints_markdown(checkpoints: Any) -> str:
+    """The saves as a table (step, file, concept validation loss, prior ratio, drift; the pick starred) and why the
+    pick is the pick."""
+    lines = ["| step | file | concept validation loss | prior loss ratio | drift | |", "|---|---|---|---|---|---|"]
+    for record in checkpoints.records:
+        best = "★ best" if checkpoints.best is not None and record.path == checkpoints.best.path else ""
+        name = Path(record.path).name.replace("`", "'").replace("|", "\\|")  # inside a table cell's code
+        lines.append(f"| {record.step} | `{name}` | "
+                     f"{_number(record.validation_loss, 5)} | {_number(record.prior_ratio, 4)} | "
+                     f"{_number(record.drift, 3)} | {best} |")
+    if checkpoints.best is not None:
+        lines += ["", f"**Best: step {checkpoints.best.step}** — {checkpoints.why}. A prior loss ratio of 1.0 = the "
+                      "base model unchanged on unrelated images; higher = the adapter bleeds into them (tolerance "
+                      f"train.prior_max_ratio = {checkpoints.max_prior_ratio:g})."]
+    return "\n".join(lines)
+
+
+def checkpoint_choices(checkpoints: Any) -> list[tuple[str, str]]:
+    best = checkpoints.best.path if checkpoints.best is not None else None
+    return [(f"step {r.step} · {Path(r.path).name}" + (" ★ best" if r.path == best else ""), Path(r.path).name)
+            for r in checkpoints.records]
+
+
+def checkpoint_controls(name: str) -> dict[str, Any]:
+    """A run's checkpoints table, the checkpoint dropdown, *Use this checkpoint*, its message and the chosen
+    file to download (element ids ``<name>-table``, ``<name>-choice``, ``<name>-use``, ``<name>-message``,
+    ``<name>-file``), with the run folder they belong to (server-side state)."""
+    with gr.Accordion("Checkpoints", open=True, elem_id=name):
+        table = gr.Markdown("No run yet.", elem_id=f"{name}-table")
+        with gr.Row():
+            choice = gr.Dropdown(label="Checkpoint", choices=[], elem_id=f"{name}-choice", scale=3)
+            use = gr.Button("Use this checkpoint", elem_id=f"{name}-use", scale=1)
+        message = gr.Markdown(elem_id=f"{name}-message")
+        file = gr.File(label="Chosen checkpoint (click to download)", interactive=False, elem_id=f"{name}-file")
+    return {"table": table, "choice": choice, "use": use, "message": message, "file": file, "run": gr.State("")}
+
+
+def wire_checkpoint_controls(ui: Any, L: Layout, controls: dict[str, Any]) -> None:
+    """*Use this checkpoint* → the Results tab's adapter (which Try it renders) and the download."""
+    results = L.tabs["results"]
+    controls["use"].click(L.guard(ui.use_checkpoint, 5, 4), [controls["run"], controls["choice"]],
+                          [results["train_files"], results["compare_files"], results["adapter"], controls["file"],
+                           controls["message"]])
+
+
 def training_size(metadata: dict[str, Any]) -> int | None:
     """The training resolution an adapter's metadata names (its longer side), or None."""
     text = str(metadata.get("modelspec.resolution") or metadata.get("ss_resolution") or "")
@@ -227,6 +320,7 @@ def layout(ui: Any, L: Layout) -> None:
                           allow_preview=True, object_fit="contain")
     with gr.Accordion("Metadata", open=False):
         metadata = gr.JSON(label="Metadata", elem_id="metadata")
+    checkpoints = checkpoint_controls("result-checkpoints")
     gr.Markdown("### Try it\nThe same prompt and seed with the adapter and without it (base model from the Model "
                 "tab); each render adds a labelled pair, newest first.")
     with gr.Row():
@@ -252,6 +346,10 @@ def wire(ui: Any, L: Layout) -> None:
     s["refresh"].click(guard(ui.refresh_results, 3), [s["adapter"]], outputs)
     s["adapter"].change(guard(ui.adapter_details, 5, 0), [s["adapter"], s["prompt"]],
                         [s["summary"], s["metadata"], s["previews"], s["size"], s["prompt"]], show_progress="hidden")
+    checkpoints = s["checkpoints"]
+    s["adapter"].change(guard(ui.adapter_checkpoints, 3, 0), [s["adapter"]],
+                        [checkpoints["table"], checkpoints["choice"], checkpoints["run"]], show_progress="hidden")
+    wire_checkpoint_controls(ui, L, checkpoints)
     model_inputs = L.tabs["model"]["model_inputs"]
     s["generate"].click(guard(ui.try_start, 1, 0), [*model_inputs, s["adapter"], s["prompt"], s["strength"],
                                                     s["seed"], s["steps"], s["size"]], [s["status"]])

@@ -22,6 +22,7 @@ from trainer.config import TrainerConfig
 from . import form
 from .common import Layout, job_controls, progress_html
 from .jobs import JobError, JobRecord
+from .results_tab import checkpoint_controls, wire_checkpoint_controls
 from .views import JobView
 
 LOG_SHOWN = 200  # log lines sent to the page (newest first)
@@ -128,6 +129,31 @@ class TrainingCallbacks:
             return (f"Retrying the save of `{code_text(question['path'])}`; the log says whether it worked (if not, "
                     "you are asked again).")
         return "Saving to the rescue folder; the log and the status line name the file."
+
+    def poll_checkpoints(self, session: dict | None, selected: str | None = None) -> tuple:
+        """Timer tick: (the prior loss ratio line, the run's checkpoints table, the checkpoint dropdown, the run
+        folder, session) of the current training job; re-sent when a ratio or a save arrives."""
+        session = dict(session or {})
+        try:
+            record = self.own_job(self.runner.current())
+            view = self.runner.view(record) if record is not None and record.kind == "train" else None
+            key = (record.id, len(view.prior_ratios), len(view.saves), view.finished) if view else None
+            if "checkpoints" in session and session["checkpoints"] == key:
+                return (*(gr.skip(),) * 4, session)
+            session["checkpoints"] = key
+            if view is None:
+                return "", *self.checkpoints_of(None), "", session
+            try:
+                stop_ratio = TrainerConfig.load(record.config_path).train.prior_stop_ratio
+            except Exception:  # an old job's settings: the ratio without its stop
+                stop_ratio = 0.0
+            return (prior_ratio_text(view, stop_ratio), *self.checkpoints_of(record.output_dir, selected),
+                    record.output_dir, session)
+        except Exception:  # a broken tick must not flood the page with errors every second
+            import logging
+
+            logging.getLogger("rankwright.ui").exception("poll of the checkpoints failed")
+            return (*(gr.skip(),) * 4, session)
 
     def _no_job(self, adapter: str | None) -> tuple:
         return ("No training job yet.", progress_html(0, "idle"), gr.skip(), [], "", *self.results(adapter),
@@ -303,6 +329,19 @@ def save_question_text(question: dict[str, Any]) -> str:
             f"workspace, so the UI names the file but does not serve it).{until}")
 
 
+def prior_ratio_text(view: JobView, stop_ratio: float = 0.0) -> str:
+    """The prior loss ratio now, its highest and the last few, with what 1.0 means; "" while none was measured."""
+    if not view.prior_ratios:
+        return ""
+    step, ratio = view.prior_ratios[-1]
+    high_step, high = max(view.prior_ratios, key=lambda point: (point[1], -point[0]))
+    recent = " → ".join(f"{value:.4f}" for _, value in view.prior_ratios[-5:])
+    stop = f"; the run stops above {stop_ratio:g} (train.prior_stop_ratio)" if stop_ratio > 0 else ""
+    return (f"**Prior loss ratio {ratio:.4f}** at step {step} (1.0 = unchanged: the base model's behaviour on "
+            f"unrelated images is kept; higher = the adapter bleeds into them) · highest {high:.4f} at step "
+            f"{high_step} · last: {recent}{stop}")
+
+
 def newest_first(previews: list[str]) -> list[str]:
     """Preview files (``step000050_0.png``, ``step000050_1.png``, …) with the latest step first and each step's
     prompts in order: the newest previews show what the adapter does now, without scrolling."""
@@ -362,7 +401,13 @@ def layout(ui: Any, L: Layout) -> None:
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         for section in sections:
             gr.Markdown(f"**{SECTION_TITLES.get(section, section.capitalize())}**")
-            L.grid([k for k in L.keys_of(section) if not L.fields[k].main], 4)
+            L.grid([k for k in L.keys_of(section) if not L.fields[k].main and k not in form.FORGETTING_KEYS], 4)
+        gr.Markdown("**Keep the model (forgetting)**\n\nHow much the adapter changes what the base model already "
+                    "draws: the *prior loss ratio* (1.0 = unchanged, higher = it bleeds into unrelated prompts) is "
+                    "measured every N steps on regularisation images (the Dataset tab generates them) or on images "
+                    "the base model draws for the prior prompts; each save lists it in the run's checkpoints, "
+                    "where the best trade-off is picked.", elem_id="forgetting")
+        L.grid(list(form.FORGETTING_KEYS), 3)
     effective = gr.Markdown(elem_id="effective-training")
     start, stop, message, status, progress = job_controls(
         "Start training", "No training job yet.", ids=("start", "stop", "job-message", "job-status", "progress"))
@@ -399,6 +444,8 @@ def layout(ui: Any, L: Layout) -> None:
                 log_scale = gr.Checkbox(label="Log scale (log10)", value=False, elem_id="log-scale")
         previews = gr.Gallery(label="Previews (newest first)", columns=3, height=320, elem_id="previews",
                               allow_preview=True, scale=2)
+    prior_ratio = gr.Markdown(elem_id="prior-ratio")
+    checkpoints = checkpoint_controls("checkpoints")
     log_box = gr.Textbox(label="Log (newest first)", lines=12, max_lines=12, elem_id="log", elem_classes="rw-mono",
                          interactive=False)
     tensorboard = gr.Markdown(ui.tensorboard_text(), elem_id="tensorboard")
@@ -424,6 +471,11 @@ def wire(ui: Any, L: Layout) -> None:
                  show_progress="hidden", concurrency_limit=None, queue=False)
     s["save_retry"].click(guard(lambda: ui.save_answer("retry"), 1, 0), None, [s["message"]])
     s["save_rescue"].click(guard(lambda: ui.save_answer("rescue"), 1, 0), None, [s["message"]])
+    checkpoints, checkpoint_session = s["checkpoints"], gr.State({})
+    L.timer.tick(ui.poll_checkpoints, [checkpoint_session, checkpoints["choice"]],
+                 [s["prior_ratio"], checkpoints["table"], checkpoints["choice"], checkpoints["run"],
+                  checkpoint_session], show_progress="hidden", concurrency_limit=None, queue=False)
+    wire_checkpoint_controls(ui, L, checkpoints)
     queue_session = gr.State({})
     L.timer.tick(ui.poll_queue, [queue_session], [s["queue_table"], s["queue_select"], queue_session],
                  show_progress="hidden", concurrency_limit=None, queue=False)

@@ -63,6 +63,8 @@ class JobView:
     phase: PhaseState = dataclasses.field(default_factory=PhaseState)
     losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     series: dict[str, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)  # validation, prior, …
+    # The prior loss ratio by step (trainer.prior): apart from the losses, on its own scale (1.0 = unchanged).
+    prior_ratios: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     previews: list[str] = dataclasses.field(default_factory=list)
     preview_captions: dict[str, str] = dataclasses.field(default_factory=dict)  # path → "step N · prompt"
     saves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -106,6 +108,9 @@ class JobView:
             if isinstance(loss, int | float):
                 self.losses.append((self.step, float(loss)))
         elif kind in EXTRA_SERIES:
+            ratio = event.get("ratio")
+            if kind == "prior" and isinstance(ratio, int | float) and math.isfinite(ratio):
+                self.prior_ratios.append((int(event.get("step", 0)), float(ratio)))
             for field, name in EXTRA_SERIES[kind]:
                 value = event.get(field)
                 if isinstance(value, int | float) and math.isfinite(value):
