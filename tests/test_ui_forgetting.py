@@ -89,9 +89,16 @@ def test_the_checkpoints_table_marks_the_pick_and_using_one_makes_it_the_adapter
     assert "Try it" in message and "step 30" in message
     assert ui.use_checkpoint("run", "10")[3] == str(folder / "run-step000010.safetensors")  # by step, by name
     # the Results tab: the selected adapter's run, its own file selected
-    table, choice, run = ui.adapter_checkpoints(chosen)
-    assert run == str(folder) and choice["value"] == "run-step000030.safetensors" and "★ best" in table
+    table, choice, run, name = ui.adapter_checkpoints(chosen)
+    assert run == str(folder) and name == "" and choice["value"] == "run-step000030.safetensors" and "★ best" in table
     assert ui.checkpoints_of(str(ws.outputs))[0].startswith("No checkpoints listed yet")
+    # runs sharing a folder share its checkpoints.json: a run's table lists its own files
+    data = json.loads((folder / "checkpoints.json").read_text())
+    data["checkpoints"].append({"step": 5, "path": str(write(folder / "another.safetensors", "x"))})
+    write(folder / "checkpoints.json", json.dumps(data))
+    assert "another" in ui.checkpoints_of("run")[0] and "another" not in ui.checkpoints_of("run", None, "run")[0]
+    with pytest.raises(WorkspaceError, match="no checkpoint"):
+        ui.use_checkpoint("run", "another.safetensors", "run")
 
 
 def test_a_checkpoint_outside_the_run_folder_is_refused(ui, ws, tmp_path):
@@ -132,14 +139,16 @@ def test_a_run_with_the_prior_ratio_shows_it_and_its_checkpoints(ws, tiny_pipeli
         assert time.time() < deadline, "\n".join(view.log)
         time.sleep(0.3)
     assert view.status == "done", view.error
-    ratio, table, choice, run, session = ui.poll_checkpoints({})
+    ratio, table, choice, run, name, session = ui.poll_checkpoints({})
     assert [step for step, _ in view.prior_ratios] == [0, 2, 4] and "1.0 = unchanged" in ratio
-    assert run == record.output_dir and "★ best" in table and "| 2 | `keep-step000002.safetensors`" in table
-    assert {name for _, name in choice["choices"]} == {"keep-step000002.safetensors", "keep.safetensors"}
+    assert (run, name) == (record.output_dir, "keep") and "★ best" in table
+    assert "| 2 | `keep-step000002.safetensors`" in table
+    assert {value for _, value in choice["choices"]} == {"keep-step000002.safetensors", "keep.safetensors"}
     assert ui.poll_checkpoints(session, choice["value"])[0] == {"__type__": "update"}  # nothing new
-    _, _, adapter, file, _ = ui.use_checkpoint(run, "keep-step000002.safetensors")
+    _, _, adapter, file, _ = ui.use_checkpoint(run, "keep-step000002.safetensors", name)
     assert adapter["value"] == file == str(ws.outputs / "keep-step000002.safetensors")
     assert len(adapter["choices"]) == 2  # both saves are the run's results
+    assert ui.adapter_checkpoints(file)[2:] == (run, "keep")  # the Results tab finds the run of the file
 
 
 # ================================================================================================ regularisation

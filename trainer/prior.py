@@ -349,10 +349,12 @@ class RunCheckpoints:
     max_prior_ratio: float
 
 
-def run_checkpoints(output_dir: str | Path) -> RunCheckpoints:
+def run_checkpoints(output_dir: str | Path, name: str | None = None) -> RunCheckpoints:
     """The saves listed in ``output_dir``'s checkpoints.json whose files still lie in ``output_dir`` (a record is
     taken by its file name there, whatever folder it names: the file need not be where the run wrote it, and a
-    record never leads outside the folder), with the pick over them. No file, or an unreadable one: no records."""
+    record never leads outside the folder), with the pick over them. With ``name`` (output.name), only that run's
+    files (``<name>.safetensors``, ``<name>-step….safetensors``): runs sharing a folder share the file. No file,
+    or an unreadable one: no records."""
     folder = Path(output_dir).expanduser().resolve()
     try:
         data = read_checkpoints(folder)
@@ -363,7 +365,7 @@ def run_checkpoints(output_dir: str | Path) -> RunCheckpoints:
     records = []
     for record in sorted(listed, key=lambda r: r.step):
         path = folder / Path(str(record.path)).name
-        if _is_checkpoint_file(path, folder):
+        if _is_checkpoint_file(path, folder) and (not name or path.stem == name or path.stem.startswith(f"{name}-")):
             records.append(dataclasses.replace(record, path=str(path)))
     pick = best_checkpoint(records, max_ratio)
     return RunCheckpoints(folder, records, *(pick if pick else (None, "")), max_ratio)
@@ -373,10 +375,11 @@ def _is_checkpoint_file(path: Path, folder: Path) -> bool:
     return path.suffix == ".safetensors" and path.is_file() and path.resolve().parent == folder
 
 
-def find_checkpoint(output_dir: str | Path, choice: str | int) -> CheckpointRecord:
-    """The save of ``output_dir`` that ``choice`` names — its step, or its file name as :func:`run_checkpoints`
-    lists it. ValueError for anything else: a name with a folder in it, a step or name with no save."""
-    checkpoints = run_checkpoints(output_dir)
+def find_checkpoint(output_dir: str | Path, choice: str | int, name: str | None = None) -> CheckpointRecord:
+    """The save of ``output_dir`` (of run ``name``) that ``choice`` names — its step, or its file name as
+    :func:`run_checkpoints` lists it. ValueError for anything else: a name with a folder in it, a step or name
+    with no save."""
+    checkpoints = run_checkpoints(output_dir, name)
     text = str(choice).strip()
     if not text:
         raise ValueError("choose a checkpoint from the list")

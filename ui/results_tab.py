@@ -124,15 +124,15 @@ class ResultsCallbacks:
                 default_prompt if default_prompt and not (prompt or "").strip() else gr.skip())
 
     # ================================================================ a run's checkpoints
-    def checkpoints_of(self, folder: str | None, selected: str | None = None) -> tuple[str, Any]:
-        """(the run folder's checkpoints.json as a table with the pick and its reason, the checkpoint dropdown
-        showing ``selected`` if listed, else the pick). The folder is confined to ``outputs/``; files are taken by
-        name inside it."""
+    def checkpoints_of(self, folder: str | None, selected: str | None = None, name: str | None = None) -> tuple:
+        """(the run folder's checkpoints.json — the saves of run ``name`` — as a table with the pick and its
+        reason, the checkpoint dropdown showing ``selected`` if listed, else the pick). The folder is confined to
+        ``outputs/``; files are taken by name inside it."""
         from trainer.prior import run_checkpoints
 
         if not folder:
             return "No run yet.", gr.update(choices=[], value=None)
-        checkpoints = run_checkpoints(self.ws.output_folder(folder))
+        checkpoints = run_checkpoints(self.ws.output_folder(folder), name or None)
         if not checkpoints.records:
             return ("No checkpoints listed yet: each save of the run (Advanced → *Output* → save every N steps) "
                     "is listed here with its losses and prior loss ratio.", gr.update(choices=[], value=None))
@@ -140,14 +140,17 @@ class ResultsCallbacks:
         value = selected if selected in [name for _, name in choices] else Path(checkpoints.best.path).name
         return checkpoints_markdown(checkpoints), gr.update(choices=choices, value=value)
 
-    def adapter_checkpoints(self, adapter: str | None) -> tuple[str, Any, str]:
-        """(table, dropdown, the run folder) of the selected adapter's run: the folder it lies in."""
+    def adapter_checkpoints(self, adapter: str | None) -> tuple[str, Any, str, str]:
+        """(table, dropdown, the run folder, the run's name) of the selected adapter's run: the folder it lies in
+        and, for a job of this workspace, its output name."""
         if not adapter:
-            return "No adapter selected.", gr.update(choices=[], value=None), ""
+            return "No adapter selected.", gr.update(choices=[], value=None), "", ""
         file = self.ws.output_file(adapter)
-        return (*self.checkpoints_of(str(file.parent), file.name), str(file.parent))
+        name = next((save["run"] for save in self.saved_files() if save["path"] == str(file)), "")
+        return (*self.checkpoints_of(str(file.parent), file.name, name), str(file.parent), name)
 
-    def use_checkpoint(self, folder: str | None, choice: str | None) -> tuple[Any, Any, Any, str | None, str]:
+    def use_checkpoint(self, folder: str | None, choice: str | None,
+                       name: str | None = None) -> tuple[Any, Any, Any, str | None, str]:
         """Make the chosen checkpoint of the run the adapter of *Try it* and the download: (training files,
         comparison files, the adapter dropdown, the file to download, message). The choice is a step or a file
         name, looked up in the run folder's checkpoints.json; anything else is refused."""
@@ -156,7 +159,7 @@ class ResultsCallbacks:
         if not folder:
             raise WorkspaceError("no run to choose a checkpoint of yet")
         try:
-            record = find_checkpoint(self.ws.output_folder(folder), choice or "")
+            record = find_checkpoint(self.ws.output_folder(folder), choice or "", name or None)
         except ValueError as error:
             raise WorkspaceError(str(error)) from None
         file = self.ws.output_file(record.path)
@@ -289,13 +292,14 @@ def checkpoint_controls(name: str) -> dict[str, Any]:
             use = gr.Button("Use this checkpoint", elem_id=f"{name}-use", scale=1)
         message = gr.Markdown(elem_id=f"{name}-message")
         file = gr.File(label="Chosen checkpoint (click to download)", interactive=False, elem_id=f"{name}-file")
-    return {"table": table, "choice": choice, "use": use, "message": message, "file": file, "run": gr.State("")}
+    return {"table": table, "choice": choice, "use": use, "message": message, "file": file, "run": gr.State(""),
+            "name": gr.State("")}
 
 
 def wire_checkpoint_controls(ui: Any, L: Layout, controls: dict[str, Any]) -> None:
     """*Use this checkpoint* → the Results tab's adapter (which Try it renders) and the download."""
     results = L.tabs["results"]
-    controls["use"].click(L.guard(ui.use_checkpoint, 5, 4), [controls["run"], controls["choice"]],
+    controls["use"].click(L.guard(ui.use_checkpoint, 5, 4), [controls["run"], controls["choice"], controls["name"]],
                           [results["train_files"], results["compare_files"], results["adapter"], controls["file"],
                            controls["message"]])
 
@@ -347,8 +351,9 @@ def wire(ui: Any, L: Layout) -> None:
     s["adapter"].change(guard(ui.adapter_details, 5, 0), [s["adapter"], s["prompt"]],
                         [s["summary"], s["metadata"], s["previews"], s["size"], s["prompt"]], show_progress="hidden")
     checkpoints = s["checkpoints"]
-    s["adapter"].change(guard(ui.adapter_checkpoints, 3, 0), [s["adapter"]],
-                        [checkpoints["table"], checkpoints["choice"], checkpoints["run"]], show_progress="hidden")
+    s["adapter"].change(guard(ui.adapter_checkpoints, 4, 0), [s["adapter"]],
+                        [checkpoints["table"], checkpoints["choice"], checkpoints["run"], checkpoints["name"]],
+                        show_progress="hidden")
     wire_checkpoint_controls(ui, L, checkpoints)
     model_inputs = L.tabs["model"]["model_inputs"]
     s["generate"].click(guard(ui.try_start, 1, 0), [*model_inputs, s["adapter"], s["prompt"], s["strength"],

@@ -132,28 +132,29 @@ class TrainingCallbacks:
 
     def poll_checkpoints(self, session: dict | None, selected: str | None = None) -> tuple:
         """Timer tick: (the prior loss ratio line, the run's checkpoints table, the checkpoint dropdown, the run
-        folder, session) of the current training job; re-sent when a ratio or a save arrives."""
+        folder and name, session) of the current training job; re-sent when a ratio or a save arrives."""
         session = dict(session or {})
         try:
             record = self.own_job(self.runner.current())
             view = self.runner.view(record) if record is not None and record.kind == "train" else None
             key = (record.id, len(view.prior_ratios), len(view.saves), view.finished) if view else None
             if "checkpoints" in session and session["checkpoints"] == key:
-                return (*(gr.skip(),) * 4, session)
+                return (*(gr.skip(),) * 5, session)
             session["checkpoints"] = key
             if view is None:
-                return "", *self.checkpoints_of(None), "", session
+                return "", *self.checkpoints_of(None), "", "", session
             try:
                 stop_ratio = TrainerConfig.load(record.config_path).train.prior_stop_ratio
             except Exception:  # an old job's settings: the ratio without its stop
                 stop_ratio = 0.0
-            return (prior_ratio_text(view, stop_ratio), *self.checkpoints_of(record.output_dir, selected),
-                    record.output_dir, session)
+            return (prior_ratio_text(view, stop_ratio),
+                    *self.checkpoints_of(record.output_dir, selected, record.output_name), record.output_dir,
+                    record.output_name, session)
         except Exception:  # a broken tick must not flood the page with errors every second
             import logging
 
             logging.getLogger("rankwright.ui").exception("poll of the checkpoints failed")
-            return (*(gr.skip(),) * 4, session)
+            return (*(gr.skip(),) * 5, session)
 
     def _no_job(self, adapter: str | None) -> tuple:
         return ("No training job yet.", progress_html(0, "idle"), gr.skip(), [], "", *self.results(adapter),
@@ -474,7 +475,8 @@ def wire(ui: Any, L: Layout) -> None:
     checkpoints, checkpoint_session = s["checkpoints"], gr.State({})
     L.timer.tick(ui.poll_checkpoints, [checkpoint_session, checkpoints["choice"]],
                  [s["prior_ratio"], checkpoints["table"], checkpoints["choice"], checkpoints["run"],
-                  checkpoint_session], show_progress="hidden", concurrency_limit=None, queue=False)
+                  checkpoints["name"], checkpoint_session], show_progress="hidden", concurrency_limit=None,
+                 queue=False)
     wire_checkpoint_controls(ui, L, checkpoints)
     queue_session = gr.State({})
     L.timer.tick(ui.poll_queue, [queue_session], [s["queue_table"], s["queue_select"], queue_session],
