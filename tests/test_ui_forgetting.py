@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from test_ui_workflow import idle_runner, wait_task
 from ui_helpers import real_worker_ui, write
 
 from ui import form
 from ui.app import RankwrightUI
-from ui.jobs import JobRunner
 from ui.training_tab import prior_ratio_text
 from ui.views import JobView
 from ui.workspace import Workspace, WorkspaceError
@@ -31,16 +30,7 @@ def ws(tmp_path) -> Workspace:
 
 @pytest.fixture
 def ui(ws) -> RankwrightUI:
-    runner = JobRunner(ws.jobs, command=lambda config, folder: [sys.executable, "-c", "pass"])
-    return RankwrightUI(ws, runner=runner, preset_dirs=[])
-
-
-def wait_task(slot, timeout: float = 120.0):
-    deadline = time.time() + timeout
-    while slot.task is not None and slot.task.running:
-        assert time.time() < deadline, f"{slot.task.name} did not end: {slot.task.progress_text()}"
-        time.sleep(0.05)
-    return slot.task
+    return RankwrightUI(ws, runner=idle_runner(ws), preset_dirs=[])
 
 
 # ================================================================================================ the ratio

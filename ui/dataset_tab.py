@@ -21,7 +21,7 @@ from methods.files import atomic_write_bytes
 
 from . import workspace
 from .common import USER_ERRORS, Layout, progress_html
-from .tasks import Task, TaskSlot
+from .tasks import Task, TaskSlot, unseen
 from .workspace import WorkspaceError
 
 REGULARISATION_FOLDER = "regularisation"  # in datasets/: <key>/ per base model, captions and settings
@@ -241,9 +241,8 @@ class DatasetCallbacks:
         """(status, progress, the *Use as regularisation folder* button, session)."""
         session = dict(session or {})
         task = self.regularising.task
-        if task is None or session.get("version") == (id(task), task.version):
+        if not unseen(task, session):
             return (*(gr.skip(),) * 3, session)
-        session["version"] = (id(task), task.version)
         status, result = task.status_text(), task.result
         if not task.running and result is not None:
             removed = ", ".join(f"“{word}”" for word in result.trigger) or "nothing"
@@ -302,9 +301,8 @@ class DatasetCallbacks:
         """(status, progress, summary markdown, contact sheet, per-image table, session)."""
         session = dict(session or {})
         task = self.reporting.task
-        if task is None or session.get("version") == (id(task), task.version):
+        if not unseen(task, session):
             return (*(gr.skip(),) * 5, session)
-        session["version"] = (id(task), task.version)
         summary, sheet, table = gr.skip(), gr.skip(), gr.skip()
         if not task.running and task.result is not None:
             report, path = task.result

@@ -138,3 +138,11 @@ class TaskSlot:
         with task.lock:
             task.version += 1
         return task
+
+
+def unseen(task: Task | None, session: dict) -> bool:
+    """Whether ``task`` changed since this browser's ``session`` last showed it (it counts as shown from now)."""
+    if task is None or session.get("version") == (id(task), task.version):
+        return False
+    session["version"] = (id(task), task.version)
+    return True
