@@ -521,6 +521,9 @@ def test_the_whole_workflow(page, env):
     wait_finished(page, resumed)
     expect(field(page, "log")).to_have_value(re.compile(r"resumed at step \d+"))
     assert (workspace / "outputs" / "first.safetensors").is_file()
+    checkpoints = page.locator("#checkpoints-table")  # the run's checkpoints.json, its pick starred
+    expect(checkpoints).to_contain_text("first.safetensors", timeout=30_000)
+    expect(checkpoints).to_contain_text("★ best")
     lap("resume the first")
 
     # try it with two strengths: labelled pairs, the size of the training resolution
