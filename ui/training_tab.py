@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from trainer.config import TrainerConfig
+from trainer.prior import CHECKPOINTS_FILE
 
 from . import form
 from .common import Layout, job_controls, progress_html
@@ -137,7 +138,10 @@ class TrainingCallbacks:
         try:
             record = self.own_job(self.runner.current())
             view = self.runner.view(record) if record is not None and record.kind == "train" else None
-            key = (record.id, len(view.prior_ratios), len(view.saves), view.finished) if view else None
+            # checkpoints.json is rewritten just after a save's event: its time stamp says when to read it again
+            listed = Path(record.output_dir) / CHECKPOINTS_FILE if view else None
+            key = (record.id, len(view.prior_ratios), listed.stat().st_mtime_ns if listed.is_file() else 0) \
+                if view else None
             if "checkpoints" in session and session["checkpoints"] == key:
                 return (*(gr.skip(),) * 5, session)
             session["checkpoints"] = key
