@@ -17,6 +17,7 @@ from trainer.config import TrainerConfig
 from trainer.loop import Trainer
 from trainer.prior import (
     CHECKPOINTS_FILE,
+    CheckpointLog,
     CheckpointRecord,
     best_checkpoint,
     regularisation_prompts,
@@ -129,6 +130,28 @@ def test_best_checkpoint_on_synthetic_records():
                      {"step": 3, "path": "z", "prior_ratio": 1.3}]
     assert best_checkpoint(no_validation, 1.1)[0].path == "y"  # the most trained within tolerance
     assert best_checkpoint([], 1.1) is None
+
+
+def test_runs_sharing_a_folder_keep_each_others_saves(tmp_path):
+    """The UI's runs share outputs/: a fresh run starts its own records over, never another run's."""
+    def save(log: CheckpointLog, step: int, file: str, ratio: float) -> None:
+        (tmp_path / file).write_bytes(b"")
+        log.measured(step, prior_ratio=ratio)
+        log.saved(step, tmp_path / file)
+
+    first = CheckpointLog(tmp_path, 1.1, name="first")
+    save(first, 2, "first-step000002.safetensors", 1.05)
+    save(first, 4, "first.safetensors", 1.3)
+    second = CheckpointLog(tmp_path, 1.1, name="second")
+    save(second, 2, "second.safetensors", 1.2)
+    report = json.loads((tmp_path / CHECKPOINTS_FILE).read_text())
+    assert [Path(r["path"]).name for r in report["checkpoints"]] == [
+        "first-step000002.safetensors", "first.safetensors", "second.safetensors"]
+    assert Path(report["best"]["path"]).name == "second.safetensors"  # the writing run's pick
+    again = CheckpointLog(tmp_path, 1.1, name="first")  # "first" trained anew (output.overwrite)
+    save(again, 3, "first.safetensors", 1.0)
+    names = [Path(r["path"]).name for r in json.loads((tmp_path / CHECKPOINTS_FILE).read_text())["checkpoints"]]
+    assert names == ["second.safetensors", "first.safetensors"]
 
 
 def test_a_run_writes_checkpoints_json_with_the_pick(model, data, tmp_path):

@@ -171,7 +171,8 @@ class Trainer:
         self.extending = False  # resuming the finished run of this very folder (see _check_outputs)
         self.saver = Saver(config, self.output_file, self.events, self.accelerator, on_save_error)
         self.timings: dict[str, float] = {}
-        self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resume is not None)
+        self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resume is not None,
+                                         name=config.output.name)
         self.prior: PriorMeter | None = None  # with train.prior_every_n_steps
         self.prior_stop = False
         # Filled by run(), in this order; kept afterwards for callers that inspect a finished run.

@@ -267,20 +267,29 @@ def best_checkpoint(records: Sequence[CheckpointRecord | dict[str, Any]],
 
 
 class CheckpointLog:
-    """``checkpoints.json``: the measures taken at each step, and one record per save (rewritten atomically)."""
+    """``checkpoints.json``: the measures taken at each step, and one record per save (rewritten atomically).
+    Runs of other names that share the folder (the UI's ``outputs/``) keep their records; the pick is this run's."""
 
-    def __init__(self, output_dir: Path, max_prior_ratio: float, resuming: bool = False):
+    def __init__(self, output_dir: Path, max_prior_ratio: float, resuming: bool = False, name: str | None = None):
         self.path = Path(output_dir) / CHECKPOINTS_FILE
         self.max_prior_ratio = max_prior_ratio
+        self.name = name
         self.measures: dict[int, dict[str, float]] = {}
         self.records: list[CheckpointRecord] = []
-        if resuming and self.path.is_file():  # a resumed run goes on with the saves before it
-            try:
-                earlier = json.loads(self.path.read_text(encoding="utf-8"))
-                self.records = [CheckpointRecord(**record) for record in earlier["checkpoints"]]
-                self.measures = {int(m.pop("step")): m for m in earlier.get("measures", [])}
-            except (ValueError, KeyError, TypeError) as error:
-                log.warning("%s is unreadable (%s); it restarts with this run's saves", self.path, error)
+        self.others: list[CheckpointRecord] = []  # saves of other runs in this folder, written back as they were
+        if not self.path.is_file():
+            return
+        try:
+            earlier = json.loads(self.path.read_text(encoding="utf-8"))
+            listed = [CheckpointRecord(**record) for record in earlier["checkpoints"]]
+            measures = {int(m.pop("step")): m for m in earlier.get("measures", [])}
+        except (ValueError, KeyError, TypeError) as error:
+            log.warning("%s is unreadable (%s); it restarts with this run's saves", self.path, error)
+            return
+        own = [r for r in listed if belongs_to_run(r.path, name)]
+        self.others = [r for r in listed if not belongs_to_run(r.path, name)]
+        if resuming:  # a resumed run goes on with its saves before it
+            self.records, self.measures = own, measures
 
     def measured(self, step: int, **values: float) -> None:
         self.measures.setdefault(step, {}).update(values)
@@ -320,6 +329,7 @@ class CheckpointLog:
     def forget_missing(self) -> None:
         """Drop the records of files deleted since (output.save_last_n_steps)."""
         self.records = [r for r in self.records if Path(r.path).exists()]
+        self.others = [r for r in self.others if Path(r.path).exists()]
 
     def best(self) -> tuple[CheckpointRecord, str] | None:
         return best_checkpoint(self.records, self.max_prior_ratio)
@@ -328,7 +338,7 @@ class CheckpointLog:
         self.forget_missing()
         pick = self.best()
         data = {"max_prior_ratio": self.max_prior_ratio,
-                "checkpoints": [dataclasses.asdict(r) for r in self.records],
+                "checkpoints": [dataclasses.asdict(r) for r in [*self.others, *self.records]],
                 "best": {**dataclasses.asdict(pick[0]), "why": pick[1]} if pick else None,
                 "measures": [{"step": step, **values} for step, values in sorted(self.measures.items())]}
         write_text_atomic(self.path, json.dumps(data, indent=2) + "\n")
@@ -365,10 +375,16 @@ def run_checkpoints(output_dir: str | Path, name: str | None = None) -> RunCheck
     records = []
     for record in sorted(listed, key=lambda r: r.step):
         path = folder / Path(str(record.path)).name
-        if _is_checkpoint_file(path, folder) and (not name or path.stem == name or path.stem.startswith(f"{name}-")):
+        if _is_checkpoint_file(path, folder) and belongs_to_run(path, name):
             records.append(dataclasses.replace(record, path=str(path)))
     pick = best_checkpoint(records, max_ratio)
     return RunCheckpoints(folder, records, *(pick if pick else (None, "")), max_ratio)
+
+
+def belongs_to_run(path: str | Path, name: str | None) -> bool:
+    """Whether a save is run ``name``'s (``<name>.safetensors``, ``<name>-step….safetensors``); any, without a name."""
+    stem = Path(path).stem
+    return not name or stem == name or stem.startswith(f"{name}-")
 
 
 def _is_checkpoint_file(path: Path, folder: Path) -> bool:
