@@ -329,11 +329,15 @@ class OrthogonalModule(AdapterModule):
 
     def _shared_shift_or_none(self) -> torch.Tensor | None:
         shared = self._shared_shift
-        if shared is None or shared[1] != self.oft_blocks._version:
+        if shared is None:
             return None
-        # During the call, or while autograd runs a backward pass (checkpointing's recomputation of this call).
+        # During the call (no optimizer step can come between before_forward and this layer), or while autograd
+        # runs a backward pass (checkpointing's recomputation of this call) of unchanged blocks. Inside the call
+        # neither the version nor the autograd state is asked: a compiled model call (train.compile) traces neither.
+        if self._in_model_call:
+            return shared[0]
         in_backward = torch._C._current_graph_task_id() != -1
-        return shared[0] if self._in_model_call or in_backward else None
+        return shared[0] if in_backward and shared[1] == self.oft_blocks._version else None
 
     def rotation_shift(self) -> torch.Tensor:
         """``R − I`` for the constrained per-block rotations, fp32.

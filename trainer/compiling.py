@@ -1,10 +1,13 @@
 """``train.compile``: the training step through ``torch.compile`` (TorchDynamo + Inductor).
 
-The models the adapters sit in (the denoiser, and the text encoders when they are trained) are compiled in place
-(``nn.Module.compile``): the module objects, their parameters and state-dict keys stay what they were, so the
-adapters' hooks, saving (no ``_orig_mod.`` keys), resuming and the EMA see no difference. Dynamo traces each model's
-call with the adapters' forward hooks inlined, so the frozen layer and its adapter become one graph, fused by
-Inductor — forward and backward.
+The ``forward`` of each model the adapters sit in (the denoiser, and the text encoders when they are trained) is
+replaced by its compiled version on that module: the module objects, their parameters and state-dict keys stay what
+they were, so the adapters' hooks, saving (no ``_orig_mod.`` keys), resuming and the EMA see no difference. Dynamo
+traces the forward with the adapters' hooks on its layers inlined, so each frozen layer and its adapter become one
+graph, fused by Inductor — forward and backward. The hooks on the model itself stay outside the graph and run
+eagerly: OFT/BOFT's shared Cayley solve (:meth:`methods.oft.OrthogonalModule.before_forward`), whose series stops
+on a data-dependent test, runs there once per model call and hands the compiled graph its rotations as inputs —
+one bounded break instead of one per layer.
 
 - Shapes: every batch is one bucket of ``batch_size`` samples (:class:`trainer.dataset.BucketBatchSampler`), so
   graphs are compiled static, one per bucket shape (``dynamic=False``; CUDA graphs need static shapes), and the
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BACKEND = "inductor"  # the tests swap in "aot_eager" (Dynamo and AOTAutograd without code generation: seconds)
 CUDA_GRAPH_SHAPES = 4  # auto mode on CUDA: CUDA graphs (one recorded graph per shape) up to this many bucket shapes
 EXTRA_GRAPHS = 2  # per model, beyond one per bucket shape: a guard failing once (e.g. the first step's state)
 
@@ -43,8 +47,8 @@ def resolve_mode(mode: str, device: torch.device, shapes: int) -> str:
 
 
 def recompile_limit(shapes: int, models: int) -> int:
-    """Dynamo's cache limit per code object. Every in-place compiled module shares ``nn.Module._call_impl``'s code
-    object, so the compiled models' graphs count together: one per bucket shape and model, plus a little slack."""
+    """Dynamo's cache limit per code object (a model class's ``forward``; two models of one class share it): one
+    graph per bucket shape and model, plus a little slack."""
     return max(8, models * (shapes + EXTRA_GRAPHS))
 
 
@@ -106,7 +110,9 @@ class StepCompiler:
         """Compile the models in place; the error's text if ``torch.compile`` refused (the models stay eager)."""
         try:
             for model in self.models.values():
-                model.compile(mode=self.mode, dynamic=False)
+                # An instance attribute: nn.Module.__call__ runs the model's own hooks, then this.
+                model.forward = torch.compile(model.forward, backend=BACKEND,
+                                              mode=self.mode if BACKEND == "inductor" else None, dynamic=False)
         except Exception as error:  # any failure of the compiler's setup: the run trains eagerly
             self.restore_eager()
             return f"{type(error).__name__}: {error}"
@@ -115,8 +121,7 @@ class StepCompiler:
 
     def restore_eager(self) -> None:
         for model in self.models.values():
-            # nn.Module.compile keeps the compiled call here; without it __call__ is the eager _call_impl again.
-            model._compiled_call_impl = None
+            model.__dict__.pop("forward", None)  # the class's eager forward again
         self.active = False
 
     @contextlib.contextmanager
