@@ -253,6 +253,58 @@ def _attach(spec: Spec, unet, device) -> tuple[list, dict[str, Any], list[str]]:
     return extra, info, paths
 
 
+def step_inputs(spec: Spec, unet, device) -> dict[str, Any]:
+    """Latents (requiring grad, so the frozen step runs backward through the same layers), constant text
+    conditioning, a target and timestep 500, from the spec's seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    channels, ctx = unet.config.in_channels, unet.config.cross_attention_dim
+    latents = torch.randn(spec.batch, channels, spec.latent, spec.latent, generator=gen).to(device)
+    latents.requires_grad_(True)
+    hidden = torch.randn(spec.batch, 77, ctx, generator=gen).to(device)
+    target = torch.randn(spec.batch, unet.config.out_channels, spec.latent, spec.latent, generator=gen).to(device)
+    timesteps = torch.full((spec.batch,), 500, dtype=torch.long, device=device)
+    return {"latents": latents, "hidden": hidden, "target": target, "timesteps": timesteps}
+
+
+def make_trainable(spec: Spec, modules: list, base_ids: set[int], device) -> list:
+    """Every parameter of ``modules`` that is not a base weight trains; returns them, zero-started ones filled."""
+    import torch
+
+    params = {id(p): p for m in modules for p in m.parameters()}
+    trainable = []
+    for p in params.values():
+        p.requires_grad_(id(p) not in base_ids)
+        if id(p) not in base_ids:
+            trainable.append(p)
+    # Every library starts some tensors at zero (LoRA's up, OFT's blocks); a step there can cost less than one in
+    # the middle of training (our CPU Cayley series converges at once for Q = 0), so those are filled first.
+    fill = torch.Generator(device).manual_seed(spec.seed + 2)
+    with torch.no_grad():
+        for p in trainable:
+            if spec.trained_std and not p.any():
+                p.normal_(0.0, spec.trained_std, generator=fill)
+    return trainable
+
+
+def training_step(model, trainable: list, inputs: dict[str, Any], dtype) -> None:
+    """Forward, MSE loss and backward of ``model`` (``trainable`` and the latents' gradients cleared first)."""
+    import torch
+    import torch.nn.functional as F
+
+    latents = inputs["latents"]
+    for p in trainable:
+        p.grad = None
+    latents.grad = None
+    with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model(latents, inputs["timesteps"], encoder_hidden_states=inputs["hidden"]).sample
+    loss = F.mse_loss(out.float(), inputs["target"])
+    loss.backward()
+    if latents.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     """One configuration, in the calling process.
 
@@ -265,7 +317,6 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     import copy
 
     import torch
-    import torch.nn.functional as F
 
     from trainer.architectures import build_unet
 
@@ -288,13 +339,7 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     del template
     base_ids = {id(p) for p in unet.parameters()}
 
-    gen = torch.Generator().manual_seed(spec.seed + 1)
-    channels, ctx = unet.config.in_channels, unet.config.cross_attention_dim
-    latents = torch.randn(spec.batch, channels, spec.latent, spec.latent, generator=gen).to(device)
-    latents.requires_grad_(True)
-    hidden = torch.randn(spec.batch, 77, ctx, generator=gen).to(device)
-    target = torch.randn(spec.batch, unet.config.out_channels, spec.latent, spec.latent, generator=gen).to(device)
-    timesteps = torch.full((spec.batch,), 500, dtype=torch.long, device=device)
+    inputs = step_inputs(spec, unet, device)
 
     gc.collect()
     if cuda:
@@ -310,33 +355,10 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     extra, info, paths = _attach(spec, unet, device)
     setup_s = time.perf_counter() - start
 
-    params = {id(p): p for m in [unet, *extra] for p in m.parameters()}
-    trainable = []
-    for p in params.values():
-        p.requires_grad_(id(p) not in base_ids)
-        if id(p) not in base_ids:
-            trainable.append(p)
-    # Every library starts some tensors at zero (LoRA's up, OFT's blocks); a step there can cost less than one in
-    # the middle of training (our CPU Cayley series converges at once for Q = 0), so those are filled first.
-    fill = torch.Generator(device).manual_seed(spec.seed + 2)
-    with torch.no_grad():
-        for p in trainable:
-            if spec.trained_std and not p.any():
-                p.normal_(0.0, spec.trained_std, generator=fill)
+    trainable = make_trainable(spec, [unet, *extra], base_ids, device)
 
     def step(model) -> None:
-        for p in trainable:
-            p.grad = None
-        latents.grad = None
-        if dtype != torch.float32:
-            with torch.autocast(device.type, dtype=dtype):
-                out = model(latents, timesteps, encoder_hidden_states=hidden).sample
-        else:
-            out = model(latents, timesteps, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(out.float(), target)
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
+        training_step(model, trainable, inputs, dtype)
 
     def timed(model) -> float:
         t0 = clock()
