@@ -128,9 +128,10 @@ class LoRAModule(AdapterModule):
             hidden = F.linear(x, self.lora_down.to(dtype))
         if dropouts:
             hidden = self._regularise(hidden)
-        if self.is_conv:
-            return F.conv2d(hidden, self.lora_up.to(dtype) * self.scale)
-        return F.linear(hidden, self.lora_up.to(dtype) * self.scale)
+        up = self.lora_up.to(dtype)
+        if self.scale != 1.0:  # alpha = rank (the default): no multiply, forward or backward
+            up = up * self.scale
+        return F.conv2d(hidden, up) if self.is_conv else F.linear(hidden, up)
 
     def _regularise(self, hidden: torch.Tensor) -> torch.Tensor:
         config: LoRAConfig = self.config
