@@ -36,6 +36,7 @@ Exit status 0 even when targets fail; the table says which cells pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -175,6 +176,7 @@ class Spec:
     max_seconds: float = 600.0  # stop timing rounds after this long (but not before MIN_REPEATS rounds)
     trained_std: float = 0.01  # adapter tensors that start at zero get N(0, std): timed as mid-training
     rank: int = RANK  # LoRA, DoRA, LoHa and LoKr
+    compile: bool = False  # both copies' forward through torch.compile (train.compile's settings; warm-up compiles)
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -365,16 +367,29 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
         step(model)
         return (clock() - t0) * 1000.0
 
-    for _ in range(max(1, spec.warmup)):
-        step(unet)
-    with_grad = sum(1 for p in trainable if p.grad is not None)
+    compiling = contextlib.nullcontext()
+    if spec.compile:
+        from trainer.compiling import compile_settings, recompile_limit, resolve_mode
+
+        mode = resolve_mode("auto", device, shapes=1)
+        for model in (base, unet):
+            model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        compiling = compile_settings(recompile_limit(shapes=1, models=2))
+        info["compile_mode"] = mode
+    with compiling:
+        compile_started = time.perf_counter()
+        for _ in range(max(1, spec.warmup)):
+            step(unet)
+        info["first_steps_s"] = time.perf_counter() - compile_started
+        with_grad = sum(1 for p in trainable if p.grad is not None)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - mem_base
     else:
         peak = _peak_rss_bytes() - mem_base
 
-    for _ in range(max(1, spec.warmup)):
-        step(base)
+    with compiling:
+        for _ in range(max(1, spec.warmup)):
+            step(base)
     base_times, times = [], []
     started = time.perf_counter()
     for i in range(spec.repeats):
@@ -393,7 +408,8 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
 
     flops = []
     for model in (unet, base):
-        with FlopCounterMode(display=False) as counter:
+        # Counted on the eager step: a dispatch mode around a compiled call would only make it recompile.
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             step(model)
         flops.append(counter.get_total_flops())
 
@@ -478,7 +494,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
                   latent: int = 16, batch: int = 1, repeats: int = 5, warmup: int = 2, device: str = "cpu",
                   dtype: str = "fp32", threads: int | None = None, seed: int = 0, clock: str = "wall",
                   max_seconds: float = 600.0, trained_std: float = 0.01, rank: int = RANK, isolate: bool = True,
-                  timeout: float | None = None,
+                  timeout: float | None = None, compile: bool = False,
                   skip: set[str] = frozenset(), log=None) -> dict[str, Any]:
     """The base (A/A: noise floor and base memory), then every (method, library); returns rows for the table.
 
@@ -489,7 +505,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     common = {"size": size, "latent": latent, "batch": batch, "repeats": repeats, "warmup": warmup,
               "device": device, "dtype": dtype, "threads": threads, "seed": seed, "clock": clock,
-              "max_seconds": max_seconds, "trained_std": trained_std, "rank": rank}
+              "max_seconds": max_seconds, "trained_std": trained_std, "rank": rank, "compile": compile}
     runner = (lambda s: run_isolated(s, timeout)) if isolate else _safe_measure
 
     def run(spec: Spec) -> dict[str, Any]:
@@ -653,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trained-std", type=float, default=0.01,
                         help="adapter tensors that start at zero are filled with N(0, std) before timing (0: as "
                              "initialised)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time compiled steps (torch.compile of both UNet copies, as train.compile; the warm-up "
+                             "steps compile, so use --warmup 2 or more)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="IMPL:METHOD", action="append",
                         help="also print a torch.profiler table of one step (e.g. ours:oft, peft:lora, base)")
@@ -678,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
                                warmup=args.warmup, device=args.device, dtype=args.dtype, threads=args.threads,
                                seed=args.seed, clock=args.clock, max_seconds=args.max_seconds,
                                trained_std=args.trained_std, rank=args.rank,
-                               timeout=args.timeout, isolate=not args.in_process, skip=set(args.skip), log=_log)
+                               timeout=args.timeout, isolate=not args.in_process, compile=args.compile,
+                               skip=set(args.skip), log=_log)
         reports.append(report)
         print(markdown(report) + "\n", flush=True)
         for what in args.profile or []:
