@@ -81,6 +81,19 @@ def test_each_bucket_shape_compiles_once(sd1, tmp_path, aot_eager):
     assert of_kind(events, "compiled")[-1]["total_graphs"] == sum(r["graphs"] for r in of_kind(events, "compiled"))
 
 
+@pytest.mark.slow
+def test_resumed_compiled_run_matches_the_eager_run(sd1, data, tmp_path, aot_eager):
+    """Accumulation (two micro-batches per step) and a resume into a compiled run: the state saved by a compiled
+    run is the eager one's, and the resumed steps match an uninterrupted eager run."""
+    eager, _ = run(tiny_config(sd1, data, tmp_path / "eager", max_steps=4, gradient_accumulation=2))
+    first, _ = run(tiny_config(sd1, data, tmp_path / "compiled", max_steps=2, gradient_accumulation=2, compile=True))
+    second = tiny_config(sd1, data, tmp_path / "compiled", max_steps=4, gradient_accumulation=2, compile=True)
+    resumed, events = run(second, resume=first.state_dir)
+    for want, got in zip(eager.losses, first.losses + resumed.losses[-2:]):
+        assert abs(got - want) <= LOSS_RTOL * abs(want)
+    assert of_kind(events, "resumed") and of_kind(events, "compiled")
+
+
 def test_refused_compile_trains_eagerly(sd1, data, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no compiler here")
@@ -159,28 +172,14 @@ def toy_config(out: Path, method: str, steps: int, **train) -> TrainerConfig:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "oft"])
-def test_toy_demo_compiled_with_inductor_matches_eager(tmp_path, method):
-    eager = run(toy_config(tmp_path / "eager", method, 4))
-    compiled = run(toy_config(tmp_path / "compiled", method, 4, compile=True))
+def test_toy_demo_oft_compiled_with_inductor_matches_eager(tmp_path):
+    """OFT (its shared Cayley solve before the graph, the rotations inside it) with gradient checkpointing inside
+    the graph and two micro-batches per step; the same steps eagerly. LoRA matched as closely when last run
+    (README, Speed); one method here keeps the suite's time down (each run compiles for about a minute)."""
+    settings = {"gradient_checkpointing": True, "gradient_accumulation": 2, "batch_size": 2}
+    eager = run(toy_config(tmp_path / "eager", "oft", 3, **settings))
+    compiled = run(toy_config(tmp_path / "compiled", "oft", 3, compile=True, **settings))
     assert_same_training(eager, compiled, weights_rtol=2e-3)
     (report,) = of_kind(compiled[1], "compiled")
-    assert report["shape"] == [4, 4, 16, 16] and report["graphs"] >= 2 and report["graph_breaks"] == 0
+    assert report["shape"] == [2, 4, 16, 16] and report["graphs"] >= 2 and report["graph_breaks"] == 0
     assert not of_kind(compiled[1], "warning")
-
-
-@pytest.mark.slow
-def test_toy_compiled_with_checkpointing_accumulation_and_resume(tmp_path):
-    """Gradient checkpointing inside the graph, two micro-batches per step, and a resume into a compiled run."""
-    settings = {"gradient_checkpointing": True, "gradient_accumulation": 2, "batch_size": 2}
-    eager = run(toy_config(tmp_path / "eager", "lora", 4, **settings))
-    first = toy_config(tmp_path / "compiled", "lora", 2, compile=True, **settings)
-    first.output.save_every_n_steps = 0
-    first_result, _ = run(first)
-    resumed = toy_config(tmp_path / "compiled", "lora", 4, compile=True, **settings)
-    result, events = run(resumed, resume=first_result.state_dir)
-    losses = first_result.losses + result.losses[-2:]
-    for want, got in zip(eager[0].losses, losses):
-        assert abs(got - want) <= LOSS_RTOL * abs(want)
-    assert of_kind(events, "compiled")
-
