@@ -71,9 +71,9 @@ def compile_settings(limit: int) -> Iterator[None]:
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    # Inductor's layout optimisation (channels-last convolutions inside the graph) gave wrong weight gradients for
-    # adapted convs on the CPU (torch 2.13: the lent weight W + s·ΔW's gradient came out transposed in its layout);
-    # the loss matched, the adapter learned wrongly. Off for our graphs only, see bench/NOTES.md.
+    # Inductor's layout optimisation (it switches convolutions inside the graph to channels-last) gave wrong
+    # gradients for adapted convs on the CPU with torch 2.13, found while this was built: the loss can match while
+    # the adapter's gradients do not. Patched off for the compiling calls of our graphs only (bench/NOTES.md).
     with inductor_config.patch(layout_optimization=False), dynamo_config.patch(recompile_limit=limit):
         yield
 
