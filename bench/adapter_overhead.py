@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -367,16 +368,16 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
         step(model)
         return (clock() - t0) * 1000.0
 
-    compiling = contextlib.nullcontext()
+    compiling = contextlib.nullcontext  # a factory: each warm-up below enters its own
     if spec.compile:
         from trainer.compiling import compile_settings, recompile_limit, resolve_mode
 
         mode = resolve_mode("auto", device, shapes=1)
         for model in (base, unet):
             model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
-        compiling = compile_settings(recompile_limit(shapes=1, models=2))
+        compiling = functools.partial(compile_settings, recompile_limit(shapes=1, models=2))
         info["compile_mode"] = mode
-    with compiling:
+    with compiling():
         compile_started = time.perf_counter()
         for _ in range(max(1, spec.warmup)):
             step(unet)
@@ -387,7 +388,7 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     else:
         peak = _peak_rss_bytes() - mem_base
 
-    with compiling:
+    with compiling():
         for _ in range(max(1, spec.warmup)):
             step(base)
     base_times, times = [], []
