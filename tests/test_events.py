@@ -22,7 +22,10 @@ LOGGED_KEYS = {
     "save": {"step", "path", "final", "state", "size_bytes", "seconds", "ema", "check_modules", "check_missing",
              "check_unmatched", "check_max_difference", "check_max_relative_difference", "check_tolerance",
              "check_ok"},
-    "done": {"step", "output", "stopped", "reason", "state", "peak_mb", "seconds_to_ready", "seconds_to_first_step"},
+    "done": {"step", "output", "stopped", "reason", "state", "peak_mb", "seconds_to_ready", "seconds_to_first_step",
+             "best_checkpoint"},
+    "prior": {"step", "ratio", "prior_loss", "base_loss", "concept_loss", "images", "source"},
+    "best_checkpoint": {"step", "path", "validation_loss", "prior_ratio", "why"},
     "error": {"message", "kind", "last_good_save"},
 }
 
@@ -36,10 +39,13 @@ RUN = [
     ev.Step(step=1, total=3, loss=0.12345, lr=1e-4, its=2.0, eta_seconds=1.0),
     ev.Memory(step=1, peak_mb=300.0),
     ev.Validation(step=1, loss=0.2),
+    ev.PriorLoss(step=1, ratio=1.02, prior_loss=0.3, base_loss=0.29, concept_loss=0.2, images=8,
+                 source="base-model images"),
     ev.Preview(step=1, paths=["s/000001_0.png", "s/000001_grid.png"], prompts=["a"]),
     ev.Save(step=3, path="out/a.safetensors", final=True, size_bytes=123456, check_ok=True,
             check_max_difference=0.0),
     ev.Stopping(step=3, reason="signal SIGTERM"),
+    ev.BestCheckpoint(step=3, path="out/a.safetensors", prior_ratio=1.02, why="the latest save"),
     ev.Done(step=3, output="out/a.safetensors", peak_mb=300.0),
 ]
 

@@ -44,7 +44,9 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     # sd-scripts' noise options on: every draw is keyed per sample, so they keep the processes equal too
     noise = {"noise_offset": 0.05, "noise_offset_random_strength": True, "adaptive_noise_scale": 0.02,
              "multires_noise_iterations": 3, "ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True}
-    settings = {"train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2, **noise},
+    # the prior loss ratio too: measured by the main process, base-model images drawn once
+    settings = {"train": {"max_steps": 4, "batch_size": 2, "learning_rate": 1e-2, "prior_every_n_steps": 2,
+                          "prior_images": 2, **noise},
                 "dataset": {"flip": True}, "output": {"save_every_n_steps": 2}}
     config = make_config(model["folder"], root / "data", tmp_path / "two", **settings)
     config_path = tmp_path / "run.toml"
@@ -65,6 +67,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     files = sorted(p.name for p in (tmp_path / "two").glob("*.safetensors"))
     assert files == ["adapter-step000002.safetensors", "adapter.safetensors"]
     two_losses = [e["loss"] for e in of_kind(events, "step")]
+    two_ratios = [(e["step"], e["ratio"]) for e in of_kind(events, "prior")]
+    assert [step for step, _ in two_ratios] == [0, 2, 4] and two_ratios[0][1] == 1.0
 
     torch.set_num_threads(1)
     single = config.with_overrides([f"output.dir='{tmp_path / 'one'}'", "train.gradient_accumulation=2"])
@@ -78,5 +82,8 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     print(f"losses 1 process {one.losses}\n       2 processes {two_losses}\n"
           f"max |Δloss| {loss_difference:.3g}, max |Δweight| {weight_difference:.3g} (weights up to {scale:.3g})")
     assert len(two_losses) == len(one.losses) == 4
+    one_ratios = [(e["step"], e["ratio"]) for e in of_kind(one_events, "prior")]
+    assert [s for s, _ in one_ratios] == [0, 2, 4]
+    assert max(abs(a[1] - b[1]) for a, b in zip(one_ratios, two_ratios)) <= 1e-5
     assert loss_difference <= 1e-5
     assert weight_difference <= 1e-5 * max(1.0, scale)

@@ -14,6 +14,8 @@ Commands:
   seed, and write a report (preview grid, loss curves, parameters, file size, s/step, prior drift, concept score
   on the toy model) into a new folder; ``--override METHOD:section.key=value`` changes one method's config only;
 - ``caption``: write caption files next to a dataset's images with a captioner or tagger (:mod:`trainer.captioning`);
+- ``regularise``: draw regularisation images with the base model from the dataset's captions, the trigger word
+  removed (:mod:`trainer.prior`), cached in a folder keyed by model, prompts and settings;
 - ``report``: what training will do with each image of a dataset, as text, JSON and a contact sheet
   (:mod:`trainer.dataset_report`).
 
@@ -447,6 +449,43 @@ def run_compare(args: argparse.Namespace) -> int:
     _say()
     _say(f"report: {result.markdown_path}" + (" (stopped early)" if result.stopped else ""))
     return 1 if any(run.status == "failed" for run in result.runs) else 0
+
+
+# ----- regularise --------------------------------------------------------------------------------------------------
+def _regularise_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="the run's TOML (base model, dataset, [sample] settings)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override one key of the config (as train --set); repeatable")
+    parser.add_argument("--count", type=int, help="how many images (default: one per training image)")
+    parser.add_argument("--out", help="the folder (default: <dataset folder>/../regularisation/<key>, the key "
+                                      "naming the base model, prompts and settings)")
+    parser.add_argument("--trigger", action="append", metavar="WORD",
+                        help="a word to remove from the captions (default: dataset.trigger_word, else the image "
+                             "folders' class word, else the most common first tag); repeatable")
+
+
+@command("regularise", "draw regularisation images with the base model from the dataset's captions without the "
+                       "trigger word (cached: a rerun reuses them); use the folder as dataset.reg_dir",
+         _regularise_arguments)
+def run_regularise(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .config import TrainerConfig
+    from .prior import regularise
+
+    _quiet_model_libraries()
+    config = TrainerConfig.load(_require_file(args.config, "config file"), args.overrides)
+    with tqdm(desc="regularisation images", unit="image", dynamic_ncols=True) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = regularise(config, count=args.count, out=args.out, trigger=args.trigger, progress=progress)
+    removed = ", ".join(repr(word) for word in result.trigger) or "nothing"
+    _say(f"{len(result.paths)} image(s) in {result.folder} ({result.reused} reused); removed from the captions: "
+         f"{removed}")
+    _say(f"train with them: dataset.reg_dir = {json.dumps(str(result.folder))}")
+    return 0
 
 
 def format_table(rows: list[dict[str, str]]) -> str:

@@ -44,17 +44,10 @@ from methods.base import ConfigError
 
 from .config import NetworkSection, TrainerConfig, _toml_value, apply_override
 from .events import EventCallback, EventLog, StopSignal
+from .prior import GENERIC_PROMPTS, record_drift
 
 DEFAULT_METHODS = ("lora", "loha", "lokr", "oft", "boft")
-# Unrelated to any particular training set: what an adapter should leave alone.
-GENERIC_DRIFT_PROMPTS = (
-    "a photo of a mountain lake at sunrise",
-    "a bowl of fruit on a wooden table",
-    "a city street at night, neon lights",
-    "portrait of an old fisherman, oil painting",
-    "a red sports car on a desert road",
-    "a cat sleeping on a sofa",
-)
+GENERIC_DRIFT_PROMPTS = GENERIC_PROMPTS  # what an adapter should leave alone
 TOY_MARKER = "rankwright_toy.json"
 DRIFT_SEED_OFFSET = 100_003  # the second seed of each drift prompt (natural variation), far from the first
 PREVIEW_PROMPTS_FROM_CAPTIONS = 4  # prompts taken from the dataset's captions when [sample] has none
@@ -318,6 +311,8 @@ class MethodRun:
     seconds_per_step: float | None = None
     concept_score: float | None = None
     prior_drift: float | None = None
+    prior_ratio: float | None = None  # the last prior loss ratio of the run (train.prior_every_n_steps)
+    best_checkpoint: str | None = None  # checkpoints.json's pick
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     dropped_options: list[str] = dataclasses.field(default_factory=list)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -340,6 +335,7 @@ class MethodRun:
                 "s/step": f"{self.seconds_per_step:.3g}" if self.seconds_per_step else "—",
                 "final loss": f"{self.final_loss:.4f}" if self.final_loss is not None else "—",
                 "concept score": _score(self.concept_score), "prior drift": _score(self.prior_drift),
+                "prior ratio": _score(self.prior_ratio),
                 "status": status + (f": {self.message}" if self.message else "")}
 
 
@@ -372,6 +368,7 @@ class CompareReport:
         """One row of display strings per method (the base model first), as report.md, the CLI and the UI show."""
         base = {"method": "base model", "trainable params": "—", "file size": "—", "s/step": "—",
                 "final loss": "—", "concept score": _score(self.base_concept_score), "prior drift": "0 (reference)",
+                "prior ratio": "1 (reference)" if any(r.prior_ratio is not None for r in self.runs) else "—",
                 "status": ""}
         return [base, *(run.row() for run in self.runs)]
 
@@ -389,6 +386,10 @@ class CompareReport:
                   f"{len(settings['drift_prompts'])} prompts unrelated to the training data with the adapter at "
                   f"strength {settings['strength']:g}, relative to the change from a new seed (0 = unchanged, "
                   "1 = as different as a new seed)."]
+        if any(run.prior_ratio is not None for run in self.runs):
+            lines.append("Prior ratio: the adapted model's denoising loss on the base model's own images of unrelated "
+                         "prompts over the base model's, at the run's last measure (train.prior_every_n_steps; 1 = "
+                         "unchanged).")
         if self.base_concept_score is not None:
             lines.append("Concept score: fraction of the toy model's trigger-word prompts drawn in the held-out "
                          "colour.")
@@ -447,12 +448,15 @@ class _RunRecorder:
         self.events, self.method = events, method
         self.ready: dict[str, Any] = {}
         self.last_step_time: float | None = None
+        self.prior_ratio: float | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event["event"] == "ready":
             self.ready = event
         elif event["event"] == "step":
             self.last_step_time = event["time"]
+        elif event["event"] == "prior":
+            self.prior_ratio = event["ratio"]
         fields = {key: value for key, value in event.items() if key != "event"}
         self.events.emit(event["event"], **{**fields, "method": self.method})
 
@@ -542,15 +546,19 @@ def _train_method(entry: MethodConfig, index: int, count: int, events: EventLog,
     except TrainingError as error:  # this method diverged: the others may still train
         run.status, run.message = "failed", " ".join(str(error).split())
     else:
-        run.status = "stopped" if result.stopped_early else "done"
+        # train.prior_stop_ratio ending a run is its own rule: the run is done and the comparison goes on
+        run.status = "stopped" if result.stopped_early and not result.prior_stop else "done"
+        run.message = result.reason if result.prior_stop else ""
         run.steps, run.losses = result.steps, list(result.losses)
+        run.best_checkpoint = str(result.best_checkpoint) if result.best_checkpoint else None
         if result.output_file is not None:
             run.output_file, run.file_bytes = str(result.output_file), result.output_file.stat().st_size
-        if result.stopped_early:  # e.g. SIGINT during this run: the remaining methods are skipped too
+        if run.status == "stopped":  # e.g. SIGINT during this run: the remaining methods are skipped too
             stop.request(run_stop.reason)
     run.trainable_parameters = recorder.ready.get("trainable_parameters")
     run.total_steps = recorder.ready.get("total_steps", run.total_steps)
     run.seconds_per_step = recorder.seconds_per_step(run.steps)
+    run.prior_ratio = recorder.prior_ratio
     events.emit("compare_method_done", **_summary(run, index, count))
     _free_memory()
     return run
@@ -605,6 +613,7 @@ def _evaluate(config: TrainerConfig, report: CompareReport, plan: RenderPlan, ev
         if run.method in finished:
             run.prior_drift = evaluation.prior_drift[run.method]
             run.concept_score = evaluation.concept_score[run.method]
+            record_drift(run.output_file, run.prior_drift)
 
 
 def _free_memory() -> None:

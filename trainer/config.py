@@ -158,6 +158,13 @@ class TrainSection:
     noise_offset: float = 0.0
     ema_decay: float = 0.0  # > 0: keep an EMA of the adapter weights and save it
     validation_every_n_steps: int = 0
+    # Forgetting (trainer.prior): every N steps the adapted model's denoising loss on images of the base model
+    # (prior_prompts, or the dataset's regularisation images), divided by the base model's on the same noise
+    prior_every_n_steps: int = 0  # 0: off
+    prior_prompts: list[str] = dataclasses.field(default_factory=list)  # [] → a handful of unrelated prompts
+    prior_images: int = 8  # base-model images generated from prior_prompts (unused with regularisation images)
+    prior_max_ratio: float = 1.1  # the checkpoint pick's tolerance: best concept loss among ratios ≤ this
+    prior_stop_ratio: float = 0.0  # > 0: stop (with a save) once the prior loss ratio passes this
     sdpa: bool = True
     fp8_base: bool = False  # keep the frozen denoiser's Linear weights in float8 (CUDA only; kohya's fp8_base)
     # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
@@ -350,6 +357,7 @@ class TrainerConfig:
                            ("train.ema_decay", self.train.ema_decay)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {value}")
+        self._validate_prior()
         if self.train.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.train.learning_rate}")
         if not self.output.name or any(c in self.output.name for c in "/\\"):
@@ -358,6 +366,23 @@ class TrainerConfig:
         self.target_config().validate()
         self._validate_kohya_options()
         self._validate_dit()
+
+    def _validate_prior(self) -> None:
+        train = self.train
+        if train.prior_every_n_steps < 0:
+            raise ConfigError(f"train.prior_every_n_steps must be ≥ 0 (0: off), got {train.prior_every_n_steps}")
+        if train.prior_images < 1:
+            raise ConfigError(f"train.prior_images must be ≥ 1, got {train.prior_images}")
+        if train.prior_max_ratio <= 0:
+            raise ConfigError(f"train.prior_max_ratio must be > 0 (1.0: the base model's loss), got "
+                              f"{train.prior_max_ratio}")
+        if train.prior_stop_ratio and not train.prior_stop_ratio > 1.0:
+            raise ConfigError(f"train.prior_stop_ratio must be above 1.0 (the ratio of an untrained adapter) or 0 "
+                              f"(off), got {train.prior_stop_ratio}")
+        if train.prior_stop_ratio and not train.prior_every_n_steps:
+            raise ConfigError("train.prior_stop_ratio needs train.prior_every_n_steps > 0 (the ratio it watches)")
+        if any(not prompt.strip() for prompt in train.prior_prompts):
+            raise ConfigError("train.prior_prompts has an empty prompt; remove it or write one")
 
     def _validate_kohya_options(self) -> None:
         """The sd-scripts options (loss, noise, memory, per-block network, saving): values and combinations that

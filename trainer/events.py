@@ -238,6 +238,39 @@ class Validation(Event):
 
 
 @dataclasses.dataclass
+class PriorLoss(Event):
+    """The prior loss ratio (trainer.prior): the adapted model's denoising loss on the prior set over the base
+    model's on the same noise; 1.0 = unchanged."""
+
+    KIND = "prior"
+    step: int = 0
+    ratio: float | None = None
+    prior_loss: float | None = None  # the adapted model's (the UI plots it beside the training loss)
+    base_loss: float | None = None
+    concept_loss: float | None = None  # the validation loss of the same step, when one was measured
+    images: int = 0
+    source: str = ""  # "regularisation images" or "base-model images"
+
+    def text(self) -> str:
+        return f"prior loss ratio {_number(self.ratio)} at step {self.step} ({self.images} {self.source})"
+
+
+@dataclasses.dataclass
+class BestCheckpoint(Event):
+    """The checkpoint pick (trainer.prior.best_checkpoint) over the run's saves, written to checkpoints.json."""
+
+    KIND = "best_checkpoint"
+    step: int = 0
+    path: str = ""
+    validation_loss: float | None = None
+    prior_ratio: float | None = None
+    why: str = ""
+
+    def text(self) -> str:
+        return f"best checkpoint: step {self.step}, {self.path} ({self.why})"
+
+
+@dataclasses.dataclass
 class Preview(Event):
     KIND = "preview"
     ON_CLI = False
@@ -323,6 +356,7 @@ class Done(Event):
     peak_mb: float | None = None
     seconds_to_ready: float = 0.0
     seconds_to_first_step: float = 0.0
+    best_checkpoint: str | None = None  # trainer.prior.best_checkpoint's pick among the saves (checkpoints.json)
 
     def text(self) -> str:
         peak = f"; peak memory {self.peak_mb:.0f} MB" if isinstance(self.peak_mb, int | float) else ""
@@ -344,7 +378,7 @@ class RunError(Event):
 
 PHASE_LABELS = {"loading": "loading the model", "caching": "caching latents", "training": "training",
                 "previews": "rendering previews", "rendering": "rendering the comparison", "scoring": "scoring",
-                "saving": "saving"}
+                "saving": "saving", "prior": "drawing the prior images"}
 
 
 @dataclasses.dataclass
@@ -462,9 +496,9 @@ class CompareDone(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.KIND: cls for cls in (
-    Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Compiled, Validation, Preview, Save,
-    SaveFailed, Stopping, Done, RunError, Phase, CompareStart, CompareMethodStart, CompareMethodDone, CompareRender,
-    CompareDone)}
+    Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Compiled, Validation, PriorLoss,
+    BestCheckpoint, Preview, Save, SaveFailed, Stopping, Done, RunError, Phase, CompareStart, CompareMethodStart,
+    CompareMethodDone, CompareRender, CompareDone)}
 
 
 def parse_event(event: dict[str, Any]) -> Event | None:

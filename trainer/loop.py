@@ -67,6 +67,7 @@ from .checkpoint import (
 from .config import TrainerConfig
 from .events import EventCallback, EventLog, StopRequested, StopSignal, TrainingError, log
 from .objective import noise_keys, stable_seed
+from .prior import CheckpointLog, PriorMeter
 from .saving import Saver, ema_weights
 
 NORM_EVERY = 10  # adapter-norm scalars for TensorBoard every N steps (a pass over every adapter parameter)
@@ -82,6 +83,8 @@ class TrainResult:
     stopped_early: bool = False
     reason: str = ""
     state_dir: Path | None = None  # resumable state of the last save (output.save_state)
+    prior_stop: bool = False  # stopped by train.prior_stop_ratio (the run's own rule, not a stop request)
+    best_checkpoint: Path | None = None  # checkpoints.json's pick
 
 
 @dataclasses.dataclass
@@ -99,6 +102,7 @@ class TrainingData:
     dataset: Any  # trainer.dataset.ImageDataset
     validation: Any | None  # held-out images (dataset.validation_split), or None
     scan: Any  # trainer.dataset.DatasetScan: what was found and skipped
+    prior: Any | None = None  # the prior set of train.prior_every_n_steps (trainer.prior.prior_dataset)
 
 
 @dataclasses.dataclass
@@ -168,6 +172,9 @@ class Trainer:
         self.extending = False  # resuming the finished run of this very folder (see _check_outputs)
         self.saver = Saver(config, self.output_file, self.events, self.accelerator, on_save_error)
         self.timings: dict[str, float] = {}
+        self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resume is not None)
+        self.prior: PriorMeter | None = None  # with train.prior_every_n_steps
+        self.prior_stop = False
         # Filled by run(), in this order; kept afterwards for callers that inspect a finished run.
         self.data: TrainingData | None = None
         self.models: Models | None = None
@@ -199,6 +206,7 @@ class Trainer:
             state.started_at = state.started_at or time.time()
             self.saver.metadata = run_metadata(self.config, self.data, self.models, state,
                                                self.accelerator.num_processes, session_id=secrets.randbelow(2**32))
+            self._start_prior(state)
             self._loop(state)
             return self._finish(state)
         except StopRequested as stopped:
@@ -261,6 +269,8 @@ class Trainer:
         random.seed(config.train.seed)
         np.random.seed(config.train.seed % 2**32)
 
+        # Before the adapters are attached: the prior images are the base model's own.
+        data.prior = self._prior_set(data, models) if config.train.prior_every_n_steps else None
         network = self._build_network(models)
         train_text_encoder = any(part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
         if config.train.gradient_checkpointing:
@@ -346,6 +356,8 @@ class Trainer:
                               "is nothing to train; raise train.max_steps (or train.epochs) to extend the run")
         self.accelerator.wait_for_everyone()  # every process has read the state before it moves
         kept = keep_finished_run(self.output_file, step) if self.main else None
+        if kept is not None:
+            self.checkpoints.renamed(self.output_file, kept)
         self.resume_from = state_dir(kept) if kept is not None else self.resume_from
         return kept
 
@@ -380,7 +392,7 @@ class Trainer:
         vae_id = f"{config.model.base}|{config.model.vae}|{models.vae_dtype}"
         cache = LatentCache(config.dataset.latent_cache, self.output_dir / "cache" / "latents", vae_id=vae_id)
         cached = config.dataset.latent_cache != "off"
-        for dataset in (data.dataset, data.validation):
+        for dataset in (data.dataset, data.validation, data.prior):
             if dataset is None:
                 continue
             progress = self._phase_counter("caching") if cached else None
@@ -502,6 +514,8 @@ class Trainer:
         last = step >= state.total_steps
         if config.train.validation_every_n_steps and step % config.train.validation_every_n_steps == 0 and not last:
             self._validate(state)
+        if config.train.prior_every_n_steps and step % config.train.prior_every_n_steps == 0 and not last:
+            self._check_prior(state)
         if config.sample.every_n_steps and step % config.sample.every_n_steps == 0 and not last:
             self._sample(state)
         if config.output.save_every_n_steps and step % config.output.save_every_n_steps == 0 and not last:
@@ -621,6 +635,7 @@ class Trainer:
                       for i in range(len(validation))]
         state.network.train()
         value = sum(losses) / len(losses)
+        self.checkpoints.measured(state.progress.step, validation_loss=value)
         self.events.emit(ev.Validation(step=state.progress.step, loss=value))
         self.events.scalars(state.progress.step, {"validation_loss": value})
 
@@ -648,6 +663,86 @@ class Trainer:
                                     prompts=list(sample.prompts)))
         self.accelerator.wait_for_everyone()
 
+    # ================================================================================================ forgetting
+    def _prior_set(self, data: TrainingData, models: Models) -> Any:
+        """The prior set (trainer.prior): the regularisation images, else base-model images (drawn once, cached
+        under <output.dir>/cache/prior/<key>; the main process draws, the others wait and read them)."""
+        from . import prior
+
+        config = self.config
+        options = prior.render_options(config, models.preview_options())
+        prompts = prior.prior_prompts(config)
+        folder = self.output_dir / "cache" / "prior" / prior.cache_key(config.model.base, prompts, options)
+
+        def generate() -> list[Any]:
+            missing = prior.missing_images(prompts, folder) if self.main else 0
+            if missing:
+                counter = ev.PhaseProgress(self.events.emit, "prior", missing, "images")
+                prior.generate_images(models.pipe, prompts, folder, options,
+                                      progress=lambda done: counter.advance(done - counter.done))
+            self.accelerator.wait_for_everyone()
+            paths = [folder / f"{index:04d}.png" for index in range(len(prompts))]
+            return prior.folder_items(paths, prompts, config.dataset.max_pixels)
+
+        dataset, self.prior_source = prior.prior_dataset(config, data.scan.reg_items, generate)
+        return dataset
+
+    def _start_prior(self, state: RunState) -> None:
+        """The base model's loss on the prior set (adapters at multiplier 0), then the ratio where training starts."""
+        if self.data.prior is None or not self.main:
+            return
+        self.prior = PriorMeter(self.data.prior, self.config.train.seed,
+                                lambda batch, keys: self._training_loss(state, batch, keys))
+        state.network.eval()
+        self.prior.measure_base(state.network)
+        state.network.train()
+        self._check_prior(state)
+
+    def _check_prior(self, state: RunState) -> None:
+        """The prior loss ratio now: an event, a TensorBoard scalar, and the early stop of train.prior_stop_ratio."""
+        if self.prior is None:
+            return
+        step = state.progress.step
+        state.network.eval()
+        values = self.prior.measure()
+        state.network.train()
+        self.checkpoints.measured(step, prior_ratio=values["ratio"])
+        self.events.emit(ev.PriorLoss(step=step, ratio=values["ratio"], prior_loss=values["loss"],
+                                      base_loss=values["base_loss"],
+                                      concept_loss=self.checkpoints.measures[step].get("validation_loss"),
+                                      images=len(self.data.prior), source=self.prior_source))
+        self.events.scalars(step, {"prior_loss_ratio": values["ratio"], "prior_loss": values["loss"]})
+        limit = self.config.train.prior_stop_ratio
+        if limit and values["ratio"] > limit and not self.stop.requested():
+            reason = (f"the prior loss ratio {values['ratio']:.4f} passed train.prior_stop_ratio {limit:g} at step "
+                      f"{step}: the adapter is changing what the base model drew for unrelated prompts")
+            log.warning("%s; stopping with a save", reason)
+            self.prior_stop = True
+            self.stop.request(reason)
+
+    def _measure_for_save(self, state: RunState) -> None:
+        """checkpoints.json and the file's metadata report each save's validation loss and prior ratio (when they
+        are measured at all): measured now if not at this step."""
+        step = state.progress.step
+        if self.config.train.validation_every_n_steps and not self.checkpoints.has(step, "validation_loss"):
+            self._validate(state)
+        if self.prior is not None and not self.checkpoints.has(step, "prior_ratio"):
+            self._check_prior(state)
+        self.saver.metadata = {key: value for key, value in self.saver.metadata.items()
+                               if not key.startswith("rankwright_")}
+        self.saver.metadata.update(self.checkpoints.file_metadata(step))
+
+    def _report_best(self) -> str | None:
+        """The best trade-off among the saves (checkpoints.json), logged and sent as an event; its path."""
+        pick = self.checkpoints.best() if self.main and self.checkpoints.records else None
+        if pick is None:
+            return None
+        record, why = pick
+        log.info("best checkpoint: step %d, %s (%s)", record.step, record.path, why)
+        self.events.emit(ev.BestCheckpoint(step=record.step, path=record.path, validation_loss=record.validation_loss,
+                                           prior_ratio=record.prior_ratio, why=why))
+        return record.path
+
     # ================================================================================================ saving
     def _check_outputs(self) -> list[Path]:
         """Refuse to replace outputs, write the run's TOML, remove what a killed save left; returns the removed."""
@@ -673,7 +768,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.main:
             self.events.emit(ev.Phase(phase="saving", detail=f"step {state.progress.step}"))
+            self._measure_for_save(state)
         path = self.saver.save(state, self.models, final, last, why) if self.main else None
+        if path is not None:
+            self.checkpoints.saved(state.progress.step, path)
         self.saver.record.step = state.progress.step  # on every process: they must agree on whether to save again
         self.accelerator.wait_for_everyone()
         return path
@@ -704,18 +802,23 @@ class Trainer:
         else:
             if self.config.train.validation_every_n_steps:
                 self._validate(state)
+            if self.prior is not None:
+                self._check_prior(state)
             if self.config.sample.prompts:
                 self._sample(state)
             path = self._save(state, final=True)
+        best = self._report_best()
         last_state = self.saver.record.last_state
         self.events.emit(ev.Done(step=step, output=str(path) if path else None, stopped=stopped,
                                  reason=self.stop.reason if stopped else "",
                                  state=str(last_state) if last_state else None,
                                  peak_mb=round(peak_memory_mb(self.accelerator.device), 1),
                                  seconds_to_ready=round(self.timings.get("ready", 0.0), 2),
-                                 seconds_to_first_step=round(self.timings.get("first_step", 0.0), 2)))
+                                 seconds_to_first_step=round(self.timings.get("first_step", 0.0), 2),
+                                 best_checkpoint=best))
         return TrainResult(path, step, state.losses, self.saver.record.files, stopped,
-                           self.stop.reason if stopped else "", last_state)
+                           self.stop.reason if stopped else "", last_state, prior_stop=stopped and self.prior_stop,
+                           best_checkpoint=Path(best) if best else None)
 
 
 # ==================================================================================================== helpers

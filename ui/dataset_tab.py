@@ -292,6 +292,16 @@ def report_table(report: Any) -> dict[str, Any]:
 
 
 # ====================================================================================================== layout
+def task_controls(name: str, start_label: str) -> tuple[Any, ...]:
+    """A background task's Start and Stop buttons, its click message, status line and progress bar (element ids
+    ``<name>-start``, ``<name>-stop``, ``<name>-message``, ``<name>-status``, ``<name>-progress``)."""
+    with gr.Row():
+        start = gr.Button(start_label, variant="primary", elem_id=f"{name}-start")
+        stop = gr.Button("Stop", variant="stop", elem_id=f"{name}-stop")
+    return (start, stop, gr.Markdown(elem_id=f"{name}-message"), gr.Markdown(elem_id=f"{name}-status"),
+            gr.HTML(progress_html(0, "idle"), elem_id=f"{name}-progress"))
+
+
 def layout(ui: Any, L: Layout) -> None:
     with gr.Row():
         L.make("dataset.dir", scale=4)
@@ -352,12 +362,8 @@ def layout(ui: Any, L: Layout) -> None:
             threshold = gr.Number(value=0.35, minimum=0, maximum=1, label="Tag threshold", elem_id="caption-threshold")
             device = gr.Dropdown(choices=[("GPU when there is one", "auto"), ("CPU", "cpu"), ("GPU", "cuda")],
                                  value="auto", label="Device", elem_id="caption-device")
-        with gr.Row():
-            caption_start = gr.Button("Caption images", variant="primary", elem_id="caption-start")
-            caption_stop = gr.Button("Stop", variant="stop", elem_id="caption-stop")
-        caption_message = gr.Markdown(elem_id="caption-message")
-        caption_status = gr.Markdown(elem_id="caption-status")
-        caption_progress = gr.HTML(progress_html(0, "idle"), elem_id="caption-progress")
+        caption_start, caption_stop, caption_message, caption_status, caption_progress = task_controls(
+            "caption", "Caption images")
         caption_recent = gr.Markdown(elem_id="caption-recent")
 
     with gr.Accordion("Dataset report", open=False, elem_id="dataset-report"):
@@ -365,12 +371,8 @@ def layout(ui: Any, L: Layout) -> None:
                     "lands in and the part it keeps (the yellow box; the dimmed part is cut away), images that are "
                     "upscaled or heavily cropped, duplicates, missing or empty captions, caption length against "
                     "CLIP's 77-token window, and tag frequency.")
-        with gr.Row():
-            report_start = gr.Button("Build the report", variant="primary", elem_id="report-start")
-            report_stop = gr.Button("Stop", variant="stop", elem_id="report-stop")
-        report_message = gr.Markdown(elem_id="report-message")
-        report_status = gr.Markdown(elem_id="report-status")
-        report_progress = gr.HTML(progress_html(0, "idle"), elem_id="report-progress")
+        report_start, report_stop, report_message, report_status, report_progress = task_controls(
+            "report", "Build the report")
         report_summary = gr.Markdown(elem_id="report-summary")
         report_sheet = gr.Image(label="Contact sheet: crop boxes and warnings", type="filepath", interactive=False,
                                 elem_id="report-sheet")

@@ -1,0 +1,407 @@
+"""Forgetting: how much an adapter changes what the base model already knew, measured while training.
+
+* **Prior set**: the images the metric is measured on — the dataset's regularisation images when it has some,
+  else ``train.prior_images`` images the *base* model draws for ``train.prior_prompts`` (unrelated prompts by
+  default). Generated images are cached under ``<output.dir>/cache/prior/<key>`` (the key covers the base model,
+  prompts, size, sampler and seed) and reused by later runs.
+* **Prior loss ratio**: the adapted model's denoising loss on the prior set divided by the base model's loss on the
+  same latents, noise and timesteps (fixed per image, so the value is comparable from step to step). 1.0 = the
+  base model's behaviour is unchanged there; it rises as the adapter bleeds into prompts it should leave alone.
+  The base model's loss is the same network with every adapter at multiplier 0, which runs the untouched layers.
+* **Checkpoint pick**: ``checkpoints.json`` in the output folder lists every save with the concept validation loss
+  and the prior loss ratio at its step; :func:`best_checkpoint` picks the trade-off.
+* **Regularisation images** (``python -m trainer regularise``): the base model draws the dataset's captions with
+  the trigger word removed (:func:`regularisation_prompts`), cached the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from methods.files import atomic_write_bytes, write_text_atomic
+
+from .events import log
+
+CHECKPOINTS_FILE = "checkpoints.json"
+# Unrelated to any particular training set: what an adapter should leave alone (also compare's drift prompts).
+GENERIC_PROMPTS = (
+    "a photo of a mountain lake at sunrise",
+    "a bowl of fruit on a wooden table",
+    "a city street at night, neon lights",
+    "portrait of an old fisherman, oil painting",
+    "a red sports car on a desert road",
+    "a cat sleeping on a sofa",
+)
+
+
+# ================================================================================================ prompts
+def default_prompts(base: str) -> list[str]:
+    """Unrelated prompts for ``base``: the toy model's own evaluation prompts (it knows no other words), else
+    :data:`GENERIC_PROMPTS`."""
+    from .compare import is_toy_model
+
+    if is_toy_model(base):
+        from . import toy
+
+        return list(toy.EVAL_PROMPTS)
+    return list(GENERIC_PROMPTS)
+
+
+def prior_prompts(config: Any) -> list[str]:
+    """One prompt per prior image: train.prior_prompts (or the defaults), cycled to train.prior_images."""
+    prompts = list(config.train.prior_prompts) or default_prompts(config.model.base)
+    return [prompts[index % len(prompts)] for index in range(config.train.prior_images)]
+
+
+def trigger_words(config: Any, items: Sequence[Any]) -> list[str]:
+    """The words that name the concept: dataset.trigger_word (and the subsets'), else the class words of the
+    image folders ("10_zq" → "zq") that the captions use, else the most common first caption tag."""
+    from .dataset import _contains_word, parse_folder_name, split_tags
+
+    data = config.dataset
+    words = [word for word in [data.trigger_word, *(s.trigger_word or "" for s in data.subsets)] if word.strip()]
+    if words:
+        return list(dict.fromkeys(word.strip() for word in words))
+    captions = [item.caption for item in items if item.caption]
+    folders = {parse_folder_name(item.folder)[1].strip() for item in items}
+    words = sorted(word for word in folders if word and any(_contains_word(c, word) for c in captions))
+    if words:
+        return words
+    firsts = Counter(tags[0] for tags in (split_tags(c) for c in captions) if tags)
+    return [firsts.most_common(1)[0][0]] if firsts else []
+
+
+def remove_words(caption: str, words: Sequence[str]) -> str:
+    """``caption`` without ``words``: as tags they go whole, inside prose the word alone (spaces tidied)."""
+    from .dataset import split_tags
+
+    tags = [tag for tag in split_tags(caption) if tag not in words]
+    text = ", ".join(tags)
+    for word in words:
+        text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", "", text)
+    text = re.sub(r"\s+", " ", text)
+    return re.sub(r"\s*,(\s*,)*\s*", ", ", text).strip(" ,")
+
+
+def regularisation_prompts(config: Any, items: Sequence[Any], count: int | None = None,
+                           trigger: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """(one prompt per image, the trigger words removed): the training captions without the trigger, distinct, in
+    dataset order, cycled to ``count`` (default: one per training image). Captions that were only the trigger
+    become the folder's class word when it is not the trigger, else "a photo"."""
+    from .dataset import parse_folder_name
+
+    words = list(trigger) if trigger else trigger_words(config, items)
+    prompts = []
+    for item in items:
+        prompt = remove_words(item.caption, words)
+        if not prompt:
+            class_word = parse_folder_name(item.folder)[1].strip()
+            prompt = class_word if class_word and class_word not in words else "a photo"
+        prompts.append(prompt)
+    distinct = list(dict.fromkeys(prompts)) or ["a photo"]
+    count = len(items) if count is None else count
+    return [distinct[index % len(distinct)] for index in range(count)], words
+
+
+# ================================================================================================ generation
+def render_options(config: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:func:`trainer.sampling.render_previews` options of the base model's images: the [sample] sampler, steps,
+    guidance and seed at the dataset's resolution."""
+    from .sampling import preview_options
+
+    options = {**preview_options(config.sample, config.dataset.resolution), "clip_skip": config.train.clip_skip,
+               **(extra or {})}
+    options["width"] = options["height"] = config.dataset.resolution
+    return options
+
+
+def cache_key(base: str, prompts: Sequence[str], options: dict[str, Any]) -> str:
+    """What the generated images depend on: the base model, the prompts (in order) and the render options."""
+    text = json.dumps({"base": str(base), "prompts": list(prompts), "options": options}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: dict[str, Any],
+                    progress: Callable[[int], None] | None = None) -> tuple[list[Path], int]:
+    """Image ``i`` = ``prompts[i]`` at seed ``options["seed"] + i``, written as ``NNNN.png`` with its caption in
+    ``NNNN.txt`` (both atomically, the caption last). Pairs already there with the same caption are kept: a rerun
+    with the same key only draws what is missing; ``progress(drawn)`` counts the drawn ones. Returns (the image
+    paths, how many were reused)."""
+    from .sampling import render_previews
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(pipe, "transformer", None) is not None:  # SD3/Flux pipelines have their flow-matching Euler only
+        options = {**options, "sampler": "euler"}
+    paths, reused = [], 0
+    for index, prompt in enumerate(prompts):
+        image_path, caption_path = folder / f"{index:04d}.png", folder / f"{index:04d}.txt"
+        if _present(image_path, caption_path, prompt):
+            reused += 1
+        else:
+            image = render_previews(pipe, [prompt], **{**options, "seed": int(options["seed"]) + index})[0]
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            atomic_write_bytes(image_path, buffer.getvalue())
+            write_text_atomic(caption_path, prompt)
+            if progress is not None:
+                progress(index + 1 - reused)
+        paths.append(image_path)
+    return paths, reused
+
+
+def missing_images(prompts: Sequence[str], folder: Path) -> int:
+    """How many of :func:`generate_images`' pairs are not in ``folder`` yet."""
+    return sum(1 for index, prompt in enumerate(prompts)
+               if not _present(folder / f"{index:04d}.png", folder / f"{index:04d}.txt", prompt))
+
+
+def _present(image_path: Path, caption_path: Path, prompt: str) -> bool:
+    return image_path.is_file() and caption_path.is_file() and caption_path.read_text(encoding="utf-8") == prompt
+
+
+def folder_items(paths: Sequence[Path], prompts: Sequence[str], max_pixels: int) -> list[Any]:
+    """Dataset items of generated images (one sample each, their prompt as caption)."""
+    from .dataset import ImageItem, inspect_image
+
+    items = []
+    for path, prompt in zip(paths, prompts):
+        height, width, digest, has_alpha = inspect_image(path, max_pixels)
+        items.append(ImageItem(path=path, caption=prompt, folder="prior", n_repeats=1, size=(height, width),
+                               sha256=digest, is_reg=True, has_alpha=has_alpha))
+    return items
+
+
+def prior_dataset(config: Any, reg_items: Sequence[Any], generate: Callable[[], list[Any]]) -> tuple[Any, str]:
+    """(the prior set as an un-augmented dataset, what it is): the regularisation images when the dataset has some,
+    else ``generate()``'s items, captioned with their prompts only (no trigger, prefix or suffix)."""
+    from .dataset import ImageDataset
+
+    seed = config.train.seed
+    if reg_items:
+        return ImageDataset(list(reg_items), config.dataset, seed, augment=False), "regularisation images"
+    plain = dataclasses.replace(config.dataset, trigger_word="", caption_prefix="", caption_suffix="",
+                                masked_loss=False, subsets=[])
+    return ImageDataset(generate(), plain, seed, augment=False), "base-model images"
+
+
+# ================================================================================================ the metric
+class PriorMeter:
+    """The prior loss ratio of a network on a fixed prior set.
+
+    ``loss(batch, keys)`` is the training loss of a one-sample batch with noise keyed by ``keys`` (the engine's);
+    every image gets the key ``("prior", seed, i)``, so its noise and timestep never change.
+    """
+
+    def __init__(self, dataset: Any, seed: int, loss: Callable[[dict[str, Any], list[tuple]], Any]):
+        self.dataset, self.seed, self.loss = dataset, int(seed), loss
+        self.base: list[float] | None = None
+
+    def losses(self) -> list[float]:
+        import torch
+
+        from .dataset import collate_batch
+
+        with torch.no_grad():
+            return [float(self.loss(collate_batch([self.dataset[i]]), [("prior", self.seed, i)]))
+                    for i in range(len(self.dataset))]
+
+    def measure_base(self, network: Any) -> list[float]:
+        """The base model's losses: every adapter at multiplier 0 (restored afterwards)."""
+        strengths = [adapter.multiplier for adapter in network]
+        network.set_multiplier(0.0)
+        try:
+            self.base = self.losses()
+        finally:
+            for adapter, strength in zip(network, strengths):
+                adapter.multiplier = strength
+        return self.base
+
+    def measure(self) -> dict[str, float]:
+        """{"ratio", "loss", "base_loss"} of the network as it is now (:meth:`measure_base` first)."""
+        if self.base is None:
+            raise RuntimeError("PriorMeter.measure_base must run before measure")
+        losses = self.losses()
+        loss, base = sum(losses) / len(losses), sum(self.base) / len(self.base)
+        return {"ratio": loss / base if base > 0 else math.inf, "loss": loss, "base_loss": base}
+
+
+# ================================================================================================ checkpoints
+@dataclasses.dataclass
+class CheckpointRecord:
+    step: int
+    path: str
+    validation_loss: float | None = None  # the concept's held-out loss (dataset.validation_split), if measured
+    prior_ratio: float | None = None
+    drift: float | None = None  # pixel drift, where something measured it (trainer.compare)
+
+
+def best_checkpoint(records: Sequence[CheckpointRecord | dict[str, Any]],
+                    max_prior_ratio: float = 1.1) -> tuple[CheckpointRecord, str] | None:
+    """The best trade-off and why: among the saves whose prior ratio is within ``max_prior_ratio`` (or not
+    measured), the lowest concept validation loss (without one: the latest such save, the most trained); when
+    every measured save is past the tolerance, the lowest prior ratio. None for no records."""
+    records = [r if isinstance(r, CheckpointRecord) else CheckpointRecord(**r) for r in records]
+    if not records:
+        return None
+    kept = [r for r in records if r.prior_ratio is None or r.prior_ratio <= max_prior_ratio]
+    if not kept:
+        best = min(records, key=lambda r: (r.prior_ratio, -r.step))
+        return best, (f"every save's prior loss ratio is above {max_prior_ratio:g}: the lowest ratio "
+                      f"({best.prior_ratio:.4f})")
+    scored = [r for r in kept if r.validation_loss is not None]
+    if scored:
+        best = min(scored, key=lambda r: (r.validation_loss, -r.step))
+        return best, (f"the lowest concept validation loss ({best.validation_loss:.5f}) with a prior loss ratio "
+                      f"within {max_prior_ratio:g}")
+    best = max(kept, key=lambda r: r.step)
+    return best, f"the latest save with a prior loss ratio within {max_prior_ratio:g} (no validation loss measured)"
+
+
+class CheckpointLog:
+    """``checkpoints.json``: the measures taken at each step, and one record per save (rewritten atomically)."""
+
+    def __init__(self, output_dir: Path, max_prior_ratio: float, resuming: bool = False):
+        self.path = Path(output_dir) / CHECKPOINTS_FILE
+        self.max_prior_ratio = max_prior_ratio
+        self.measures: dict[int, dict[str, float]] = {}
+        self.records: list[CheckpointRecord] = []
+        if resuming and self.path.is_file():  # a resumed run goes on with the saves before it
+            try:
+                earlier = json.loads(self.path.read_text(encoding="utf-8"))
+                self.records = [CheckpointRecord(**record) for record in earlier["checkpoints"]]
+                self.measures = {int(m.pop("step")): m for m in earlier.get("measures", [])}
+            except (ValueError, KeyError, TypeError) as error:
+                log.warning("%s is unreadable (%s); it restarts with this run's saves", self.path, error)
+
+    def measured(self, step: int, **values: float) -> None:
+        self.measures.setdefault(step, {}).update(values)
+
+    def has(self, step: int, what: str) -> bool:
+        return what in self.measures.get(step, {})
+
+    def saved(self, step: int, path: Path) -> None:
+        values = self.measures.get(step, {})
+        self.records = [r for r in self.records if r.path != str(path)]
+        self.records.append(CheckpointRecord(step, str(path), values.get("validation_loss"),
+                                             values.get("prior_ratio")))
+        self.write()
+
+    def file_metadata(self, step: int) -> dict[str, str]:
+        """Keys for the file about to be saved at ``step``: its measures and, counting it as saved, the pick."""
+        values = self.measures.get(step, {})
+        keys = {f"rankwright_{name}": f"{values[name]:.6g}" for name in ("validation_loss", "prior_ratio")
+                if name in values}
+        if not self.measures:
+            return keys
+        self.forget_missing()
+        this = CheckpointRecord(step, "", values.get("validation_loss"), values.get("prior_ratio"))
+        best, why = best_checkpoint([*[r for r in self.records if r.step != step], this], self.max_prior_ratio)
+        keys["rankwright_best_checkpoint"] = json.dumps({"step": best.step, "file": Path(best.path).name or
+                                                         "this file", "why": why})
+        return keys
+
+    def renamed(self, old: Path, new: Path) -> None:
+        """A save moved (an extended run keeps its old final file under its step name)."""
+        for record in self.records:
+            if record.path == str(old):
+                record.path = str(new)
+        if self.records:
+            self.write()
+
+    def forget_missing(self) -> None:
+        """Drop the records of files deleted since (output.save_last_n_steps)."""
+        self.records = [r for r in self.records if Path(r.path).exists()]
+
+    def best(self) -> tuple[CheckpointRecord, str] | None:
+        return best_checkpoint(self.records, self.max_prior_ratio)
+
+    def write(self) -> None:
+        self.forget_missing()
+        pick = self.best()
+        data = {"max_prior_ratio": self.max_prior_ratio,
+                "checkpoints": [dataclasses.asdict(r) for r in self.records],
+                "best": {**dataclasses.asdict(pick[0]), "why": pick[1]} if pick else None,
+                "measures": [{"step": step, **values} for step, values in sorted(self.measures.items())]}
+        write_text_atomic(self.path, json.dumps(data, indent=2) + "\n")
+
+
+def read_checkpoints(output_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(output_dir) / CHECKPOINTS_FILE).read_text(encoding="utf-8"))
+
+
+def record_drift(adapter_file: str | Path, drift: float | None) -> bool:
+    """Add a pixel drift measured afterwards (trainer.compare) to the record of ``adapter_file`` in the
+    checkpoints.json beside it; whether there was one to add it to."""
+    path = Path(adapter_file).parent / CHECKPOINTS_FILE
+    if drift is None or not path.is_file():
+        return False
+    data = json.loads(path.read_text(encoding="utf-8"))
+    records = [r for r in data.get("checkpoints", []) if Path(r["path"]) == Path(adapter_file)]
+    for record in records:
+        record["drift"] = drift
+    if data.get("best") and Path(data["best"]["path"]) == Path(adapter_file):
+        data["best"]["drift"] = drift
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return bool(records)
+
+
+# ================================================================================================ regularisation
+@dataclasses.dataclass
+class Regularisation:
+    folder: Path
+    paths: list[Path]
+    prompts: list[str]
+    trigger: list[str]  # the words removed from the captions
+    reused: int  # images found in the folder already (same key)
+
+
+def default_regularisation_folder(config: Any, key: str) -> Path:
+    """<the dataset folder>/../regularisation/<key> (with subsets: beside the first training subset's folder)."""
+    data = config.dataset
+    training = [s.image_dir for s in data.subsets if not s.is_reg]
+    root = Path(training[0] if training else data.dir).expanduser().resolve()
+    return root.parent / "regularisation" / key
+
+
+def regularise(config: Any, count: int | None = None, out: str | Path | None = None,
+               trigger: Sequence[str] | None = None, pipe: Any = None,
+               progress: Callable[[int, int], None] | None = None) -> Regularisation:
+    """Draw regularisation images with the base model: the training captions without the trigger word(s)
+    (:func:`regularisation_prompts`), one image per prompt at the [sample] settings and the dataset's resolution,
+    into ``out`` (default :func:`default_regularisation_folder`) with caption files. Images already there for the
+    same prompt are reused; the base model is loaded only when something is missing. ``progress(done, total)``."""
+    from methods.base import ConfigError
+
+    from .dataset import scan_dataset
+
+    if count is not None and count < 1:
+        raise ConfigError(f"--count must be ≥ 1, got {count}")
+    try:
+        scan = scan_dataset(config.dataset, seed=config.train.seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    items = scan.train_items + list(scan.validation)
+    prompts, words = regularisation_prompts(config, items, count, trigger)
+    options = render_options(config)
+    key = cache_key(config.model.base, prompts, options)
+    folder = Path(out).expanduser() if out else default_regularisation_folder(config, key)
+    missing = missing_images(prompts, folder)
+    if missing and pipe is None:
+        from .compare import load_base_pipeline
+
+        pipe = load_base_pipeline(config)
+    report = (lambda done: progress(done, missing)) if progress else None
+    paths, reused = generate_images(pipe, prompts, folder, options, progress=report)
+    manifest = {"key": key, "base": config.model.base, "trigger_removed": words, "options": options,
+                "images": len(paths)}
+    write_text_atomic(folder / "regularisation.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    return Regularisation(folder, paths, prompts, words, reused)
