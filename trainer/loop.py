@@ -694,7 +694,8 @@ class Trainer:
         self.prior = PriorMeter(self.data.prior, self.config.train.seed,
                                 lambda batch, keys: self._training_loss(state, batch, keys))
         state.network.eval()
-        self.prior.measure_base(state.network)
+        with eager_calls(state):
+            self.prior.measure_base(state.network)
         state.network.train()
         self._check_prior(state)
 
@@ -704,7 +705,8 @@ class Trainer:
             return
         step = state.progress.step
         state.network.eval()
-        values = self.prior.measure()
+        with eager_calls(state):
+            values = self.prior.measure()
         state.network.train()
         self.checkpoints.measured(step, prior_ratio=values["ratio"])
         self.events.emit(ev.PriorLoss(step=step, ratio=values["ratio"], prior_loss=values["loss"],
@@ -823,7 +825,7 @@ class Trainer:
 
 # ==================================================================================================== helpers
 def eager_calls(state: RunState):
-    """Previews and validation call the models eagerly even when the training step is compiled."""
+    """Previews, validation and the prior loss call the models eagerly even when the training step is compiled."""
     from contextlib import nullcontext
 
     from .compiling import eager
