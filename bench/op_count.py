@@ -112,7 +112,8 @@ def one_configuration(spec: overhead.Spec, template, compiled: bool) -> dict[str
 
 
 def run_counts(size: str = "tiny", methods: list[str] | None = None, libraries: tuple[str, ...] = LIBRARIES,
-               compiled: bool = True, latent: int = 8, batch: int = 1, log=None) -> dict[str, Any]:
+               compiled: bool = True, latent: int = 8, batch: int = 1, skip: frozenset[str] = frozenset(),
+               log=None) -> dict[str, Any]:
     """Counts for the frozen step and every (method, library); ratios over the frozen step's counts."""
     import torch
 
@@ -129,6 +130,8 @@ def run_counts(size: str = "tiny", methods: list[str] | None = None, libraries: 
     for method in methods or list(METHODS):
         row: dict[str, Any] = {"method": method}
         for library in libraries:
+            if f"{library}:{method}" in skip:
+                continue
             log(f"{library} {method}")
             try:
                 counts = one_configuration(overhead.Spec(impl=library, method=method, **settings), template, compiled)
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent", type=int, default=8, help="latent side (counts do not depend on it)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip", metavar="IMPL:METHOD", action="append", default=[],
+                        help="leave out one configuration (LyCORIS's BOFT holds about 19 GB on the SD1.5 UNet)")
     parser.add_argument("--json", help="write the full report here")
     args = parser.parse_args(argv)
     import torch
@@ -181,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown libraries {unknown}; choose from {', '.join(LIBRARIES)}")
     report = run_counts(args.size, [m for m in args.methods.split(",") if m], libraries, not args.no_compiled,
-                        args.latent, args.batch, log=lambda message: print(f"... {message}", file=sys.stderr))
+                        args.latent, args.batch, frozenset(args.skip),
+                        log=lambda message: print(f"... {message}", file=sys.stderr))
     print(markdown(report))
     if args.json:
         from methods.files import write_text_atomic
