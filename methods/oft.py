@@ -109,7 +109,10 @@ class _CayleyShift(torch.autograd.Function):
         # fp32 throughout: under autocast the series' products would run in half precision and never converge.
         with torch.autocast(blocks.device.type, enabled=False):
             doubled = torch.sub(blocks, blocks.mT).mul_(2 if scale is None else 2 * scale)
-            shift = _doubled_shift_by_series(doubled) if blocks.device.type == "cpu" else None
+            # Inside a compiled graph (train.compile: a layer outside the shared solve) the series' data-dependent
+            # stops cannot be traced; the solve can.
+            series = blocks.device.type == "cpu" and not torch.compiler.is_compiling()
+            shift = _doubled_shift_by_series(doubled) if series else None
             if shift is None:
                 # On CUDA the batched LU is a few kernels, where the series would wait for the GPU at each doubling.
                 # I − Q is never singular (skew Q has imaginary eigenvalues), so the solver's check is skipped.
