@@ -58,14 +58,20 @@ def count_dispatched(step) -> tuple[int, collections.Counter]:
 def count_compiled_kernels(step) -> tuple[int, collections.Counter]:
     """Kernel calls per step of the graphs ``step()`` compiles (forward and backward): the calls in the wrapper code
     Inductor generated while it ran."""
+    from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
+    breaks = sum(counters["graph_break"].values())
     _, sources = run_and_get_code(step)
     counts: collections.Counter = collections.Counter()
+    # Code between graphs (after a break) runs eagerly and is not in any generated wrapper: not counted here.
+    counts["graph breaks (not a call)"] = sum(counters["graph_break"].values()) - breaks
     for source in sources:
         for name in KERNEL_CALL.findall(_call_function(source)):
             counts["generated" if name.startswith(("cpp_fused_", "triton_")) else name] += 1
-    return sum(counts.values()), counts
+    breaks = counts.pop("graph breaks (not a call)")
+    counts["graph_breaks"] = breaks  # reported beside the count; kept out of the sum below
+    return sum(count for name, count in counts.items() if name != "graph_breaks"), counts
 
 
 def _call_function(source: str) -> str:
@@ -105,6 +111,7 @@ def one_configuration(spec: overhead.Spec, template, compiled: bool) -> dict[str
             with inductor_config.patch(layout_optimization=False):
                 unet.forward = torch.compile(unet.forward, dynamic=False)
                 row["compiled"], per_kernel = count_compiled_kernels(step)
+            row["graph_breaks"] = per_kernel.pop("graph_breaks")
             row["compiled_top"] = dict(per_kernel.most_common(8))
         except Exception as error:  # noqa: BLE001 — one library failing to compile must not hide the others
             row["compiled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -159,8 +166,12 @@ def markdown(report: dict[str, Any]) -> str:
             for lib in libraries:
                 counts = row.get(lib, {})
                 ratio = counts.get(f"{kind}_x")
-                cells.append(f"{ratio:.2f}× ({counts[kind]})" if ratio is not None else "—")
+                breaks = f", {counts['graph_breaks']} breaks¹" if kind == "compiled" and counts.get("graph_breaks") \
+                    else ""
+                cells.append(f"{ratio:.2f}× ({counts[kind]}{breaks})" if ratio is not None else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    if any(counts.get("graph_breaks") for row in report["rows"] for counts in row.values() if isinstance(counts, dict)):
+        lines += ["", "¹ the model's graph breaks there: the code between its graphs runs eagerly and is not counted"]
     return "\n".join(lines)
 
 
