@@ -36,7 +36,9 @@ Exit status 0 even when targets fail; the table says which cells pass.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -175,6 +177,7 @@ class Spec:
     max_seconds: float = 600.0  # stop timing rounds after this long (but not before MIN_REPEATS rounds)
     trained_std: float = 0.01  # adapter tensors that start at zero get N(0, std): timed as mid-training
     rank: int = RANK  # LoRA, DoRA, LoHa and LoKr
+    compile: bool = False  # both copies' forward through torch.compile (train.compile's settings; warm-up compiles)
 
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -253,6 +256,58 @@ def _attach(spec: Spec, unet, device) -> tuple[list, dict[str, Any], list[str]]:
     return extra, info, paths
 
 
+def step_inputs(spec: Spec, unet, device) -> dict[str, Any]:
+    """Latents (requiring grad, so the frozen step runs backward through the same layers), constant text
+    conditioning, a target and timestep 500, from the spec's seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    channels, ctx = unet.config.in_channels, unet.config.cross_attention_dim
+    latents = torch.randn(spec.batch, channels, spec.latent, spec.latent, generator=gen).to(device)
+    latents.requires_grad_(True)
+    hidden = torch.randn(spec.batch, 77, ctx, generator=gen).to(device)
+    target = torch.randn(spec.batch, unet.config.out_channels, spec.latent, spec.latent, generator=gen).to(device)
+    timesteps = torch.full((spec.batch,), 500, dtype=torch.long, device=device)
+    return {"latents": latents, "hidden": hidden, "target": target, "timesteps": timesteps}
+
+
+def make_trainable(spec: Spec, modules: list, base_ids: set[int], device) -> list:
+    """Every parameter of ``modules`` that is not a base weight trains; returns them, zero-started ones filled."""
+    import torch
+
+    params = {id(p): p for m in modules for p in m.parameters()}
+    trainable = []
+    for p in params.values():
+        p.requires_grad_(id(p) not in base_ids)
+        if id(p) not in base_ids:
+            trainable.append(p)
+    # Every library starts some tensors at zero (LoRA's up, OFT's blocks); a step there can cost less than one in
+    # the middle of training (our CPU Cayley series converges at once for Q = 0), so those are filled first.
+    fill = torch.Generator(device).manual_seed(spec.seed + 2)
+    with torch.no_grad():
+        for p in trainable:
+            if spec.trained_std and not p.any():
+                p.normal_(0.0, spec.trained_std, generator=fill)
+    return trainable
+
+
+def training_step(model, trainable: list, inputs: dict[str, Any], dtype) -> None:
+    """Forward, MSE loss and backward of ``model`` (``trainable`` and the latents' gradients cleared first)."""
+    import torch
+    import torch.nn.functional as F
+
+    latents = inputs["latents"]
+    for p in trainable:
+        p.grad = None
+    latents.grad = None
+    with torch.autocast(latents.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model(latents, inputs["timesteps"], encoder_hidden_states=inputs["hidden"]).sample
+    loss = F.mse_loss(out.float(), inputs["target"])
+    loss.backward()
+    if latents.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     """One configuration, in the calling process.
 
@@ -265,7 +320,6 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     import copy
 
     import torch
-    import torch.nn.functional as F
 
     from trainer.architectures import build_unet
 
@@ -288,13 +342,7 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     del template
     base_ids = {id(p) for p in unet.parameters()}
 
-    gen = torch.Generator().manual_seed(spec.seed + 1)
-    channels, ctx = unet.config.in_channels, unet.config.cross_attention_dim
-    latents = torch.randn(spec.batch, channels, spec.latent, spec.latent, generator=gen).to(device)
-    latents.requires_grad_(True)
-    hidden = torch.randn(spec.batch, 77, ctx, generator=gen).to(device)
-    target = torch.randn(spec.batch, unet.config.out_channels, spec.latent, spec.latent, generator=gen).to(device)
-    timesteps = torch.full((spec.batch,), 500, dtype=torch.long, device=device)
+    inputs = step_inputs(spec, unet, device)
 
     gc.collect()
     if cuda:
@@ -310,49 +358,39 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
     extra, info, paths = _attach(spec, unet, device)
     setup_s = time.perf_counter() - start
 
-    params = {id(p): p for m in [unet, *extra] for p in m.parameters()}
-    trainable = []
-    for p in params.values():
-        p.requires_grad_(id(p) not in base_ids)
-        if id(p) not in base_ids:
-            trainable.append(p)
-    # Every library starts some tensors at zero (LoRA's up, OFT's blocks); a step there can cost less than one in
-    # the middle of training (our CPU Cayley series converges at once for Q = 0), so those are filled first.
-    fill = torch.Generator(device).manual_seed(spec.seed + 2)
-    with torch.no_grad():
-        for p in trainable:
-            if spec.trained_std and not p.any():
-                p.normal_(0.0, spec.trained_std, generator=fill)
+    trainable = make_trainable(spec, [unet, *extra], base_ids, device)
 
     def step(model) -> None:
-        for p in trainable:
-            p.grad = None
-        latents.grad = None
-        if dtype != torch.float32:
-            with torch.autocast(device.type, dtype=dtype):
-                out = model(latents, timesteps, encoder_hidden_states=hidden).sample
-        else:
-            out = model(latents, timesteps, encoder_hidden_states=hidden).sample
-        loss = F.mse_loss(out.float(), target)
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
+        training_step(model, trainable, inputs, dtype)
 
     def timed(model) -> float:
         t0 = clock()
         step(model)
         return (clock() - t0) * 1000.0
 
-    for _ in range(max(1, spec.warmup)):
-        step(unet)
-    with_grad = sum(1 for p in trainable if p.grad is not None)
+    compiling = contextlib.nullcontext  # a factory: each warm-up below enters its own
+    if spec.compile:
+        from trainer.compiling import compile_settings, recompile_limit, resolve_mode
+
+        mode = resolve_mode("auto", device, shapes=1)
+        for model in (base, unet):
+            model.forward = torch.compile(model.forward, mode=mode, dynamic=False)
+        compiling = functools.partial(compile_settings, recompile_limit(shapes=1, models=2))
+        info["compile_mode"] = mode
+    with compiling():
+        compile_started = time.perf_counter()
+        for _ in range(max(1, spec.warmup)):
+            step(unet)
+        info["first_steps_s"] = time.perf_counter() - compile_started
+        with_grad = sum(1 for p in trainable if p.grad is not None)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - mem_base
     else:
         peak = _peak_rss_bytes() - mem_base
 
-    for _ in range(max(1, spec.warmup)):
-        step(base)
+    with compiling():
+        for _ in range(max(1, spec.warmup)):
+            step(base)
     base_times, times = [], []
     started = time.perf_counter()
     for i in range(spec.repeats):
@@ -371,7 +409,8 @@ def measure(spec: Spec | dict, profile: bool = False) -> dict[str, Any]:
 
     flops = []
     for model in (unet, base):
-        with FlopCounterMode(display=False) as counter:
+        # Counted on the eager step: a dispatch mode around a compiled call would only make it recompile.
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             step(model)
         flops.append(counter.get_total_flops())
 
@@ -456,7 +495,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
                   latent: int = 16, batch: int = 1, repeats: int = 5, warmup: int = 2, device: str = "cpu",
                   dtype: str = "fp32", threads: int | None = None, seed: int = 0, clock: str = "wall",
                   max_seconds: float = 600.0, trained_std: float = 0.01, rank: int = RANK, isolate: bool = True,
-                  timeout: float | None = None,
+                  timeout: float | None = None, compile: bool = False,
                   skip: set[str] = frozenset(), log=None) -> dict[str, Any]:
     """The base (A/A: noise floor and base memory), then every (method, library); returns rows for the table.
 
@@ -467,7 +506,7 @@ def run_benchmark(size: str = "tiny", methods: list[str] | None = None, librarie
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     common = {"size": size, "latent": latent, "batch": batch, "repeats": repeats, "warmup": warmup,
               "device": device, "dtype": dtype, "threads": threads, "seed": seed, "clock": clock,
-              "max_seconds": max_seconds, "trained_std": trained_std, "rank": rank}
+              "max_seconds": max_seconds, "trained_std": trained_std, "rank": rank, "compile": compile}
     runner = (lambda s: run_isolated(s, timeout)) if isolate else _safe_measure
 
     def run(spec: Spec) -> dict[str, Any]:
@@ -631,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trained-std", type=float, default=0.01,
                         help="adapter tensors that start at zero are filled with N(0, std) before timing (0: as "
                              "initialised)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time compiled steps (torch.compile of both UNet copies, as train.compile; the warm-up "
+                             "steps compile, so use --warmup 2 or more)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", metavar="IMPL:METHOD", action="append",
                         help="also print a torch.profiler table of one step (e.g. ours:oft, peft:lora, base)")
@@ -656,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
                                warmup=args.warmup, device=args.device, dtype=args.dtype, threads=args.threads,
                                seed=args.seed, clock=args.clock, max_seconds=args.max_seconds,
                                trained_std=args.trained_std, rank=args.rank,
-                               timeout=args.timeout, isolate=not args.in_process, skip=set(args.skip), log=_log)
+                               timeout=args.timeout, isolate=not args.in_process, compile=args.compile,
+                               skip=set(args.skip), log=_log)
         reports.append(report)
         print(markdown(report) + "\n", flush=True)
         for what in args.profile or []:

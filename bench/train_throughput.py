@@ -133,7 +133,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "network": {"method": spec["method"], **({"rank": spec["rank"]} if spec["method"] != "oft" else {})},
         "train": {"max_steps": steps, "batch_size": spec["batch_size"], "learning_rate": 1e-4,
                   "mixed_precision": spec["mixed_precision"], "gradient_checkpointing": checkpointing,
-                  "train_text_encoder": spec["train_text_encoder"]},
+                  "train_text_encoder": spec["train_text_encoder"], "compile": spec.get("compile", False)},
         "output": {"dir": str(work / "out"), "name": "bench", "tensorboard": False, "save_state": False},
     })
     stamps: list[float] = []
@@ -193,7 +193,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         precision = "" if row["mixed_precision"] == "no" else f" {row['mixed_precision']}"
         lines.append(" | ".join(str(v) for v in (
-            row["model"], row["resolution"], row["batch_size"], row["variant"], row["steps_per_s"],
+            row["model"], row["resolution"], row["batch_size"],
+            row["variant"] + (" compiled" if row.get("compile") else ""), row["steps_per_s"],
             row["s_per_step"], row["first_step_s"], row["ready_s"], round(row["peak_mb"]),
             f"{row['device_name']}{precision} ({row['threads'] or 'default'} threads)")))
     return "\n".join(lines)
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--train-text-encoder", action="store_true", help="also train text-encoder adapters")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--compile", default="off", choices=("off", "on", "both"),
+                        help="train.compile: off, on, or both (each variant eager and compiled; the first step "
+                             "includes compiling, steps/s does not)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -231,17 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    compiled = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
     for model in models:
         for variant in variants:
-            spec = {"model": model, "variant": variant, "device": args.device,
-                    "mixed_precision": args.mixed_precision,
-                    "resolution": args.resolution or DEFAULT_RESOLUTION[model], "batch_size": args.batch_size,
-                    "steps": args.steps or (20 if args.device == "cuda" else 6), "method": args.method,
-                    "rank": args.rank, "train_text_encoder": args.train_text_encoder, "threads": args.threads}
-            row = run_in_subprocess(spec, args.timeout)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            for compile_step in compiled:
+                spec = {"model": model, "variant": variant, "device": args.device,
+                        "mixed_precision": args.mixed_precision,
+                        "resolution": args.resolution or DEFAULT_RESOLUTION[model], "batch_size": args.batch_size,
+                        "steps": args.steps or (20 if args.device == "cuda" else 6), "method": args.method,
+                        "rank": args.rank, "train_text_encoder": args.train_text_encoder, "threads": args.threads,
+                        "compile": compile_step}
+                row = run_in_subprocess(spec, args.timeout)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

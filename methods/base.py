@@ -247,11 +247,20 @@ def apply_weight(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: t
 
 
 def add_low_rank(base_out: torch.Tensor, hidden: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``base_out + alpha·hidden·upᵀ`` for a linear layer's ``(..., out)`` output and ``(..., r)`` hidden activations,
-    as one ``addmm``: no separate scale, strength and add passes over the output, forward or backward."""
-    flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), up.t(),
-                       alpha=alpha)
+    """``base_out + alpha·hidden·upᵀ`` for a linear layer's ``(..., out)`` output and ``(..., r)`` hidden activations
+    (or ``(positions, r)``: :func:`flat_product`), as one ``addmm``: no separate scale, strength and add passes over
+    the output, forward or backward."""
+    if hidden.dim() != 2:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), hidden, up.t(), alpha=alpha)
     return flat.view(base_out.shape)
+
+
+def flat_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x·weightᵀ`` for a linear layer's ``(..., in)`` input, as ``(positions, rows)``: one view and a product,
+    where ``F.linear`` on ``(..., in)`` adds a fold and an unfold (forward and backward) that
+    :func:`add_low_rank` would only undo."""
+    return F.linear(x.reshape(-1, x.shape[-1]), weight)
 
 
 class AdapterModule(nn.Module):

@@ -20,6 +20,7 @@ from .base import (
     add_low_rank,
     apply_weight,
     check_fraction,
+    flat_product,
     is_kxk_conv,
     is_pointwise,
     parameter_factory,
@@ -189,7 +190,7 @@ class LoHaModule(AdapterModule):
         if self.is_conv or self.drops_delta_output() or not self._takes_product(x):
             return super().transform_output(x, base_out, strength)
         left_t, right = self._khatri_rao(x.dtype)
-        return add_low_rank(base_out, F.linear(x, right), left_t.t(), strength * self.scale)
+        return add_low_rank(base_out, flat_product(x, right), left_t.t(), strength * self.scale)
 
     def _khatri_rao(self, dtype: torch.dtype, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A1B1)⊙(A2B2) = M·K`` with ``M[o, pq] = A1[o, p]·A2[o, q]`` and ``K[pq, i] = B1[p, i]·B2[q, i]``: ΔW as

@@ -191,7 +191,7 @@ class LoKrModule(AdapterModule):
         dtype = x.dtype
         layout = self.layout
         w1 = self.lokr_w1 if layout.w1_rank == 0 else self.lokr_w1_a @ self.lokr_w1_b
-        w1 = (w1 * self.scale).to(dtype)
+        w1 = (w1 * self.scale if self.scale != 1.0 else w1).to(dtype)  # alpha = rank: no multiply, no its backward
         if self.is_conv:
             # Channels first, as the conv stores them: (N, c, d, H·W); W2 then W1 act on axes 1 and 2.
             n, _, height, width = x.shape

@@ -19,6 +19,7 @@ from .base import (
     add_low_rank,
     check_fraction,
     conv_kwargs,
+    flat_product,
     is_kxk_conv,
     parameter_factory,
     read_alpha,
@@ -104,9 +105,10 @@ class LoRAModule(AdapterModule):
         ops, forward or backward); convs through the generic path."""
         if self.is_conv:
             return super().transform_output(x, base_out, strength)
-        hidden = F.linear(x, self.lora_down.to(x.dtype))
-        if self.training:
-            hidden = self._regularise(hidden)
+        if self.drops_delta_output():  # per-sample rank dropout needs the sample axis
+            hidden = self._regularise(F.linear(x, self.lora_down.to(x.dtype)))
+        else:
+            hidden = flat_product(x, self.lora_down.to(x.dtype))
         return add_low_rank(base_out, hidden, self.lora_up.to(x.dtype), self.scale * strength)
 
     def delta_apply(self, x: torch.Tensor, dropouts: bool = False) -> torch.Tensor:
@@ -126,9 +128,10 @@ class LoRAModule(AdapterModule):
             hidden = F.linear(x, self.lora_down.to(dtype))
         if dropouts:
             hidden = self._regularise(hidden)
-        if self.is_conv:
-            return F.conv2d(hidden, self.lora_up.to(dtype) * self.scale)
-        return F.linear(hidden, self.lora_up.to(dtype) * self.scale)
+        up = self.lora_up.to(dtype)
+        if self.scale != 1.0:  # alpha = rank (the default): no multiply, forward or backward
+            up = up * self.scale
+        return F.conv2d(hidden, up) if self.is_conv else F.linear(hidden, up)
 
     def _regularise(self, hidden: torch.Tensor) -> torch.Tensor:
         config: LoRAConfig = self.config

@@ -109,7 +109,10 @@ class _CayleyShift(torch.autograd.Function):
         # fp32 throughout: under autocast the series' products would run in half precision and never converge.
         with torch.autocast(blocks.device.type, enabled=False):
             doubled = torch.sub(blocks, blocks.mT).mul_(2 if scale is None else 2 * scale)
-            shift = _doubled_shift_by_series(doubled) if blocks.device.type == "cpu" else None
+            # Inside a compiled graph (train.compile: a layer outside the shared solve) the series' data-dependent
+            # stops cannot be traced; the solve can.
+            series = blocks.device.type == "cpu" and not torch.compiler.is_compiling()
+            shift = _doubled_shift_by_series(doubled) if series else None
             if shift is None:
                 # On CUDA the batched LU is a few kernels, where the series would wait for the GPU at each doubling.
                 # I − Q is never singular (skew Q has imaginary eigenvalues), so the solver's check is skipped.
@@ -329,11 +332,15 @@ class OrthogonalModule(AdapterModule):
 
     def _shared_shift_or_none(self) -> torch.Tensor | None:
         shared = self._shared_shift
-        if shared is None or shared[1] != self.oft_blocks._version:
+        if shared is None:
             return None
-        # During the call, or while autograd runs a backward pass (checkpointing's recomputation of this call).
+        # During the call (no optimizer step can come between before_forward and this layer), or while autograd
+        # runs a backward pass (checkpointing's recomputation of this call) of unchanged blocks. Inside the call
+        # neither the version nor the autograd state is asked: a compiled model call (train.compile) traces neither.
+        if self._in_model_call:
+            return shared[0]
         in_backward = torch._C._current_graph_task_id() != -1
-        return shared[0] if self._in_model_call or in_backward else None
+        return shared[0] if in_backward and shared[1] == self.oft_blocks._version else None
 
     def rotation_shift(self) -> torch.Tensor:
         """``R − I`` for the constrained per-block rotations, fp32.

@@ -30,3 +30,24 @@ def test_tiny_lora_row_has_positive_timings():
     assert row["ours"]["tensors_with_grad"] == row["ours"]["trainable_tensors"] > 0
     table = bench.markdown(report)
     assert "| lora" in table and "ours ×base" in table
+
+
+def load_op_count():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("op_count", SCRIPT.parent / "op_count.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_op_count_tiny_lora_counts_more_ops_than_the_frozen_step():
+    bench = load_op_count()
+    report = bench.run_counts("tiny", methods=["lora"], libraries=("ours",), compiled=False)
+    base, (row,) = report["base"], report["rows"]
+    assert base["eager"] > 100 and "compiled" not in base
+    ours = row["ours"]
+    assert "error" not in ours, ours.get("error")
+    assert ours["adapted"] > 0 and ours["eager"] > base["eager"]
+    assert ours["eager_x"] == ours["eager"] / base["eager"]
+    assert "| lora | " in bench.markdown(report)
+

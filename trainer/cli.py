@@ -390,6 +390,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one key (value in TOML syntax, e.g. train.max_steps=500); repeatable")
     parser.add_argument("--resume", metavar="STATE_DIR",
                         help="continue from a *-state folder written next to a save (output.save_state)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the training step with torch.compile (train.compile = true)")
 
 
 @command("train", "train an adapter as a TOML config says (multi-GPU/CPU: torchrun or accelerate launch -m "
@@ -399,7 +401,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainingError, train
 
     _quiet_model_libraries()
-    config = TrainerConfig.load(_require_file(args.config, "config file"), args.overrides)
+    overrides = [*args.overrides, *(["train.compile=true"] if args.compile else [])]
+    config = TrainerConfig.load(_require_file(args.config, "config file"), overrides)
     try:
         train(config, on_event=print_training_event, resume=args.resume)
     except TrainingError as error:

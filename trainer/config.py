@@ -16,6 +16,8 @@ from typing import Any
 from methods.base import ConfigError, coerce_value
 from methods.dit_naming import FILE_LAYOUTS, T5_PREFIX
 
+from .compiling import COMPILE_MODES
+
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -192,6 +194,9 @@ class TrainSection:
     # how full_fp16/bf16 apply an update: stochastic_rounding, fp32_master (an fp32 copy is stepped) or plain
     half_precision_update: str = "stochastic_rounding"
     fp8_base_unet: bool = False  # fp8_base for the denoiser only: the text encoders stay in the mixed precision
+    # torch.compile of the adapted denoiser (and the text encoders when trained); see trainer.compiling
+    compile: bool = False
+    compile_mode: str = "auto"  # auto, default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
 
 
 @dataclasses.dataclass
@@ -386,7 +391,8 @@ class TrainerConfig:
         for key, value, allowed in (("train.loss_type", train.loss_type, LOSS_TYPES),
                                     ("train.huber_schedule", train.huber_schedule, HUBER_SCHEDULES),
                                     ("train.half_precision_update", train.half_precision_update,
-                                     HALF_PRECISION_UPDATES)):
+                                     HALF_PRECISION_UPDATES),
+                                    ("train.compile_mode", train.compile_mode, COMPILE_MODES)):
             if value not in allowed:
                 raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
         if train.huber_c <= 0:

@@ -206,6 +206,27 @@ class Memory(Event):
 
 
 @dataclasses.dataclass
+class Compiled(Event):
+    """train.compile: a training step compiled new graphs (the first step, or a new bucket shape)."""
+
+    KIND = "compiled"
+    step: int = 0
+    shape: list[int] = dataclasses.field(default_factory=list)  # the batch's latents (or pixels)
+    graphs: int = 0  # new graphs (a graph break splits a model call into several)
+    graph_breaks: int = 0
+    seconds: float = 0.0  # the step, compiling included
+    total_graphs: int = 0  # compiled by this run so far
+    limit: int = 0  # recompiles allowed per code object (beyond it Dynamo runs that call eagerly)
+    mode: str = ""
+
+    def text(self) -> str:
+        shape = "×".join(str(size) for size in self.shape) or "?"
+        breaks = f", {self.graph_breaks} graph break(s)" if self.graph_breaks else ""
+        return (f"compiled {self.graphs} graph(s) for batch shape {shape} at step {self.step} in {self.seconds} s "
+                f"(mode {self.mode}{breaks}; {self.total_graphs} in this run, limit {self.limit})")
+
+
+@dataclasses.dataclass
 class Validation(Event):
     KIND = "validation"
     ON_CLI = False
@@ -475,9 +496,9 @@ class CompareDone(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {cls.KIND: cls for cls in (
-    Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Validation, PriorLoss, BestCheckpoint,
-    Preview, Save, SaveFailed, Stopping, Done, RunError, Phase, CompareStart, CompareMethodStart, CompareMethodDone,
-    CompareRender, CompareDone)}
+    Start, SkippedImage, RunWarning, Model, Ready, Resumed, Step, Memory, Compiled, Validation, PriorLoss,
+    BestCheckpoint, Preview, Save, SaveFailed, Stopping, Done, RunError, Phase, CompareStart, CompareMethodStart,
+    CompareMethodDone, CompareRender, CompareDone)}
 
 
 def parse_event(event: dict[str, Any]) -> Event | None:

@@ -127,6 +127,7 @@ class RunState:
     started_at: float = 0.0  # when training began (a resumed run keeps its first start)
     half_precision: Any | None = None  # trainer.optim.HalfPrecisionWeights under train.full_fp16/full_bf16
     norm_caps: tuple[int, float, float] | None = None  # the last step's network.cap_norms (scale_weight_norms)
+    compiler: Any | None = None  # trainer.compiling.StepCompiler under train.compile
 
 
 def train(config: TrainerConfig, on_event: EventCallback | None = None, stop: StopSignal | None = None,
@@ -312,7 +313,8 @@ class Trainer:
             decay = config.train.ema_decay
             ema = EMAModel(network.parameters(), decay=decay, min_decay=decay, foreach=True)
         state = RunState(network, optimizer, lr_scheduler, ema, sampler, loader, batches_per_epoch, steps_per_epoch,
-                         total_steps, train_text_encoder, latents_cached, text_cache, half_precision=half_precision)
+                         total_steps, train_text_encoder, latents_cached, text_cache, half_precision=half_precision,
+                         compiler=self._compiler(data, models, train_text_encoder and text_cache is None))
         if self.resume_from:
             saved = read_resume_state(self.resume_from)
             changed = load_resume_state(self.resume_from, saved, state, accelerator.scaler, config,
@@ -326,6 +328,26 @@ class Trainer:
                                         batch_in_epoch=state.progress.batch_in_epoch, path=str(self.resume_from),
                                         kept=str(kept) if kept else None))
         return state
+
+    def _compiler(self, data: TrainingData, models: Models, encoders: bool):
+        """train.compile: the denoiser (and the text encoders when they run with adapters each step) compiled in
+        place; None when off or when torch.compile refuses (a warning; the run trains eagerly)."""
+        from .compiling import StepCompiler, resolve_mode
+
+        train = self.config.train
+        if not train.compile:
+            return None
+        shapes = len(data.dataset.bucket_info()["buckets"])
+        compiled = {"denoiser": models.denoiser}
+        if encoders:
+            compiled.update({f"text_encoder_{index}": encoder for index, encoder in enumerate(models.text_encoders())})
+        compiler = StepCompiler(compiled, resolve_mode(train.compile_mode, self.accelerator.device, shapes), shapes)
+        refused = compiler.start()
+        if refused:
+            self.events.emit(ev.RunWarning(message=f"train.compile: torch.compile failed ({refused}); training "
+                                           "eagerly (set train.compile = false to silence this)"))
+            return None
+        return compiler
 
     def _extend_finished_run(self, state: RunState) -> Path | None:
         """Resuming this folder's finished run: keep its final file under its step name, train on to a new one."""
@@ -436,8 +458,7 @@ class Trainer:
                 global_batch = progress.batch_in_epoch * processes + rank
                 progress.batch_in_epoch += 1
                 keys = noise_keys(config.train, batch["indices"], progress.epoch, global_batch)
-                loss = self._training_loss(state, batch, keys)
-                accelerator.backward(loss / accumulation)
+                loss = self._forward_backward(state, batch, keys, accumulation)
                 pending.append(loss.detach())
                 progress.micro_step += 1
                 if progress.micro_step % accumulation:
@@ -559,6 +580,38 @@ class Trainer:
                             "train.learning_rate, keep train.max_grad_norm > 0, or use bf16/no mixed precision.")
 
     # ================================================================================================ loss
+    def _forward_backward(self, state: RunState, batch: dict[str, Any], keys: list[tuple],
+                          accumulation: int) -> torch.Tensor:
+        """One micro-batch's loss and its gradients; compiled under train.compile, with the fall-back to eager."""
+        compiler = state.compiler
+        if compiler is None or not compiler.active:
+            loss = self._training_loss(state, batch, keys)
+            self.accelerator.backward(loss / accumulation)
+            return loss
+        backward_done = False
+        try:
+            with compiler.step(batch_shape(batch)) as report:
+                loss = self._training_loss(state, batch, keys)
+                backward_done = True  # from here gradients may be partly accumulated
+                self.accelerator.backward(loss / accumulation)
+        except Exception as error:
+            if not compiler.may_fall_back(error, backward_done):
+                raise
+            compiler.restore_eager()
+            if compiler.steps == 0:  # the failed first step may have left partial gradients
+                state.optimizer.zero_grad(set_to_none=True)
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self.events.emit(ev.RunWarning(message=f"train.compile: compiling the training step failed "
+                                           f"({type(error).__name__}: {first_line[:300]}); training eagerly from "
+                                           "here (set train.compile = false to skip compiling)"))
+            return self._forward_backward(state, batch, keys, accumulation)
+        for compiled in report:
+            self.events.emit(ev.Compiled(step=state.progress.step + 1, shape=list(compiled.shape),
+                                         graphs=compiled.graphs, graph_breaks=compiled.breaks,
+                                         seconds=round(compiled.seconds, 2), total_graphs=compiler.graphs,
+                                         limit=compiler.limit, mode=compiler.mode))
+        return loss
+
     def _training_loss(self, state: RunState, batch: dict[str, Any], keys: list[tuple]) -> torch.Tensor:
         models = self.models
         noised = models.objective.noised(models.latents(batch), keys)
@@ -578,8 +631,9 @@ class Trainer:
             return
         state.network.eval()
         seed = self.config.train.seed
-        losses = [float(self._training_loss(state, collate_batch([validation[i]]), [("validation", seed, i)]))
-                  for i in range(len(validation))]
+        with eager_calls(state):
+            losses = [float(self._training_loss(state, collate_batch([validation[i]]), [("validation", seed, i)]))
+                      for i in range(len(validation))]
         state.network.train()
         value = sum(losses) / len(losses)
         self.checkpoints.measured(state.progress.step, validation_loss=value)
@@ -597,7 +651,7 @@ class Trainer:
                                    detail=f"step {state.progress.step}", should_stop=self.stop.requested,
                                    stopped=RenderStopped)
         try:
-            with ema_weights(state), on_denoising_step(counter.advance):
+            with ema_weights(state), on_denoising_step(counter.advance), eager_calls(state):
                 images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
                                          extra_modules=[state.network], **self.models.preview_options(),
                                          **preview_options(sample, self.config.dataset.resolution))
@@ -641,7 +695,8 @@ class Trainer:
         self.prior = PriorMeter(self.data.prior, self.config.train.seed,
                                 lambda batch, keys: self._training_loss(state, batch, keys))
         state.network.eval()
-        self.prior.measure_base(state.network)
+        with eager_calls(state):
+            self.prior.measure_base(state.network)
         state.network.train()
         self._check_prior(state)
 
@@ -651,7 +706,8 @@ class Trainer:
             return
         step = state.progress.step
         state.network.eval()
-        values = self.prior.measure()
+        with eager_calls(state):
+            values = self.prior.measure()
         state.network.train()
         self.checkpoints.measured(step, prior_ratio=values["ratio"])
         self.events.emit(ev.PriorLoss(step=step, ratio=values["ratio"], prior_loss=values["loss"],
@@ -769,6 +825,21 @@ class Trainer:
 
 
 # ==================================================================================================== helpers
+def eager_calls(state: RunState):
+    """Previews, validation and the prior loss call the models eagerly even when the training step is compiled."""
+    from contextlib import nullcontext
+
+    from .compiling import eager
+
+    return eager() if state.compiler is not None and state.compiler.active else nullcontext()
+
+
+def batch_shape(batch: dict[str, Any]) -> tuple[int, ...]:
+    """The shape that decides which compiled graph a batch runs: its latents' (or pixels')."""
+    images = batch["latents"] if batch.get("latents") is not None else batch["pixels"]
+    return tuple(images.shape)
+
+
 def parameter_groups(network: AdapterNetwork, train: Any,
                      block_weights: list[float] | None = None) -> list[dict[str, Any]]:
     """One optimizer group per model part, each with its learning rate (train.unet_lr — also the SD3/Flux

@@ -54,6 +54,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.huber_schedule": config_module.HUBER_SCHEDULES,
     "train.half_precision_update": config_module.HALF_PRECISION_UPDATES,
     "output.file_layout": config_module.FILE_LAYOUTS,
+    "train.compile_mode": config_module.COMPILE_MODES,
 }
 # SD3/Flux options whose empty value means "the family's default" (see trainer.config.DiTSection).
 FAMILY_DEFAULT_CHOICES = {"dit.timestep_sampling", "dit.weighting_scheme", "dit.target"}
@@ -111,6 +112,8 @@ LABELS = {
     "train.scheduler_power": "Polynomial power",
     "train.mixed_precision": "Mixed precision",
     "train.gradient_checkpointing": "Gradient checkpointing (less memory, slower)",
+    "train.compile": "Compile the training step (torch.compile; minutes to start, faster steps)",
+    "train.compile_mode": "Compile mode (auto: per device)",
     "train.max_grad_norm": "Gradient clipping norm (0 = off)",
     "train.seed": "Seed",
     "train.clip_skip": "CLIP skip (1 = last layer)",
