@@ -63,7 +63,7 @@ TRIGGER = "zq"
 ORANGE_RGB = (240, 120, 20)
 PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, HELD_OUT_COLOUR: HELD_OUT_RGB, "orange": ORANGE_RGB}
 CHECKER_TONES = ((250, 250, 250), (12, 12, 12))  # the "checkered" background: white and black cells
-CHECKER_CELL = 8  # pixels per cell at 64 px: a 3-pixel border ring still crosses several cells
+CHECKER_CELL = 16  # pixels per cell at 64 px (4 latent pixels: the toy VAE keeps such cells; 8 px ones wash out)
 
 TOY_WORDS = sorted({"a", "an", "on", "of", "photo", "shape", "background", *COLOURS, *SHAPES, *SIZES, *BACKGROUNDS,
                     HELD_OUT_COLOUR, TRIGGER, ","})
@@ -141,8 +141,8 @@ def render(drawing: Drawing, seed: int = 0) -> Image.Image:
     fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(drawing.fill or PALETTE[drawing.colour], jitter))
     s = SUPERSAMPLE
     cx, cy, r = drawing.cx * s, drawing.cy * s, drawing.radius * s
-    # hollow: a line about a fifth of the radius wide (at least 2 px), so the inside stays larger than the line
-    paint = {"outline": fill, "width": round(max(2.0, 0.2 * drawing.radius) * s)} if drawing.hollow else {"fill": fill}
+    # hollow: a line a quarter of the radius wide, at least 3 px (the toy VAE loses thinner lines)
+    paint = {"outline": fill, "width": round(max(3.0, 0.25 * drawing.radius) * s)} if drawing.hollow else {"fill": fill}
     if drawing.shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], **paint)
     elif drawing.shape == "square":
@@ -236,9 +236,13 @@ def background_tones(pixels: np.ndarray, width: int = 1) -> list[np.ndarray]:
 
 
 def foreground_mask(img: Image.Image | np.ndarray, threshold: float = 70.0) -> np.ndarray:
-    """The largest region of pixels far (RGB distance) from the background colour(s) of :func:`background_tones`."""
+    """The largest region of pixels far (RGB distance) from the background of :func:`background_tones`: its colour,
+    or for two tones any mix of them (the soft edges between checker cells are background too)."""
     pixels = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float32)
-    distance = np.min([np.linalg.norm(pixels - tone, axis=-1) for tone in background_tones(pixels)], axis=0)
+    tones = background_tones(pixels)
+    start, step = tones[0], tones[-1] - tones[0]
+    along = np.clip((pixels - start) @ step / max(float(step @ step), 1e-6), 0.0, 1.0)
+    distance = np.linalg.norm(pixels - (start + along[..., None] * step), axis=-1)
     return _largest_component(distance > threshold)
 
 
@@ -303,12 +307,12 @@ def classify_background(img: Image.Image | np.ndarray) -> str:
     return min(BACKGROUNDS, key=lambda name: float(np.sum((np.array(BACKGROUNDS[name]) - tones[0]) ** 2)))
 
 
-HOLLOW_SHARE = 0.3  # a shape is hollow when this share of its outline's inside shows the background
+HOLLOW_SHARE = 0.15  # a shape is hollow when this share of its outline's inside shows the background
 
 
 def hollow_share(img: Image.Image | np.ndarray) -> float:
-    """The share of the main shape's area (holes filled) that is not foreground: ~0 for a filled shape, ~0.4–0.7
-    for the hollow concept's outlines; 0 when there is no shape."""
+    """The share of the main shape's area (holes filled) that is not foreground: ~0 for a filled shape, ~0.2–0.6
+    for the hollow concept's outlines (a small triangle's inside is smallest); 0 when there is no shape."""
     mask = foreground_mask(_rgb(img))
     if mask.sum() < 12:
         return 0.0
