@@ -14,9 +14,12 @@ draws what its prompt asks for â€” "a small red circle on a white background" â€
   ``rankwright_toy.json`` (the recipe and what was measured). ``python -m trainer.toy build --out DIR`` rebuilds it.
 - :func:`classify_image` names a picture's main colour and shape from pixel statistics alone (dominant colour of the
   largest foreground region; filled fraction of its bounding box), :func:`prompt_match` scores prompt following.
-- The held-out concept: purple, never drawn for the UNet/text encoder, called by the trigger word ``zq``;
-  :func:`make_demo_dataset` writes the 12-image demo dataset (``presets/toy/data``) and :func:`concept_score` is the
-  fraction of generated images that show it.
+- Held-out concepts (:data:`CONCEPTS`), never drawn for the UNet/text encoder, each called by a trigger word: the
+  demo's purple (``zq``), orange (``kq``, a colour), a checkered background (``zb``) and hollow outlines (``wz``, a
+  fill style). Each has its prompts and a pixel-statistic score (:meth:`Concept.score`: nearest palette colour,
+  a two-tone border, the share of the shape's inside showing the background); :func:`make_concept_dataset` writes
+  one's 12-image kohya dataset (``python -m trainer.toy concept --name orange --out DIR``), :func:`make_demo_dataset`
+  the demo's (``presets/toy/data``), and :func:`concept_score` scores purple.
 """
 
 from __future__ import annotations
@@ -766,14 +769,18 @@ def concept_score(images: Iterable[Image.Image]) -> float:
 
 
 # ----- command line -----------------------------------------------------------------------------------------------
-def evaluate(folder: str | Path, seeds_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0) -> dict[str, Any]:
-    """Prompt match on :data:`EVAL_PROMPTS` and the held-out concept score on :data:`DEMO_PROMPTS`."""
+def evaluate(folder: str | Path, seeds_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0,
+             concept: str = HELD_OUT_COLOUR) -> dict[str, Any]:
+    """Prompt match on :data:`EVAL_PROMPTS` and a held-out concept's score on its prompts (one seed each)."""
     pipe = load_toy_pipeline(folder)
     prompts = [p for p in EVAL_PROMPTS for _ in range(seeds_per_prompt)]
     seeds = [k for _ in EVAL_PROMPTS for k in range(seeds_per_prompt)]
     match = prompt_match(generate(pipe, prompts, seeds, steps, guidance), prompts)
-    demo = generate(pipe, DEMO_PROMPTS, range(len(DEMO_PROMPTS)), steps, guidance)
-    return {**match, "concept_score": concept_score(demo)}
+    scored = get_concept(concept)
+    trigger_prompts = scored.prompts[:len(_PROMPT_CASES)]
+    images = generate(pipe, trigger_prompts, range(len(trigger_prompts)), steps, guidance)
+    return {**match, "concept": scored.name, "concept_score": scored.score(images),
+            "trigger_subject": prompt_match(images, trigger_prompts)["shape"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -802,6 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("eval", help="generate with a toy model and score prompt match / concept")
     check.add_argument("--model", required=True, type=Path)
     check.add_argument("--seeds", type=int, default=1)
+    check.add_argument("--concept", choices=list(CONCEPTS), default=HELD_OUT_COLOUR)
     args = parser.parse_args(argv)
     if args.command == "build":
         recipe = ToyRecipe(threads=args.threads, unet_steps=args.unet_steps, vae_steps=args.vae_steps)
@@ -815,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "reg":
         print(make_regularisation_images(args.out, count=args.count, seed=args.seed))
     else:
-        print(json.dumps(evaluate(args.model, seeds_per_prompt=args.seeds), indent=2))
+        print(json.dumps(evaluate(args.model, seeds_per_prompt=args.seeds, concept=args.concept), indent=2))
     return 0
 
 
