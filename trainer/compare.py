@@ -207,7 +207,9 @@ def render_plan(config: TrainerConfig, drift_prompts: Sequence[str] | None = Non
         options.update(width=toy.RESOLUTION, height=toy.RESOLUTION)
         concept_prompts = scored.prompts
         default_drift = toy.EVAL_PROMPTS
-        previews = previews or concept_prompts[:len(concept_prompts) // 2]
+        if not any(scored.trigger in prompt.replace(",", " ").split() for prompt in previews):
+            # the preset's previews name another concept's trigger (toy_demo.toml: purple's): show this one's
+            previews = concept_prompts[:len(concept_prompts) // 2]
         concept = scored.name
     elif concept:
         raise ConfigError(f"concept {concept!r}: concept scores exist for the toy model only (presets/toy/model); "

@@ -189,11 +189,12 @@ def draw_vae_examples(count: int, seed: int = 0) -> list[Image.Image]:
 
 
 # ----- pixel-statistic classifier ---------------------------------------------------------------------------------
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of ``mask`` (a flood fill: images are 64×64, no need for scipy)."""
+def _components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Labels (1…n, 0 = outside ``mask``) of the 4-connected regions of ``mask`` and their sizes (index 0 unused):
+    a flood fill, since images are 64×64 and scipy is no dependency."""
     height, width = mask.shape
     labels = np.zeros(mask.shape, dtype=np.int32)
-    best_label, best_size, label = 0, 0, 0
+    sizes, label = [0], 0
     for start in zip(*np.nonzero(mask)):
         if labels[start]:
             continue
@@ -207,9 +208,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
                 if 0 <= r < height and 0 <= c < width and mask[r, c] and not labels[r, c]:
                     labels[r, c] = label
                     stack.append((r, c))
-        if size > best_size:
-            best_label, best_size = label, size
-    return labels == best_label if best_label else mask
+        sizes.append(size)
+    return labels, sizes
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of ``mask`` (``mask`` itself when it is empty)."""
+    labels, sizes = _components(mask)
+    return labels == int(np.argmax(sizes)) if len(sizes) > 1 else mask
 
 
 def _border(pixels: np.ndarray, width: int = 1) -> np.ndarray:
@@ -238,15 +244,16 @@ def background_tones(pixels: np.ndarray, width: int = 1) -> list[np.ndarray]:
     return [np.median(border, axis=0)]
 
 
-def foreground_mask(img: Image.Image | np.ndarray, threshold: float = 70.0) -> np.ndarray:
-    """The largest region of pixels far (RGB distance) from the background of :func:`background_tones`: its colour,
-    or for two tones any mix of them (the soft edges between checker cells are background too)."""
+def foreground_mask(img: Image.Image | np.ndarray, threshold: float = 70.0, largest: bool = True) -> np.ndarray:
+    """The largest region (``largest``, else all) of pixels far (RGB distance) from the background of
+    :func:`background_tones`: its colour, or for two tones any mix of them (the soft edges between checker cells
+    are background too)."""
     pixels = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float32)
     tones = background_tones(pixels)
     start, step = tones[0], tones[-1] - tones[0]
     along = np.clip((pixels - start) @ step / max(float(step @ step), 1e-6), 0.0, 1.0)
     distance = np.linalg.norm(pixels - (start + along[..., None] * step), axis=-1)
-    return _largest_component(distance > threshold)
+    return _largest_component(distance > threshold) if largest else distance > threshold
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -286,7 +293,10 @@ def classify_image(img: Image.Image | np.ndarray) -> tuple[str, str]:
         return "none", "none"
     rgb = np.median(pixels[mask], axis=0)
     colour = min(PALETTE, key=lambda name: float(np.sum((np.array(PALETTE[name]) - rgb) ** 2)))
-    mask = fill_holes(mask)
+    pieces = _shape_pieces(pixels)
+    hull = _hull_mask(pieces)
+    # an outline (perhaps broken) counts as its shape: the hull of its pieces; a filled one as itself, holes filled
+    mask = hull if 1.0 - pieces.sum() / hull.sum() >= HOLLOW_SHARE else fill_holes(mask)
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
     box = mask[top:bottom + 1, left:right + 1]
@@ -310,16 +320,48 @@ def classify_background(img: Image.Image | np.ndarray) -> str:
     return min(BACKGROUNDS, key=lambda name: float(np.sum((np.array(BACKGROUNDS[name]) - tones[0]) ** 2)))
 
 
-HOLLOW_SHARE = 0.15  # a shape is hollow when this share of its outline's inside shows the background
+HOLLOW_SHARE = 0.15  # a shape is hollow when this share of its convex hull shows the background
+PIECE_SHARE = 0.25  # regions at least this large against the largest are pieces of the shape (a broken outline)
+
+
+def _hull_mask(mask: np.ndarray) -> np.ndarray:
+    """The pixels of the convex hull of ``mask``'s pixels (Andrew's monotone chain, drawn as a polygon)."""
+    points = sorted({(int(c), int(r)) for r, c in zip(*np.nonzero(mask))})
+
+    def half(ordered):
+        chain: list[tuple[int, int]] = []
+        for point in ordered:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (point[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (point[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(point)
+        return chain[:-1]
+
+    hull = half(points) + half(points[::-1]) if len(points) > 2 else points
+    canvas = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+    if len(hull) > 2:
+        ImageDraw.Draw(canvas).polygon(hull, fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool) | mask
+
+
+def _shape_pieces(pixels: np.ndarray) -> np.ndarray:
+    """The main shape's pixels: the largest foreground region and the regions at least :data:`PIECE_SHARE` its
+    size (a generated outline is often broken into a few arcs)."""
+    labels, sizes = _components(foreground_mask(pixels, largest=False))
+    if len(sizes) < 2:
+        return labels > 0
+    keep = [label for label, size in enumerate(sizes) if label and size >= PIECE_SHARE * max(sizes)]
+    return np.isin(labels, keep)
 
 
 def hollow_share(img: Image.Image | np.ndarray) -> float:
-    """The share of the main shape's area (holes filled) that is not foreground: ~0 for a filled shape, ~0.2–0.6
-    for the hollow concept's outlines (a small triangle's inside is smallest); 0 when there is no shape."""
-    mask = foreground_mask(_rgb(img))
-    if mask.sum() < 12:
+    """The share of the main shape's convex hull that is not the shape: ~0 for a filled (convex) shape, ~0.15–0.6
+    for the hollow concept's outlines, closed or broken (a small triangle's inside is smallest); 0 when there is
+    no shape."""
+    pieces = _shape_pieces(_rgb(img))
+    if pieces.sum() < 12:
         return 0.0
-    return 1.0 - float(mask.sum()) / float(fill_holes(mask).sum())
+    return 1.0 - float(pieces.sum()) / float(_hull_mask(pieces).sum())
 
 
 # ----- the toy SD1.5-architecture pipeline ------------------------------------------------------------------------
