@@ -19,10 +19,10 @@ from trainer import toy
 MODEL = Path(__file__).resolve().parents[1] / "presets" / "toy" / "model"
 NEW = ["orange", "checkered", "hollow"]
 # Measured through the committed toy VAE on 24 drawings each (see test_scores_survive_the_toy_vae): score
-# purple 1.0, orange 0.96, checkered 1.0, hollow 0.79; shape named right 1.0, 0.83, 0.67–0.75, 0.92 — the VAE rounds
+# purple 1.0, orange 0.96, checkered 1.0, hollow 1.0; shape named right 0.96, 0.88, 0.71, 0.92 — the VAE rounds
 # small squares' corners on a checker, which caps "trigger subject kept" for that concept.
-MIN_SCORE_THROUGH_VAE = {"purple": 0.9, "orange": 0.9, "checkered": 0.9, "hollow": 0.7}
-MIN_SHAPE_THROUGH_VAE = {"purple": 0.9, "orange": 0.75, "checkered": 0.6, "hollow": 0.8}
+MIN_SCORE_THROUGH_VAE = {"purple": 0.9, "orange": 0.9, "checkered": 0.9, "hollow": 0.9}
+MIN_SHAPE_THROUGH_VAE = {"purple": 0.9, "orange": 0.8, "checkered": 0.6, "hollow": 0.8}
 
 
 def concept_drawings(concept: toy.Concept, count: int, seed: int = 3) -> list[tuple[toy.Image.Image, toy.Drawing]]:
