@@ -297,10 +297,10 @@ def evaluate_adapters(pipe: Any, adapters: Mapping[str, str | Path], plan: Rende
     drift = {label: prior_drift(base.drift, rows[label].drift, other_seed) for label in adapters}
     concept: dict[str, float | None] = dict.fromkeys(rows)
     subject, rate = dict(concept), dict(concept)
-    if plan.concept is not None and plan.concept_prompts is not None:
+    if plan.concept_prompts is not None:
         from . import toy
 
-        scored = toy.get_concept(plan.concept)
+        scored = toy.get_concept(plan.concept or toy.HELD_OUT_COLOUR)
         for label, row in rows.items():
             concept[label] = scored.score(row.concept)
             subject[label] = toy.prompt_match(row.concept, plan.concept_prompts)["shape"]
