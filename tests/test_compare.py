@@ -243,6 +243,55 @@ def test_toy_model_defines_the_concept_score(model, data, tmp_path):
     assert toy_plan.options["width"] == toy_plan.options["height"] == toy.RESOLUTION
 
 
+def test_the_concept_scored_is_chosen_or_found_from_the_dataset(model, data, tmp_path):
+    from trainer import toy
+
+    with pytest.raises(ConfigError, match="toy model only"):
+        render_plan(base_config(model, data, tmp_path / "out"), concept="orange")
+    (model / "rankwright_toy.json").write_text("{}")
+    try:
+        config = base_config(model, data, tmp_path / "out", sample={"steps": 1})
+        assert render_plan(config).concept == "purple"  # the 1_zq folder: the demo's trigger
+        chosen = render_plan(config, concept="hollow")
+        with pytest.raises(ConfigError, match="unknown toy concept 'teal'; known: purple, orange"):
+            render_plan(config, concept="teal")
+        found = render_plan(base_config(model, toy.make_concept_dataset(tmp_path / "d", "checkered", 1).parent,
+                                        tmp_path / "out", sample={"steps": 1}))
+    finally:
+        (model / "rankwright_toy.json").unlink()
+    assert chosen.concept == "hollow" and chosen.concept_prompts == toy.CONCEPTS["hollow"].prompts
+    assert chosen.preview_prompts == toy.CONCEPTS["hollow"].prompts[:8]
+    assert found.concept == "checkered" and found.concept_prompts == toy.CONCEPTS["checkered"].prompts
+
+
+def test_toy_compare_reports_trigger_subject_and_prompts_kept(tmp_path):
+    """One LoRA step on the toy model and a held-out concept's dataset: the report carries the concept found from
+    the dataset, the trigger subject kept and the prompts kept (the adapted rate over the base model's)."""
+    from trainer import toy
+    from trainer.config import TrainerConfig
+
+    root = Path(__file__).resolve().parents[1]
+    config = TrainerConfig.load(root / "presets" / "toy_demo.toml")
+    config.model.base = str(root / config.model.base)
+    config.dataset.dir = str(toy.make_concept_dataset(tmp_path / "data", "orange", count=2).parent)
+    config.output.dir, config.output.tensorboard, config.output.save_state = str(tmp_path / "out"), False, False
+    config.train.max_steps, config.sample.steps, config.sample.prompts = 1, 4, ["a large kq circle"]
+    report = compare(config, ["lora"], tmp_path / "report", drift_prompts=toy.EVAL_PROMPTS[:4])
+    data = json.loads(report.json_path.read_text())
+    assert data["settings"]["concept"] == "orange"
+    assert data["settings"]["concept_prompts"] == toy.CONCEPTS["orange"].prompts
+    base, run = data["base"], data["methods"][0]
+    assert 0 < base["prompt_rate"] <= 1 and 0 <= base["subject_kept"] <= 1
+    assert 0 <= run["subject_kept"] <= 1 and run["concept_score"] is not None
+    rate = run["prompts_kept"] * base["prompt_rate"]
+    assert rate == pytest.approx(round(rate * 4) / 4)  # a whole number of the four drift prompts
+    rows = report.table()
+    assert rows[0]["prompts kept"].startswith("1 (reference: ")
+    assert rows[1]["prompts kept"] == f"{run['prompts_kept']:.3f}"
+    assert rows[1]["trigger subject"].endswith("%")
+    assert "held-out concept `orange`" in report.markdown_path.read_text()
+
+
 def test_previews_default_to_the_dataset_captions(model, data, tmp_path):
     config = base_config(model, data, tmp_path / "out", sample={"steps": 2},
                          dataset={"trigger_word": "ohwx"})

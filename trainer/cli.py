@@ -426,6 +426,9 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drift-prompts", nargs="+", metavar="PROMPT",
                         help="prompts unrelated to the training data for the prior-drift score (default: a "
                              "generic list, or the toy model's own)")
+    parser.add_argument("--concept", help="toy model only: the held-out concept to score (purple, orange, checkered, "
+                                          "hollow; default: the one whose trigger names a dataset folder, else "
+                                          "purple)")
 
 
 @command("compare", "train several methods on the same data, steps and seed; write a report with previews, loss "
@@ -443,7 +446,7 @@ def run_compare(args: argparse.Namespace) -> int:
         per_method.setdefault(method, {})[key] = value
 
     result = compare(config, methods, Path(args.out).expanduser() if args.out else None, overrides=per_method,
-                     on_event=print_training_event, drift_prompts=args.drift_prompts)
+                     on_event=print_training_event, drift_prompts=args.drift_prompts, concept=args.concept)
     _say()
     _say(format_table(result.table()))
     _say()

@@ -11,7 +11,11 @@ loads the base model once and renders, for the same prompts and seeds, the base 
   the same prompts at two different seeds (natural variation). 0 = unchanged, about 1 = as different as a new
   seed;
 * the **concept score** where one is defined: for the embedded toy model (a base folder with
-  ``rankwright_toy.json``), the fraction of :data:`trainer.toy.CONCEPT_PROMPTS` images showing the held-out colour.
+  ``rankwright_toy.json``), the fraction of a held-out concept's trigger prompts (:class:`trainer.toy.Concept`:
+  the demo's purple, or the one named by ``concept``/``--concept`` or by the dataset's ``N_trigger`` folder) whose
+  images show it; next to it, from the same images, **trigger subject kept** (the fraction drawing the shape the
+  prompt asks for) and, from the drift prompts' images, **prompts kept** (the fraction drawing the colour, shape and
+  background asked for, over the base model's fraction: 1 = as well as the base).
 
 With the loss curves (``losses.png``), trainable parameters, file size and time per step (training steps only:
 model loading, caching and saving excluded) it writes ``report.json`` and ``report.md``. ``out_dir`` must be new
@@ -172,14 +176,18 @@ class RenderPlan:
     concept_prompts: list[str] | None  # None: no concept score is defined for this base model
     options: dict[str, Any]  # keyword arguments of trainer.sampling.render_previews (seed included)
     strength: float = 1.0
+    concept: str | None = None  # the toy model's held-out concept scored (trainer.toy.CONCEPTS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def render_plan(config: TrainerConfig, drift_prompts: Sequence[str] | None = None,
-                strength: float = 1.0) -> RenderPlan:
-    """Prompts and options from the config's ``[sample]`` section (toy model: its own prompts, at its 64 px)."""
+                strength: float = 1.0, concept: str | None = None) -> RenderPlan:
+    """Prompts and options from the config's ``[sample]`` section (toy model: its own prompts, at its 64 px).
+
+    ``concept``: the toy concept to score (default: the one whose trigger names a dataset folder, else purple);
+    ConfigError when it is unknown or the base model is not the toy model."""
     from .sampling import preview_options
 
     options = {**preview_options(config.sample, config.dataset.resolution), "clip_skip": config.train.clip_skip}
@@ -191,12 +199,23 @@ def render_plan(config: TrainerConfig, drift_prompts: Sequence[str] | None = Non
     if is_toy_model(config.model.base):
         from . import toy
 
+        try:
+            scored = toy.get_concept(concept) if concept else (toy.concept_for_dataset(config.dataset.dir)
+                                                               or toy.CONCEPTS[toy.HELD_OUT_COLOUR])
+        except ValueError as error:
+            raise ConfigError(f"--concept: {error}") from None
         options.update(width=toy.RESOLUTION, height=toy.RESOLUTION)
-        concept_prompts = list(toy.CONCEPT_PROMPTS)
+        concept_prompts = scored.prompts
         default_drift = toy.EVAL_PROMPTS
-        previews = previews or list(toy.DEMO_PROMPTS)
+        if not any(scored.trigger in prompt.replace(",", " ").split() for prompt in previews):
+            # the preset's previews name another concept's trigger (toy_demo.toml: purple's): show this one's
+            previews = concept_prompts[:len(concept_prompts) // 2]
+        concept = scored.name
+    elif concept:
+        raise ConfigError(f"concept {concept!r}: concept scores exist for the toy model only (presets/toy/model); "
+                          "leave the concept out for this base model")
     return RenderPlan(previews or caption_prompts(config), list(drift_prompts or default_drift), concept_prompts,
-                      options, float(strength))
+                      options, float(strength), concept)
 
 
 def caption_prompts(config: TrainerConfig, count: int = PREVIEW_PROMPTS_FROM_CAPTIONS) -> list[str]:
@@ -248,6 +267,8 @@ class Evaluation:
     natural_variation: float  # mean |base seed A − base seed B| over the drift prompts (0–255)
     prior_drift: dict[str, float | None]
     concept_score: dict[str, float | None]  # "base" too
+    subject_kept: dict[str, float | None]  # "base" too: trigger prompts drawing their shape
+    prompt_rate: dict[str, float | None]  # "base" too: drift prompts drawing colour, shape and background asked for
 
 
 def evaluate_adapters(pipe: Any, adapters: Mapping[str, str | Path], plan: RenderPlan,
@@ -275,11 +296,16 @@ def evaluate_adapters(pipe: Any, adapters: Mapping[str, str | Path], plan: Rende
                      column_labels=plan.preview_prompts)
     drift = {label: prior_drift(base.drift, rows[label].drift, other_seed) for label in adapters}
     concept: dict[str, float | None] = dict.fromkeys(rows)
+    subject, rate = dict(concept), dict(concept)
     if plan.concept_prompts is not None:
         from . import toy
 
-        concept = {label: toy.concept_score(row.concept) for label, row in rows.items()}
-    return Evaluation(grid, mean_abs_difference(base.drift, other_seed), drift, concept)
+        scored = toy.get_concept(plan.concept or toy.HELD_OUT_COLOUR)
+        for label, row in rows.items():
+            concept[label] = scored.score(row.concept)
+            subject[label] = toy.prompt_match(row.concept, plan.concept_prompts)["shape"]
+            rate[label] = toy.prompt_match(row.drift, plan.drift_prompts)["all"]
+    return Evaluation(grid, mean_abs_difference(base.drift, other_seed), drift, concept, subject, rate)
 
 
 def load_base_pipeline(config: TrainerConfig) -> Any:
@@ -310,6 +336,8 @@ class MethodRun:
     file_bytes: int | None = None
     seconds_per_step: float | None = None
     concept_score: float | None = None
+    subject_kept: float | None = None  # toy model: trigger prompts drawing the shape they ask for
+    prompts_kept: float | None = None  # toy model: drift prompts drawn as asked, relative to the base model's rate
     prior_drift: float | None = None
     prior_ratio: float | None = None  # the last prior loss ratio of the run (train.prior_every_n_steps)
     best_checkpoint: str | None = None  # checkpoints.json's pick
@@ -335,7 +363,8 @@ class MethodRun:
                 "s/step": f"{self.seconds_per_step:.3g}" if self.seconds_per_step else "—",
                 "final loss": f"{self.final_loss:.4f}" if self.final_loss is not None else "—",
                 "concept score": _score(self.concept_score), "prior drift": _score(self.prior_drift),
-                "prior ratio": _score(self.prior_ratio),
+                "prior ratio": _score(self.prior_ratio), "trigger subject": _percent(self.subject_kept),
+                "prompts kept": _score(self.prompts_kept),
                 "status": status + (f": {self.message}" if self.message else "")}
 
 
@@ -345,6 +374,8 @@ class CompareReport:
     runs: list[MethodRun]
     settings: dict[str, Any]  # base model, steps, seed, prompts, render options, natural variation
     base_concept_score: float | None = None
+    base_subject_kept: float | None = None
+    base_prompt_rate: float | None = None  # the base model's rate behind prompts kept
     grid: Path | None = None
     loss_plot: Path | None = None
     stopped: bool = False
@@ -361,7 +392,8 @@ class CompareReport:
         relative = {name: path.name if path else None for name, path in (("grid", self.grid),
                                                                            ("loss_plot", self.loss_plot))}
         return {"folder": str(self.folder), "stopped": self.stopped, **relative, "settings": self.settings,
-                "base": {"concept_score": self.base_concept_score},
+                "base": {"concept_score": self.base_concept_score, "subject_kept": self.base_subject_kept,
+                         "prompt_rate": self.base_prompt_rate},
                 "methods": [run.to_dict() for run in self.runs]}
 
     def table(self) -> list[dict[str, str]]:
@@ -369,7 +401,9 @@ class CompareReport:
         base = {"method": "base model", "trainable params": "—", "file size": "—", "s/step": "—",
                 "final loss": "—", "concept score": _score(self.base_concept_score), "prior drift": "0 (reference)",
                 "prior ratio": "1 (reference)" if any(r.prior_ratio is not None for r in self.runs) else "—",
-                "status": ""}
+                "trigger subject": _percent(self.base_subject_kept),
+                "prompts kept": "—" if self.base_prompt_rate is None else
+                f"1 (reference: {_percent(self.base_prompt_rate)} drawn as asked)", "status": ""}
         return [base, *(run.row() for run in self.runs)]
 
     def markdown(self) -> str:
@@ -391,8 +425,10 @@ class CompareReport:
                          "prompts over the base model's, at the run's last measure (train.prior_every_n_steps; 1 = "
                          "unchanged).")
         if self.base_concept_score is not None:
-            lines.append("Concept score: fraction of the toy model's trigger-word prompts drawn in the held-out "
-                         "colour.")
+            lines.append(f"Concept score: fraction of the toy model's trigger-word prompts whose images show the "
+                         f"held-out concept `{settings.get('concept')}`. Trigger subject: fraction of those images "
+                         "drawing the shape the prompt asks for. Prompts kept: fraction of the drift prompts' images "
+                         "drawing the colour, shape and background asked for, over the base model's fraction.")
         if self.grid:
             lines += ["", "## Previews", "", "Rows: the base model, then each method; the same prompt and seed in each "
                       "column.", "", f"![previews]({self.grid.name})"]
@@ -419,6 +455,10 @@ class CompareReport:
 
 def _score(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
 
 
 def _format_size(size: int | None) -> str:
@@ -485,11 +525,12 @@ def default_out_dir(config: TrainerConfig) -> Path:
 def compare(config: TrainerConfig, methods: Sequence[str] = DEFAULT_METHODS, out_dir: str | Path | None = None,
             overrides: Mapping[str, Mapping[str, Any]] | None = None, on_event: EventCallback | None = None,
             stop: StopSignal | None = None, drift_prompts: Sequence[str] | None = None,
-            strength: float = 1.0) -> CompareReport:
+            strength: float = 1.0, concept: str | None = None) -> CompareReport:
     """Train each method of ``methods`` as ``config`` says and write the comparison report into ``out_dir``.
 
     ``overrides``: per method, ``{"section.key": value}`` applied to that method's config only. Returns the
     report (also written as ``report.json``/``report.md``). Every config is checked before the first run.
+    ``concept``: the toy model's held-out concept to score (see :func:`render_plan`).
     """
     methods = resolve_methods(methods)
     overrides = {resolve_methods([name])[0]: dict(values) for name, values in (overrides or {}).items()}
@@ -498,7 +539,7 @@ def compare(config: TrainerConfig, methods: Sequence[str] = DEFAULT_METHODS, out
         raise ConfigError(f"overrides for {', '.join(strays)}, which is not compared (methods: {', '.join(methods)})")
     out_dir = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(config)
     configs = [method_config(config, method, out_dir, overrides.get(method)) for method in methods]
-    plan = render_plan(config, drift_prompts, strength)
+    plan = render_plan(config, drift_prompts, strength, concept)
     _prepare_folder(out_dir)
     stop = stop or StopSignal()
     stop.stop_file = out_dir / STOP_FILE
@@ -609,10 +650,15 @@ def _evaluate(config: TrainerConfig, report: CompareReport, plan: RenderPlan, ev
     report.grid = save_png_unique(evaluation.grid, report.folder / GRID_PNG, rows)
     report.settings["natural_variation"] = evaluation.natural_variation
     report.base_concept_score = evaluation.concept_score["base"]
+    report.base_subject_kept = evaluation.subject_kept["base"]
+    report.base_prompt_rate = base_rate = evaluation.prompt_rate["base"]
     for run in report.runs:
         if run.method in finished:
             run.prior_drift = evaluation.prior_drift[run.method]
             run.concept_score = evaluation.concept_score[run.method]
+            run.subject_kept = evaluation.subject_kept[run.method]
+            rate = evaluation.prompt_rate[run.method]
+            run.prompts_kept = rate / base_rate if rate is not None and base_rate else None
             record_drift(run.output_file, run.prior_drift)
 
 

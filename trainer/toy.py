@@ -14,9 +14,12 @@ draws what its prompt asks for — "a small red circle on a white background" �
   ``rankwright_toy.json`` (the recipe and what was measured). ``python -m trainer.toy build --out DIR`` rebuilds it.
 - :func:`classify_image` names a picture's main colour and shape from pixel statistics alone (dominant colour of the
   largest foreground region; filled fraction of its bounding box), :func:`prompt_match` scores prompt following.
-- The held-out concept: purple, never drawn for the UNet/text encoder, called by the trigger word ``zq``;
-  :func:`make_demo_dataset` writes the 12-image demo dataset (``presets/toy/data``) and :func:`concept_score` is the
-  fraction of generated images that show it.
+- Held-out concepts (:data:`CONCEPTS`), never drawn for the UNet/text encoder, each called by a trigger word: the
+  demo's purple (``zq``), orange (``kq``, a colour), a checkered background (``zb``) and hollow outlines (``wz``, a
+  fill style). Each has its prompts and a pixel-statistic score (:meth:`Concept.score`: nearest palette colour,
+  a two-tone border, the share of the shape's inside showing the background); :func:`make_concept_dataset` writes
+  one's 12-image kohya dataset (``python -m trainer.toy concept --name orange --out DIR``), :func:`make_demo_dataset`
+  the demo's (``presets/toy/data``), and :func:`concept_score` scores purple.
 """
 
 from __future__ import annotations
@@ -58,7 +61,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 HELD_OUT_COLOUR = "purple"
 HELD_OUT_RGB = (150, 40, 200)
 TRIGGER = "zq"
-PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, HELD_OUT_COLOUR: HELD_OUT_RGB}
+# More held-out concepts (see CONCEPTS): a second colour, a background pattern, a fill style. The palette is what
+# classify_image names colours with, so it holds every colour a concept draws.
+ORANGE_RGB = (240, 120, 20)
+PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, HELD_OUT_COLOUR: HELD_OUT_RGB, "orange": ORANGE_RGB}
+CHECKER_TONES = ((250, 250, 250), (12, 12, 12))  # the "checkered" background: white and black cells
+CHECKER_CELL = 16  # pixels per cell at 64 px (4 latent pixels: the toy VAE keeps such cells; 8 px ones wash out)
 
 TOY_WORDS = sorted({"a", "an", "on", "of", "photo", "shape", "background", *COLOURS, *SHAPES, *SIZES, *BACKGROUNDS,
                     HELD_OUT_COLOUR, TRIGGER, ","})
@@ -79,6 +87,7 @@ class Drawing:
     texture: str = "plain"  # plain, noise or gradient
     fill: tuple[int, int, int] | None = None  # an RGB instead of the palette colour (VAE training only)
     backdrop: tuple[int, int, int] | None = None  # an RGB instead of the named background (VAE training only)
+    hollow: bool = False  # an outline only (the "hollow" concept), the background showing inside
 
 
 # ----- drawing ---------------------------------------------------------------------------------------------------
@@ -118,8 +127,12 @@ def render(drawing: Drawing, seed: int = 0) -> Image.Image:
     """Draw ``drawing`` as a 64×64 RGB image (anti-aliased by supersampling); deterministic in ``seed``."""
     rng = np.random.default_rng(seed)
     big = RESOLUTION * SUPERSAMPLE
-    background = np.array(drawing.backdrop or BACKGROUNDS[drawing.background], dtype=np.float32)
-    canvas = np.broadcast_to(background, (big, big, 3)).copy()
+    if drawing.background == "checkered":
+        cells = (np.arange(big) // (CHECKER_CELL * SUPERSAMPLE)) % 2
+        canvas = np.array(CHECKER_TONES, dtype=np.float32)[cells[:, None] ^ cells[None, :]]
+    else:
+        background = np.array(drawing.backdrop or BACKGROUNDS[drawing.background], dtype=np.float32)
+        canvas = np.broadcast_to(background, (big, big, 3)).copy()
     if drawing.texture == "gradient":
         ramp = np.linspace(-1.0, 1.0, big, dtype=np.float32)
         angle = rng.uniform(0, 2 * math.pi)
@@ -131,14 +144,16 @@ def render(drawing: Drawing, seed: int = 0) -> Image.Image:
     fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(drawing.fill or PALETTE[drawing.colour], jitter))
     s = SUPERSAMPLE
     cx, cy, r = drawing.cx * s, drawing.cy * s, drawing.radius * s
+    # hollow: a line a quarter of the radius wide, at least 3 px (the toy VAE loses thinner lines)
+    paint = {"outline": fill, "width": round(max(3.0, 0.25 * drawing.radius) * s)} if drawing.hollow else {"fill": fill}
     if drawing.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **paint)
     elif drawing.shape == "square":
         half = r * 0.9  # about the same area as the circle
-        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
+        draw.rectangle([cx - half, cy - half, cx + half, cy + half], **paint)
     elif drawing.shape == "triangle":
         half = r * 1.05
-        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
+        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], **paint)
     else:
         raise ValueError(f"unknown shape {drawing.shape!r}; allowed: {SHAPES}")
     image = image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)
@@ -174,11 +189,12 @@ def draw_vae_examples(count: int, seed: int = 0) -> list[Image.Image]:
 
 
 # ----- pixel-statistic classifier ---------------------------------------------------------------------------------
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of ``mask`` (a flood fill: images are 64×64, no need for scipy)."""
+def _components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Labels (1…n, 0 = outside ``mask``) of the 4-connected regions of ``mask`` and their sizes (index 0 unused):
+    a flood fill, since images are 64×64 and scipy is no dependency."""
     height, width = mask.shape
     labels = np.zeros(mask.shape, dtype=np.int32)
-    best_label, best_size, label = 0, 0, 0
+    sizes, label = [0], 0
     for start in zip(*np.nonzero(mask)):
         if labels[start]:
             continue
@@ -192,34 +208,95 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
                 if 0 <= r < height and 0 <= c < width and mask[r, c] and not labels[r, c]:
                     labels[r, c] = label
                     stack.append((r, c))
-        if size > best_size:
-            best_label, best_size = label, size
-    return labels == best_label if best_label else mask
+        sizes.append(size)
+    return labels, sizes
 
 
-def foreground_mask(img: Image.Image | np.ndarray, threshold: float = 70.0) -> np.ndarray:
-    """Pixels far (RGB distance) from the background colour, estimated as the median of the border pixels."""
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of ``mask`` (``mask`` itself when it is empty)."""
+    labels, sizes = _components(mask)
+    return labels == int(np.argmax(sizes)) if len(sizes) > 1 else mask
+
+
+def _border(pixels: np.ndarray, width: int = 1) -> np.ndarray:
+    """The pixels of the outermost ``width`` rows and columns, as an (n, 3) array."""
+    return np.concatenate([pixels[:width].reshape(-1, 3), pixels[-width:].reshape(-1, 3),
+                           pixels[:, :width].reshape(-1, 3), pixels[:, -width:].reshape(-1, 3)])
+
+
+TWO_TONE_DISTANCE = 100.0  # RGB distance between the two tones of a patterned background (checker: ~410)
+TWO_TONE_SHARE = 0.25  # each tone's least share of the border pixels
+
+
+def background_tones(pixels: np.ndarray, width: int = 1) -> list[np.ndarray]:
+    """The background's colour(s) from the border: one median, or two when the border splits into two far-apart
+    tones (a checkered background) each covering a quarter of it. A plain background with gradient or noise
+    texture stays one tone (its spread is ~30, far below :data:`TWO_TONE_DISTANCE`)."""
+    border = _border(pixels, width)
+    luma = border @ np.array([0.299, 0.587, 0.114])
+    low, high = np.percentile(luma, [10, 90])
+    dark = luma < (low + high) / 2
+    share = float(dark.mean())
+    if TWO_TONE_SHARE <= share <= 1 - TWO_TONE_SHARE:
+        tones = [np.median(border[dark], axis=0), np.median(border[~dark], axis=0)]
+        if float(np.linalg.norm(tones[0] - tones[1])) >= TWO_TONE_DISTANCE:
+            return tones
+    return [np.median(border, axis=0)]
+
+
+def foreground_mask(img: Image.Image | np.ndarray, threshold: float = 70.0, largest: bool = True) -> np.ndarray:
+    """The largest region (``largest``, else all) of pixels far (RGB distance) from the background of
+    :func:`background_tones`: its colour, or for two tones any mix of them (the soft edges between checker cells
+    are background too)."""
     pixels = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
-    distance = np.linalg.norm(pixels - background, axis=-1)
-    return _largest_component(distance > threshold)
+    tones = background_tones(pixels)
+    start, step = tones[0], tones[-1] - tones[0]
+    along = np.clip((pixels - start) @ step / max(float(step @ step), 1e-6), 0.0, 1.0)
+    distance = np.linalg.norm(pixels - (start + along[..., None] * step), axis=-1)
+    return _largest_component(distance > threshold) if largest else distance > threshold
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every region it encloses (not 4-connected to the image border) filled in."""
+    outside = ~mask
+    reached = np.zeros(mask.shape, dtype=bool)
+    height, width = mask.shape
+    stack = [(r, c) for r in range(height) for c in (0, width - 1) if outside[r, c]]
+    stack += [(r, c) for c in range(width) for r in (0, height - 1) if outside[r, c]]
+    for start in stack:
+        reached[start] = True
+    while stack:
+        row, col = stack.pop()
+        for r, c in ((row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1)):
+            if 0 <= r < height and 0 <= c < width and outside[r, c] and not reached[r, c]:
+                reached[r, c] = True
+                stack.append((r, c))
+    return ~reached
+
+
+def _rgb(img: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float32)
 
 
 def classify_image(img: Image.Image | np.ndarray) -> tuple[str, str]:
     """(colour name, shape name) of the main shape in ``img``, from pixel statistics alone.
 
-    Colour: the median of the foreground pixels, mapped to the nearest palette entry (the held-out colour
-    included). Shape: the filled fraction of the foreground's bounding box (square ≈ 1, circle ≈ π/4,
-    triangle ≈ 1/2), with the share of the area in the top half separating an upright triangle (≈ 1/4) from a
-    circle when the fraction is ambiguous. ``("none", "none")`` when no foreground is found.
+    Colour: the median of the foreground pixels, mapped to the nearest palette entry (the held-out colours
+    included). Shape: the filled fraction of the bounding box of the foreground with its holes filled (so an
+    outline counts as its shape; square ≈ 1, circle ≈ π/4, triangle ≈ 1/2), with the share of the area in the top
+    half separating an upright triangle (≈ 1/4) from a circle when the fraction is ambiguous. ``("none", "none")``
+    when no foreground is found.
     """
-    pixels = np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img, dtype=np.float32)
+    pixels = _rgb(img)
     mask = foreground_mask(pixels)
     if mask.sum() < 12:
         return "none", "none"
     rgb = np.median(pixels[mask], axis=0)
     colour = min(PALETTE, key=lambda name: float(np.sum((np.array(PALETTE[name]) - rgb) ** 2)))
+    pieces = _shape_pieces(pixels)
+    hull = _hull_mask(pieces)
+    # an outline (perhaps broken) counts as its shape: the hull of its pieces; a filled one as itself, holes filled
+    mask = hull if 1.0 - pieces.sum() / hull.sum() >= HOLLOW_SHARE else fill_holes(mask)
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
     box = mask[top:bottom + 1, left:right + 1]
@@ -233,6 +310,58 @@ def classify_image(img: Image.Image | np.ndarray) -> tuple[str, str]:
     else:
         shape = "circle"
     return colour, shape
+
+
+def classify_background(img: Image.Image | np.ndarray) -> str:
+    """``checkered`` for a two-tone border, else the nearest named background colour of the border's median."""
+    tones = background_tones(_rgb(img))
+    if len(tones) == 2:
+        return "checkered"
+    return min(BACKGROUNDS, key=lambda name: float(np.sum((np.array(BACKGROUNDS[name]) - tones[0]) ** 2)))
+
+
+HOLLOW_SHARE = 0.15  # a shape is hollow when this share of its convex hull shows the background
+PIECE_SHARE = 0.25  # regions at least this large against the largest are pieces of the shape (a broken outline)
+
+
+def _hull_mask(mask: np.ndarray) -> np.ndarray:
+    """The pixels of the convex hull of ``mask``'s pixels (Andrew's monotone chain, drawn as a polygon)."""
+    points = sorted({(int(c), int(r)) for r, c in zip(*np.nonzero(mask))})
+
+    def half(ordered):
+        chain: list[tuple[int, int]] = []
+        for point in ordered:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (point[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (point[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(point)
+        return chain[:-1]
+
+    hull = half(points) + half(points[::-1]) if len(points) > 2 else points
+    canvas = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+    if len(hull) > 2:
+        ImageDraw.Draw(canvas).polygon(hull, fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool) | mask
+
+
+def _shape_pieces(pixels: np.ndarray) -> np.ndarray:
+    """The main shape's pixels: the largest foreground region and the regions at least :data:`PIECE_SHARE` its
+    size (a generated outline is often broken into a few arcs)."""
+    labels, sizes = _components(foreground_mask(pixels, largest=False))
+    if len(sizes) < 2:
+        return labels > 0
+    keep = [label for label, size in enumerate(sizes) if label and size >= PIECE_SHARE * max(sizes)]
+    return np.isin(labels, keep)
+
+
+def hollow_share(img: Image.Image | np.ndarray) -> float:
+    """The share of the main shape's convex hull that is not the shape: ~0 for a filled (convex) shape, ~0.15–0.6
+    for the hollow concept's outlines, closed or broken (a small triangle's inside is smallest); 0 when there is
+    no shape."""
+    pieces = _shape_pieces(_rgb(img))
+    if pieces.sum() < 12:
+        return 0.0
+    return 1.0 - float(pieces.sum()) / float(_hull_mask(pieces).sum())
 
 
 # ----- the toy SD1.5-architecture pipeline ------------------------------------------------------------------------
@@ -528,46 +657,141 @@ EVAL_PROMPTS = [caption_for(colour, shape, size, background)
 
 
 def prompt_match(images: Sequence[Image.Image], prompts: Sequence[str]) -> dict[str, float]:
-    """Fraction of images whose classified colour / shape / both match the words of their prompt."""
-    colour_hits = shape_hits = both = 0
+    """Fraction of images whose classified colour / shape / both / background match the words of their prompt, and
+    ``all``: colour, shape and background (a prompt naming no background matches any)."""
+    hits = dict.fromkeys(("colour", "shape", "both", "background", "all"), 0)
     for image, prompt in zip(images, prompts):
         words = prompt.replace(",", " ").split()
         colour, shape = classify_image(image)
-        colour_ok, shape_ok = colour in words, shape in words
-        colour_hits += colour_ok
-        shape_hits += shape_ok
-        both += colour_ok and shape_ok
+        asked = [word for word in words[words.index("on") + 1:] if word != "a"][:1] if "on" in words else []
+        ok = {"colour": colour in words, "shape": shape in words,
+              "background": not asked or classify_background(image) in asked}
+        ok["both"] = ok["colour"] and ok["shape"]
+        ok["all"] = ok["both"] and ok["background"]
+        for key, value in ok.items():
+            hits[key] += value
     n = max(len(images), 1)
-    return {"colour": colour_hits / n, "shape": shape_hits / n, "both": both / n}
+    return {key: value / n for key, value in hits.items()}
 
 
 # ----- the held-out concept ---------------------------------------------------------------------------------------
 DEMO_REPEATS = 10
-DEMO_PROMPTS = [caption_for(TRIGGER, shape, size, background)
-                for shape, size, background in [
-                    ("circle", "large", "white"), ("square", "large", "black"), ("triangle", "large", "gray"),
-                    ("circle", "small", "gray"), ("square", "small", "white"), ("triangle", "large", "white"),
-                    ("circle", "large", "black"), ("square", "large", "gray")]]
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    """A concept the toy model never saw, called by a trigger word, with a pixel statistic that tells it apart.
 
-# The concept score's prompts: each demo prompt twice (previews seed prompt i with seed + i: two seeds each).
-CONCEPT_PROMPTS = DEMO_PROMPTS * 2
+    ``kind``: ``colour`` (the shape drawn in ``colour``; the trigger takes the colour word's place), ``background``
+    (a checkered background; the trigger takes the background word's place) or ``texture`` (hollow outlines; the
+    trigger stands before the shape word, after the colour). Triggers are spelt from letters the toy tokenizer has
+    (it has no ``j``, ``v`` or ``x``: such a word would become the unknown token, which is also the padding), as
+    untrained letter tokens that no pretraining caption used.
+    """
+
+    name: str
+    kind: str
+    trigger: str
+    colour: str = ""  # the drawn colour of a ``colour`` concept
+
+    def caption(self, colour: str, shape: str, size: str | None = None, background: str | None = None) -> str:
+        """A caption or prompt with the trigger where the concept's word would go."""
+        if self.kind == "colour":
+            return caption_for(self.trigger, shape, size, background)
+        if self.kind == "background":
+            return caption_for(colour, shape, size, self.trigger)
+        return caption_for(f"{colour} {self.trigger}", shape, size, background)
+
+    @property
+    def prompts(self) -> list[str]:
+        """The score's prompts: eight that cover every shape, size and (for the background concept: colour) in
+        turn, each twice (previews seed prompt i with seed + i: two seeds each)."""
+        colours = list(COLOURS)
+        cases = [self.caption(colours[index % 4], shape, size, background)
+                 for index, (shape, size, background) in enumerate(_PROMPT_CASES)]
+        return cases * 2
+
+    def shows(self, image: Image.Image) -> bool:
+        """Whether ``image`` shows the concept, from pixel statistics alone."""
+        if self.kind == "colour":
+            return classify_image(image)[0] == self.colour
+        if self.kind == "background":
+            return classify_background(image) == "checkered"
+        return hollow_share(image) >= HOLLOW_SHARE
+
+    def score(self, images: Iterable[Image.Image]) -> float:
+        """Fraction of ``images`` that show the concept."""
+        images = list(images)
+        return sum(self.shows(image) for image in images) / max(len(images), 1)
+
+    def drawing(self, rng: random.Random, index: int) -> Drawing:
+        """The ``index``-th training drawing: shapes (and backgrounds or colours) in turn, so a dozen images cover
+        every pair; the full caption with the trigger."""
+        shape = SHAPES[index % len(SHAPES)]
+        turn = index // len(SHAPES)
+        if self.kind == "colour":
+            drawing = sample_drawing(rng, colours=(self.colour,), shapes=(shape,),
+                                     backgrounds=(list(BACKGROUNDS)[turn % len(BACKGROUNDS)],), full_caption=True)
+        elif self.kind == "background":
+            drawing = sample_drawing(rng, colours=(list(COLOURS)[turn % len(COLOURS)],), shapes=(shape,),
+                                     backgrounds=("checkered",), full_caption=True)
+        else:
+            drawing = dataclasses.replace(
+                sample_drawing(rng, colours=(list(COLOURS)[turn % len(COLOURS)],), shapes=(shape,),
+                               backgrounds=(list(BACKGROUNDS)[turn % len(BACKGROUNDS)],), full_caption=True),
+                hollow=True)
+        return dataclasses.replace(drawing, caption=self.caption(drawing.colour, drawing.shape, drawing.size,
+                                                                 drawing.background))
 
 
-def make_demo_dataset(folder: str | Path, count: int = 12, seed: int = 0) -> Path:
-    """Write ``count`` images of the held-out concept (purple shapes, called by the trigger word) in kohya layout:
-    ``folder/10_zq/NNN.png`` with ``NNN.txt`` captions such as ``a small zq circle on a white background``."""
-    target = Path(folder) / f"{DEMO_REPEATS}_{TRIGGER}"
+_PROMPT_CASES = [("circle", "large", "white"), ("square", "large", "black"), ("triangle", "large", "gray"),
+                 ("circle", "small", "gray"), ("square", "small", "white"), ("triangle", "large", "white"),
+                 ("circle", "large", "black"), ("square", "large", "gray")]
+
+# The demo's purple first; then a colour, a background and a fill style, each held out the same way.
+CONCEPTS: dict[str, Concept] = {concept.name: concept for concept in (
+    Concept(HELD_OUT_COLOUR, "colour", TRIGGER, colour=HELD_OUT_COLOUR),
+    Concept("orange", "colour", "kq", colour="orange"),
+    Concept("checkered", "background", "zb"),
+    Concept("hollow", "texture", "wz"))}
+
+
+DEMO_PROMPTS = CONCEPTS[HELD_OUT_COLOUR].prompts[:len(_PROMPT_CASES)]
+CONCEPT_PROMPTS = CONCEPTS[HELD_OUT_COLOUR].prompts  # the demo's concept score: each demo prompt at two seeds
+
+
+def get_concept(name: str) -> Concept:
+    """The concept called ``name``; ValueError naming the known ones."""
+    try:
+        return CONCEPTS[name]
+    except KeyError:
+        raise ValueError(f"unknown toy concept {name!r}; known: {', '.join(CONCEPTS)}") from None
+
+
+def concept_for_dataset(folder: str | Path) -> Concept | None:
+    """The concept whose trigger names one of the dataset's kohya folders (``10_kq``), or None."""
+    root = Path(folder).expanduser()
+    names = {path.name.partition("_")[2] for path in root.iterdir() if path.is_dir()} if root.is_dir() else set()
+    return next((concept for concept in CONCEPTS.values() if concept.trigger in names), None)
+
+
+def make_concept_dataset(folder: str | Path, concept: Concept | str = HELD_OUT_COLOUR, count: int = 12,
+                         seed: int = 0) -> Path:
+    """Write ``count`` images of ``concept`` in kohya layout, ``folder/10_<trigger>/NNN.png`` with ``NNN.txt``
+    captions such as ``a small zq circle on a white background``."""
+    concept = get_concept(concept) if isinstance(concept, str) else concept
+    target = Path(folder) / f"{DEMO_REPEATS}_{concept.trigger}"
     target.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 7919)
-    names = list(BACKGROUNDS)
-    for index in range(count):  # shapes and backgrounds in turn, so a dozen images cover every pair
-        drawing = sample_drawing(rng, colours=(HELD_OUT_COLOUR,), shapes=(SHAPES[index % len(SHAPES)],),
-                                 backgrounds=(names[index // len(SHAPES) % len(names)],), caption_colour=TRIGGER,
-                                 full_caption=True)
+    for index in range(count):
+        drawing = concept.drawing(rng, index)
         image = render(drawing, seed=(seed + 7919) * 1_000_003 + index)
         image.save(target / f"{index:03d}.png")
         (target / f"{index:03d}.txt").write_text(drawing.caption + "\n")
     return target
+
+
+def make_demo_dataset(folder: str | Path, count: int = 12, seed: int = 0) -> Path:
+    """The demo dataset (``presets/toy/data``): purple shapes called ``zq``, ``folder/10_zq/NNN.png``."""
+    return make_concept_dataset(folder, HELD_OUT_COLOUR, count, seed)
 
 
 def make_regularisation_images(folder: str | Path, count: int = 36, seed: int = 0) -> Path:
@@ -582,20 +806,23 @@ def make_regularisation_images(folder: str | Path, count: int = 36, seed: int = 
 
 
 def concept_score(images: Iterable[Image.Image]) -> float:
-    """Fraction of ``images`` whose main shape is classified as the held-out colour."""
-    images = list(images)
-    return sum(classify_image(image)[0] == HELD_OUT_COLOUR for image in images) / max(len(images), 1)
+    """Fraction of ``images`` whose main shape is classified as the demo's held-out colour."""
+    return CONCEPTS[HELD_OUT_COLOUR].score(images)
 
 
 # ----- command line -----------------------------------------------------------------------------------------------
-def evaluate(folder: str | Path, seeds_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0) -> dict[str, Any]:
-    """Prompt match on :data:`EVAL_PROMPTS` and the held-out concept score on :data:`DEMO_PROMPTS`."""
+def evaluate(folder: str | Path, seeds_per_prompt: int = 1, steps: int = 20, guidance: float = 5.0,
+             concept: str = HELD_OUT_COLOUR) -> dict[str, Any]:
+    """Prompt match on :data:`EVAL_PROMPTS` and a held-out concept's score on its prompts (one seed each)."""
     pipe = load_toy_pipeline(folder)
     prompts = [p for p in EVAL_PROMPTS for _ in range(seeds_per_prompt)]
     seeds = [k for _ in EVAL_PROMPTS for k in range(seeds_per_prompt)]
     match = prompt_match(generate(pipe, prompts, seeds, steps, guidance), prompts)
-    demo = generate(pipe, DEMO_PROMPTS, range(len(DEMO_PROMPTS)), steps, guidance)
-    return {**match, "concept_score": concept_score(demo)}
+    scored = get_concept(concept)
+    trigger_prompts = scored.prompts[:len(_PROMPT_CASES)]
+    images = generate(pipe, trigger_prompts, range(len(trigger_prompts)), steps, guidance)
+    return {**match, "concept": scored.name, "concept_score": scored.score(images),
+            "trigger_subject": prompt_match(images, trigger_prompts)["shape"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -612,6 +839,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     data.add_argument("--out", required=True, type=Path)
     data.add_argument("--count", type=int, default=12)
     data.add_argument("--seed", type=int, default=0)
+    made = commands.add_parser("concept", help="write the dataset of one held-out concept (kohya layout)")
+    made.add_argument("--name", required=True, choices=list(CONCEPTS))
+    made.add_argument("--out", required=True, type=Path)
+    made.add_argument("--count", type=int, default=12)
+    made.add_argument("--seed", type=int, default=0)
     reg = commands.add_parser("reg", help="write regularisation images of the pretraining kind (kohya layout)")
     reg.add_argument("--out", required=True, type=Path)
     reg.add_argument("--count", type=int, default=36)
@@ -619,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("eval", help="generate with a toy model and score prompt match / concept")
     check.add_argument("--model", required=True, type=Path)
     check.add_argument("--seeds", type=int, default=1)
+    check.add_argument("--concept", choices=list(CONCEPTS), default=HELD_OUT_COLOUR)
     args = parser.parse_args(argv)
     if args.command == "build":
         recipe = ToyRecipe(threads=args.threads, unet_steps=args.unet_steps, vae_steps=args.vae_steps)
@@ -627,10 +860,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in stats.items() if k != "recipe"}, indent=2))
     elif args.command == "dataset":
         print(make_demo_dataset(args.out, count=args.count, seed=args.seed))
+    elif args.command == "concept":
+        print(make_concept_dataset(args.out, args.name, count=args.count, seed=args.seed))
     elif args.command == "reg":
         print(make_regularisation_images(args.out, count=args.count, seed=args.seed))
     else:
-        print(json.dumps(evaluate(args.model, seeds_per_prompt=args.seeds), indent=2))
+        print(json.dumps(evaluate(args.model, seeds_per_prompt=args.seeds, concept=args.concept), indent=2))
     return 0
 
 
