@@ -70,6 +70,14 @@ def test_compiled_step_matches_eager(sd1, data, tmp_path, aot_eager):
     assert not of_kind(eager[1], "compiled")
 
 
+def test_compiled_bf16_mixed_precision_matches_eager(sd1, data, tmp_path, aot_eager):
+    """Under Accelerate's bf16 autocast the compiled graphs see the same casts as the eager step."""
+    eager = run(tiny_config(sd1, data, tmp_path / "eager", mixed_precision="bf16"))
+    compiled = run(tiny_config(sd1, data, tmp_path / "compiled", mixed_precision="bf16", compile=True))
+    assert_same_training(eager, compiled, weights_rtol=2e-3)
+    assert of_kind(compiled[1], "compiled") and not of_kind(compiled[1], "warning")
+
+
 def test_each_bucket_shape_compiles_once(sd1, tmp_path, aot_eager):
     data = tmp_path / "data"
     write_images(data / "1_zq", 2, size=(16, 16))

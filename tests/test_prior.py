@@ -56,7 +56,7 @@ def test_prior_ratio_is_one_for_a_zero_adapter_and_stays_flat(model, data, tmp_p
     assert priors[0]["ratio"] == 1.0  # the fresh LoRA is exactly zero
     assert priors[0]["images"] == 3 and priors[0]["source"] == "base-model images"
     assert priors[1]["ratio"] != 1.0
-    meter, network = trainer.prior, trainer.state.network
+    meter, network = trainer.forgetting.meter, trainer.state.network
     with torch.no_grad():
         for name, param in network.named_parameters():
             if "lora_up" in name:

@@ -439,7 +439,7 @@ def test_an_unwritable_output_folder_is_a_clear_error_before_anything_loads(data
     def read_only(path, text):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr("trainer.loop.write_text_atomic", read_only)
+    monkeypatch.setattr("trainer.saving.write_text_atomic", read_only)
     with pytest.raises(ConfigError, match="output.dir = .* cannot be written \\(Read-only file system\\)"):
         run(make_config(tmp_path / "no-such-model", data, tmp_path / "out"))
 

@@ -39,6 +39,16 @@ def torchrun() -> list[str]:
     return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
 
 
+def train_two_processes(config, tmp_path: Path, **env: str) -> None:
+    config_path = tmp_path / "run.toml"
+    config_path.write_text(config.to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
+    command = [*torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "trainer", "train",
+               "--config", str(config_path)]
+    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
+
+
 def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     root, model = setup
     # sd-scripts' noise options on: every draw is keyed per sample, so they keep the processes equal too
@@ -49,13 +59,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
                           "prior_images": 2, **noise},
                 "dataset": {"flip": True}, "output": {"save_every_n_steps": 2}}
     config = make_config(model["folder"], root / "data", tmp_path / "two", **settings)
-    config_path = tmp_path / "run.toml"
-    config_path.write_text(config.to_toml())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [*torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "trainer", "train",
-               "--config", str(config_path)]
-    completed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
-    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
+    train_two_processes(config, tmp_path)
 
     events = read_event_log(tmp_path / "two")
     kinds = [e["event"] for e in events]
@@ -87,3 +91,26 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     assert max(abs(a[1] - b[1]) for a, b in zip(one_ratios, two_ratios)) <= 1e-5
     assert loss_difference <= 1e-5
     assert weight_difference <= 1e-5 * max(1.0, scale)
+
+
+def test_two_compiled_processes_match_one_eager_process(setup, tmp_path):
+    """train.compile in a 2-process run: each process compiles its own graphs (Dynamo + AOTAutograd here, Inductor's
+    code generation would take minutes on this CPU) and the run trains what one eager process trains."""
+    root, model = setup
+    settings = {"train": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-2, "compile": True}}
+    config = make_config(model["folder"], root / "data", tmp_path / "two", **settings)
+    train_two_processes(config, tmp_path, RANKWRIGHT_COMPILE_BACKEND="aot_eager")
+    events = read_event_log(tmp_path / "two")
+    assert of_kind(events, "compiled") and not of_kind(events, "warning")
+    two_losses = [e["loss"] for e in of_kind(events, "step")]
+
+    torch.set_num_threads(1)
+    single = config.with_overrides([f"output.dir='{tmp_path / 'one'}'", "train.gradient_accumulation=2",
+                                    "train.compile=false"])
+    one, _ = run(single)
+    assert len(two_losses) == len(one.losses) == 3
+    assert all(abs(two - eager) <= 2e-3 * abs(eager) for two, eager in zip(two_losses, one.losses))
+    a, b = load_file(one.output_file), load_file(tmp_path / "two" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(b[key], a[key], rtol=0, atol=2e-3 * (float(a[key].abs().max()) or 1.0)), key

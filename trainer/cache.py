@@ -286,3 +286,27 @@ def _stack(parts: list[Any]) -> Any:
 
 
 __all__ = ["CACHE_FORMAT", "CacheReport", "LatentCache", "TextEmbeddingCache"]
+
+
+def cache_latents(config: Any, datasets: Sequence[Any], models: Any, accelerator: Any,
+                  emit: Callable[[Any], Any], should_stop: Callable[[], bool]) -> bool:
+    """Before training: every image of ``datasets`` (None entries skipped) encoded once, as dataset.latent_cache
+    says, this process's share of them; whether batches bring latents (False when the cache is off or had to be
+    turned off — a warning says why)."""
+    from . import events as ev
+
+    vae_id = f"{config.model.base}|{config.model.vae}|{models.vae_dtype}"
+    cache = LatentCache(config.dataset.latent_cache, Path(config.output.dir) / "cache" / "latents", vae_id=vae_id)
+    cached = config.dataset.latent_cache != "off"
+    for dataset in datasets:
+        if dataset is None:
+            continue
+        progress = ev.phase_progress(emit, "caching") if cached else None
+        report = cache.encode_all(dataset, models.encode_pixels, progress=progress,
+                                  batch_size=config.train.batch_size, process_index=accelerator.process_index,
+                                  num_processes=accelerator.num_processes, should_stop=should_stop)
+        cached = cached and report.active
+        if not report.active and config.dataset.latent_cache != "off":
+            emit(ev.RunWarning(message=f"latent cache off: {report.reason}"))
+    accelerator.wait_for_everyone()
+    return cached

@@ -27,14 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-BACKEND = "inductor"  # the tests swap in "aot_eager" (Dynamo and AOTAutograd without code generation: seconds)
+# "aot_eager" (Dynamo and AOTAutograd without code generation: seconds, not minutes) tells a compiler bug from a
+# tracing one, and lets the tests' training subprocesses compile quickly.
+BACKEND = os.environ.get("RANKWRIGHT_COMPILE_BACKEND", "inductor")
 CUDA_GRAPH_SHAPES = 4  # auto mode on CUDA: CUDA graphs (one recorded graph per shape) up to this many bucket shapes
 EXTRA_GRAPHS = 2  # per model, beyond one per bucket shape: a guard failing once (e.g. the first step's state)
 
@@ -109,6 +113,24 @@ class StepCompiler:
         self.graphs = 0  # compiled by this run
         self.steps = 0  # compiled calls made
 
+    @classmethod
+    def for_run(cls, train: Any, device: torch.device, shapes: int, models: dict[str, nn.Module],
+                emit: Callable[[Any], Any]) -> StepCompiler | None:
+        """train.compile: ``models`` (the denoiser, and the text encoders when they run with adapters each step)
+        compiled in place for ``shapes`` bucket shapes; None when off or when torch.compile refuses (a warning;
+        the run trains eagerly)."""
+        from .events import RunWarning
+
+        if not train.compile:
+            return None
+        compiler = cls(models, resolve_mode(train.compile_mode, device, shapes), shapes)
+        refused = compiler.start()
+        if refused:
+            emit(RunWarning(message=f"train.compile: torch.compile failed ({refused}); training eagerly (set "
+                                    "train.compile = false to silence this)"))
+            return None
+        return compiler
+
     def start(self) -> str | None:
         """Compile the models in place; the error's text if ``torch.compile`` refused (the models stay eager)."""
         try:
@@ -140,6 +162,42 @@ class StepCompiler:
             self.graphs += new
             report.append(Compiled(tuple(shape), new, graph_breaks() - breaks, time.perf_counter() - started))
 
+    def forward_backward(self, shape: tuple[int, ...], loss: Callable[[], torch.Tensor],
+                         backward: Callable[[torch.Tensor], None], emit: Callable[[Any], Any], step: int,
+                         zero_grad: Callable[[], None]) -> torch.Tensor:
+        """One micro-batch: ``loss()`` then ``backward(loss)``, compiled; redone eagerly (with a warning, and eager
+        from then on) when compiling fails and :meth:`may_fall_back` allows. Each new graph is a ``compiled`` event."""
+        from .events import Compiled as CompiledEvent
+        from .events import RunWarning
+
+        if not self.active:
+            value = loss()
+            backward(value)
+            return value
+        backward_done = False
+        try:
+            with self.step(shape) as report:
+                value = loss()
+                backward_done = True  # from here gradients may be partly accumulated
+                backward(value)
+        except Exception as error:
+            if not self.may_fall_back(error, backward_done):
+                raise
+            first_step = self.steps == 0
+            self.restore_eager()
+            if first_step:  # the failed first step may have left partial gradients
+                zero_grad()
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            emit(RunWarning(message=f"train.compile: compiling the training step failed ({type(error).__name__}: "
+                                    f"{first_line[:300]}); training eagerly from here (set train.compile = false "
+                                    "to skip compiling)"))
+            return self.forward_backward(shape, loss, backward, emit, step, zero_grad)
+        for compiled in report:
+            emit(CompiledEvent(step=step, shape=list(compiled.shape), graphs=compiled.graphs,
+                               graph_breaks=compiled.breaks, seconds=round(compiled.seconds, 2),
+                               total_graphs=self.graphs, limit=self.limit, mode=self.mode))
+        return value
+
     def may_fall_back(self, error: BaseException, backward_done: bool) -> bool:
         """Whether a step that raised ``error`` can be redone eagerly: any failure of the first compiled step
         (no gradient of the run exists yet), and later a compiler error raised before the backward pass."""
@@ -155,3 +213,14 @@ def _is_compiler_error(error: BaseException) -> bool:
 
     return isinstance(error, exc.TorchDynamoException) or type(error).__module__.startswith(("torch._dynamo",
                                                                                            "torch._inductor"))
+
+
+def batch_shape(batch: dict[str, Any]) -> tuple[int, ...]:
+    """The shape that decides which compiled graph a batch runs: its latents' (or pixels')."""
+    images = batch["latents"] if batch.get("latents") is not None else batch["pixels"]
+    return tuple(images.shape)
+
+
+def eager_calls(compiler: StepCompiler | None):
+    """Previews, validation and the prior loss call the models eagerly even when the training step is compiled."""
+    return eager() if compiler is not None and compiler.active else contextlib.nullcontext()

@@ -431,6 +431,17 @@ class PhaseProgress:
                             eta_seconds=round(eta, 1) if eta is not None else None, detail=self.detail))
 
 
+def phase_progress(emit: Callable[[Event], Any], phase: str, unit: str = "images") -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback emitting ``phase`` events (a count and an ETA)."""
+    counter = PhaseProgress(emit, phase, 0, unit)
+
+    def progress(done: int, total: int) -> None:
+        counter.total = total
+        counter.advance(done - counter.done)
+
+    return progress
+
+
 # A method comparison (trainer.compare) emits these around the runs' own events, which carry a "method" field.
 @dataclasses.dataclass
 class CompareStart(Event):

@@ -7,8 +7,10 @@ decides (paths, counts, memory, losses, previews, saves, errors) is emitted as e
 returns the frozen :class:`Models`, :meth:`Trainer._prepare` returns the :class:`RunState` (adapters, optimizer,
 schedule, EMA, data order, caches, progress), :meth:`Trainer._loop` trains it and :meth:`Trainer._finish` saves.
 What the model predicts and how the loss is weighed is the objective's (:mod:`trainer.objective`); what a save
-writes, and where it goes when the disk refuses, is :mod:`trainer.saving`'s. A stop (signal, ``STOP`` file,
-``stop.request()``) is honoured in every phase: while scanning, loading or caching the run ends unsaved.
+writes, and where it goes when the disk refuses, is :mod:`trainer.saving`'s; what the run measures about
+forgetting (the prior loss ratio, ``checkpoints.json``, the best pick) is :class:`trainer.prior.ForgettingWatch`'s;
+the compiled step is :mod:`trainer.compiling`'s. A stop (signal, ``STOP`` file, ``stop.request()``) is honoured
+in every phase: while scanning, loading or caching the run ends unsaved.
 
 Library parts: Accelerate owns devices, processes and mixed precision (``accelerator.autocast``, ``backward``,
 ``clip_grad_norm_`` and the prepared optimizer's fp16 gradient scaling), diffusers the learning-rate schedules
@@ -55,7 +57,6 @@ from .checkpoint import (
     STATE_FILE,
     SaveFailure,
     check_output_folder,
-    clean_leftovers,
     keep_finished_run,
     load_resume_state,
     read_resume_state,
@@ -64,11 +65,12 @@ from .checkpoint import (
     unique_path,
     write_text_atomic,
 )
+from .compiling import StepCompiler, batch_shape, eager_calls
 from .config import TrainerConfig
 from .events import EventCallback, EventLog, StopRequested, StopSignal, TrainingError, log
 from .objective import noise_keys, stable_seed
-from .prior import CheckpointLog, PriorMeter
-from .saving import Saver, ema_weights
+from .prior import ForgettingWatch
+from .saving import Saver, ema_weights, prepare_output_folder
 
 NORM_EVERY = 10  # adapter-norm scalars for TensorBoard every N steps (a pass over every adapter parameter)
 MEMORY_EVERY = 50  # "memory" events every N steps (and at step 1)
@@ -169,13 +171,10 @@ class Trainer:
         self.resume_from = Path(resume) if resume else None
         self.events = EventLog(self.output_dir, [on_event] if on_event else [], tensorboard=config.output.tensorboard,
                                enabled=self.main)
-        self.extending = False  # resuming the finished run of this very folder (see _check_outputs)
+        self.extending = False  # resuming the finished run of this very folder (see check_output_folder)
         self.saver = Saver(config, self.output_file, self.events, self.accelerator, on_save_error)
         self.timings: dict[str, float] = {}
-        self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resume is not None,
-                                         name=config.output.name)
-        self.prior: PriorMeter | None = None  # with train.prior_every_n_steps
-        self.prior_stop = False
+        self.forgetting = ForgettingWatch(config, self.events, self.accelerator, self.stop, resuming=resume is not None)
         # Filled by run(), in this order; kept afterwards for callers that inspect a finished run.
         self.data: TrainingData | None = None
         self.models: Models | None = None
@@ -186,7 +185,9 @@ class Trainer:
         started = time.time()
         restore_signals = install_signal_handlers(self.stop)
         try:
-            removed = self._check_outputs()
+            self.extending = check_output_folder(self.output_file, self.config.output.overwrite,
+                                                 self.config.output.save_state, self.resume_from)
+            removed = prepare_output_folder(self.config, self.stop.stop_file) if self.main else []
             output = self.config.output
             if output.wandb_project:
                 self.events.add_wandb(output.wandb_project, output.wandb_run_name or output.name,
@@ -203,11 +204,13 @@ class Trainer:
             self.state = state = self._prepare(self.data, self.models)
             self._check_stop("before the first step")
             self.timings["ready"] = time.time() - started
-            self.events.emit(self._ready_event(state))
+            self.events.emit(ready_event(self.config, self.accelerator, self.data, state, self.timings["ready"]))
             state.started_at = state.started_at or time.time()
             self.saver.metadata = run_metadata(self.config, self.data, self.models, state,
                                                self.accelerator.num_processes, session_id=secrets.randbelow(2**32))
-            self._start_prior(state)
+            self.forgetting.start(self.data.prior, state.network,
+                                  lambda batch, keys: self._training_loss(state, batch, keys),
+                                  lambda: eager_calls(state.compiler), state.progress.step)
             self._loop(state)
             return self._finish(state)
         except StopRequested as stopped:
@@ -261,7 +264,7 @@ class Trainer:
     def _prepare(self, data: TrainingData, models: Models) -> RunState:
         from diffusers.training_utils import EMAModel
 
-        from .cache import TextEmbeddingCache
+        from .cache import TextEmbeddingCache, cache_latents
         from .dataset import BucketBatchSampler, make_dataloader
         from .optim import HalfPrecisionWeights, build_optimizer, build_scheduler
 
@@ -271,7 +274,8 @@ class Trainer:
         np.random.seed(config.train.seed % 2**32)
 
         # Before the adapters are attached: the prior images are the base model's own.
-        data.prior = self._prior_set(data, models) if config.train.prior_every_n_steps else None
+        data.prior = (self.forgetting.prior_set(models, data.scan.reg_items) if config.train.prior_every_n_steps
+                      else None)
         network = self._build_network(models)
         train_text_encoder = any(part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
         if config.train.gradient_checkpointing:
@@ -281,7 +285,8 @@ class Trainer:
                 for encoder in models.text_encoders():
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                     encoder.train()
-        latents_cached = self._cache_latents(data, models)
+        latents_cached = cache_latents(config, (data.dataset, data.validation, data.prior), models, accelerator,
+                                       self.events.emit, self.stop.requested)
         text_cache = None
         if config.dataset.cache_text_encoder_outputs and not train_text_encoder:
             text_cache = TextEmbeddingCache(encoder_id=models.text_cache_id(config.model.base),
@@ -329,25 +334,12 @@ class Trainer:
                                         kept=str(kept) if kept else None))
         return state
 
-    def _compiler(self, data: TrainingData, models: Models, encoders: bool):
-        """train.compile: the denoiser (and the text encoders when they run with adapters each step) compiled in
-        place; None when off or when torch.compile refuses (a warning; the run trains eagerly)."""
-        from .compiling import StepCompiler, resolve_mode
-
-        train = self.config.train
-        if not train.compile:
-            return None
-        shapes = len(data.dataset.bucket_info()["buckets"])
+    def _compiler(self, data: TrainingData, models: Models, compile_encoders: bool) -> StepCompiler | None:
         compiled = {"denoiser": models.denoiser}
-        if encoders:
+        if compile_encoders:
             compiled.update({f"text_encoder_{index}": encoder for index, encoder in enumerate(models.text_encoders())})
-        compiler = StepCompiler(compiled, resolve_mode(train.compile_mode, self.accelerator.device, shapes), shapes)
-        refused = compiler.start()
-        if refused:
-            self.events.emit(ev.RunWarning(message=f"train.compile: torch.compile failed ({refused}); training "
-                                           "eagerly (set train.compile = false to silence this)"))
-            return None
-        return compiler
+        return StepCompiler.for_run(self.config.train, self.accelerator.device,
+                                    len(data.dataset.bucket_info()["buckets"]), compiled, self.events.emit)
 
     def _extend_finished_run(self, state: RunState) -> Path | None:
         """Resuming this folder's finished run: keep its final file under its step name, train on to a new one."""
@@ -358,7 +350,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()  # every process has read the state before it moves
         kept = keep_finished_run(self.output_file, step) if self.main else None
         if kept is not None:
-            self.checkpoints.renamed(self.output_file, kept)
+            self.forgetting.checkpoints.renamed(self.output_file, kept)
         self.resume_from = state_dir(kept) if kept is not None else self.resume_from
         return kept
 
@@ -384,52 +376,6 @@ class Trainer:
         network.attach()
         network.train()
         return network
-
-    def _cache_latents(self, data: TrainingData, models: Models) -> bool:
-        """Encode every image once before training (dataset.latent_cache); whether batches bring latents."""
-        from .cache import LatentCache
-
-        config, accelerator = self.config, self.accelerator
-        vae_id = f"{config.model.base}|{config.model.vae}|{models.vae_dtype}"
-        cache = LatentCache(config.dataset.latent_cache, self.output_dir / "cache" / "latents", vae_id=vae_id)
-        cached = config.dataset.latent_cache != "off"
-        for dataset in (data.dataset, data.validation, data.prior):
-            if dataset is None:
-                continue
-            progress = self._phase_counter("caching") if cached else None
-            report = cache.encode_all(dataset, models.encode_pixels, progress=progress,
-                                      batch_size=config.train.batch_size, process_index=accelerator.process_index,
-                                      num_processes=accelerator.num_processes, should_stop=self.stop.requested)
-            cached = cached and report.active
-            if not report.active and config.dataset.latent_cache != "off":
-                self.events.emit(ev.RunWarning(message=f"latent cache off: {report.reason}"))
-        accelerator.wait_for_everyone()
-        return cached
-
-    def _phase_counter(self, phase: str) -> Callable[[int, int], None]:
-        """A ``progress(done, total)`` callback emitting ``phase`` events (a count and an ETA)."""
-        counter = ev.PhaseProgress(self.events.emit, phase, 0, "images")
-
-        def progress(done: int, total: int) -> None:
-            counter.total = total
-            counter.advance(done - counter.done)
-
-        return progress
-
-    def _ready_event(self, state: RunState) -> ev.Ready:
-        config, accelerator, data = self.config, self.accelerator, self.data
-        return ev.Ready(
-            seconds=round(self.timings["ready"], 2), method=state.network.method, modules=state.network.counts(),
-            trainable_parameters=state.network.trainable_parameter_count(),
-            parameter_groups=[{"name": g["name"], "lr": g["lr"], "tensors": len(g["params"])}
-                              for g in state.optimizer.param_groups],
-            train_text_encoder=state.train_text_encoder, images=data.scan.num_train_images,
-            samples_per_epoch=len(data.dataset), batches_per_epoch=state.batches_per_epoch,
-            steps_per_epoch=state.steps_per_epoch, total_steps=state.total_steps,
-            global_batch_size=config.train.batch_size * accelerator.num_processes * config.train.gradient_accumulation,
-            latents_cached=state.latents_cached, text_embeddings_cached=state.text_cache is not None,
-            buckets=data.dataset.bucket_info()["buckets"], skipped_images=len(data.scan.skipped),
-            device=str(accelerator.device), processes=accelerator.num_processes, start_step=state.progress.step)
 
     # ================================================================================================ loop
     def _loop(self, state: RunState) -> None:
@@ -477,7 +423,8 @@ class Trainer:
                 self.events.emit(ev.Step(step=progress.step, total=state.total_steps, loss=loss_value, lr=lr,
                                          epoch=progress.epoch, grad_norm=grad_norm, its=round(its, 4),
                                          eta_seconds=round(remaining, 1) if remaining is not None else None))
-                self._log_scalars(state, loss_value, grad_norm)
+                if self.events.has_tensorboard:
+                    self.events.scalars(progress.step, step_scalars(state, loss_value, grad_norm))
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                                 **({"keys_scaled": state.norm_caps[0]} if state.norm_caps else {}))
                 bar.update(1)
@@ -516,7 +463,7 @@ class Trainer:
         if config.train.validation_every_n_steps and step % config.train.validation_every_n_steps == 0 and not last:
             self._validate(state)
         if config.train.prior_every_n_steps and step % config.train.prior_every_n_steps == 0 and not last:
-            self._check_prior(state)
+            self.forgetting.check(step)
         if config.sample.every_n_steps and step % config.sample.every_n_steps == 0 and not last:
             self._sample(state)
         if config.output.save_every_n_steps and step % config.output.save_every_n_steps == 0 and not last:
@@ -524,34 +471,12 @@ class Trainer:
         if step % MEMORY_EVERY == 0 or step == 1:
             self.events.emit(ev.Memory(step=step, peak_mb=round(peak_memory_mb(self.accelerator.device), 1)))
 
-    def _log_scalars(self, state: RunState, loss_value: float, grad_norm: float) -> None:
-        if not self.events.has_tensorboard:
-            return
-        step = state.progress.step
-        values = {"loss": loss_value, "grad_norm": grad_norm}
-        for group, lr in zip(state.optimizer.param_groups, state.lr_scheduler.get_last_lr()):
-            values[f"lr/{group.get('name', 'group')}"] = lr
-        if step % NORM_EVERY == 0 or step == 1 or step == state.total_steps:
-            values.update(adapter_norms(state.network))
-        if state.norm_caps is not None:  # sd-scripts' names for its max-norm report
-            values.update(zip(("max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm"),
-                              state.norm_caps))
-        self.events.scalars(step, values)
-
     def _optimizer_step(self, state: RunState, loss: torch.Tensor) -> tuple[float, float]:
         """All-reduce gradients (adapters are not DDP-wrapped: they live in hooks), clip, step, check for NaN."""
         accelerator = self.accelerator
         params = [p for p in state.network.parameters() if p.requires_grad]
         if accelerator.num_processes > 1:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.flatten() for g in grads])
-            torch.distributed.all_reduce(flat)
-            flat /= accelerator.num_processes
-            offset = 0
-            for param in params:
-                count = param.numel()
-                param.grad = flat[offset:offset + count].view_as(param).clone()
-                offset += count
+            average_gradients(params, accelerator.num_processes)
         loss_value = float(accelerator.reduce(loss.detach(), reduction="mean"))
         if not math.isfinite(loss_value):
             self._diverged(state, f"the loss became {loss_value}")
@@ -583,34 +508,19 @@ class Trainer:
     def _forward_backward(self, state: RunState, batch: dict[str, Any], keys: list[tuple],
                           accumulation: int) -> torch.Tensor:
         """One micro-batch's loss and its gradients; compiled under train.compile, with the fall-back to eager."""
-        compiler = state.compiler
-        if compiler is None or not compiler.active:
-            loss = self._training_loss(state, batch, keys)
-            self.accelerator.backward(loss / accumulation)
-            return loss
-        backward_done = False
-        try:
-            with compiler.step(batch_shape(batch)) as report:
-                loss = self._training_loss(state, batch, keys)
-                backward_done = True  # from here gradients may be partly accumulated
-                self.accelerator.backward(loss / accumulation)
-        except Exception as error:
-            if not compiler.may_fall_back(error, backward_done):
-                raise
-            compiler.restore_eager()
-            if compiler.steps == 0:  # the failed first step may have left partial gradients
-                state.optimizer.zero_grad(set_to_none=True)
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            self.events.emit(ev.RunWarning(message=f"train.compile: compiling the training step failed "
-                                           f"({type(error).__name__}: {first_line[:300]}); training eagerly from "
-                                           "here (set train.compile = false to skip compiling)"))
-            return self._forward_backward(state, batch, keys, accumulation)
-        for compiled in report:
-            self.events.emit(ev.Compiled(step=state.progress.step + 1, shape=list(compiled.shape),
-                                         graphs=compiled.graphs, graph_breaks=compiled.breaks,
-                                         seconds=round(compiled.seconds, 2), total_graphs=compiler.graphs,
-                                         limit=compiler.limit, mode=compiler.mode))
-        return loss
+        def loss() -> torch.Tensor:
+            return self._training_loss(state, batch, keys)
+
+        def backward(value: torch.Tensor) -> None:
+            self.accelerator.backward(value / accumulation)
+
+        if state.compiler is None:
+            value = loss()
+            backward(value)
+            return value
+        return state.compiler.forward_backward(batch_shape(batch), loss, backward, self.events.emit,
+                                               state.progress.step + 1,
+                                               lambda: state.optimizer.zero_grad(set_to_none=True))
 
     def _training_loss(self, state: RunState, batch: dict[str, Any], keys: list[tuple]) -> torch.Tensor:
         models = self.models
@@ -631,12 +541,12 @@ class Trainer:
             return
         state.network.eval()
         seed = self.config.train.seed
-        with eager_calls(state):
+        with eager_calls(state.compiler):
             losses = [float(self._training_loss(state, collate_batch([validation[i]]), [("validation", seed, i)]))
                       for i in range(len(validation))]
         state.network.train()
         value = sum(losses) / len(losses)
-        self.checkpoints.measured(state.progress.step, validation_loss=value)
+        self.forgetting.checkpoints.measured(state.progress.step, validation_loss=value)
         self.events.emit(ev.Validation(step=state.progress.step, loss=value))
         self.events.scalars(state.progress.step, {"validation_loss": value})
 
@@ -651,7 +561,7 @@ class Trainer:
                                    detail=f"step {state.progress.step}", should_stop=self.stop.requested,
                                    stopped=RenderStopped)
         try:
-            with ema_weights(state), on_denoising_step(counter.advance), eager_calls(state):
+            with ema_weights(state), on_denoising_step(counter.advance), eager_calls(state.compiler):
                 images = render_previews(self.models.pipe, sample.prompts, clip_skip=self.config.train.clip_skip,
                                          extra_modules=[state.network], **self.models.preview_options(),
                                          **preview_options(sample, self.config.dataset.resolution))
@@ -664,117 +574,17 @@ class Trainer:
                                     prompts=list(sample.prompts)))
         self.accelerator.wait_for_everyone()
 
-    # ================================================================================================ forgetting
-    def _prior_set(self, data: TrainingData, models: Models) -> Any:
-        """The prior set (trainer.prior): the regularisation images, else base-model images (drawn once, cached
-        under <output.dir>/cache/prior/<key>; the main process draws, the others wait and read them)."""
-        from . import prior
-
-        config = self.config
-        options = prior.render_options(config, models.preview_options())
-        prompts = prior.prior_prompts(config)
-        folder = self.output_dir / "cache" / "prior" / prior.cache_key(config.model.base, prompts, options)
-
-        def generate() -> list[Any]:
-            missing = prior.missing_images(prompts, folder) if self.main else 0
-            if missing:
-                counter = ev.PhaseProgress(self.events.emit, "prior", missing, "images")
-                prior.generate_images(models.pipe, prompts, folder, options,
-                                      progress=lambda done: counter.advance(done - counter.done))
-            self.accelerator.wait_for_everyone()
-            paths = [folder / f"{index:04d}.png" for index in range(len(prompts))]
-            return prior.folder_items(paths, prompts, config.dataset.max_pixels)
-
-        dataset, self.prior_source = prior.prior_dataset(config, data.scan.reg_items, generate)
-        return dataset
-
-    def _start_prior(self, state: RunState) -> None:
-        """The base model's loss on the prior set (adapters at multiplier 0), then the ratio where training starts."""
-        if self.data.prior is None or not self.main:
-            return
-        self.prior = PriorMeter(self.data.prior, self.config.train.seed,
-                                lambda batch, keys: self._training_loss(state, batch, keys))
-        state.network.eval()
-        with eager_calls(state):
-            self.prior.measure_base(state.network)
-        state.network.train()
-        self._check_prior(state)
-
-    def _check_prior(self, state: RunState) -> None:
-        """The prior loss ratio now: an event, a TensorBoard scalar, and the early stop of train.prior_stop_ratio."""
-        if self.prior is None:
-            return
-        step = state.progress.step
-        state.network.eval()
-        with eager_calls(state):
-            values = self.prior.measure()
-        state.network.train()
-        self.checkpoints.measured(step, prior_ratio=values["ratio"])
-        self.events.emit(ev.PriorLoss(step=step, ratio=values["ratio"], prior_loss=values["loss"],
-                                      base_loss=values["base_loss"],
-                                      concept_loss=self.checkpoints.measures[step].get("validation_loss"),
-                                      images=len(self.data.prior), source=self.prior_source))
-        self.events.scalars(step, {"prior_loss_ratio": values["ratio"], "prior_loss": values["loss"]})
-        limit = self.config.train.prior_stop_ratio
-        if limit and values["ratio"] > limit and not self.stop.requested():
-            reason = (f"the prior loss ratio {values['ratio']:.4f} passed train.prior_stop_ratio {limit:g} at step "
-                      f"{step}: the adapter is changing what the base model drew for unrelated prompts")
-            log.warning("%s; stopping with a save", reason)
-            self.prior_stop = True
-            self.stop.request(reason)
-
-    def _measure_for_save(self, state: RunState) -> None:
-        """checkpoints.json and the file's metadata report each save's validation loss and prior ratio (when they
-        are measured at all): measured now if not at this step."""
-        step = state.progress.step
-        if self.config.train.validation_every_n_steps and not self.checkpoints.has(step, "validation_loss"):
-            self._validate(state)
-        if self.prior is not None and not self.checkpoints.has(step, "prior_ratio"):
-            self._check_prior(state)
-        self.saver.metadata = {key: value for key, value in self.saver.metadata.items()
-                               if not key.startswith("rankwright_")}
-        self.saver.metadata.update(self.checkpoints.file_metadata(step))
-
-    def _report_best(self) -> str | None:
-        """The best trade-off among the saves (checkpoints.json), logged and sent as an event; its path."""
-        pick = self.checkpoints.best() if self.main and self.checkpoints.records else None
-        if pick is None:
-            return None
-        record, why = pick
-        log.info("best checkpoint: step %d, %s (%s)", record.step, record.path, why)
-        self.events.emit(ev.BestCheckpoint(step=record.step, path=record.path, validation_loss=record.validation_loss,
-                                           prior_ratio=record.prior_ratio, why=why))
-        return record.path
-
     # ================================================================================================ saving
-    def _check_outputs(self) -> list[Path]:
-        """Refuse to replace outputs, write the run's TOML, remove what a killed save left; returns the removed."""
-        self.extending = check_output_folder(self.output_file, self.config.output.overwrite,
-                                             self.config.output.save_state, self.resume_from)
-        if not self.main:
-            return []
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            self.stop.stop_file.unlink(missing_ok=True)
-            removed = clean_leftovers(self.output_dir)
-            toml_path = self.output_dir / f"{self.config.output.name}.toml"
-            if toml_path.exists() and not self.config.output.overwrite:
-                toml_path = unique_path(toml_path)
-            write_text_atomic(toml_path, self.config.to_toml())
-        except OSError as error:
-            raise ConfigError(f"output.dir = {str(self.output_dir)!r} cannot be written ({error.strerror or error}); "
-                              "choose a writable folder with free space") from error
-        return removed
-
     def _save(self, state: RunState, final: bool, last: bool = False, why: str = "") -> Path | None:
         """``why`` ("step"/"epoch") marks a periodic save, which output.save_last_n_steps/epochs may delete later."""
         self.accelerator.wait_for_everyone()
         if self.main:
             self.events.emit(ev.Phase(phase="saving", detail=f"step {state.progress.step}"))
-            self._measure_for_save(state)
+            self.saver.metadata = self.forgetting.before_save(state.progress.step, lambda: self._validate(state),
+                                                              self.saver.metadata)
         path = self.saver.save(state, self.models, final, last, why) if self.main else None
         if path is not None:
-            self.checkpoints.saved(state.progress.step, path)
+            self.forgetting.checkpoints.saved(state.progress.step, path)
         self.saver.record.step = state.progress.step  # on every process: they must agree on whether to save again
         self.accelerator.wait_for_everyone()
         return path
@@ -805,12 +615,11 @@ class Trainer:
         else:
             if self.config.train.validation_every_n_steps:
                 self._validate(state)
-            if self.prior is not None:
-                self._check_prior(state)
+            self.forgetting.check(step)
             if self.config.sample.prompts:
                 self._sample(state)
             path = self._save(state, final=True)
-        best = self._report_best()
+        best = self.forgetting.report_best()
         last_state = self.saver.record.last_state
         self.events.emit(ev.Done(step=step, output=str(path) if path else None, stopped=stopped,
                                  reason=self.stop.reason if stopped else "",
@@ -820,24 +629,54 @@ class Trainer:
                                  seconds_to_first_step=round(self.timings.get("first_step", 0.0), 2),
                                  best_checkpoint=best))
         return TrainResult(path, step, state.losses, self.saver.record.files, stopped,
-                           self.stop.reason if stopped else "", last_state, prior_stop=stopped and self.prior_stop,
+                           self.stop.reason if stopped else "", last_state,
+                           prior_stop=stopped and self.forgetting.stopped_run,
                            best_checkpoint=Path(best) if best else None)
 
 
 # ==================================================================================================== helpers
-def eager_calls(state: RunState):
-    """Previews, validation and the prior loss call the models eagerly even when the training step is compiled."""
-    from contextlib import nullcontext
+def ready_event(config: TrainerConfig, accelerator: Any, data: TrainingData, state: RunState,
+                seconds: float) -> ev.Ready:
+    """The event that says what the run will train and how (sent once, before the first step)."""
+    return ev.Ready(
+        seconds=round(seconds, 2), method=state.network.method, modules=state.network.counts(),
+        trainable_parameters=state.network.trainable_parameter_count(),
+        parameter_groups=[{"name": g["name"], "lr": g["lr"], "tensors": len(g["params"])}
+                          for g in state.optimizer.param_groups],
+        train_text_encoder=state.train_text_encoder, images=data.scan.num_train_images,
+        samples_per_epoch=len(data.dataset), batches_per_epoch=state.batches_per_epoch,
+        steps_per_epoch=state.steps_per_epoch, total_steps=state.total_steps,
+        global_batch_size=config.train.batch_size * accelerator.num_processes * config.train.gradient_accumulation,
+        latents_cached=state.latents_cached, text_embeddings_cached=state.text_cache is not None,
+        buckets=data.dataset.bucket_info()["buckets"], skipped_images=len(data.scan.skipped),
+        device=str(accelerator.device), processes=accelerator.num_processes, start_step=state.progress.step)
 
-    from .compiling import eager
 
-    return eager() if state.compiler is not None and state.compiler.active else nullcontext()
+def step_scalars(state: RunState, loss_value: float, grad_norm: float) -> dict[str, float]:
+    """TensorBoard's values of one optimizer step (adapter norms every NORM_EVERY steps)."""
+    step = state.progress.step
+    values = {"loss": loss_value, "grad_norm": grad_norm}
+    for group, lr in zip(state.optimizer.param_groups, state.lr_scheduler.get_last_lr()):
+        values[f"lr/{group.get('name', 'group')}"] = lr
+    if step % NORM_EVERY == 0 or step == 1 or step == state.total_steps:
+        values.update(adapter_norms(state.network))
+    if state.norm_caps is not None:  # sd-scripts' names for its max-norm report
+        values.update(zip(("max_norm/keys_scaled", "max_norm/average_key_norm", "max_norm/max_key_norm"),
+                          state.norm_caps))
+    return values
 
 
-def batch_shape(batch: dict[str, Any]) -> tuple[int, ...]:
-    """The shape that decides which compiled graph a batch runs: its latents' (or pixels')."""
-    images = batch["latents"] if batch.get("latents") is not None else batch["pixels"]
-    return tuple(images.shape)
+def average_gradients(params: list[torch.nn.Parameter], processes: int) -> None:
+    """The mean of every process's gradients, in one all-reduce (missing gradients count as zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= processes
+    offset = 0
+    for param in params:
+        count = param.numel()
+        param.grad = flat[offset:offset + count].view_as(param).clone()
+        offset += count
 
 
 def parameter_groups(network: AdapterNetwork, train: Any,

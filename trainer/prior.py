@@ -234,6 +234,110 @@ class PriorMeter:
         return {"ratio": loss / base if base > 0 else math.inf, "loss": loss, "base_loss": base}
 
 
+# ================================================================================================ during a run
+class ForgettingWatch:
+    """One training run's forgetting measures: the prior set and its loss ratio every ``train.prior_every_n_steps``
+    (events, TensorBoard), the measures of each save in ``checkpoints.json``, the early stop of
+    ``train.prior_stop_ratio`` and the best-trade-off pick at the end. Only the main process measures and writes."""
+
+    def __init__(self, config: Any, events: Any, accelerator: Any, stop: Any, resuming: bool):
+        self.config, self.events, self.accelerator, self.stop = config, events, accelerator, stop
+        self.main = accelerator.is_main_process
+        self.output_dir = Path(config.output.dir)
+        self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resuming,
+                                         name=config.output.name)
+        self.meter: PriorMeter | None = None  # with train.prior_every_n_steps, once the run has started
+        self.images = 0
+        self.source = ""
+        self.stopped_run = False  # train.prior_stop_ratio asked the run to stop
+
+    def prior_set(self, models: Any, reg_items: Sequence[Any]) -> Any:
+        """The regularisation images, else base-model images (drawn once — call it before the adapters are
+        attached — and cached under <output.dir>/cache/prior/<key>; the main process draws, the others read)."""
+        from . import events as ev
+
+        config = self.config
+        options = render_options(config, models.preview_options())
+        prompts = prior_prompts(config)
+        folder = self.output_dir / "cache" / "prior" / cache_key(config.model.base, prompts, options)
+
+        def generate() -> list[Any]:
+            missing = missing_images(prompts, folder) if self.main else 0
+            if missing:
+                counter = ev.PhaseProgress(self.events.emit, "prior", missing, "images")
+                generate_images(models.pipe, prompts, folder, options,
+                                progress=lambda done: counter.advance(done - counter.done))
+            self.accelerator.wait_for_everyone()
+            paths = [folder / f"{index:04d}.png" for index in range(len(prompts))]
+            return folder_items(paths, prompts, config.dataset.max_pixels)
+
+        dataset, self.source = prior_dataset(config, reg_items, generate)
+        self.images = len(dataset)
+        return dataset
+
+    def start(self, prior: Any, network: Any, loss: Callable[[dict[str, Any], list[tuple]], Any],
+              eager: Callable[[], Any], step: int) -> None:
+        """The base model's loss on the prior set (adapters at multiplier 0), then the ratio where training starts.
+        ``loss`` is the engine's training loss of a batch; ``eager()`` the context its measures run in."""
+        if prior is None or not self.main:
+            return
+        self.meter, self.network, self.eager = PriorMeter(prior, self.config.train.seed, loss), network, eager
+        self._measured(lambda: self.meter.measure_base(network))
+        self.check(step)
+
+    def _measured(self, measure: Callable[[], Any]) -> Any:
+        self.network.eval()
+        try:
+            with self.eager():
+                return measure()
+        finally:
+            self.network.train()
+
+    def check(self, step: int) -> None:
+        """The prior loss ratio now: an event, a TensorBoard scalar, and the early stop of train.prior_stop_ratio."""
+        from . import events as ev
+
+        if self.meter is None:
+            return
+        values = self._measured(self.meter.measure)
+        self.checkpoints.measured(step, prior_ratio=values["ratio"])
+        self.events.emit(ev.PriorLoss(step=step, ratio=values["ratio"], prior_loss=values["loss"],
+                                      base_loss=values["base_loss"],
+                                      concept_loss=self.checkpoints.measures[step].get("validation_loss"),
+                                      images=self.images, source=self.source))
+        self.events.scalars(step, {"prior_loss_ratio": values["ratio"], "prior_loss": values["loss"]})
+        limit = self.config.train.prior_stop_ratio
+        if limit and values["ratio"] > limit and not self.stop.requested():
+            reason = (f"the prior loss ratio {values['ratio']:.4f} passed train.prior_stop_ratio {limit:g} at step "
+                      f"{step}: the adapter is changing what the base model drew for unrelated prompts")
+            log.warning("%s; stopping with a save", reason)
+            self.stopped_run = True
+            self.stop.request(reason)
+
+    def before_save(self, step: int, validate: Callable[[], None], metadata: dict[str, str]) -> dict[str, str]:
+        """The file's metadata with this save's measures (checkpoints.json lists them too): each measure the run
+        takes at all is taken now if it was not at this step."""
+        if self.config.train.validation_every_n_steps and not self.checkpoints.has(step, "validation_loss"):
+            validate()
+        if self.meter is not None and not self.checkpoints.has(step, "prior_ratio"):
+            self.check(step)
+        kept = {key: value for key, value in metadata.items() if not key.startswith("rankwright_")}
+        return {**kept, **self.checkpoints.file_metadata(step)}
+
+    def report_best(self) -> str | None:
+        """The best trade-off among the saves (checkpoints.json), logged and sent as an event; its path."""
+        from . import events as ev
+
+        pick = self.checkpoints.best() if self.main and self.checkpoints.records else None
+        if pick is None:
+            return None
+        record, why = pick
+        log.info("best checkpoint: step %d, %s (%s)", record.step, record.path, why)
+        self.events.emit(ev.BestCheckpoint(step=record.step, path=record.path, validation_loss=record.validation_loss,
+                                           prior_ratio=record.prior_ratio, why=why))
+        return record.path
+
+
 # ================================================================================================ checkpoints
 @dataclasses.dataclass
 class CheckpointRecord:

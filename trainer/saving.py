@@ -21,6 +21,7 @@ from .checkpoint import (
     adapter_file_bytes,
     base_model_hashes,
     check_failure_text,
+    clean_leftovers,
     free_bytes,
     is_disk_error,
     rescue_paths,
@@ -29,6 +30,7 @@ from .checkpoint import (
     state_dir,
     unique_path,
     verify_file,
+    write_text_atomic,
 )
 from .events import EventLog, TrainingError, log
 from .statefile import StateFormatError, state_bytes
@@ -172,3 +174,24 @@ def ema_weights(state: Any):
         yield
     finally:
         state.ema.restore(parameters)
+
+
+def prepare_output_folder(config: Any, stop_file: Path) -> list[Path]:
+    """Before a run (main process): the output folder exists, an old STOP file is gone, the run's TOML is written
+    (next to an earlier one, not over it, unless output.overwrite); returns the temporary files a killed save left
+    there, now removed."""
+    from methods.base import ConfigError
+
+    output_dir = Path(config.output.dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        stop_file.unlink(missing_ok=True)
+        removed = clean_leftovers(output_dir)
+        toml_path = output_dir / f"{config.output.name}.toml"
+        if toml_path.exists() and not config.output.overwrite:
+            toml_path = unique_path(toml_path)
+        write_text_atomic(toml_path, config.to_toml())
+    except OSError as error:
+        raise ConfigError(f"output.dir = {str(output_dir)!r} cannot be written ({error.strerror or error}); "
+                          "choose a writable folder with free space") from error
+    return removed
