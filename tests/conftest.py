@@ -25,6 +25,14 @@ def one_intra_op_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture
+def ws(tmp_path):
+    """A fresh web-UI workspace (``ui.workspace.Workspace``) under the test's temporary folder."""
+    from ui.workspace import Workspace
+
+    return Workspace(tmp_path / "ws")
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A tiny CLIP BPE tokenizer folder (vocab.json + merges.txt), written once per session."""

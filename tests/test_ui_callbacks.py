@@ -11,6 +11,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from PIL import Image
@@ -21,14 +22,9 @@ from trainer.config import TrainerConfig
 from ui import form, pipelines, workspace
 from ui.app import RankwrightUI, loss_frame, progress_html
 from ui.jobs import JobBusy, JobError, JobRunner
-from ui.workspace import Workspace, WorkspaceError
+from ui.workspace import WorkspaceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning/gr.Info outside a request
-
-
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    return Workspace(tmp_path / "ws")
 
 
 @pytest.fixture
@@ -867,6 +863,27 @@ def test_the_app_builds_and_remembers_the_last_settings(ws, fake_runner):
     loaded = ui.on_load()
     assert ui.values(tuple(loaded[:len(ui.keys)]))["output.name"] == "remembered"
     assert json.loads((ws.jobs / "current.json").read_text())["id"] == ui.runner.current().id
+
+
+def test_the_page_polls_once_per_tick_and_a_failing_poll_skips_only_its_outputs(ws, fake_runner, monkeypatch):
+    """Every poll of the page (jobs, queue, checkpoints, captioning, report, try-it, compare) is one event per
+    tick: each event costs the browser a pass over its outputs, and nine of them a second kept a core busy."""
+    from ui.app import build_app
+
+    ui = RankwrightUI(ws, runner=fake_runner(), preset_dirs=[])
+    ws.default_dataset().mkdir(parents=True)
+
+    def broken(session):
+        raise RuntimeError("queue file unreadable")
+
+    monkeypatch.setattr(ui, "poll_queue", broken)
+    demo, _ = build_app(ws, ui)
+    (tick,) = [f for f in demo.fns.values() if any(event == "tick" for _, event in f.targets)]
+    sent = tick.fn(*(component.value for component in tick.inputs))
+    assert len(sent) == len(tick.outputs)
+    queue_table = next(i for i, c in enumerate(tick.outputs) if c.elem_id == "queue-table")
+    assert sent[queue_table] == gr.skip() and sent[queue_table + 1] == gr.skip()
+    assert any(value != gr.skip() for value in sent)  # the other polls still sent their first values
 
 
 @pytest.mark.slow

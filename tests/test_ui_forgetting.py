@@ -24,11 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning/gr.
 
 
 @pytest.fixture
-def ws(tmp_path) -> Workspace:
-    return Workspace(tmp_path / "ws")
-
-
-@pytest.fixture
 def ui(ws) -> RankwrightUI:
     return RankwrightUI(ws, runner=idle_runner(ws), preset_dirs=[])
 

@@ -21,15 +21,9 @@ from trainer.config import TrainerConfig
 from ui import worker
 from ui.app import RankwrightUI
 from ui.jobs import SAVE_ANSWER_FILE, SAVE_QUESTION_FILE, JobError, JobRunner
-from ui.workspace import Workspace
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning/gr.Info outside a request
 SKIP = {"__type__": "update"}
-
-
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    return Workspace(tmp_path / "ws")
 
 
 def refused(path: Path, code: int = errno.ENOSPC, step: int = 7) -> SaveFailure:

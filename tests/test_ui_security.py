@@ -37,11 +37,6 @@ SYSTEM_FILE = Path("/etc/hostname") if Path("/etc/hostname").is_file() else Path
 
 
 @pytest.fixture
-def ws(tmp_path) -> Workspace:
-    return Workspace(tmp_path / "ws")
-
-
-@pytest.fixture
 def secret(tmp_path) -> Path:
     """A folder outside the workspace with a file nobody may download."""
     return write(tmp_path / "secret" / "key.txt", "the server's secret").parent

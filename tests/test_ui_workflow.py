@@ -24,11 +24,6 @@ from ui.workspace import Workspace, WorkspaceError
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning/gr.Info outside a request
 
 
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    return Workspace(tmp_path / "ws")
-
-
 def idle_runner(ws: Workspace) -> JobRunner:
     return JobRunner(ws.jobs, command=lambda config, folder: [sys.executable, "-c", "pass"])
 

@@ -309,6 +309,7 @@ def build_app(ws: Workspace, ui: RankwrightUI | None = None) -> tuple[gr.Blocks,
             tab.select(lambda shown=tab_id: shown, None, [L.visible_tab], show_progress="hidden", queue=False)
         for module in (dataset_tab, model_tab, training_tab, compare_tab, results_tab, config_tab):
             module.wire(ui, L)
+        L.wire_polls()
 
         theme.click(None, js=THEME_TOGGLE_JS)
         go.click(lambda: (gr.Tabs(selected="training"), "training"), None, [tabs, L.visible_tab]).then(

@@ -111,6 +111,5 @@ def wire(ui: Any, L: Layout) -> None:
     s["start"].click(guard(ui.compare, 2, 0), [s["methods"], s["steps"], s["drift"], *inputs],
                      [s["message"], session], concurrency_limit=1)
     s["stop"].click(guard(ui.stop, 1, 0), None, [s["message"]])
-    L.timer.tick(ui.poll_compare, [session], [s["status"], s["progress"], s["table"], s["grid"], s["loss"],
-                                              s["files"], session],
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll_compare, [session], [s["status"], s["progress"], s["table"], s["grid"], s["loss"],
+                                        s["files"], session])

@@ -479,19 +479,16 @@ def wire(ui: Any, L: Layout) -> None:
                              concurrency_limit=1)
     s["caption_stop"].click(guard(ui.caption_stop, 1, 0), None, [s["caption_message"]])
     caption_session = gr.State({})
-    L.timer.tick(ui.poll_captioning, [caption_session, dataset_dir, extension],
-                 [s["caption_status"], s["caption_progress"], s["caption_recent"], *view, caption_session],
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll_captioning, [caption_session, dataset_dir, extension],
+           [s["caption_status"], s["caption_progress"], s["caption_recent"], *view, caption_session])
     s["reg_start"].click(guard(ui.regularise_start, 1, 0), [s["reg_count"], *inputs], [s["reg_message"]],
                          concurrency_limit=1)
     s["reg_stop"].click(guard(ui.regularise_stop, 1, 0), None, [s["reg_message"]])
     s["reg_use"].click(guard(ui.regularise_use, 2, 1), None, [L.comps["dataset.reg_dir"], s["reg_message"]])
     reg_session = gr.State({})
-    L.timer.tick(ui.poll_regularising, [reg_session], [s["reg_status"], s["reg_progress"], s["reg_use"], reg_session],
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll_regularising, [reg_session], [s["reg_status"], s["reg_progress"], s["reg_use"], reg_session])
     s["report_start"].click(guard(ui.report_start, 1, 0), inputs, [s["report_message"]], concurrency_limit=1)
     s["report_stop"].click(guard(ui.report_stop, 1, 0), None, [s["report_message"]])
     report_session = gr.State({})
-    L.timer.tick(ui.poll_report, [report_session], [s["report_status"], s["report_progress"], s["report_summary"],
-                                                     s["report_sheet"], s["report_images"], report_session],
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll_report, [report_session], [s["report_status"], s["report_progress"], s["report_summary"],
+                                               s["report_sheet"], s["report_images"], report_session])

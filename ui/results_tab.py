@@ -360,5 +360,4 @@ def wire(ui: Any, L: Layout) -> None:
                                                     s["seed"], s["steps"], s["size"]], [s["status"]])
     s["stop"].click(guard(ui.try_stop, 1, 0), None, [s["status"]])
     session = gr.State({})
-    L.timer.tick(ui.poll_try, [session], [s["status"], s["progress"], s["gallery"], session],
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll_try, [session], [s["status"], s["progress"], s["gallery"], session])

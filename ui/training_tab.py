@@ -467,24 +467,20 @@ def wire(ui: Any, L: Layout) -> None:
                            [*inputs, s["message"]])
     outputs = [s["status"], s["progress"], s["loss_plot"], s["previews"], s["log_box"], results["train_files"],
                results["compare_files"], results["adapter"], s["resume_run"], session]
-    L.timer.tick(ui.poll, [session, results["adapter"], s["smoothing"], s["log_scale"], L.visible_tab], outputs,
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll, [session, results["adapter"], s["smoothing"], s["log_scale"], L.visible_tab], outputs)
     gr.on([s["smoothing"].release, s["log_scale"].change, L.tab_components["training"].select], ui.replot,
           [s["smoothing"], s["log_scale"]], [s["loss_plot"]], show_progress="hidden")
     save_session = gr.State({})
-    L.timer.tick(ui.poll_save, [save_session], [s["save_box"], s["save_question"], save_session],
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll_save, [save_session], [s["save_box"], s["save_question"], save_session])
     s["save_retry"].click(guard(lambda: ui.save_answer("retry"), 1, 0), None, [s["message"]])
     s["save_rescue"].click(guard(lambda: ui.save_answer("rescue"), 1, 0), None, [s["message"]])
     checkpoints, checkpoint_session = s["checkpoints"], gr.State({})
-    L.timer.tick(ui.poll_checkpoints, [checkpoint_session, checkpoints["choice"]],
-                 [s["prior_ratio"], checkpoints["table"], checkpoints["choice"], checkpoints["run"],
-                  checkpoints["name"], checkpoint_session], show_progress="hidden", concurrency_limit=None,
-                 queue=False)
+    L.poll(ui.poll_checkpoints, [checkpoint_session, checkpoints["choice"]],
+           [s["prior_ratio"], checkpoints["table"], checkpoints["choice"], checkpoints["run"],
+            checkpoints["name"], checkpoint_session])
     wire_checkpoint_controls(ui, L, checkpoints)
     queue_session = gr.State({})
-    L.timer.tick(ui.poll_queue, [queue_session], [s["queue_table"], s["queue_select"], queue_session],
-                 show_progress="hidden", concurrency_limit=None, queue=False)
+    L.poll(ui.poll_queue, [queue_session], [s["queue_table"], s["queue_select"], queue_session])
     s["queue_up"].click(guard(lambda job: ui.queue_move(job, -1), 1, 0), [s["queue_select"]], [s["queue_message"]])
     s["queue_down"].click(guard(lambda job: ui.queue_move(job, 1), 1, 0), [s["queue_select"]], [s["queue_message"]])
     s["queue_remove"].click(guard(ui.queue_remove, 1, 0), [s["queue_select"]], [s["queue_message"]])
