@@ -285,9 +285,6 @@ def _stack(parts: list[Any]) -> Any:
     return {name: _stack([part[name] for part in parts]) for name in first}
 
 
-__all__ = ["CACHE_FORMAT", "CacheReport", "LatentCache", "TextEmbeddingCache"]
-
-
 def cache_latents(config: Any, datasets: Sequence[Any], models: Any, accelerator: Any,
                   emit: Callable[[Any], Any], should_stop: Callable[[], bool]) -> bool:
     """Before training: every image of ``datasets`` (None entries skipped) encoded once, as dataset.latent_cache
@@ -310,3 +307,7 @@ def cache_latents(config: Any, datasets: Sequence[Any], models: Any, accelerator
             emit(ev.RunWarning(message=f"latent cache off: {report.reason}"))
     accelerator.wait_for_everyone()
     return cached
+
+
+__all__ = ["CACHE_FORMAT", "CacheReport", "LatentCache", "TextEmbeddingCache", "cache_latents"]
+

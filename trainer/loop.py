@@ -208,8 +208,7 @@ class Trainer:
             state.started_at = state.started_at or time.time()
             self.saver.metadata = run_metadata(self.config, self.data, self.models, state,
                                                self.accelerator.num_processes, session_id=secrets.randbelow(2**32))
-            self.forgetting.start(self.data.prior, state.network,
-                                  lambda batch, keys: self._training_loss(state, batch, keys),
+            self.forgetting.start(state.network, lambda batch, keys: self._training_loss(state, batch, keys),
                                   lambda: eager_calls(state.compiler), state.progress.step)
             self._loop(state)
             return self._finish(state)

@@ -143,7 +143,7 @@ def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: di
         options = {**options, "sampler": "euler"}
     paths, reused = [], 0
     for index, prompt in enumerate(prompts):
-        image_path, caption_path = folder / f"{index:04d}.png", folder / f"{index:04d}.txt"
+        image_path, caption_path = pair_paths(folder, index)
         if _present(image_path, caption_path, prompt):
             reused += 1
         else:
@@ -158,10 +158,20 @@ def generate_images(pipe: Any, prompts: Sequence[str], folder: Path, options: di
     return paths, reused
 
 
+def pair_paths(folder: Path, index: int) -> tuple[Path, Path]:
+    """(image, caption) of :func:`generate_images`' pair ``index`` in ``folder``."""
+    return folder / f"{index:04d}.png", folder / f"{index:04d}.txt"
+
+
+def regularisation_images(folder: Path, prompts: Sequence[str]) -> list[Path]:
+    """The images of :func:`generate_images`' pairs for ``prompts`` that ``folder`` holds."""
+    return [pair_paths(folder, index)[0] for index, prompt in enumerate(prompts)
+            if _present(*pair_paths(folder, index), prompt)]
+
+
 def missing_images(prompts: Sequence[str], folder: Path) -> int:
     """How many of :func:`generate_images`' pairs are not in ``folder`` yet."""
-    return sum(1 for index, prompt in enumerate(prompts)
-               if not _present(folder / f"{index:04d}.png", folder / f"{index:04d}.txt", prompt))
+    return len(prompts) - len(regularisation_images(folder, prompts))
 
 
 def _present(image_path: Path, caption_path: Path, prompt: str) -> bool:
@@ -246,8 +256,8 @@ class ForgettingWatch:
         self.output_dir = Path(config.output.dir)
         self.checkpoints = CheckpointLog(self.output_dir, config.train.prior_max_ratio, resuming=resuming,
                                          name=config.output.name)
+        self.dataset: Any = None  # the prior set (prior_set)
         self.meter: PriorMeter | None = None  # with train.prior_every_n_steps, once the run has started
-        self.images = 0
         self.source = ""
         self.stopped_run = False  # train.prior_stop_ratio asked the run to stop
 
@@ -268,20 +278,19 @@ class ForgettingWatch:
                 generate_images(models.pipe, prompts, folder, options,
                                 progress=lambda done: counter.advance(done - counter.done))
             self.accelerator.wait_for_everyone()
-            paths = [folder / f"{index:04d}.png" for index in range(len(prompts))]
+            paths = [pair_paths(folder, index)[0] for index in range(len(prompts))]
             return folder_items(paths, prompts, config.dataset.max_pixels)
 
-        dataset, self.source = prior_dataset(config, reg_items, generate)
-        self.images = len(dataset)
-        return dataset
+        self.dataset, self.source = prior_dataset(config, reg_items, generate)
+        return self.dataset
 
-    def start(self, prior: Any, network: Any, loss: Callable[[dict[str, Any], list[tuple]], Any],
-              eager: Callable[[], Any], step: int) -> None:
+    def start(self, network: Any, loss: Callable[[dict[str, Any], list[tuple]], Any], eager: Callable[[], Any],
+              step: int) -> None:
         """The base model's loss on the prior set (adapters at multiplier 0), then the ratio where training starts.
         ``loss`` is the engine's training loss of a batch; ``eager()`` the context its measures run in."""
-        if prior is None or not self.main:
+        if self.dataset is None or not self.main:
             return
-        self.meter, self.network, self.eager = PriorMeter(prior, self.config.train.seed, loss), network, eager
+        self.meter, self.network, self.eager = PriorMeter(self.dataset, self.config.train.seed, loss), network, eager
         self._measured(lambda: self.meter.measure_base(network))
         self.check(step)
 
@@ -304,7 +313,7 @@ class ForgettingWatch:
         self.events.emit(ev.PriorLoss(step=step, ratio=values["ratio"], prior_loss=values["loss"],
                                       base_loss=values["base_loss"],
                                       concept_loss=self.checkpoints.measures[step].get("validation_loss"),
-                                      images=self.images, source=self.source))
+                                      images=len(self.dataset), source=self.source))
         self.events.scalars(step, {"prior_loss_ratio": values["ratio"], "prior_loss": values["loss"]})
         limit = self.config.train.prior_stop_ratio
         if limit and values["ratio"] > limit and not self.stop.requested():
@@ -540,12 +549,6 @@ class Regularisation:
     trigger: list[str]  # the words removed from the captions
     reused: int  # images found in the folder already (same key)
     stopped: bool = False  # a stop ended it: ``paths`` are the images drawn so far
-
-
-def regularisation_images(folder: Path, prompts: Sequence[str]) -> list[Path]:
-    """The images of :func:`generate_images`' pairs for ``prompts`` that ``folder`` holds."""
-    return [folder / f"{index:04d}.png" for index, prompt in enumerate(prompts)
-            if _present(folder / f"{index:04d}.png", folder / f"{index:04d}.txt", prompt)]
 
 
 def default_regularisation_folder(config: Any, key: str) -> Path:

@@ -103,17 +103,11 @@ class TrainingCallbacks:
         """Timer tick: (the refused-save box's visibility, its question, session) — shown while the running job's
         last save waits for an answer; nothing re-sent while that does not change."""
         session = dict(session or {})
-        try:
-            record = self.own_job(self.runner.current())
-            question = None
-            if record is not None and record.kind == "train":
-                view = self.runner.view(record)
-                question = None if view.finished else view.save_question
-        except Exception:  # a broken tick must not flood the page with errors every second
-            import logging
-
-            logging.getLogger("rankwright.ui").exception("poll of the save question failed")
-            return gr.skip(), gr.skip(), session
+        record = self.own_job(self.runner.current())
+        question = None
+        if record is not None and record.kind == "train":
+            view = self.runner.view(record)
+            question = None if view.finished else view.save_question
         key = question["id"] if question else None
         if "question" in session and session["question"] == key:
             return gr.skip(), gr.skip(), session
@@ -135,30 +129,24 @@ class TrainingCallbacks:
         """Timer tick: (the prior loss ratio line, the run's checkpoints table, the checkpoint dropdown, the run
         folder and name, session) of the current training job; re-sent when a ratio or a save arrives."""
         session = dict(session or {})
-        try:
-            record = self.own_job(self.runner.current())
-            view = self.runner.view(record) if record is not None and record.kind == "train" else None
-            # checkpoints.json is rewritten just after a save's event: its time stamp says when to read it again
-            listed = Path(record.output_dir) / CHECKPOINTS_FILE if view else None
-            key = (record.id, len(view.prior_ratios), listed.stat().st_mtime_ns if listed.is_file() else 0) \
-                if view else None
-            if "checkpoints" in session and session["checkpoints"] == key:
-                return (*(gr.skip(),) * 5, session)
-            session["checkpoints"] = key
-            if view is None:
-                return "", *self.checkpoints_of(None), "", "", session
-            try:
-                stop_ratio = TrainerConfig.load(record.config_path).train.prior_stop_ratio
-            except Exception:  # an old job's settings: the ratio without its stop
-                stop_ratio = 0.0
-            return (prior_ratio_text(view, stop_ratio),
-                    *self.checkpoints_of(record.output_dir, selected, record.output_name), record.output_dir,
-                    record.output_name, session)
-        except Exception:  # a broken tick must not flood the page with errors every second
-            import logging
-
-            logging.getLogger("rankwright.ui").exception("poll of the checkpoints failed")
+        record = self.own_job(self.runner.current())
+        view = self.runner.view(record) if record is not None and record.kind == "train" else None
+        # checkpoints.json is rewritten just after a save's event: its time stamp says when to read it again
+        listed = Path(record.output_dir) / CHECKPOINTS_FILE if view else None
+        key = (record.id, len(view.prior_ratios), listed.stat().st_mtime_ns if listed.is_file() else 0) \
+            if view else None
+        if "checkpoints" in session and session["checkpoints"] == key:
             return (*(gr.skip(),) * 5, session)
+        session["checkpoints"] = key
+        if view is None:
+            return "", *self.checkpoints_of(None), "", "", session
+        try:
+            stop_ratio = TrainerConfig.load(record.config_path).train.prior_stop_ratio
+        except Exception:  # an old job's settings: the ratio without its stop
+            stop_ratio = 0.0
+        return (prior_ratio_text(view, stop_ratio),
+                *self.checkpoints_of(record.output_dir, selected, record.output_name), record.output_dir,
+                record.output_name, session)
 
     def _no_job(self, adapter: str | None) -> tuple:
         return ("No training job yet.", progress_html(0, "idle"), gr.skip(), [], "", *self.results(adapter),
@@ -193,25 +181,20 @@ class TrainingCallbacks:
 
     def _tick(self, find, show, idle, outputs: int, session: dict | None) -> tuple:
         """One timer tick of a tab showing a job: ``idle()`` when there is none, nothing re-sent while the job's
-        view is unchanged, else ``show(record, view, session)``; the session state comes last."""
+        view is unchanged, else ``show(record, view, session)``; the session state comes last. (An error is the
+        timer's to log: :meth:`ui.common.Layout.wire_polls`.)"""
         session = dict(session or {})
         skips = (gr.skip(),) * outputs
-        try:
-            record = self.own_job(find())
-            if record is None:
-                return (*skips, session) if session.get("job") == "none" else (*idle(), {"job": "none"})
-            view = self.runner.view(record)
-            if session.get("job") != record.id:
-                session = {"job": record.id}
-            if session.get("version") == view.version:
-                return (*skips, session)
-            session["version"] = view.version
-            return (*show(record, view, session), session)
-        except Exception:  # a broken tick must not flood the page with errors every second
-            import logging
-
-            logging.getLogger("rankwright.ui").exception("poll of %s failed", getattr(show, "__name__", "a tab"))
+        record = self.own_job(find())
+        if record is None:
+            return (*skips, session) if session.get("job") == "none" else (*idle(), {"job": "none"})
+        view = self.runner.view(record)
+        if session.get("job") != record.id:
+            session = {"job": record.id}
+        if session.get("version") == view.version:
             return (*skips, session)
+        session["version"] = view.version
+        return (*show(record, view, session), session)
 
     def replot(self, smoothing: float, log_scale: bool) -> Any:
         record = self.own_job(self.runner.current())
