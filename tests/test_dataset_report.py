@@ -246,3 +246,27 @@ def test_cli_report(dataset, tmp_path, capsys):
     assert (tmp_path / "runs" / "mine-dataset-report-1" / "dataset_report.json").is_file()
     assert main(["report", str(dataset), "--out", str(dataset / "r")]) == 2
     assert "inside the dataset folder" in capsys.readouterr().err
+
+
+def test_a_trigger_the_tokenizer_splits_is_reported(tmp_path):
+    """The toy tokenizer keeps the demo's trigger ``zq`` whole and spells orange's ``kq`` as k + q (orange binds more
+    slowly with it: README, "Further LoRA runs"); only an exact count can tell, and only words the user named as
+    the trigger (a folder word the captions use, or dataset.trigger_word) are checked."""
+    from trainer.toy import CONCEPTS, make_concept_dataset
+
+    toy_tokenizer = Path(__file__).resolve().parents[1] / "presets" / "toy" / "model" / "tokenizer"
+    make_concept_dataset(tmp_path / "orange", CONCEPTS["orange"], count=3)
+    make_concept_dataset(tmp_path / "purple", CONCEPTS["purple"], count=3)
+
+    def split(folder: Path, **values) -> list[str]:
+        report = build_report(section(folder, resolution=64, **values), tokenizer=toy_tokenizer)
+        return [w["message"] for w in report.warnings if w["code"] == "split_trigger"]
+
+    assert split(tmp_path / "orange") == [
+        "the trigger word 'kq' is 2 tokens of the model's tokenizer: a trigger that is one rare token ties the "
+        "concept to itself faster; consider a rare word the tokenizer keeps whole (in the captions, and the folder "
+        "name or dataset.trigger_word)"]
+    assert split(tmp_path / "purple") == []
+    assert split(tmp_path / "purple", trigger_word="wz") and not split(tmp_path / "orange", trigger_word="zq")
+    approximate = build_report(section(tmp_path / "orange", resolution=64))
+    assert not [w for w in approximate.warnings if w["code"] == "split_trigger"]

@@ -62,21 +62,27 @@ def prior_prompts(config: Any) -> list[str]:
     return [prompts[index % len(prompts)] for index in range(config.train.prior_images)]
 
 
-def trigger_words(config: Any, items: Sequence[Any]) -> list[str]:
-    """The words that name the concept: dataset.trigger_word (and the subsets'), else the class words of the
-    image folders ("10_zq" → "zq") that the captions use, else the most common first caption tag."""
-    from .dataset import _contains_word, parse_folder_name, split_tags
+def named_trigger_words(dataset: Any, items: Sequence[Any]) -> list[str]:
+    """The words the user named the concept with: dataset.trigger_word (and the subsets'), else the class words of
+    the image folders ("10_zq" → "zq") that the captions use; [] when neither says."""
+    from .dataset import _contains_word, parse_folder_name
 
-    data = config.dataset
-    words = [word for word in [data.trigger_word, *(s.trigger_word or "" for s in data.subsets)] if word.strip()]
+    words = [word for word in [dataset.trigger_word, *(s.trigger_word or "" for s in dataset.subsets)] if word.strip()]
     if words:
         return list(dict.fromkeys(word.strip() for word in words))
     captions = [item.caption for item in items if item.caption]
     folders = {parse_folder_name(item.folder)[1].strip() for item in items}
-    words = sorted(word for word in folders if word and any(_contains_word(c, word) for c in captions))
+    return sorted(word for word in folders if word and any(_contains_word(c, word) for c in captions))
+
+
+def trigger_words(dataset: Any, items: Sequence[Any]) -> list[str]:
+    """The words that name the concept: :func:`named_trigger_words`, else the most common first caption tag."""
+    from .dataset import split_tags
+
+    words = named_trigger_words(dataset, items)
     if words:
         return words
-    firsts = Counter(tags[0] for tags in (split_tags(c) for c in captions) if tags)
+    firsts = Counter(tags[0] for tags in (split_tags(item.caption) for item in items if item.caption) if tags)
     return [firsts.most_common(1)[0][0]] if firsts else []
 
 
@@ -99,7 +105,7 @@ def regularisation_prompts(config: Any, items: Sequence[Any], count: int | None 
     become the folder's class word when it is not the trigger, else "a photo"."""
     from .dataset import parse_folder_name
 
-    words = list(trigger) if trigger else trigger_words(config, items)
+    words = list(trigger) if trigger else trigger_words(config.dataset, items)
     prompts = []
     for item in items:
         prompt = remove_words(item.caption, words)
