@@ -380,12 +380,11 @@ def _trigger_warnings(section: DatasetSection, items: Sequence[Any], counter: To
     if not counter.exact:
         return []
     words = dict.fromkeys(word for trigger in named_trigger_words(section, items) for word in trigger.split())
-    split = {word: counter.count(word) for word in words}
     return [{"code": "split_trigger",
              "message": f"the trigger word {word!r} is {tokens} tokens of the model's tokenizer: a trigger that is "
                         f"one rare token ties the concept to itself faster; consider a rare word the tokenizer keeps "
                         f"whole (in the captions, and the folder name or dataset.trigger_word)"}
-            for word, tokens in split.items() if tokens > 1]
+            for word, tokens in ((word, counter.count(word)) for word in words) if tokens > 1]
 
 
 def _duplicates(images: list[ImageReport], hashes: list[int | None]) -> list[dict[str, Any]]:
