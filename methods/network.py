@@ -8,6 +8,7 @@ SD3/Flux pipelines name their modules with :mod:`methods.dit_naming`; their part
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -261,6 +262,17 @@ class AdapterNetwork(nn.Module):
     def set_multiplier(self, strength: float) -> None:
         for adapter in self:
             adapter.multiplier = float(strength)
+
+    @contextlib.contextmanager
+    def switched_off(self) -> Iterator[None]:
+        """Every adapter at multiplier 0 (the base model's output) inside the block; each one's own multiplier after."""
+        strengths = [adapter.multiplier for adapter in self]
+        self.set_multiplier(0.0)
+        try:
+            yield
+        finally:
+            for adapter, strength in zip(self, strengths):
+                adapter.multiplier = strength
 
     def merge(self, strength: float | None = None, keep_original: bool = True) -> None:
         """Merge every adapter into its layer (see :meth:`AdapterModule.merge`)."""

@@ -78,6 +78,15 @@ def test_compiled_bf16_mixed_precision_matches_eager(sd1, data, tmp_path, aot_ea
     assert of_kind(compiled[1], "compiled") and not of_kind(compiled[1], "warning")
 
 
+def test_compiled_step_with_output_preservation_matches_eager(sd1, data, tmp_path, aot_eager):
+    """The preservation term's base-model pass (adapters at multiplier 0) inside the compiled step."""
+    eager = run(tiny_config(sd1, data, tmp_path / "eager", output_preservation_weight=1.0))
+    compiled = run(tiny_config(sd1, data, tmp_path / "compiled", output_preservation_weight=1.0, compile=True))
+    assert_same_training(eager, compiled, weights_rtol=1e-4)
+    assert eager[0].losses != run(tiny_config(sd1, data, tmp_path / "plain"))[0].losses  # the term is there
+    assert of_kind(compiled[1], "compiled") and not of_kind(compiled[1], "warning")
+
+
 def test_each_bucket_shape_compiles_once(sd1, tmp_path, aot_eager):
     data = tmp_path / "data"
     write_images(data / "1_zq", 2, size=(16, 16))

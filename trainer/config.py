@@ -165,6 +165,11 @@ class TrainSection:
     prior_images: int = 8  # base-model images generated from prior_prompts (unused with regularisation images)
     prior_max_ratio: float = 1.1  # the checkpoint pick's tolerance: best concept loss among ratios ≤ this
     prior_stop_ratio: float = 0.0  # > 0: stop (with a save) once the prior loss ratio passes this
+    # Differential output preservation (trainer.preservation): each training latent is also denoised with the trigger
+    # word replaced by preservation_class ("" removes it) and pulled toward the base model's prediction there, so the
+    # concept stays with its trigger; 0: off. About doubles a step's cost.
+    output_preservation_weight: float = 0.0
+    preservation_class: str = ""
     sdpa: bool = True
     fp8_base: bool = False  # keep the frozen denoiser's Linear weights in float8 (CUDA only; kohya's fp8_base)
     # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
@@ -379,6 +384,9 @@ class TrainerConfig:
         if train.prior_stop_ratio and not train.prior_stop_ratio > 1.0:
             raise ConfigError(f"train.prior_stop_ratio must be above 1.0 (the ratio of an untrained adapter) or 0 "
                               f"(off), got {train.prior_stop_ratio}")
+        if not train.output_preservation_weight >= 0:
+            raise ConfigError(f"train.output_preservation_weight must be ≥ 0 (0: off; 1.0: as much as the concept's "
+                              f"loss), got {train.output_preservation_weight}")
         if train.prior_stop_ratio and not train.prior_every_n_steps:
             raise ConfigError("train.prior_stop_ratio needs train.prior_every_n_steps > 0 (the ratio it watches)")
         if any(not prompt.strip() for prompt in train.prior_prompts):

@@ -157,12 +157,15 @@ class Ready(Event):
     device: str = ""
     processes: int = 1
     start_step: int = 0
+    preserved_words: list[str] = dataclasses.field(default_factory=list)  # train.output_preservation_weight's trigger
 
     def text(self) -> str:
         modules = ", ".join(f"{part.removeprefix('lora_')} {count}" for part, count in self.modules.items())
+        preserved = (f"; outputs without {', '.join(repr(w) for w in self.preserved_words)} held to the base model"
+                     if self.preserved_words else "")
         return (f"ready in {self.seconds} s: training {self.method} ({self.trainable_parameters:,} parameters in "
                 f"{modules or 'no'} modules) on {self.images} image(s) with repeats for {self.total_steps} steps on "
-                f"{self.processes} × {self.device}")
+                f"{self.processes} × {self.device}{preserved}")
 
 
 @dataclasses.dataclass

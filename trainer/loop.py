@@ -69,6 +69,7 @@ from .compiling import StepCompiler, batch_shape, eager_calls
 from .config import TrainerConfig
 from .events import EventCallback, EventLog, StopRequested, StopSignal, TrainingError, log
 from .objective import noise_keys, stable_seed
+from .preservation import OutputPreservation
 from .prior import ForgettingWatch
 from .saving import Saver, ema_weights, prepare_output_folder
 
@@ -105,6 +106,7 @@ class TrainingData:
     validation: Any | None  # held-out images (dataset.validation_split), or None
     scan: Any  # trainer.dataset.DatasetScan: what was found and skipped
     prior: Any | None = None  # the prior set of train.prior_every_n_steps (trainer.prior.prior_dataset)
+    preservation: OutputPreservation | None = None  # train.output_preservation_weight's term of the loss
 
 
 @dataclasses.dataclass
@@ -245,7 +247,7 @@ class Trainer:
                 f"one optimizer step needs train.batch_size {train.batch_size} × {accelerator.num_processes} "
                 f"process(es) × train.gradient_accumulation {train.gradient_accumulation} = {needed}; add images "
                 "or repeats (the N_ prefix of a folder name), or lower batch_size or gradient_accumulation")
-        return TrainingData(dataset, validation, scan)
+        return TrainingData(dataset, validation, scan, preservation=OutputPreservation.for_run(config, scan.items))
 
     # ================================================================================================ load
     def _load(self) -> Models:
@@ -508,7 +510,7 @@ class Trainer:
                           accumulation: int) -> torch.Tensor:
         """One micro-batch's loss and its gradients; compiled under train.compile, with the fall-back to eager."""
         def loss() -> torch.Tensor:
-            return self._training_loss(state, batch, keys)
+            return self._training_loss(state, batch, keys, preserve=True)
 
         def backward(value: torch.Tensor) -> None:
             self.accelerator.backward(value / accumulation)
@@ -521,13 +523,23 @@ class Trainer:
                                                state.progress.step + 1,
                                                lambda: state.optimizer.zero_grad(set_to_none=True))
 
-    def _training_loss(self, state: RunState, batch: dict[str, Any], keys: list[tuple]) -> torch.Tensor:
+    def _training_loss(self, state: RunState, batch: dict[str, Any], keys: list[tuple],
+                       preserve: bool = False) -> torch.Tensor:
+        """The batch's loss; with ``preserve`` (training steps, not the measures) plus the output-preservation term."""
         models = self.models
         noised = models.objective.noised(models.latents(batch), keys)
-        conditioning = models.conditioning(batch["captions"], self.config.train.clip_skip, state.text_cache,
-                                           state.train_text_encoder)
-        prediction = models.predict(noised, conditioning, batch, self.accelerator.autocast)
-        return models.objective.loss(prediction, noised, batch.get("masks"), batch["loss_weights"])
+
+        def predict(captions: list[str]) -> torch.Tensor:
+            conditioning = models.conditioning(captions, self.config.train.clip_skip, state.text_cache,
+                                               state.train_text_encoder)
+            return models.predict(noised, conditioning, batch, self.accelerator.autocast)
+
+        loss = models.objective.loss(predict(batch["captions"]), noised, batch.get("masks"), batch["loss_weights"])
+        if preserve and self.data.preservation is not None:
+            held = self.data.preservation.loss(state.network, batch["captions"], batch["loss_weights"], predict)
+            if held is not None:
+                loss = loss + held
+        return loss
 
     # ================================================================================================ checks
     @torch.no_grad()
@@ -648,7 +660,8 @@ def ready_event(config: TrainerConfig, accelerator: Any, data: TrainingData, sta
         global_batch_size=config.train.batch_size * accelerator.num_processes * config.train.gradient_accumulation,
         latents_cached=state.latents_cached, text_embeddings_cached=state.text_cache is not None,
         buckets=data.dataset.bucket_info()["buckets"], skipped_images=len(data.scan.skipped),
-        device=str(accelerator.device), processes=accelerator.num_processes, start_step=state.progress.step)
+        device=str(accelerator.device), processes=accelerator.num_processes, start_step=state.progress.step,
+        preserved_words=data.preservation.words if data.preservation else [])
 
 
 def step_scalars(state: RunState, loss_value: float, grad_norm: float) -> dict[str, float]:

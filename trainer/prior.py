@@ -232,13 +232,8 @@ class PriorMeter:
 
     def measure_base(self, network: Any) -> list[float]:
         """The base model's losses: every adapter at multiplier 0 (restored afterwards)."""
-        strengths = [adapter.multiplier for adapter in network]
-        network.set_multiplier(0.0)
-        try:
+        with network.switched_off():
             self.base = self.losses()
-        finally:
-            for adapter, strength in zip(network, strengths):
-                adapter.multiplier = strength
         return self.base
 
     def measure(self) -> dict[str, float]:

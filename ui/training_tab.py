@@ -394,7 +394,9 @@ def layout(ui: Any, L: Layout) -> None:
                     "draws: the *prior loss ratio* (1.0 = unchanged, higher = it bleeds into unrelated prompts) is "
                     "measured every N steps on regularisation images (the Dataset tab generates them) or on images "
                     "the base model draws for the prior prompts; each save lists it in the run's checkpoints, "
-                    "where the best trade-off is picked.", elem_id="forgetting")
+                    "where the best trade-off is picked. *Output preservation* holds the adapted model to the base "
+                    "model's output for the training images captioned without the trigger word, so the concept "
+                    "stays with its trigger (steps take about twice as long).", elem_id="forgetting")
         L.grid(list(form.FORGETTING_KEYS), 3)
     effective = gr.Markdown(elem_id="effective-training")
     start, stop, message, status, progress = job_controls(
