@@ -33,8 +33,15 @@ def test_the_trigger_is_replaced_or_removed_as_a_whole_word():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, tokenizer_dir):
-    return build_model(tmp_path_factory.mktemp("preservation-model"), "sd1", tokenizer_dir)
+def models(tmp_path_factory, tokenizer_dir):
+    built: dict[str, dict[str, Path]] = {}
+
+    def get(arch: str) -> dict[str, Path]:
+        if arch not in built:
+            built[arch] = build_model(tmp_path_factory.mktemp(f"preservation-{arch}"), arch, tokenizer_dir)
+        return built[arch]
+
+    return get
 
 
 @pytest.fixture
@@ -45,9 +52,10 @@ def data(tmp_path: Path) -> Path:
     return root
 
 
-def test_the_term_is_zero_for_an_adapter_that_changes_nothing_and_grows_when_it_bleeds(model, data, tmp_path):
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_the_term_is_zero_for_an_adapter_that_changes_nothing_and_grows_when_it_bleeds(arch, models, data, tmp_path):
     events: list[dict] = []
-    trainer = Trainer(make_config(model["folder"], data, tmp_path / "out", sample=FAST_SAMPLE,
+    trainer = Trainer(make_config(models(arch)["folder"], data, tmp_path / "out", sample=FAST_SAMPLE,
                                   train={"max_steps": 1, "output_preservation_weight": 1.0}), on_event=events.append)
     trainer.run()
     assert of_kind(events, "ready")[0]["preserved_words"] == ["zq"]
@@ -79,18 +87,19 @@ def test_the_term_is_zero_for_an_adapter_that_changes_nothing_and_grows_when_it_
     # the term's gradient reaches the adapter (and nothing of the frozen model)
     batch["captions"] = with_trigger
     network.zero_grad(set_to_none=True)
-    models = trainer.models
-    noised = models.objective.noised(models.latents(batch), keys)
+    loaded = trainer.models
+    noised = loaded.objective.noised(loaded.latents(batch), keys)
 
     def predict(captions: list[str]) -> torch.Tensor:
-        return models.predict(noised, models.conditioning(captions, 1, None, True), batch, trainer.accelerator.autocast)
+        return loaded.predict(noised, loaded.conditioning(captions, 1, None, True), batch, trainer.accelerator.autocast)
 
     trainer.data.preservation.loss(network, with_trigger, batch["loss_weights"], predict).backward()
     assert any(param.grad is not None and param.grad.abs().sum() > 0 for param in network.parameters())
-    assert all(param.grad is None for param in trainer.models.denoiser.parameters())
+    assert all(param.grad is None for param in loaded.denoiser.parameters())
 
 
-def test_a_run_without_a_trigger_word_to_preserve_is_refused_before_loading(model, tmp_path):
+def test_a_run_without_a_trigger_word_to_preserve_is_refused_before_loading(models, tmp_path):
+    model = models("sd1")
     root = tmp_path / "data"
     write_images(root / "1_photos", 4, caption=None)
     config = make_config(model["folder"], root, tmp_path / "out", train={"max_steps": 1,
