@@ -45,7 +45,8 @@ def test_tiny_pipeline_generates_saves_and_reloads_offline(make_pipeline, name, 
     reloaded = DiffusionPipeline.from_pretrained(tmp_path / name, local_files_only=True)
     reloaded.set_progress_bar_config(disable=True)
     assert type(reloaded) is type(pipe)
-    assert np.array_equal(reloaded("a photo of zq", **generation_kwargs(name)).images, images)
+    # the same images up to float rounding: with transformers 5.24 they differ by about 1e-7 after the reload
+    np.testing.assert_allclose(reloaded("a photo of zq", **generation_kwargs(name)).images, images, rtol=0, atol=1e-5)
     found = detect(reloaded)
     assert found.variant.name == name and not found.exact
 

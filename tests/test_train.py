@@ -610,8 +610,8 @@ def test_a_folder_asking_for_a_hundred_million_repeats_trains_at_once(models, tm
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_save(models, data, tmp_path, monkeypatch):
     original = Trainer._training_loss
 
-    def poisoned(self, state, batch, keys):
-        loss = original(self, state, batch, keys)
+    def poisoned(self, state, batch, keys, **options):
+        loss = original(self, state, batch, keys, **options)
         return loss * float("nan") if state.progress.step >= 3 else loss
 
     monkeypatch.setattr(Trainer, "_training_loss", poisoned)
@@ -695,13 +695,13 @@ def test_buckets_and_latent_cache(cache, models, tmp_path, counted_vae, monkeypa
     shapes: list[tuple] = []
     original = Trainer._training_loss
 
-    def recording(self, state, batch, keys):
+    def recording(self, state, batch, keys, **options):
         if batch["latents"] is not None:
             shapes.append(tuple(batch["latents"].shape))
         else:  # pixels; the tiny VAE halves each side
             b, _, h, w = batch["pixels"].shape
             shapes.append((b, 4, h // 2, w // 2))
-        return original(self, state, batch, keys)
+        return original(self, state, batch, keys, **options)
 
     monkeypatch.setattr(Trainer, "_training_loss", recording)
     config = make_config(models("sd1")["folder"], root, tmp_path / "out", dataset={"latent_cache": cache},
