@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from train_helpers import build_model
 
 from trainer.architectures import build_text_encoders, build_tiny_pipeline, build_unet, write_tiny_tokenizer
 
@@ -128,16 +126,3 @@ def randomize_adapters(network: Any, seed: int = 0, std: float = 0.1) -> None:
 def randomize() -> Callable[..., None]:
     """``randomize(network, seed=0, std=0.1)``: see :func:`randomize_adapters`."""
     return randomize_adapters
-
-
-@pytest.fixture(scope="session")
-def models(tmp_path_factory, tokenizer_dir):
-    """``models(arch)`` → {"folder", "single", "tokenizer"}: a tiny pipeline written both ways, built once."""
-    built: dict[str, dict[str, Path]] = {}
-
-    def get(arch: str) -> dict[str, Path]:
-        if arch not in built:
-            built[arch] = build_model(tmp_path_factory.mktemp(f"model-{arch}"), arch, tokenizer_dir)
-        return built[arch]
-
-    return get

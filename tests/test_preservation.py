@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_config, of_kind, write_images
+from train_helpers import build_model, make_config, of_kind, write_images
 
 from methods.base import ConfigError
 from trainer import events as ev
@@ -32,9 +32,20 @@ def test_the_trigger_is_replaced_or_removed_as_a_whole_word():
         OutputPreservation([], "", 1.0)
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    built: dict[str, dict[str, Path]] = {}
+
+    def get(arch: str) -> dict[str, Path]:
+        if arch not in built:
+            built[arch] = build_model(tmp_path_factory.mktemp(f"preservation-{arch}"), arch, tokenizer_dir)
+        return built[arch]
+
+    return get
+
+
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    """Prose and tag captions naming the trigger zq (as test_prior's)."""
     root = tmp_path / "data"
     write_images(root / "1_zq", 2, caption="a photo of zq")
     write_images(root / "1_zq", 2, caption="zq, a red ball", start=2, seed=1)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import (
     RESOLUTION,
+    build_model,
     config_dict,
     make_config,
     of_kind,
@@ -42,6 +43,19 @@ from trainer.optim import build_optimizer, build_scheduler
 METHODS = ("lora", "loha", "lokr", "oft", "boft")
 ROOT = Path(__file__).resolve().parents[1]
 
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, tokenizer_dir):
+    """``models(arch)`` → {"folder", "single", "tokenizer"}: a tiny pipeline written both ways, built once."""
+    built: dict[str, dict[str, Path]] = {}
+
+    def get(arch: str) -> dict[str, Path]:
+        if arch not in built:
+            built[arch] = build_model(tmp_path_factory.mktemp(f"model-{arch}"), arch, tokenizer_dir)
+        return built[arch]
+
+    return get
 
 
 @pytest.fixture

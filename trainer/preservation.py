@@ -17,6 +17,7 @@ caption has no trigger (regularisation images, captions without it) add nothing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,8 +29,11 @@ class OutputPreservation:
         if not words:
             raise ValueError("output preservation needs at least one trigger word")
         self.words = list(words)
-        self.replacement = replacement
+        self.replacement = replacement.strip()
         self.weight = float(weight)
+        # Longest first, so that "zq style" is replaced before "zq"; whole words only, as prior.remove_words does.
+        alternatives = "|".join(re.escape(word) for word in sorted(self.words, key=len, reverse=True))
+        self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
 
     @classmethod
     def for_run(cls, config: Any, items: Sequence[Any]) -> OutputPreservation | None:
@@ -49,11 +53,13 @@ class OutputPreservation:
 
     def captions(self, captions: Sequence[str]) -> tuple[list[str], list[bool]]:
         """(each caption with its trigger words replaced, whether it had any)."""
-        from .dataset import _contains_word
-        from .prior import remove_words
-
-        had = [any(_contains_word(caption, word) for word in self.words) for caption in captions]
-        return [remove_words(caption, self.words, self.replacement) for caption in captions], had
+        preserved, had = [], []
+        for caption in captions:
+            replaced, count = self._pattern.subn(self.replacement, caption)
+            replaced = re.sub(r"\s*,(\s*,)*\s*", ", ", re.sub(r"[ \t]+", " ", replaced)).strip(" ,")
+            preserved.append(replaced)
+            had.append(count > 0)
+        return preserved, had
 
     def loss(self, network: Any, captions: Sequence[str], sample_weights: torch.Tensor,
              predict: Callable[[list[str]], torch.Tensor]) -> torch.Tensor | None:

@@ -86,16 +86,14 @@ def trigger_words(dataset: Any, items: Sequence[Any]) -> list[str]:
     return [firsts.most_common(1)[0][0]] if firsts else []
 
 
-def remove_words(caption: str, words: Sequence[str], replacement: str = "") -> str:
-    """``caption`` without ``words`` (or with ``replacement`` in their place): as tags they go whole, inside prose
-    the word alone, longest words first ("sks dog" before "sks"); spaces and commas tidied."""
+def remove_words(caption: str, words: Sequence[str]) -> str:
+    """``caption`` without ``words``: as tags they go whole, inside prose the word alone (spaces tidied)."""
     from .dataset import split_tags
 
-    replacement = replacement.strip()
-    tags = [replacement if tag in words else tag for tag in split_tags(caption)]
-    text = ", ".join(tag for tag in tags if tag)
-    for word in sorted(words, key=len, reverse=True):
-        text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", replacement, text)
+    tags = [tag for tag in split_tags(caption) if tag not in words]
+    text = ", ".join(tags)
+    for word in words:
+        text = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", "", text)
     text = re.sub(r"\s+", " ", text)
     return re.sub(r"\s*,(\s*,)*\s*", ", ", text).strip(" ,")
 
