@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .arch import architecture_from_metadata
+from .embeddings import embeddings_for_adapter
 from .files import AdapterFileError, build_metadata, load_adapter_file, save_adapter_file
 from .network import AdapterNetwork, pipeline_parts
 from .targets import TargetConfig
@@ -113,9 +114,11 @@ class AppliedAdapter:
 def apply_adapter(pipe: Any, path: str | os.PathLike, strength: float = 1.0, arch: str | None = None) -> AppliedAdapter:
     """Apply an adapter file of any registered method (DoRA included) to a diffusers pipeline.
 
-    The weights stay untouched; ``handle.remove()`` undoes it; several files can be applied at once.
+    The weights stay untouched; ``handle.remove()`` undoes it; several files can be applied at once. An adapter
+    trained with trigger vectors (pivotal tuning) brings its embedding file along (:mod:`methods.embeddings`).
     """
     network, metadata = load_network(pipe, path, arch)
+    network.embeddings = embeddings_for_adapter(pipe, network.arch, path, metadata)
     device = _device_of(pipe)
     network.to(device)
     network.eval()

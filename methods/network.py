@@ -19,6 +19,7 @@ from torch import nn
 from . import dit_naming, dit_targets, naming, targets
 from .arch import UNET_PREFIX, denoiser_prefixes, get_architecture, part_prefix
 from .base import WRAPPABLE, AdapterConfig, AdapterModule
+from .embeddings import TriggerEmbeddings
 from .naming import group_by_module
 from .registry import file_module_class, get_method
 
@@ -154,6 +155,9 @@ class AdapterNetwork(nn.Module):
         # their state dicts become the network's. attach() hooks them for methods with per-step shared work.
         self._models = list(models or [])
         self._model_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        # Pivotal tuning's trigger vectors (methods.embeddings), when trained or loaded with the adapters: a
+        # submodule, so they train, average, clip, EMA and resume with the adapters; not in the adapter file.
+        self.embeddings: TriggerEmbeddings | None = None
 
     # ----- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -233,6 +237,8 @@ class AdapterNetwork(nn.Module):
             adapter.attach()
         if not self._model_hooks:
             self._hook_models()
+        if self.embeddings is not None:
+            self.embeddings.attach()
         return self
 
     def detach(self) -> None:
@@ -242,6 +248,8 @@ class AdapterNetwork(nn.Module):
         for handle in self._model_hooks:
             handle.remove()
         self._model_hooks = []
+        if self.embeddings is not None:
+            self.embeddings.detach()
 
     def _hook_models(self) -> None:
         """Run each method's :meth:`~methods.base.AdapterModule.before_forward` / ``after_forward`` around every
@@ -265,14 +273,20 @@ class AdapterNetwork(nn.Module):
 
     @contextlib.contextmanager
     def switched_off(self) -> Iterator[None]:
-        """Every adapter at multiplier 0 (the base model's output) inside the block; each one's own multiplier after."""
+        """Every adapter at multiplier 0 and the trigger vectors off (the base model's output) inside the block; each
+        one's own state after."""
         strengths = [adapter.multiplier for adapter in self]
+        vectors_on = self.embeddings is not None and self.embeddings.enabled
         self.set_multiplier(0.0)
+        if self.embeddings is not None:
+            self.embeddings.enabled = False
         try:
             yield
         finally:
             for adapter, strength in zip(self, strengths):
                 adapter.multiplier = strength
+            if self.embeddings is not None:
+                self.embeddings.enabled = vectors_on
 
     def merge(self, strength: float | None = None, keep_original: bool = True) -> None:
         """Merge every adapter into its layer (see :meth:`AdapterModule.merge`)."""

@@ -22,6 +22,7 @@ from torch import nn
 from . import dit_naming, dora
 from .arch import ARCHITECTURES, UNET_PREFIX, file_architecture, part_counts
 from .base import AdapterModule, ConfigError
+from .embeddings import METADATA_FILE, copy_embedding_file, embeddings_for_adapter
 from .files import SAVE_DTYPES, AdapterFileError, build_metadata, kohya_hashes, load_adapter_file, save_adapter_file
 from .network import ModelPart, group_by_module, name_lookup, pipeline_parts, read_file_tensors
 from .registry import available_methods, file_module_class
@@ -137,6 +138,7 @@ class MergeReport:
     modules: int
     per_part: dict[str, int]
     ignored: int
+    trigger_vectors: str | None = None  # the word whose vectors (pivotal tuning) were written into the token tables
 
 
 def bake_adapters(pipe: Any, adapters: list[tuple[Path, float]], arch: str | None = None) -> list[MergeReport]:
@@ -159,8 +161,12 @@ def bake_adapters(pipe: Any, adapters: list[tuple[Path, float]], arch: str | Non
             message = " ".join(str(error).split())
             raise AdapterFileError(f"{file.path}: does not fit this {arch or 'base'} model ({message})") from error
         network.merge(strength, keep_original=False)
+        embeddings = embeddings_for_adapter(pipe, network.arch, file.path, file.metadata)
+        if embeddings is not None:  # the trigger's vectors are part of the adapter, at any strength
+            embeddings.bake()
         reports.append(MergeReport(str(file.path), strength, network.method, len(network),
-                                   part_counts(network.adapters), len(unmatched)))
+                                   part_counts(network.adapters), len(unmatched),
+                                   embeddings.word if embeddings is not None else None))
         del network
     return reports
 
@@ -403,6 +409,9 @@ def convert_to_lora(path: str | os.PathLike, out: str | os.PathLike, rank: int, 
     save_dtype = dtype or DTYPE_NAMES.get(source_dtype, "fp16")
     if save_dtype not in SAVE_DTYPES:
         raise ConfigError(f"dtype {save_dtype!r} is not one of {', '.join(DTYPE_NAMES.values())}")
+    embedding = copy_embedding_file(file.path, metadata, out, overwrite=overwrite)
+    if embedding is not None:
+        new_metadata[METADATA_FILE] = embedding.name
     save_adapter_file(out, state, new_metadata, save_dtype, overwrite=overwrite)
     return ConvertReport(len(deltas) - len(dropped), dropped, overall, worst, errors[worst], method_counts, errors,
                          base_dependent)

@@ -17,7 +17,7 @@ LOGGED_KEYS = {
     "ready": {"seconds", "method", "modules", "trainable_parameters", "parameter_groups", "train_text_encoder",
               "images", "samples_per_epoch", "batches_per_epoch", "steps_per_epoch", "total_steps",
               "global_batch_size", "latents_cached", "text_embeddings_cached", "buckets", "skipped_images", "device",
-              "processes", "start_step", "preserved_words"},
+              "processes", "start_step", "preserved_words", "trigger_vectors"},
     "step": {"step", "total", "loss", "lr", "epoch", "grad_norm", "its", "eta_seconds"},
     "save": {"step", "path", "final", "state", "size_bytes", "seconds", "ema", "check_modules", "check_missing",
              "check_unmatched", "check_max_difference", "check_max_relative_difference", "check_tolerance",

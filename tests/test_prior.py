@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import build_model, make_config, of_kind, write_images
+from train_helpers import build_model, make_config, of_kind, write_images, write_trigger_data
 
 from methods.base import ConfigError
 from trainer.cli import main as cli_main
@@ -34,10 +34,7 @@ def model(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    write_images(root / "1_zq", 2, caption="a photo of zq")
-    write_images(root / "1_zq", 2, caption="zq, a red ball", start=2, seed=1)
-    return root
+    return write_trigger_data(tmp_path / "data")
 
 
 def trainer_run(model, data, out, **sections):

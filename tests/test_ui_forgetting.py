@@ -70,9 +70,9 @@ def test_the_checkpoints_table_marks_the_pick_and_using_one_makes_it_the_adapter
 
     _, _, adapter, file, message = ui.use_checkpoint(str(folder), "run-step000030.safetensors")
     chosen = str(folder / "run-step000030.safetensors")
-    assert adapter["value"] == chosen and chosen in [value for _, value in adapter["choices"]] and file == chosen
+    assert adapter["value"] == chosen and chosen in [value for _, value in adapter["choices"]] and file == [chosen]
     assert "Try it" in message and "step 30" in message
-    assert ui.use_checkpoint("run", "10")[3] == str(folder / "run-step000010.safetensors")  # by step, by name
+    assert ui.use_checkpoint("run", "10")[3] == [str(folder / "run-step000010.safetensors")]  # by step, by name
     # the Results tab: the selected adapter's run, its own file selected
     table, choice, run, name = ui.adapter_checkpoints(chosen)
     assert run == str(folder) and name == "" and choice["value"] == "run-step000030.safetensors" and "★ best" in table
@@ -130,10 +130,10 @@ def test_a_run_with_the_prior_ratio_shows_it_and_its_checkpoints(ws, tiny_pipeli
     assert "| 2 | `keep-step000002.safetensors`" in table
     assert {value for _, value in choice["choices"]} == {"keep-step000002.safetensors", "keep.safetensors"}
     assert ui.poll_checkpoints(session, choice["value"])[0] == {"__type__": "update"}  # nothing new
-    _, _, adapter, file, _ = ui.use_checkpoint(run, "keep-step000002.safetensors", name)
-    assert adapter["value"] == file == str(ws.outputs / "keep-step000002.safetensors")
+    _, _, adapter, files, _ = ui.use_checkpoint(run, "keep-step000002.safetensors", name)
+    assert [adapter["value"]] == files == [str(ws.outputs / "keep-step000002.safetensors")]
     assert len(adapter["choices"]) == 2  # both saves are the run's results
-    assert ui.adapter_checkpoints(file)[2:] == (run, "keep")  # the Results tab finds the run of the file
+    assert ui.adapter_checkpoints(files[0])[2:] == (run, "keep")  # the Results tab finds the run of the file
 
 
 # ================================================================================================ regularisation

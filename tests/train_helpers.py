@@ -55,6 +55,13 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (RESOLUTION, 
     return paths
 
 
+def write_trigger_data(root: Path, folder: str = "1_zq") -> Path:
+    """Four images of concept ``zq``: two captioned in prose, two as tags."""
+    write_images(root / folder, 2, caption="a photo of zq")
+    write_images(root / folder, 2, caption="zq, a red ball", start=2, seed=1)
+    return root
+
+
 def deep_update(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
     result = copy.deepcopy(base)
     for key, value in updates.items():

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from methods.arch import denoiser_prefixes
 from methods.base import ConfigError
+from methods.embeddings import embedding_path
 from methods.files import load_adapter_file, write_text_atomic
 from methods.network import AdapterNetwork, pipeline_parts
 
@@ -46,7 +48,7 @@ def state_dir(adapter_file: Path) -> Path:
 def unique_path(path: Path) -> Path:
     """``path`` or, if taken, ``stem-1``, ``stem-2``… — outputs never overwrite a user's file silently."""
     candidate, index = path, 1
-    while candidate.exists() or state_dir(candidate).exists():
+    while candidate.exists() or state_dir(candidate).exists() or embedding_path(candidate).exists():
         candidate = path.with_name(f"{path.stem}-{index}{path.suffix}")
         index += 1
     return candidate
@@ -59,8 +61,8 @@ def check_output_folder(output_file: Path, overwrite: bool, save_state: bool, re
     final_state = state_dir(output_file)
     extending = resume_from is not None and final_state.exists() and resume_from.resolve() == final_state.resolve()
     if not overwrite and not extending:
-        taken = [path for path in (output_file, final_state) if path.exists()
-                 and (path == output_file or save_state)]
+        taken = [path for path in (output_file, embedding_path(output_file), final_state) if path.exists()
+                 and (path != final_state or save_state)]
         if taken:
             hint = (f"; to train it further, resume from its final state {final_state}"
                     if final_state.exists() else "")
@@ -78,8 +80,9 @@ def keep_finished_run(output_file: Path, step: int) -> Path | None:
         return None
     kept = unique_path(output_file.with_name(f"{output_file.stem}-step{step:06d}.safetensors"))
     os.replace(output_file, kept)
-    if state_dir(output_file).exists():
-        os.replace(state_dir(output_file), state_dir(kept))
+    for companion in (state_dir, embedding_path):
+        if companion(output_file).exists():
+            os.replace(companion(output_file), companion(kept))
     return kept
 
 
@@ -167,7 +170,8 @@ def run_metadata(config: Any, data: Any, models: Any, state: Any, processes: int
     train, dataset_config, scan, dataset = config.train, config.dataset, data.scan, data.dataset
     resolution = dataset_config.resolution
     used = [tuple(bucket["resolution"]) for bucket in dataset.bucket_info()["buckets"].values()]
-    text_encoder_lr = train.text_encoder_lr or train.learning_rate if state.train_text_encoder else NONE
+    trains_text_encoder = any(prefix not in denoiser_prefixes() for prefix in state.network.counts())
+    text_encoder_lr = train.text_encoder_lr or train.learning_rate if trains_text_encoder else NONE
     epochs = train.epochs if train.epochs > 0 else math.ceil(state.total_steps / max(1, state.steps_per_epoch))
     return {
         "ss_session_id": session_id, "ss_training_started_at": state.started_at,

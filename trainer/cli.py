@@ -291,6 +291,8 @@ def run_merge(args: argparse.Namespace) -> int:
     reports = bake_adapters(pipe, list(zip(adapters, strengths)), info.arch)
     for report in reports:
         ignored = f"; {report.ignored} module(s) matched no layer and were skipped" if report.ignored else ""
+        if report.trigger_vectors:
+            ignored += f"; the vectors of {report.trigger_vectors!r} written into the token table(s)"
         _say(f"merged {report.adapter} at strength {report.strength:g}: {report.method}, {report.modules} modules "
              f"({format_counts(report.per_part)}){ignored}")
     dtype = DTYPES[args.dtype]

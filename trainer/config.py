@@ -170,6 +170,10 @@ class TrainSection:
     # concept stays with its trigger; 0: off. About doubles a step's cost.
     output_preservation_weight: float = 0.0
     preservation_class: str = ""
+    # Pivotal tuning (methods.embeddings): the trigger word's own token vectors train next to the adapter at this
+    # rate (0: off) and are saved beside it as <name>_emb.safetensors (a textual inversion the adapter needs)
+    embedding_lr: float = 0.0
+    embedding_word: str = ""  # "" → the run's trigger word (dataset.trigger_word, or the folder word)
     sdpa: bool = True
     fp8_base: bool = False  # keep the frozen denoiser's Linear weights in float8 (CUDA only; kohya's fp8_base)
     # Debug: every step uses the same noise and timestep per sample (seeded by train.seed and the sample), so on a
@@ -384,6 +388,8 @@ class TrainerConfig:
         if train.prior_stop_ratio and not train.prior_stop_ratio > 1.0:
             raise ConfigError(f"train.prior_stop_ratio must be above 1.0 (the ratio of an untrained adapter) or 0 "
                               f"(off), got {train.prior_stop_ratio}")
+        if not train.embedding_lr >= 0:
+            raise ConfigError(f"train.embedding_lr must be ≥ 0 (0: off), got {train.embedding_lr}")
         if not train.output_preservation_weight >= 0:
             raise ConfigError(f"train.output_preservation_weight must be ≥ 0 (0: off; 1.0: as much as the concept's "
                               f"loss), got {train.output_preservation_weight}")

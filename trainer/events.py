@@ -158,11 +158,14 @@ class Ready(Event):
     processes: int = 1
     start_step: int = 0
     preserved_words: list[str] = dataclasses.field(default_factory=list)  # train.output_preservation_weight's trigger
+    trigger_vectors: str = ""  # the word whose token vectors train too (train.embedding_lr), "" when none
 
     def text(self) -> str:
         modules = ", ".join(f"{part.removeprefix('lora_')} {count}" for part, count in self.modules.items())
         preserved = (f"; outputs without {', '.join(repr(w) for w in self.preserved_words)} held to the base model"
                      if self.preserved_words else "")
+        if self.trigger_vectors:
+            preserved += f"; the token vectors of {self.trigger_vectors!r} trained too"
         return (f"ready in {self.seconds} s: training {self.method} ({self.trainable_parameters:,} parameters in "
                 f"{modules or 'no'} modules) on {self.images} image(s) with repeats for {self.total_steps} steps on "
                 f"{self.processes} × {self.device}{preserved}")

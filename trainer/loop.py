@@ -47,6 +47,7 @@ import torch
 from methods.arch import UNET_PREFIX, denoiser_prefixes, part_prefix
 from methods.base import ConfigError
 from methods.blocks import lr_weights, module_configurator, unet_block_groups
+from methods.embeddings import METADATA_WORD, TriggerEmbeddings, embeddings_for_adapter
 from methods.files import load_adapter_file
 from methods.network import AdapterNetwork, pipeline_parts
 from methods.registry import get_method
@@ -277,8 +278,10 @@ class Trainer:
         # Before the adapters are attached: the prior images are the base model's own.
         data.prior = (self.forgetting.prior_set(models, data.scan.reg_items) if config.train.prior_every_n_steps
                       else None)
-        network = self._build_network(models)
-        train_text_encoder = any(part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
+        network = self._build_network(models, data)
+        # The text encoders run with gradients for their adapters, and for the trigger vectors before them.
+        train_text_encoder = network.embeddings is not None or any(
+            part_prefix(name) not in denoiser_prefixes() for name in network.adapters)
         if config.train.gradient_checkpointing:
             models.denoiser.enable_gradient_checkpointing()
             models.denoiser.train()  # diffusers only checkpoints in training mode (the denoiser has no dropout)
@@ -293,9 +296,10 @@ class Trainer:
             text_cache = TextEmbeddingCache(encoder_id=models.text_cache_id(config.model.base),
                                             clip_skip=config.train.clip_skip)
         elif config.dataset.cache_text_encoder_outputs and models.family:
-            self.events.emit(ev.RunWarning(message="text-encoder outputs are not cached: text-encoder adapters are "
-                                           "trained, so CLIP (and T5) run every step; set train.train_text_encoder "
-                                           "= false to cache them"))
+            trained = "the trigger vectors are" if network.embeddings is not None else "text-encoder adapters are"
+            self.events.emit(ev.RunWarning(message=f"text-encoder outputs are not cached: {trained} trained, so CLIP "
+                                           "(and T5) run every step; set train.train_text_encoder = false and "
+                                           "train.embedding_lr = 0 to cache them"))
 
         # Optimizer, data order and schedule. Only the optimizer is prepared: an accelerate-prepared scheduler
         # steps once per process, and the adapters live in hooks, not in a DDP-wrapped model.
@@ -355,7 +359,7 @@ class Trainer:
         self.resume_from = state_dir(kept) if kept is not None else self.resume_from
         return kept
 
-    def _build_network(self, models: Models) -> AdapterNetwork:
+    def _build_network(self, models: Models, data: TrainingData) -> AdapterNetwork:
         config = self.config
         parts, _ = pipeline_parts(models.pipe, models.arch)
         if config.network.dim_from_weights:
@@ -373,6 +377,7 @@ class Trainer:
             if fresh:
                 self.events.emit(ev.RunWarning(message=f"network.init_from: {len(fresh)} module(s) of this network "
                                                f"are not in the file and start fresh (first: {fresh[0]})"))
+        network.embeddings = trigger_vectors(config, data, models)
         network.to(self.accelerator.device)
         network.attach()
         network.train()
@@ -661,7 +666,8 @@ def ready_event(config: TrainerConfig, accelerator: Any, data: TrainingData, sta
         latents_cached=state.latents_cached, text_embeddings_cached=state.text_cache is not None,
         buckets=data.dataset.bucket_info()["buckets"], skipped_images=len(data.scan.skipped),
         device=str(accelerator.device), processes=accelerator.num_processes, start_step=state.progress.step,
-        preserved_words=data.preservation.words if data.preservation else [])
+        preserved_words=data.preservation.words if data.preservation else [],
+        trigger_vectors=state.network.embeddings.word if state.network.embeddings is not None else "")
 
 
 def step_scalars(state: RunState, loss_value: float, grad_norm: float) -> dict[str, float]:
@@ -714,7 +720,32 @@ def parameter_groups(network: AdapterNetwork, train: Any,
             inside = index >= 0
             groups.append({"params": block_params, "lr": rates[prefix] * (block_weights[index] if inside else 1.0),
                            "name": f"{prefix}_block{index}" if inside else prefix})
+    if network.embeddings is not None:  # last: the first group's rate is the one logged; no decay, as in TI
+        groups.append({"params": list(network.embeddings.parameters()), "lr": train.embedding_lr,
+                       "weight_decay": 0.0, "name": "embeddings"})
     return groups
+
+
+def trigger_vectors(config: TrainerConfig, data: TrainingData, models: Models) -> TriggerEmbeddings | None:
+    """The trigger word's vectors of pivotal tuning (None when train.embedding_lr is 0): train.embedding_word, else
+    the run's one trigger word; they start from network.init_from's embedding file when it has one for the word."""
+    from .prior import trigger_words
+
+    train = config.train
+    if train.embedding_lr <= 0:
+        return None
+    words = [train.embedding_word.strip()] if train.embedding_word.strip() else trigger_words(
+        config.dataset, [item for item in data.scan.items if not item.is_reg])
+    if len(words) != 1:
+        found = f"found {', '.join(words)}" if words else "none was found (no dataset.trigger_word, no folder word " \
+            "such as 10_zq used in the captions, no captions)"
+        raise ConfigError(f"train.embedding_lr trains the vectors of one trigger word and {found}: set "
+                          "train.embedding_word (or dataset.trigger_word), or train.embedding_lr = 0")
+    if config.network.init_from:
+        _, metadata = load_adapter_file(config.network.init_from)
+        if metadata.get(METADATA_WORD) == words[0]:
+            return embeddings_for_adapter(models.pipe, models.arch, config.network.init_from, metadata)
+    return TriggerEmbeddings.for_word(models.pipe, models.arch, words[0])
 
 
 def init_from_file(network: AdapterNetwork, path: Path, models: Models) -> list[str]:

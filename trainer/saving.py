@@ -14,6 +14,7 @@ from typing import Any
 
 from methods.apply import save_network
 from methods.blocks import block_network_args
+from methods.embeddings import METADATA_FILE, METADATA_WORD, embedding_path, save_embedding_file
 
 from . import events as ev
 from .checkpoint import (
@@ -98,6 +99,7 @@ class Saver:
         for record in doomed:
             path = record[2]
             path.unlink(missing_ok=True)
+            embedding_path(path).unlink(missing_ok=True)
             if state_dir(path).is_dir():
                 shutil.rmtree(state_dir(path))
             self.record.periodic.remove(record)
@@ -130,11 +132,22 @@ class Saver:
             self.base_hashes = base_model_hashes(config.model.base)
         metadata = {**self.metadata, **models.metadata(), **self.base_hashes, "ss_steps": state.progress.step,
                     "ss_epoch": state.progress.epoch, "ss_training_finished_at": time.time()}
+        embeddings = state.network.embeddings
         with ema_weights(state):
-            save_network(state.network, path, title=config.output.title or config.output.name,
-                         dtype=config.output.save_dtype, prediction_type=models.prediction_type,
-                         extra_metadata=metadata, overwrite=overwrite, layout=config.output.file_layout,
-                         extra_network_args=block_network_args(config.network))
+            if embeddings is not None:  # first: the adapter's metadata never names a file that is not there
+                title = f"{config.output.title or config.output.name} ({embeddings.word})"
+                embedding = save_embedding_file(embeddings, embedding_path(path), title=title,
+                                                dtype=config.output.save_dtype, overwrite=overwrite)
+                metadata.update({METADATA_WORD: embeddings.word, METADATA_FILE: embedding.name})
+            try:
+                save_network(state.network, path, title=config.output.title or config.output.name,
+                             dtype=config.output.save_dtype, prediction_type=models.prediction_type,
+                             extra_metadata=metadata, overwrite=overwrite, layout=config.output.file_layout,
+                             extra_network_args=block_network_args(config.network))
+            except OSError:
+                if embeddings is not None and not path.exists():
+                    embedding_path(path).unlink(missing_ok=True)
+                raise
             check = verify_file(path, state.network, models.pipe, models.arch, config.output.save_dtype)
         if not check["check_ok"]:
             self.events.emit(ev.RunWarning(message=check_failure_text(path, check)))

@@ -128,6 +128,8 @@ LABELS = {
     "train.prior_stop_ratio": "Stop when the prior loss ratio passes (0 = off)",
     "train.output_preservation_weight": "Output preservation: weight (0 = off)",
     "train.preservation_class": "Output preservation: word in place of the trigger (empty = removed)",
+    "train.embedding_lr": "Trigger vectors (pivotal tuning): learning rate (0 = off)",
+    "train.embedding_word": "Trigger vectors: word (empty = the trigger word)",
     "train.sdpa": "Scaled-dot-product attention (PyTorch SDPA)",
     "train.fixed_noise": "Fixed noise per sample (debugging only)",
     "sample.every_n_steps": "Preview every N steps (0 = only at the end)",
@@ -242,7 +244,8 @@ ABBREVIATIONS = {"lr": "learning rate", "te": "text encoder", "te1": "text encod
                  "min": "minimum", "lycoris": "LyCORIS", "kohya": "kohya", "tb": "TensorBoard", "wandb": "W&B",
                  "dit": "DiT", "t5": "T5", "clip": "CLIP", "ss": "ss", "ohem": "OHEM", "huber": "Huber"}
 # The Advanced accordion's "Keep the model (forgetting)" group (trainer.prior), apart from their sections.
-FORGETTING_KEYS = ("train.output_preservation_weight", "train.preservation_class", "dataset.reg_dir",
+FORGETTING_KEYS = ("train.output_preservation_weight", "train.preservation_class", "train.embedding_lr",
+                   "train.embedding_word", "dataset.reg_dir",
                    "train.prior_every_n_steps", "train.prior_stop_ratio", "train.prior_max_ratio",
                    "train.prior_images", "train.prior_prompts")
 INFOS = {
@@ -253,6 +256,10 @@ INFOS = {
                                         "and held to what the base model predicts there, so the concept stays "
                                         "with the trigger; steps take about twice as long",
     "train.preservation_class": "e.g. 'woman' for a person's name; empty: the trigger is just removed",
+    "train.embedding_lr": "e.g. 0.05: the trigger word's own token vectors train too, so the word carries the "
+                          "concept rather than every prompt; saved beside the adapter as <name>_emb.safetensors, "
+                          "a textual inversion the adapter needs",
+    "train.embedding_word": "the word whose vectors train; empty: the dataset's trigger word (or its folder word)",
     "train.prior_stop_ratio": "e.g. 1.2: once the ratio passes it, the run saves and stops (0 = never)",
     "train.prior_max_ratio": "the checkpoint pick: the lowest concept validation loss among the saves whose ratio is "
                              "at most this (else the lowest ratio)",

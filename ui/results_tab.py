@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,8 @@ class ResultsCallbacks:
                      save["path"]) for save in compared]
         paths = [path for _, path in choices]
         value = selected if selected in paths else (paths[0] if paths else None)
-        return ([save["path"] for save in training] or None, [save["path"] for save in compared] or None,
-                gr.update(choices=choices, value=value))
+        return (with_embeddings(save["path"] for save in training) or None,
+                with_embeddings(save["path"] for save in compared) or None, gr.update(choices=choices, value=value))
 
     def refresh_results(self, selected: str | None = None) -> tuple[Any, Any, Any]:
         return self.results(selected)
@@ -65,6 +66,7 @@ class ResultsCallbacks:
     def adapter_info(self, path: str | None) -> tuple[str, dict]:
         if not path:
             return "No adapter selected.", {}
+        from methods.embeddings import METADATA_WORD, embedding_path
         from methods.files import AdapterFileError
         from methods.tools import inspect_adapter
 
@@ -91,6 +93,9 @@ class ResultsCallbacks:
                  f"{metadata.get('ss_steps', '?')} steps"]
         if metadata.get("modelspec.trigger_phrase"):
             parts.append(f"trigger “{metadata['modelspec.trigger_phrase']}”")
+        if metadata.get(METADATA_WORD):  # pivotal tuning: the adapter needs its embedding file
+            parts.append(f"trigger vectors of “{metadata[METADATA_WORD]}” in "
+                         f"`{embedding_path(file).name}` (download both)")
         return " · ".join(parts), shown
 
     def adapter_details(self, path: str | None, prompt: str = "") -> tuple:
@@ -166,7 +171,7 @@ class ResultsCallbacks:
         training, compared, adapter = self.results(str(file))
         if adapter["value"] != str(file):  # a run the UI did not start (a shell's, in outputs/): listed all the same
             adapter = gr.update(choices=[(adapter_label(str(file)), str(file)), *adapter["choices"]], value=str(file))
-        return (training, compared, adapter, str(file),
+        return (training, compared, adapter, with_embeddings([str(file)]),
                 f"Using `{file.name}` (step {record.step}): it is the adapter of *Try it* (Results tab) and the file "
                 "to download.")
 
@@ -291,7 +296,8 @@ def checkpoint_controls(name: str) -> dict[str, Any]:
             choice = gr.Dropdown(label="Checkpoint", choices=[], elem_id=f"{name}-choice", scale=3)
             use = gr.Button("Use this checkpoint", elem_id=f"{name}-use", scale=1)
         message = gr.Markdown(elem_id=f"{name}-message")
-        file = gr.File(label="Chosen checkpoint (click to download)", interactive=False, elem_id=f"{name}-file")
+        file = gr.File(label="Chosen checkpoint (click to download)", file_count="multiple", interactive=False,
+                       elem_id=f"{name}-file")
     return {"table": table, "choice": choice, "use": use, "message": message, "file": file, "run": gr.State(""),
             "name": gr.State("")}
 
@@ -302,6 +308,14 @@ def wire_checkpoint_controls(ui: Any, L: Layout, controls: dict[str, Any]) -> No
     controls["use"].click(L.guard(ui.use_checkpoint, 5, 4), [controls["run"], controls["choice"], controls["name"]],
                           [results["train_files"], results["compare_files"], results["adapter"], controls["file"],
                            controls["message"]])
+
+
+def with_embeddings(paths: Iterable[str]) -> list[str]:
+    """Each adapter file followed by its trigger vectors' file when it has one: the two are downloaded together."""
+    from methods.embeddings import embedding_path
+
+    return [file for path in paths for file in (path, str(embedding_path(path)))
+            if file == path or Path(file).is_file()]
 
 
 def training_size(metadata: dict[str, Any]) -> int | None:

@@ -396,7 +396,9 @@ def layout(ui: Any, L: Layout) -> None:
                     "the base model draws for the prior prompts; each save lists it in the run's checkpoints, "
                     "where the best trade-off is picked. *Output preservation* holds the adapted model to the base "
                     "model's output for the training images captioned without the trigger word, so the concept "
-                    "stays with its trigger (steps take about twice as long).", elem_id="forgetting")
+                    "stays with its trigger (steps take about twice as long). *Trigger vectors* (pivotal tuning) "
+                    "train the trigger word's own token vectors with the adapter, so the word carries the concept; "
+                    "they are saved beside the adapter as `<name>_emb.safetensors`.", elem_id="forgetting")
         L.grid(list(form.FORGETTING_KEYS), 3)
     effective = gr.Markdown(elem_id="effective-training")
     start, stop, message, status, progress = job_controls(
