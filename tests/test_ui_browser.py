@@ -505,6 +505,8 @@ def test_the_whole_workflow(page, env):
     expect(field(page, "f-output-name")).to_have_value("second")  # the unsaved edits of this browser
     tab(page, "Dataset")
     expect(field(page, "f-dataset-dir")).to_have_value("walk")
+    # no Gradio run history: rewritten on every call, it had grown to MBs and froze the reloaded page for a minute
+    assert page.evaluate("Object.keys(localStorage).filter(key => key.startsWith('gradio:run-history'))") == []
     lap("reload")
 
     # stop the first: it saves, and the second starts by itself and finishes

@@ -383,6 +383,15 @@ def test_an_upload_larger_than_a_zip_may_unpack_to_is_refused_over_http(ws, monk
         assert upload(900) == 200 and upload(5000) == 413
 
 
+def test_the_browser_keeps_no_run_history(ws):
+    """Gradio's run history would keep every call's inputs (the form, which the UI encrypts in its BrowserState) in
+    the browser's localStorage in plain text, and rewrite that whole log on each call (a page reloaded after some
+    use froze for a minute): it is off, and its page is not served."""
+    with served(ws) as (url, _):
+        assert httpx.get(f"{url}/config", timeout=30).json()["run_history"] is False
+        assert httpx.get(f"{url}/gradio_api/runs", timeout=30).status_code == 404
+
+
 def test_zip_members_with_other_compression_methods_are_skipped(tmp_path):
     archive = tmp_path / "bz.zip"
     with zipfile.ZipFile(archive, "w") as handle:

@@ -2,7 +2,8 @@
 
 :func:`launch` is what ``python app.py`` runs (and what the HTTP tests run): the app is served with
 ``allowed_paths`` fixed to :attr:`ui.workspace.Workspace.served` (the workspace's ``outputs/`` and
-``thumbnails/``), uploads no larger than a zip may unpack to, and, with a login, behind :class:`LoginBackoff`.
+``thumbnails/``), uploads no larger than a zip may unpack to, without Gradio's run history (see :func:`launch`),
+and, with a login, behind :class:`LoginBackoff`.
 """
 
 from __future__ import annotations
@@ -188,9 +189,14 @@ def launch(ws: Any, host: str = "127.0.0.1", port: int = 7860, auth: tuple[str, 
     demo, ui = build_app(ws, ui)
     demo.queue(default_concurrency_limit=2)
     middleware = [Middleware(LoginBackoff, throttle=throttle or LoginThrottle())] if auth else []
+    # run_history=False: Gradio's browser client would otherwise log every call in localStorage (its inputs and its
+    # components' props: ~90k characters per form change here) and parse and rewrite that whole log, up to 100
+    # calls, on each message of each call. After some use a reloaded page spent 40-60 s of main-thread time on it
+    # (a busy 2-core machine froze past a 60 s click), and the log kept the form, which BrowserState encrypts, in
+    # plain text. Off, the client also deletes a log left by an earlier start.
     demo.launch(server_name=host, server_port=port, auth=auth, allowed_paths=list(ui.allowed_paths), theme=THEME,
                 css=CSS, show_error=True, quiet=True, prevent_thread_lock=True, inbrowser=False, footer_links=[],
-                max_file_size=MAX_ZIP_TOTAL_BYTES, app_kwargs={"middleware": middleware})
+                run_history=False, max_file_size=MAX_ZIP_TOTAL_BYTES, app_kwargs={"middleware": middleware})
     return demo, ui
 
 
