@@ -122,6 +122,23 @@ def test_resumed_compiled_run_matches_the_eager_run(sd1, data, tmp_path, aot_eag
     assert of_kind(events, "resumed") and of_kind(events, "compiled")
 
 
+def test_a_run_starts_without_the_compiled_code_of_earlier_runs(aot_eager):
+    """Dynamo's code cache is per code object and process-wide: an earlier run's entries (another method of a
+    comparison) would count against this run's recompile limit and, past it, leave it eager without a word."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    class Doubler(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * x
+
+    torch.compile(Doubler().forward, backend="eager")(torch.ones(2))
+    assert len(_debug_get_cache_entry_list(Doubler.forward.__code__)) == 1
+    compiler = compiling.StepCompiler({"doubler": Doubler()}, "default", shapes=1)
+    assert compiler.start() is None
+    assert len(_debug_get_cache_entry_list(Doubler.forward.__code__)) == 0
+    compiler.restore_eager()
+
+
 def test_refused_compile_trains_eagerly(sd1, data, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("no compiler here")

@@ -133,6 +133,10 @@ class StepCompiler:
 
     def start(self) -> str | None:
         """Compile the models in place; the error's text if ``torch.compile`` refused (the models stay eager)."""
+        # Dynamo keeps compiled code per code object for the whole process, and a model class's forward is one code
+        # object for every instance: without a reset, a second run in one process (compare's methods, a test
+        # suite) counts the first run's graphs against its recompile limit, and past it trains eagerly unawares.
+        torch._dynamo.reset()
         try:
             for model in self.models.values():
                 # An instance attribute: nn.Module.__call__ runs the model's own hooks, then this.
