@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import ConfigError
-from .files import AdapterFileError, save_adapter_file
+from .files import AdapterFileError, atomic_write_bytes, load_adapter_file, save_adapter_file
 
 EMBEDDING_SUFFIX = "_emb.safetensors"
 METADATA_FILE = "rw_embedding_file"
@@ -44,10 +44,6 @@ def embedding_path(adapter_path: str | os.PathLike) -> Path:
     """The textual-inversion file that belongs to an adapter file: ``<stem>_emb.safetensors`` beside it."""
     path = Path(adapter_path)
     return path.with_name(path.stem + EMBEDDING_SUFFIX)
-
-
-def is_embedding_file(path: str | os.PathLike) -> bool:
-    return Path(path).name.endswith(EMBEDDING_SUFFIX)
 
 
 def replace_word(token_ids: torch.Tensor, embedded: torch.Tensor, sequence: torch.Tensor,
@@ -165,9 +161,6 @@ class TriggerEmbeddings(nn.Module):
     def file_tensors(self) -> dict[str, torch.Tensor]:
         return {entry.key: entry.vectors.detach().float().cpu().contiguous() for entry in self.entries}
 
-    def vector_norms(self) -> dict[str, list[float]]:
-        return {entry.key: [round(float(n), 4) for n in entry.vectors.detach().norm(dim=1)] for entry in self.entries}
-
     def __iter__(self) -> Iterator[WordVectors]:
         return iter(self.entries)
 
@@ -180,18 +173,6 @@ def save_embedding_file(embeddings: TriggerEmbeddings, path: str | os.PathLike, 
                 "modelspec.implementation": "https://github.com/huggingface/diffusers", "modelspec.title": title,
                 "modelspec.implementation_version": "rankwright/0.1.0", METADATA_WORD: embeddings.word}
     return save_adapter_file(path, embeddings.file_tensors(), metadata, dtype, overwrite)
-
-
-def read_embedding_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a textual-inversion safetensors file; AdapterFileError naming the file otherwise."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
-    except (OSError, SafetensorError) as error:
-        raise AdapterFileError(f"{path}: not a readable safetensors embedding ({error})") from error
 
 
 def embedding_file_of(adapter_path: str | os.PathLike, metadata: dict[str, str]) -> Path | None:
@@ -215,7 +196,7 @@ def embeddings_for_adapter(pipe: Any, arch: str, adapter_path: str | os.PathLike
     path = embedding_file_of(adapter_path, metadata)
     if path is None:
         return None
-    tensors, _ = read_embedding_file(path)
+    tensors, _ = load_adapter_file(path)
     return TriggerEmbeddings.from_tensors(pipe, arch, metadata[METADATA_WORD], tensors, source=str(path))
 
 
@@ -223,13 +204,9 @@ def copy_embedding_file(adapter_path: str | os.PathLike, metadata: dict[str, str
                         overwrite: bool = False) -> Path | None:
     """An adapter's embedding file copied beside a file made from it (``<out stem>_emb.safetensors``); None when
     the adapter has none. Update the new file's :data:`METADATA_FILE` to the returned name."""
-    from .files import atomic_write_bytes
-
     source = embedding_file_of(adapter_path, metadata)
     if source is None:
         return None
     target = embedding_path(out_adapter)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another name or pass overwrite=True to replace it")
     atomic_write_bytes(target, source.read_bytes(), overwrite=overwrite)
     return target

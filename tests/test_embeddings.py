@@ -222,10 +222,15 @@ def test_an_embedding_file_of_an_earlier_run_is_not_overwritten(sd1, data, tmp_p
     assert (out / "adapter_emb.safetensors").read_bytes() == b"a user's file"
 
 
-def test_the_download_lists_each_adapter_with_its_embedding_file(tmp_path):
-    from ui.results_tab import with_embeddings
+def test_the_download_lists_each_adapter_with_its_embedding_file_inside_the_workspace_only(ws, tmp_path):
+    from ui.app import RankwrightUI
 
-    plain, pivotal = tmp_path / "plain.safetensors", tmp_path / "pivotal.safetensors"
-    for path in (plain, pivotal, embedding_path(pivotal)):
+    ui = RankwrightUI(ws, preset_dirs=[])
+    ws.outputs.mkdir(parents=True, exist_ok=True)
+    plain, pivotal, linked = (ws.outputs / f"{name}.safetensors" for name in ("plain", "pivotal", "linked"))
+    for path in (plain, pivotal, embedding_path(pivotal), linked):
         path.write_bytes(b"x")
-    assert with_embeddings([str(plain), str(pivotal)]) == [str(plain), str(pivotal), str(embedding_path(pivotal))]
+    (tmp_path / "secret.safetensors").write_bytes(b"not the workspace's")
+    embedding_path(linked).symlink_to(tmp_path / "secret.safetensors")  # a link out of the workspace
+    assert ui.downloads([str(plain), str(pivotal)]) == [str(plain), str(pivotal), str(embedding_path(pivotal))]
+    assert ui.downloads([str(linked)]) == [str(linked)]

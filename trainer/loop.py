@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from methods.arch import UNET_PREFIX, denoiser_prefixes, part_prefix
 from methods.base import ConfigError
@@ -741,8 +742,9 @@ def trigger_vectors(config: TrainerConfig, data: TrainingData, models: Models) -
             "such as 10_zq used in the captions, no captions)"
         raise ConfigError(f"train.embedding_lr trains the vectors of one trigger word and {found}: set "
                           "train.embedding_word (or dataset.trigger_word), or train.embedding_lr = 0")
-    if config.network.init_from:
-        _, metadata = load_adapter_file(config.network.init_from)
+    if config.network.init_from:  # read (and checked) by _build_network already: its header is enough here
+        with safe_open(config.network.init_from, framework="pt") as handle:
+            metadata = handle.metadata() or {}
         if metadata.get(METADATA_WORD) == words[0]:
             return embeddings_for_adapter(models.pipe, models.arch, config.network.init_from, metadata)
     return TriggerEmbeddings.for_word(models.pipe, models.arch, words[0])

@@ -56,8 +56,15 @@ class ResultsCallbacks:
                      save["path"]) for save in compared]
         paths = [path for _, path in choices]
         value = selected if selected in paths else (paths[0] if paths else None)
-        return (with_embeddings(save["path"] for save in training) or None,
-                with_embeddings(save["path"] for save in compared) or None, gr.update(choices=choices, value=value))
+        return (self.downloads(save["path"] for save in training) or None,
+                self.downloads(save["path"] for save in compared) or None, gr.update(choices=choices, value=value))
+
+    def downloads(self, paths: Iterable[str]) -> list[str]:
+        """Each adapter file followed by its trigger vectors' file when it has one (the two are downloaded
+        together), the servable ones only (:meth:`ui.app.RankwrightUI.servable`)."""
+        from methods.embeddings import embedding_path
+
+        return self.servable([file for path in paths for file in (path, str(embedding_path(path)))])
 
     def refresh_results(self, selected: str | None = None) -> tuple[Any, Any, Any]:
         return self.results(selected)
@@ -171,7 +178,7 @@ class ResultsCallbacks:
         training, compared, adapter = self.results(str(file))
         if adapter["value"] != str(file):  # a run the UI did not start (a shell's, in outputs/): listed all the same
             adapter = gr.update(choices=[(adapter_label(str(file)), str(file)), *adapter["choices"]], value=str(file))
-        return (training, compared, adapter, with_embeddings([str(file)]),
+        return (training, compared, adapter, self.downloads([str(file)]),
                 f"Using `{file.name}` (step {record.step}): it is the adapter of *Try it* (Results tab) and the file "
                 "to download.")
 
@@ -308,14 +315,6 @@ def wire_checkpoint_controls(ui: Any, L: Layout, controls: dict[str, Any]) -> No
     controls["use"].click(L.guard(ui.use_checkpoint, 5, 4), [controls["run"], controls["choice"], controls["name"]],
                           [results["train_files"], results["compare_files"], results["adapter"], controls["file"],
                            controls["message"]])
-
-
-def with_embeddings(paths: Iterable[str]) -> list[str]:
-    """Each adapter file followed by its trigger vectors' file when it has one: the two are downloaded together."""
-    from methods.embeddings import embedding_path
-
-    return [file for path in paths for file in (path, str(embedding_path(path)))
-            if file == path or Path(file).is_file()]
 
 
 def training_size(metadata: dict[str, Any]) -> int | None:
